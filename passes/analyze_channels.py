@@ -1,0 +1,175 @@
+"""Analysis: build the channel-dependency graph and name its groups.
+
+Runs every node's rule (``op_rules``) to state which dims are equal, factored or concatenated,
+ties together attributes that are one tensor (tied embeddings), solves the graph and gives
+each group a kind:
+
+1. ``residual`` — a static dim of a residual add's output that a weight contracts: the stream.
+2. ``heads`` / ``kv_heads`` / ``head_dim`` — the head dims of an attention op (query heads,
+   kv heads when GQA/MQA makes them a different group, the per-head dim).
+3. ``ffn`` — a static dim that one weight produces and another contracts inside a layer (an
+   MLP's hidden width, a fused gate/up's half), not part of the attention heads.
+4. ``frozen`` — any of the above, or another static group, that an op forbids slicing; the
+   reason names the op and module.
+5. ``fixed`` (other static dims: vocabulary, tokens, classes) and ``dynamic`` (batch, seq).
+
+Writes ``node.meta["subclone.channels"]`` (the group id of each dim of each tensor output),
+``gm.meta["subclone.channel_graph"]``, ``gm.meta["subclone.attention"]`` and
+``gm.meta["subclone.unknown_ops"]``; modifies nothing.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.fx as fx
+
+from . import rules_compute, rules_shape  # noqa: F401  (registers the rules)
+from .channel_graph import ChannelGraph
+from .find_blocks import layer_key
+from .infra import SubclonePass, need
+from .op_rules import apply_rule, module_path, tensor_shape
+
+__all__ = ["AnalyzeChannelsPass", "analyze_channels"]
+
+
+def _attribute_vertices(gm: fx.GraphModule, graph: ChannelGraph, ctx_shape) -> None:
+    """Attributes that are one tensor (a tied embedding) must be sliced as one."""
+    first_by_tensor: dict[int, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or ctx_shape(node) is None:
+            continue
+        tensor = _fetch(gm, node.target)
+        other = first_by_tensor.setdefault(id(tensor), node)
+        for d, size in enumerate(ctx_shape(node)):
+            v = graph.vertex((node.name, 0, d), size)
+            if other is not node:
+                graph.eq(v, graph.vertex((other.name, 0, d), size), f"tied attribute {node.target}")
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_channel_graph(gm: fx.GraphModule) -> tuple[ChannelGraph, list[str]]:
+    graph = ChannelGraph()
+    _attribute_vertices(gm, graph, tensor_shape)
+    unknown = []
+    for node in gm.graph.nodes:
+        missing = apply_rule(node, graph)
+        if missing is not None:
+            unknown.append(f"{missing} in {module_path(node)}")
+    graph.solve()
+    return graph, unknown
+
+
+def _classify(gm: fx.GraphModule, graph: ChannelGraph, layers) -> list[dict]:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    layer_of_key = {layer.key: layer.index for layer in layers if layer.key is not None}
+    residual = set()
+    for layer in layers:
+        for block in layer.blocks:
+            for d, size in enumerate(tensor_shape(nodes[block.add])):
+                group = graph.group_of(graph.vertex((block.add, 0, d), size))
+                if group.static and any(v in graph.contracted for v in group.vertices):
+                    residual.add(group.id)
+    attention, head_structure = [], set()
+    for node in gm.graph.nodes:
+        site = node.meta.get("subclone.attention")
+        if site is None or "head_dim" not in site:
+            continue
+        heads = graph.group_of(site["heads"][0]).id
+        kv, rep = _kv_and_rep(gm, graph, heads, graph.group_of(site["kv_heads"]).id)
+        head_dim = graph.group_of(site["head_dim"]).id
+        attention.append({"node": node.name, "heads": heads, "kv_heads": kv, "rep": rep,
+                          "head_dim": head_dim, "layer": layer_of_key.get(layer_key(node))})
+        head_structure |= {heads, kv, head_dim} | ({rep} if rep is not None else set())
+    derived = set()
+    for g in head_structure:
+        derived |= graph.composites_containing(g)
+    for group in graph.groups.values():
+        group.layer = _layer_of(graph, group, nodes, layer_of_key)
+        group.tensors = [(nodes[graph.labels[v][0]].target, graph.labels[v][2]) for v in group.vertices
+                         if graph.labels[v][0] in nodes and nodes[graph.labels[v][0]].op == "get_attr"]
+        if not group.static:
+            continue
+        if group.id in residual:
+            group.kind = "residual"
+        elif group.id in head_structure:
+            group.kind = next(k for k in ("heads", "kv_heads", "head_dim", "rep")
+                              if any(site[k] == group.id for site in attention))
+            group.kind = "fixed" if group.kind == "rep" else group.kind
+        elif group.id not in derived and _is_hidden_width(graph, group) and group.layer is not None:
+            group.kind = "ffn"
+        if group.reason is not None and group.kind in ("residual", "heads", "kv_heads", "ffn"):
+            group.kind = "frozen"
+    return attention
+
+
+def _kv_and_rep(gm: fx.GraphModule, graph: ChannelGraph, heads: int, kv: int):
+    """(kv group, repeat group): query heads = kv heads × repeat, where repeat owns no tensor.
+
+    With ``enable_gqa`` the op itself states the factor; with repeated k/v (``expand`` then
+    ``reshape``) the kv heads seen by the op *are* the query heads, and the factor is one
+    step back. Plain multi-head attention has no repeat."""
+    attributes = {n.name for n in gm.graph.nodes if n.op == "get_attr"}
+    for rel in graph.relations_of(heads, "factor"):
+        parts = graph.part_groups(rel)
+        owns_tensor = any(graph.labels[v][0] in attributes for v in graph.groups[parts[-1]].vertices)
+        if len(parts) == 2 and (parts[0] == kv or (heads == kv and not owns_tensor)):
+            return parts[0], parts[1]
+    if heads != kv:
+        graph.groups[heads].reason = graph.groups[heads].reason or "query heads are not kv heads × a repeat"
+    return kv, None
+
+
+def _is_hidden_width(graph: ChannelGraph, group) -> bool:
+    if not any(v in graph.contracted for v in group.vertices):
+        return False
+    if any(v in graph.produced for v in group.vertices):
+        return True
+    return any(any(v in graph.produced for v in graph.groups[w].vertices)
+               for w in graph.composites_containing(group.id))
+
+
+def _layer_of(graph: ChannelGraph, group, nodes, layer_of_key) -> int | None:
+    """The layer most of the group's tensors are computed in."""
+    votes = Counter()
+    for v in group.vertices:
+        node = nodes.get(graph.labels[v][0])
+        if node is not None and node.op == "call_function":
+            key = layer_key(node)
+            if key in layer_of_key:
+                votes[layer_of_key[key]] += 1
+    return votes.most_common(1)[0][0] if votes else None
+
+
+class AnalyzeChannelsPass(SubclonePass):
+    """Analysis: the channel-dependency graph and its named groups (see module docstring)."""
+
+    requires_meta = (("subclone.layers", "FindResidualBlocksPass"),)
+
+    def run(self, gm: fx.GraphModule) -> bool:
+        layers = need(gm, "subclone.layers", "FindResidualBlocksPass")
+        graph, unknown = build_channel_graph(gm)
+        attention = _classify(gm, graph, layers)
+        for node in gm.graph.nodes:
+            shapes = tensor_shape(node)
+            if shapes is not None:
+                node.meta["subclone.channels"] = tuple(
+                    graph.find(graph.vertex((node.name, 0, d), s)) for d, s in enumerate(shapes))
+        gm.meta["subclone.channel_graph"] = graph
+        gm.meta["subclone.attention"] = attention
+        gm.meta["subclone.unknown_ops"] = unknown
+        return False
+
+
+def analyze_channels(gm: fx.GraphModule) -> ChannelGraph:
+    """Plain-function twin: run the block finder and this analysis, return the graph."""
+    from .find_blocks import FindResidualBlocksPass
+    FindResidualBlocksPass()(gm)
+    AnalyzeChannelsPass()(gm)
+    return gm.meta["subclone.channel_graph"]

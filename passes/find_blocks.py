@@ -1,0 +1,146 @@
+"""Find the residual blocks (the branches f in ``x + f(x)``) and group them into layers.
+
+A residual add is an ``add`` of two tensors of one shape where one operand ``x`` is an
+ancestor of the other ``f(x)`` and the path between them reads a weight matrix (so the
+tanh-GELU's ``x + 0.044715 x³`` is not a block). Blocks are grouped into layers by the
+innermost entry of their ``nn_module_stack`` that is an item of a container (a module path
+ending in an integer: ``ModuleList`` and ``Sequential`` children); without that, each block is
+its own layer.
+
+A layer has one stream input (the skip operand of its first block, followed back out of the
+layer through casts and copies) and one stream output (its last add, followed forward through
+same-shape ops still inside the layer: a post-norm layer ends in its norm). Removing the layer
+is replacing uses of its output by its input.
+
+Writes ``gm.meta["subclone.layers"]``: a list of ``Layer``; modifies nothing.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .infra import SubclonePass
+from .op_rules import tensor_shape
+
+__all__ = ["FindResidualBlocksPass", "Layer", "ResidualBlock", "find_layers", "layer_key"]
+
+_ITEM = re.compile(r"(?:\.|\[)(\d+)\]?$")
+_CASTS = {
+    torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device,
+    torch.ops.aten._to_copy.default, torch.ops.aten.alias.default, torch.ops.aten.clone.default,
+    torch.ops.aten.contiguous.default, torch.ops.aten.dropout.default,
+}
+
+
+@dataclass
+class ResidualBlock:
+    add: str        # the node computing x + f(x)
+    skip: str       # x
+    branch: str     # f(x)
+
+
+@dataclass
+class Layer:
+    index: int
+    key: str | None                      # module path of the layer, when there is one
+    blocks: list[ResidualBlock] = field(default_factory=list)
+    input: str = ""
+    output: str = ""
+
+
+def layer_key(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _ in reversed(list(stack.values())):
+        if _ITEM.search(path):
+            return path
+    return None
+
+
+def _in_layer(node: fx.Node, key: str | None) -> bool:
+    if key is None:
+        return False
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(path == key for path, _ in stack.values())
+
+
+def _ancestor_region(start: fx.Node, stop: fx.Node, order: dict) -> set[fx.Node] | None:
+    """Nodes between ``stop`` and ``start`` (backwards); None when ``stop`` is not an ancestor."""
+    seen, frontier, found = set(), [start], False
+    while frontier:
+        node = frontier.pop()
+        for arg in node.all_input_nodes:
+            if arg is stop:
+                found = True
+            elif arg not in seen and order[arg] > order[stop]:
+                seen.add(arg)
+                frontier.append(arg)
+    return seen | {start} if found else None
+
+
+def _reads_weight(region: set[fx.Node]) -> bool:
+    for node in region:
+        for arg in node.all_input_nodes:
+            shape = tensor_shape(arg)
+            if arg.op == "get_attr" and shape is not None and len(shape) >= 2:
+                return True
+    return False
+
+
+def _residual_block(node: fx.Node, order: dict) -> ResidualBlock | None:
+    if node.target is not torch.ops.aten.add.Tensor or len(node.args) < 2:
+        return None
+    a, b = node.args[0], node.args[1]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    if tensor_shape(a) is None or tensor_shape(a) != tensor_shape(b) != tensor_shape(node):
+        return None
+    for skip, branch in ((a, b), (b, a)):
+        region = _ancestor_region(branch, skip, order)
+        if region is not None and _reads_weight(region):
+            return ResidualBlock(node.name, skip.name, branch.name)
+    return None
+
+
+def find_layers(gm: fx.GraphModule) -> list[Layer]:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    layers: list[Layer] = []
+    for node in gm.graph.nodes:
+        block = _residual_block(node, order)
+        if block is None:
+            continue
+        key = layer_key(node)
+        if layers and key is not None and layers[-1].key == key:
+            layers[-1].blocks.append(block)
+        else:
+            layers.append(Layer(len(layers), key, [block]))
+    for layer in layers:
+        layer.input = _stream_input(nodes[layer.blocks[0].skip], layer.key).name
+        layer.output = _stream_output(nodes[layer.blocks[-1].add], layer.key).name
+    return layers
+
+
+def _stream_input(node: fx.Node, key: str | None) -> fx.Node:
+    while node.op == "call_function" and node.target in _CASTS and _in_layer(node, key):
+        node = node.args[0]
+    return node
+
+
+def _stream_output(node: fx.Node, key: str | None) -> fx.Node:
+    shape = tensor_shape(node)
+    while True:
+        inside = [u for u in node.users if _in_layer(u, key) and tensor_shape(u) == shape]
+        if len(node.users) != 1 or len(inside) != 1:
+            return node
+        node = inside[0]
+
+
+class FindResidualBlocksPass(SubclonePass):
+    """Analysis: residual blocks and layers into ``gm.meta["subclone.layers"]``."""
+
+    def run(self, gm: fx.GraphModule) -> bool:
+        gm.meta["subclone.layers"] = find_layers(gm)
+        return False

@@ -1,0 +1,145 @@
+"""Rewrite: multiply what reads a shrunk residual stream by √(D/d).
+
+The math: a normalisation over the residual width D divides by a statistic of its d kept
+channels. For RMSNorm, ``rms_d(x) = rms_D(x)·√(D/d)`` when the removed channels were zero,
+so every normalised output shrinks by √(d/D); multiplying it by √(D/d) restores it exactly.
+That makes removing all-zero residual channels from an RMSNorm model output-preserving, and
+gives the paper's rescaling of the weights that read the stream.
+
+Where the factor goes, for every reduction (``subclone.reduces``) over a shrunk residual group:
+1. ``layer_norm``/``rms_norm`` ops: into their weight (and bias) — the op's whole output scales;
+2. a decomposed norm (``mean`` … ``rsqrt`` … ``x * r``): the first ``mul``/``div`` that joins the
+   reduced statistic back to a stream-wide tensor is the normalised value; a per-channel
+   weight that multiplies it next (through casts) takes the factor;
+3. otherwise (no weight, or a weight also used elsewhere) a ``mul`` by the factor is inserted
+   after the normalised value.
+A reduction that meets the stream only by subtraction (LayerNorm's centring) needs nothing.
+The factor is applied once per weight tensor, so a tied weight is scaled for all its uses or
+none; the embedding and output head are never touched (the factor sits in the norms).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from .infra import SubclonePass, get_attribute, need, replace_tensors
+
+__all__ = ["RescaleResidualPass", "rescale_residual"]
+
+aten = torch.ops.aten
+_NORM_OPS = {aten.layer_norm.default: (2, 3), aten.native_layer_norm.default: (2, 3),
+             aten.rms_norm.default: (2,), aten._fused_rms_norm.default: (2,)}
+_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.alias.default,
+          aten.clone.default, aten.contiguous.default}
+_JOINS = {aten.mul.Tensor, aten.div.Tensor}
+
+
+def _has_group(node, groups) -> bool:
+    return isinstance(node, fx.Node) and any(g in groups for g in node.meta.get("subclone.channels", ()))
+
+
+def _normalised(reduction: fx.Node, groups: set[int]) -> fx.Node | None:
+    """The first mul/div joining the statistic with a tensor that carries the stream."""
+    frontier, seen = [reduction], set()
+    while frontier:
+        node = frontier.pop(0)
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.target in _JOINS and any(_has_group(a, groups) for a in user.args if a is not node):
+                return user
+            if not _has_group(user, groups):
+                frontier.append(user)
+    return None
+
+
+def _gain(node: fx.Node, groups: set[int]) -> tuple[fx.Node, fx.Node] | None:
+    """(weight get_attr, product node) when a per-channel weight multiplies ``node`` next."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.target in _CASTS:
+            node = user
+            continue
+        if user.target is aten.mul.Tensor:
+            other = user.args[0] if user.args[1] is node else user.args[1]
+            if isinstance(other, fx.Node) and other.op == "get_attr" and _has_group(other, groups):
+                return other, user
+        return None
+    return None
+
+
+class RescaleResidualPass(SubclonePass):
+    """Multiply normalised residual reads by √(D/d) (see module docstring)."""
+
+    requires_meta = (("subclone.sizes", "ChooseKeepPass"), ("subclone.channel_graph", "AnalyzeChannelsPass"))
+
+    def run(self, gm: fx.GraphModule) -> bool:
+        graph = need(gm, "subclone.channel_graph", "AnalyzeChannelsPass")
+        sizes = need(gm, "subclone.sizes", "ChooseKeepPass")
+        factors = {g.id: math.sqrt(g.size / sizes[g.id]) for g in graph.groups.values()
+                   if g.kind == "residual" and sizes.get(g.id, g.size) < g.size}
+        if not factors:
+            return False
+        scaled: set[int] = set()
+        use_count = self._use_counts(gm)
+        modified = False
+        for node in list(gm.graph.nodes):
+            reduced = {graph.find(v) for v in node.meta.get("subclone.reduces", ())} & set(factors)
+            if reduced:
+                factor = factors[next(iter(reduced))]
+                modified |= self._rescale_at(gm, node, set(factors), factor, scaled, use_count)
+        return modified
+
+    @staticmethod
+    def _use_counts(gm) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                key = id(get_attribute(gm, node.target))
+                counts[key] = counts.get(key, 0) + len(node.users)
+        return counts
+
+    def _rescale_at(self, gm, node, groups, factor, scaled, use_count) -> bool:
+        if node.target in _NORM_OPS:
+            weights = [node.args[i] if len(node.args) > i else None for i in _NORM_OPS[node.target]]
+            if weights[0] is not None and all(w is None or use_count[id(get_attribute(gm, w.target))] == 1
+                                              for w in weights if isinstance(w, fx.Node)):
+                for w in weights:
+                    if isinstance(w, fx.Node) and w.op == "get_attr":
+                        self._scale_attribute(gm, w, factor, scaled)
+                return True
+            return self._insert_mul(gm, node, factor)
+        point = _normalised(node, groups)
+        if point is None:
+            return False
+        gain = _gain(point, groups)
+        if gain is not None and use_count[id(get_attribute(gm, gain[0].target))] == 1:
+            self._scale_attribute(gm, gain[0], factor, scaled)
+            return True
+        return self._insert_mul(gm, point, factor)
+
+    @staticmethod
+    def _scale_attribute(gm, node, factor, scaled) -> None:
+        tensor = get_attribute(gm, node.target)
+        if id(tensor) in scaled:
+            return
+        with torch.no_grad():
+            new = tensor.detach() * factor
+        new = torch.nn.Parameter(new, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else new
+        replace_tensors(gm, {id(tensor): new})
+        scaled.add(id(new))
+
+    @staticmethod
+    def _insert_mul(gm, node, factor) -> bool:
+        with gm.graph.inserting_after(node):
+            product = gm.graph.call_function(aten.mul.Tensor, (node, factor))
+        node.replace_all_uses_with(product, delete_user_cb=lambda user: user is not product)
+        product.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "subclone.channels")})
+        return True
+
+
+def rescale_residual(gm: fx.GraphModule) -> fx.GraphModule:
+    return RescaleResidualPass()(gm).graph_module

@@ -1,0 +1,336 @@
+"""Rules for ops that move, merge, split, slice and create tensors (no arithmetic).
+
+Identities each rule states:
+- view/reshape/flatten/unflatten: dims in matching blocks are merged row-major
+  (``factor``); a block that is neither 1→n nor n→1 freezes its dims.
+- permute/transpose/t, unsqueeze/squeeze: a permutation of equalities.
+- expand: an expanded size-1 dim is a new group (the repeat of GQA); others are equal.
+- repeat / repeat_interleave: out = (copies × in) or (in × copies).
+- cat: out = concat(inputs); split/chunk: in = concat(outputs); slice: in = concat(before, out, after).
+- select/index/index_select/gather pick *values* of a dim: that dim is frozen.
+- creation ops (zeros, ones, full, arange, ...): a literal size; arange's values depend on it,
+  so its dim is frozen.
+"""
+from __future__ import annotations
+
+import operator
+
+import sympy
+import torch
+
+from .op_rules import register
+
+__all__: list[str] = []
+
+aten = torch.ops.aten
+
+
+def _size(s):
+    if isinstance(s, torch.SymInt):
+        expr = s.node.expr
+        return int(expr) if expr.is_number else expr
+    return s
+
+
+def _divides(a, b) -> bool:
+    """True when ``a`` divides ``b`` and ``a != b`` (ints or sympy products)."""
+    a, b = _size(a), _size(b)
+    if isinstance(a, int) and isinstance(b, int):
+        return a != b and b % a == 0
+    ratio = sympy.cancel(sympy.sympify(b) / sympy.sympify(a))
+    return ratio != 1 and sympy.fraction(ratio)[1] == 1
+
+
+def _same(a, b) -> bool:
+    a, b = _size(a), _size(b)
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+
+
+def _quotient(a, b):
+    a, b = _size(a), _size(b)
+    if isinstance(a, int) and isinstance(b, int):
+        return a // b
+    return sympy.cancel(sympy.sympify(a) / sympy.sympify(b))
+
+
+def reshape_atoms(in_shape, out_shape):
+    """The common refinement of two shapes of equal numel, row-major.
+
+    Returns ``(in_atoms, out_atoms, sizes)``: for every non-1 dim of each side the list of
+    atom ids it is made of, and each atom's size; ``None`` when the sizes do not divide
+    (a reshape like 6×4 → 4×6 scrambles indices). ``(b, E) → (b·H, D)`` gives atoms
+    ``b, H, D`` with ``E = H×D`` and ``b·H = b×H``."""
+    ins = [[d, _size(s)] for d, s in enumerate(in_shape) if _size(s) != 1]
+    outs = [[d, _size(s)] for d, s in enumerate(out_shape) if _size(s) != 1]
+    in_atoms = {d: [] for d, _ in ins}
+    out_atoms = {d: [] for d, _ in outs}
+    sizes = []
+    while ins and outs:
+        (di, a), (do, c) = ins[0], outs[0]
+        if _same(a, c) or _divides(a, c):
+            atom = a
+        elif _divides(c, a):
+            atom = c
+        else:
+            return None
+        in_atoms[di].append(len(sizes))
+        out_atoms[do].append(len(sizes))
+        sizes.append(atom)
+        for queue in (ins, outs):
+            queue[0][1] = _quotient(queue[0][1], atom)
+            if _same(queue[0][1], 1):
+                queue.pop(0)
+    if ins or outs:
+        return None
+    return in_atoms, out_atoms, sizes
+
+
+@register(aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+          aten.flatten.using_ints, aten.unflatten.int)
+def _reshape(ctx):
+    x = ctx.arg(0, "self")
+    in_shape, out_shape = ctx.shape(x), ctx.out_shape()
+    if ctx.node.target is aten.unflatten.int:
+        first = ctx.arg(1, "dim") % len(in_shape)
+        ctx.literal(2, [ctx.out(first + i) for i in range(len(ctx.arg(2, "sizes")))])
+    elif ctx.node.target is not aten.flatten.using_ints:
+        ctx.literal(1, [ctx.out(d) for d in range(len(out_shape))])
+    refined = reshape_atoms(in_shape, out_shape)
+    if refined is None:
+        ctx.freeze_all("reshape between shapes whose sizes do not divide each other")
+        return
+    in_atoms, out_atoms, sizes = refined
+    sides = ((in_atoms, lambda d: ctx.v(x, d)), (out_atoms, ctx.out))
+    atom_vertex: dict[int, int] = {}     # an atom that is a whole dim on some side is that dim
+    for atoms, vertex in sides:
+        for d, ids in atoms.items():
+            if len(ids) == 1:
+                if ids[0] in atom_vertex:
+                    ctx.eq(atom_vertex[ids[0]], vertex(d))
+                else:
+                    atom_vertex[ids[0]] = vertex(d)
+    for i, size in enumerate(sizes):
+        if i not in atom_vertex:
+            atom_vertex[i] = ctx.fresh(size, f"atom{i}")
+    for atoms, vertex in sides:
+        for d, ids in atoms.items():
+            if len(ids) > 1:
+                ctx.factor(vertex(d), [atom_vertex[i] for i in ids])
+
+
+@register(aten.permute.default)
+def _permute(ctx):
+    x, dims = ctx.arg(0, "self"), ctx.arg(1, "dims")
+    rank = len(ctx.shape(x))
+    for out_dim, in_dim in enumerate(dims):
+        ctx.eq(ctx.v(x, in_dim % rank), ctx.out(out_dim))
+
+
+@register(aten.transpose.int, aten.t.default)
+def _transpose(ctx):
+    x = ctx.arg(0, "self")
+    rank = len(ctx.shape(x))
+    a, b = (ctx.arg(1, "dim0", 0), ctx.arg(2, "dim1", 1)) if rank > 1 else (0, 0)
+    order = list(range(rank))
+    order[a % rank], order[b % rank] = order[b % rank], order[a % rank]
+    for out_dim, in_dim in enumerate(order):
+        ctx.eq(ctx.v(x, in_dim), ctx.out(out_dim))
+
+
+@register(aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+def _squeeze(ctx):
+    x = ctx.arg(0, "self")
+    ins = [d for d, s in enumerate(ctx.shape(x)) if _size(s) != 1]
+    outs = [d for d, s in enumerate(ctx.out_shape()) if _size(s) != 1]
+    for a, b in zip(ins, outs):
+        ctx.eq(ctx.v(x, a), ctx.out(b))
+
+
+@register(aten.expand.default)
+def _expand(ctx):
+    x = ctx.arg(0, "self")
+    in_shape, out_shape = ctx.shape(x), ctx.out_shape()
+    ctx.literal(1, [ctx.out(d) for d in range(len(out_shape))])
+    offset = len(out_shape) - len(in_shape)
+    for d, s in enumerate(in_shape):
+        if _same(s, out_shape[d + offset]):
+            ctx.eq(ctx.v(x, d), ctx.out(d + offset))
+
+
+@register(aten.repeat.default)
+def _repeat(ctx):
+    x, repeats = ctx.arg(0, "self"), ctx.arg(1, "repeats")
+    in_shape = ctx.shape(x)
+    offset = len(repeats) - len(in_shape)
+    counts = [ctx.out(d) for d in range(offset)]
+    for d in range(len(in_shape)):
+        copies = ctx.fresh(repeats[d + offset], f"repeat{d}")
+        counts.append(copies)
+        ctx.factor(ctx.out(d + offset), [copies, ctx.v(x, d)])
+    ctx.literal(1, counts)
+
+
+@register(aten.repeat_interleave.self_int)
+def _repeat_interleave(ctx):
+    x, dim = ctx.arg(0, "self"), ctx.arg(2, "dim")
+    if dim is None:
+        ctx.freeze_all("repeat_interleave without a dim flattens its input")
+        return
+    rank = len(ctx.shape(x))
+    for d in range(rank):
+        if d == dim % rank:
+            copies = ctx.fresh(ctx.arg(1, "repeats"), "interleave")
+            ctx.literal(1, copies)
+            ctx.factor(ctx.out(d), [ctx.v(x, d), copies])
+        else:
+            ctx.eq(ctx.v(x, d), ctx.out(d))
+
+
+@register(aten.cat.default)
+def _cat(ctx):
+    tensors = [t for t in ctx.arg(0, "tensors") if ctx.shape(t) and 0 not in ctx.shape(t)]
+    rank = len(ctx.out_shape())
+    dim = ctx.arg(1, "dim", 0) % rank
+    ctx.concat(ctx.out(dim), [ctx.v(t, dim) for t in tensors])
+    for t in tensors:
+        for d in range(rank):
+            if d != dim:
+                ctx.eq(ctx.v(t, d), ctx.out(d))
+
+
+@register(aten.stack.default)
+def _stack(ctx):
+    tensors = ctx.arg(0, "tensors")
+    rank = len(ctx.out_shape())
+    dim = ctx.arg(1, "dim", 0) % rank
+    for t in tensors:
+        for d in range(rank - 1):
+            ctx.eq(ctx.v(t, d), ctx.out(d if d < dim else d + 1))
+
+
+@register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+          aten.split_with_sizes_copy.default, aten.tensor_split.sections)
+def _split(ctx):
+    x = ctx.arg(0, "self")
+    rank = len(ctx.shape(x))
+    dim = ctx.arg(2, "dim", 0) % rank
+    outputs = ctx.output_shapes()
+    pieces = [ctx.out(dim, i) for i, _ in outputs]
+    ctx.concat(ctx.v(x, dim), pieces)
+    if ctx.node.target is aten.split.Tensor:
+        ctx.literal(1, pieces[0])
+    elif ctx.node.target is not aten.chunk.default:
+        ctx.literal(1, pieces)
+    for i, _ in outputs:
+        for d in range(rank):
+            if d != dim:
+                ctx.eq(ctx.v(x, d), ctx.out(d, i))
+
+
+@register(aten.unbind.int)
+def _unbind(ctx):
+    x = ctx.arg(0, "self")
+    rank = len(ctx.shape(x))
+    dim = ctx.arg(1, "dim", 0) % rank
+    ctx.freeze(ctx.v(x, dim), "unbind takes this dim apart index by index")
+    for i, _ in ctx.output_shapes():
+        for d in range(rank - 1):
+            ctx.eq(ctx.v(x, d if d < dim else d + 1), ctx.out(d, i))
+
+
+@register(operator.getitem)
+def _getitem(ctx):
+    source, index = ctx.arg(0, "a"), ctx.arg(1, "b")
+    shape = ctx.out_shape()
+    if shape is None or not isinstance(source.meta.get("val"), (list, tuple)):
+        return
+    for d in range(len(shape)):
+        ctx.eq(ctx.graph.vertex((source.name, index, d), shape[d]), ctx.out(d))
+
+
+@register(aten.slice.Tensor)
+def _slice(ctx):
+    x = ctx.arg(0, "self")
+    in_shape = ctx.shape(x)
+    rank = len(in_shape)
+    dim = ctx.arg(1, "dim", 0) % rank
+    for d in range(rank):
+        if d != dim:
+            ctx.eq(ctx.v(x, d), ctx.out(d))
+    n, kept = _size(in_shape[dim]), _size(ctx.out_shape()[dim])
+    if not isinstance(n, int):
+        if _same(n, kept):
+            ctx.eq(ctx.v(x, dim), ctx.out(dim))
+        return
+    start, step = ctx.arg(2, "start", 0) or 0, ctx.arg(4, "step", 1)
+    if not isinstance(start, int) or not isinstance(kept, int):
+        ctx.freeze(ctx.v(x, dim), "slice with a computed start")
+        return
+    start = min(max(start + n if start < 0 else start, 0), n)
+    if kept == n:
+        ctx.eq(ctx.v(x, dim), ctx.out(dim))
+    elif step != 1:
+        ctx.freeze(ctx.v(x, dim), "strided slice")
+        ctx.freeze(ctx.out(dim), "strided slice")
+    else:
+        before = ctx.fresh(start, "before")
+        after = ctx.fresh(n - start - kept, "after")
+        ctx.note("slice_parts", (before, ctx.out(dim), after))
+        ctx.concat(ctx.v(x, dim), [before, ctx.out(dim), after])
+
+
+@register(aten.select.int)
+def _select(ctx):
+    x = ctx.arg(0, "self")
+    rank = len(ctx.shape(x))
+    dim = ctx.arg(1, "dim") % rank
+    ctx.freeze(ctx.v(x, dim), "select picks one index of this dim")
+    for d in range(rank - 1):
+        ctx.eq(ctx.v(x, d if d < dim else d + 1), ctx.out(d))
+
+
+@register(aten.index_select.default)
+def _index_select(ctx):
+    x = ctx.arg(0, "self")
+    rank = len(ctx.shape(x))
+    dim = ctx.arg(1, "dim") % rank
+    ctx.freeze(ctx.v(x, dim), "index_select picks indices of this dim")
+    ctx.freeze(ctx.out(dim), "index_select picks indices of this dim")
+    for d in range(rank):
+        if d != dim:
+            ctx.eq(ctx.v(x, d), ctx.out(d))
+
+
+@register(aten.index.Tensor, aten.gather.default, aten.scatter.src, aten.scatter.value,
+          aten.take_along_dim.default, aten.masked_select.default, aten.nonzero.default)
+def _pick_values(ctx):
+    # Which index lands where depends on the index values: nothing may be sliced.
+    ctx.freeze_all("picks elements by computed indices")
+
+
+@register(aten.zeros.default, aten.ones.default, aten.empty.memory_format, aten.full.default,
+          aten.rand.default, aten.randn.default)
+def _create(ctx):
+    ctx.literal(0, [ctx.out(d) for d in range(len(ctx.out_shape()))])
+
+
+@register(aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default)
+def _create_new(ctx):
+    ctx.literal(1, [ctx.out(d) for d in range(len(ctx.out_shape()))])
+
+
+@register(aten.arange.default, aten.arange.start, aten.arange.start_step, aten.linspace.default)
+def _arange(ctx):
+    shape = ctx.out_shape()
+    if shape and isinstance(_size(shape[0]), int):
+        ctx.freeze(ctx.out(0), "arange's values depend on its length")
+
+
+@register(aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+          aten.full_like.default, aten.rand_like.default, aten.randn_like.default)
+def _like(ctx):
+    x = ctx.arg(0, "self")
+    for d in range(len(ctx.shape(x))):
+        ctx.eq(ctx.v(x, d), ctx.out(d))

@@ -1,0 +1,193 @@
+"""Importance scores (the paper's): mean |activation| over batch and tokens.
+
+With calibration inputs, the traced graph runs in an ``fx.Interpreter`` that watches:
+1. residual: every tensor of the residual stream (each block's input and output, each layer's
+   input and output); their per-channel means are **summed**, one order for the network;
+2. MLP widths and attention heads: the input of the weight that contracts them (an MLP's
+   ``down`` input; the attention output before the output projection), projected onto the
+   group: a heads × head_dim input is averaged over head_dim, a fused gate/up half is summed;
+3. per layer, ‖f(x)‖/‖x+f(x)‖ = ‖out − in‖/‖out‖ (the paper's depth criterion).
+
+Without calibration data, a group scores the mean |weight| of every weight slicing it
+(each weight's profile normalised to mean 1), and ``gm.meta["subclone.score_source"]`` says so.
+
+Writes ``gm.meta["subclone.scores"]`` ({group id: 1-D float64 tensor}) and, with calibration,
+``gm.meta["subclone.layer_ratios"]``; modifies nothing.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+import torch.fx._pytree as fx_pytree
+
+from .channel_graph import ChannelGraph
+from .infra import SubclonePass, log, need
+from .op_rules import tensor_shape
+
+__all__ = ["ScoreChannelsPass", "project", "flat_inputs"]
+
+SCORED_KINDS = ("residual", "ffn", "heads")
+
+
+def project(graph: ChannelGraph, vec: torch.Tensor, source: int, target: int) -> torch.Tensor | None:
+    """Map a per-index profile of group ``source`` onto group ``target`` it is built from."""
+    if source == target:
+        return vec
+    total = None
+    for rel in graph.relations_of(source):
+        parts = graph.part_groups(rel)
+        sizes = [graph.groups[p].size for p in parts]
+        for i, part in enumerate(parts):
+            if part != target and part not in graph.composites_containing(target):
+                continue
+            if rel.kind == "factor":
+                axes = [a for a in range(len(sizes)) if a != i]
+                piece = vec.reshape(sizes).mean(dim=axes) if axes else vec
+            else:
+                offset = sum(sizes[:i])
+                piece = vec[offset: offset + sizes[i]]
+            sub = project(graph, piece, part, target)
+            if sub is not None:
+                total = sub if total is None else total + sub
+    return total
+
+
+def flat_inputs(gm: fx.GraphModule, inputs, index: int) -> list:
+    """Flatten one calibration batch the way the graph's placeholders expect, checking shapes."""
+    args, kwargs = (inputs, {}) if not isinstance(inputs, dict) else ((), inputs)
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    spec = getattr(gm, "_in_spec", None)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if spec is not None:
+        try:
+            flat = fx_pytree.tree_flatten_spec((tuple(args), kwargs), spec)
+        except Exception as error:      # the spec says what structure is expected
+            raise ValueError(f"calibration batch {index}: inputs do not match the traced signature ({error})") from None
+    else:
+        flat = list(args)
+    if len(flat) != len(placeholders):
+        raise ValueError(f"calibration batch {index}: expected {len(placeholders)} inputs, got {len(flat)}")
+    for j, (value, node) in enumerate(zip(flat, placeholders)):
+        expected = tensor_shape(node)
+        if expected is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"calibration batch {index}, input {j} ({node.name}): expected a tensor, got {type(value).__name__}")
+        got = tuple(value.shape)
+        if len(got) != len(expected) or any(isinstance(e, int) and e != g for e, g in zip(expected, got)):
+            want = tuple(e if isinstance(e, int) else "*" for e in expected)
+            raise ValueError(f"calibration batch {index}, input {j} ({node.name}): expected shape {want}, got {got}")
+    return flat
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm, watch, layers):
+        super().__init__(gm)
+        self.watch, self.sums, self.counts = watch, defaultdict(float), defaultdict(int)
+        self.layer_in = {layer.input: layer.index for layer in layers}
+        self.layer_out = {layer.output: layer.index for layer in layers}
+        self.stash, self.ratios = {}, defaultdict(list)
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        for dim in self.watch.get(n.name, ()):
+            x = result.detach().abs().to(torch.float64)
+            self.sums[(n.name, dim)] = self.sums[(n.name, dim)] + x.mean(dim=[d for d in range(x.dim()) if d != dim])
+            self.counts[(n.name, dim)] += 1
+        if n.name in self.layer_in:
+            self.stash[self.layer_in[n.name]] = result.detach()
+        if n.name in self.layer_out:
+            index = self.layer_out[n.name]
+            out = result.detach().to(torch.float64)
+            change = (out - self.stash[index].to(torch.float64)).norm()
+            self.ratios[index].append(float(change / out.norm().clamp_min(1e-30)))
+        return result
+
+
+def _watch_list(gm, graph: ChannelGraph, layers) -> dict[str, list[int]]:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    watch: dict[str, set] = defaultdict(set)
+    stream = {b.add for layer in layers for b in layer.blocks} | {b.skip for layer in layers for b in layer.blocks}
+    for name in stream:
+        for d, g in enumerate(nodes[name].meta.get("subclone.channels", ())):
+            if graph.groups[g].kind == "residual":
+                watch[name].add(d)
+    for v in graph.contracted:
+        name, _, dim = graph.labels[v]
+        if name in nodes and nodes[name].op != "get_attr":
+            watch[name].add(dim)
+    return {k: sorted(v) for k, v in watch.items()}
+
+
+class ScoreChannelsPass(SubclonePass):
+    """Analysis: per-channel scores of every residual, MLP and heads group."""
+
+    requires_meta = (("subclone.channel_graph", "AnalyzeChannelsPass"),)
+
+    def __init__(self, calibration=None, progress=None) -> None:
+        self.calibration, self.progress = calibration, progress
+
+    def run(self, gm: fx.GraphModule) -> bool:
+        graph = need(gm, "subclone.channel_graph", "AnalyzeChannelsPass")
+        targets = [g.id for g in graph.groups.values() if g.kind in SCORED_KINDS]
+        if self.calibration is None:
+            log.info("no calibration data: scoring channels by weight magnitude")
+            profiles = self._weight_profiles(gm, graph)
+            gm.meta["subclone.score_source"] = "weight magnitude (no calibration data)"
+        else:
+            profiles = self._activation_profiles(gm, graph)
+            gm.meta["subclone.score_source"] = "mean |activation| on calibration data"
+        gm.meta["subclone.scores"] = self._combine(graph, profiles, targets)
+        return False
+
+    def _combine(self, graph, profiles, targets) -> dict[int, torch.Tensor]:
+        scores = {}
+        for target in targets:
+            reach = {target} | graph.composites_containing(target)
+            total = torch.zeros(graph.groups[target].size, dtype=torch.float64)
+            for source, vec in profiles:
+                if source in reach:
+                    piece = project(graph, vec, source, target)
+                    total += piece if piece is not None else 0
+            scores[target] = total
+        return scores
+
+    def _weight_profiles(self, gm, graph):
+        profiles = []
+        for node in gm.graph.nodes:
+            shape = tensor_shape(node)
+            if node.op != "get_attr" or shape is None or not shape:
+                continue
+            tensor = _attr(gm, node.target)
+            for d, g in enumerate(node.meta.get("subclone.channels", ())):
+                if graph.groups[g].static and graph.groups[g].size > 1:
+                    x = tensor.detach().abs().to(torch.float64)
+                    vec = x.mean(dim=[i for i in range(x.dim()) if i != d]) if x.dim() > 1 else x
+                    profiles.append((g, vec / vec.mean().clamp_min(1e-30)))
+        return profiles
+
+    def _activation_profiles(self, gm, graph):
+        layers = gm.meta.get("subclone.layers", [])
+        recorder = _Recorder(gm, _watch_list(gm, graph, layers), layers)
+        batches = self.calibration if self.progress is None else self.progress(self.calibration)
+        seen = 0
+        with torch.no_grad():
+            for index, batch in enumerate(batches):
+                recorder.run(*flat_inputs(gm, batch, index))
+                seen += 1
+        if seen == 0:
+            raise ValueError("calibration: no batches given (pass None to score by weight magnitude)")
+        gm.meta["subclone.layer_ratios"] = [sum(r) / len(r) for _, r in sorted(recorder.ratios.items())]
+        nodes = {n.name: n for n in gm.graph.nodes}
+        return [(nodes[name].meta["subclone.channels"][dim], total / recorder.counts[(name, dim)])
+                for (name, dim), total in recorder.sums.items()]
+
+
+def _attr(gm, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,143 @@
+"""Trace any model into a ``torch.fx.GraphModule`` whose batch and sequence axes stay dynamic.
+
+``torch.fx.symbolic_trace`` fails on current Hugging Face models; ``torch.export.export``
+(non-strict) traces them all. The result keeps parameter names (FQNs) and ``nn_module_stack``.
+An already-traced ``GraphModule`` (with fake values on its placeholders, as ``torch.export``
+leaves them) or an ``ExportedProgram`` is accepted as is, so our passes chain after others.
+
+Dynamic axes: dim 0 of every tensor input (batch), and dim 1 of integer inputs (token ids,
+masks) and of 3-D float inputs (embeddings): the sequence. Images keep their size.
+
+Non-tensor keyword inputs of the example (``use_cache=False``) are baked into the graph as
+constants, so the traced module — and every child made from it — is called with tensors only.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.fx.node import map_arg
+
+__all__ = ["trace", "dynamic_shapes_for", "TraceError"]
+
+
+class TraceError(ValueError):
+    """The model could not be traced; the message names the model and the failing construct."""
+
+
+def _axes(value):
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return None
+    axes = {0: torch.export.Dim.AUTO}
+    if value.dim() >= 2 and (not value.is_floating_point() or value.dim() == 3):
+        axes[1] = torch.export.Dim.AUTO
+    return axes
+
+
+def dynamic_shapes_for(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A ``dynamic_shapes`` spec keyed by ``forward``'s parameter names."""
+    signature = inspect.signature(module.forward)
+    bound = signature.bind_partial(*args, **kwargs)
+    spec = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            spec[name] = tuple(_axes(v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            spec[name] = {k: _axes(v) for k, v in value.items()}
+        else:
+            spec[name] = _axes(value)
+    return spec
+
+
+def _default_kwargs(model: torch.nn.Module, kwargs: dict) -> dict:
+    # A cache object among the outputs would make the traced outputs differ from the logits.
+    kwargs = dict(kwargs)
+    config = getattr(model, "config", None)
+    accepts = "use_cache" in inspect.signature(model.forward).parameters
+    if accepts and getattr(config, "use_cache", False):
+        kwargs.setdefault("use_cache", False)
+    return kwargs
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _is_traced(gm: fx.GraphModule) -> bool:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return all("val" in n.meta for n in placeholders)
+
+
+def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.GraphModule:
+    """Trace ``model(*example_inputs, **example_kwargs)`` into a GraphModule (see module doc)."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    if isinstance(model, torch.export.ExportedProgram):
+        gm = model.module()
+    elif isinstance(model, fx.GraphModule) and _is_traced(model):
+        gm = model
+    elif isinstance(model, torch.nn.Module):
+        gm = _export(model, example_inputs, _default_kwargs(model, example_kwargs or {}))
+    else:
+        raise TypeError(f"trace: expected a torch.nn.Module, GraphModule or ExportedProgram, got {type(model).__name__}")
+    bind_constant_inputs(gm)
+    gm.meta.setdefault("subclone.example_inputs", example_inputs)
+    if isinstance(model, torch.nn.Module) and not isinstance(model, fx.GraphModule):
+        gm.meta["subclone.parent_class"] = type(model)
+        if hasattr(model, "config"):
+            gm.meta["subclone.parent_config"] = model.config
+    return gm
+
+
+def bind_constant_inputs(gm: fx.GraphModule) -> None:
+    """Bake non-tensor inputs (flags like ``use_cache``) into the graph as constants."""
+    codegen = gm.graph._codegen
+    if not isinstance(codegen, _PyTreeCodeGen):
+        return
+    info = codegen.pytree_info
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    spec = info.in_spec
+    leaves = [n.meta.get("val") for n in placeholders]
+    if all(isinstance(v, torch.Tensor) for v in leaves):
+        return
+    args, kwargs = pytree.tree_unflatten(list(range(len(leaves))), spec)
+    keep = lambda i: isinstance(leaves[i], torch.Tensor)  # noqa: E731
+    new_args = tuple(pytree.tree_map(lambda i: i, a) for a in args)
+    if not all(keep(i) for i in pytree.tree_leaves(new_args)):
+        return    # a positional non-tensor input: leave the signature alone
+    new_kwargs = {k: v for k, v in kwargs.items() if all(keep(i) for i in pytree.tree_leaves(v))}
+    for i, node in enumerate(placeholders):
+        if not keep(i):
+            constant = leaves[i]
+            for user in list(node.users):
+                user.args = map_arg(user.args, lambda n: constant if n is node else n)
+                user.kwargs = map_arg(user.kwargs, lambda n: constant if n is node else n)
+            gm.graph.erase_node(node)
+    new_spec = pytree.tree_flatten((new_args, new_kwargs))[1]
+    names = [f"arg_{i}" for i in range(len(new_args))] + list(new_kwargs)
+    gm.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, new_spec, info.out_spec))
+    gm._in_spec = new_spec
+    gm.recompile()
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    try:
+        with _eval_mode(model):
+            program = torch.export.export(model, args, kwargs, strict=False,
+                                          dynamic_shapes=dynamic_shapes_for(model, args, kwargs))
+    except Exception as error:       # export's own errors name the construct
+        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise TraceError(f"could not trace {type(model).__name__}: {type(error).__name__}: {first}") from error
+    return program.module()
