@@ -25,7 +25,12 @@ import torch.fx as fx
 from .channel_graph import ChannelGraph
 from .infra import SubclonePass, need
 
-__all__ = ["Target", "ChooseKeepPass", "derive_keep", "top_k"]
+__all__ = ["Target", "ChooseKeepPass", "derive_keep", "top_k", "pick", "SELECTIONS", "DEPTHS"]
+
+# How channels are picked: the paper's scores, or the data-free baselines and ablations.
+SELECTIONS = ("score", "first", "uniform")
+# How layers are picked: the paper's middle, measured ‖f(x)‖/‖x+f(x)‖, or the first ones.
+DEPTHS = ("middle", "measured", "first")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,16 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(sorted(order[:k]), dtype=torch.long)
 
 
+def pick(scores: torch.Tensor, k: int, selection: str = "score") -> torch.Tensor:
+    """k indices out of len(scores): best scores, the first k, or k evenly spaced."""
+    n = len(scores)
+    if selection == "first" or k >= n:
+        return torch.arange(min(k, n))
+    if selection == "uniform":
+        return torch.linspace(0, n - 1, k).round().long()
+    return top_k(scores, k)
+
+
 def _check(name: str, value: int | None, limit: int, what: str) -> None:
     if value is not None and value > limit:
         raise ValueError(f"Target.{name}={value} is larger than the parent's {what} ({limit}); allowed: 1..{limit}")
@@ -64,7 +79,7 @@ def _not_frozen(graph: ChannelGraph, gid: int, name: str) -> None:
         raise ValueError(f"Target.{name} cannot shrink this model: {reason}")
 
 
-def _choose_heads(graph, site, target, scores, keep, sizes) -> None:
+def _choose_heads(graph, site, target, scores, keep, sizes, selection) -> None:
     hq, kv, rep = site["heads"], site["kv_heads"], site["rep"]
     n_heads, n_kv = graph.groups[hq].size, graph.groups[kv].size
     per_group = n_heads // n_kv
@@ -86,16 +101,17 @@ def _choose_heads(graph, site, target, scores, keep, sizes) -> None:
     _not_frozen(graph, hq, "heads")
     head_scores = scores[hq]
     if rep is None:
-        keep[hq] = top_k(head_scores, heads)
+        keep[hq] = pick(head_scores, heads, selection)
         return
     _not_frozen(graph, kv, "kv_heads")
     by_group = head_scores.view(n_kv, per_group)
-    groups = top_k(by_group.sum(1), kv_heads)
-    kept = [g * per_group + r for g in groups.tolist() for r in top_k(by_group[g], heads // kv_heads).tolist()]
+    groups = pick(by_group.sum(1), kv_heads, selection)
+    kept = [g * per_group + r for g in groups.tolist()
+            for r in pick(by_group[g], heads // kv_heads, selection).tolist()]
     keep[kv], keep[hq], sizes[rep] = groups, torch.tensor(kept), heads // kv_heads
 
 
-def choose(graph: ChannelGraph, attention, target: Target, scores) -> tuple[dict, dict]:
+def choose(graph: ChannelGraph, attention, target: Target, scores, selection: str = "score") -> tuple[dict, dict]:
     keep: dict[int, torch.Tensor] = {}
     sizes: dict[int, int] = {}
     for kind, value, what in (("residual", target.hidden, "hidden"), ("ffn", target.ffn, "ffn")):
@@ -109,12 +125,12 @@ def choose(graph: ChannelGraph, attention, target: Target, scores) -> tuple[dict
             _check(what, value, group.size, f"{kind} width")
             if value < group.size:
                 _not_frozen(graph, group.id, what)
-                keep[group.id] = top_k(scores[group.id], value)
+                keep[group.id] = pick(scores[group.id], value, selection)
     if (target.heads or target.kv_heads) and not attention:
         raise ValueError("Target.heads: this model has no attention op whose heads could be removed")
     for site in attention:
         if target.heads is not None or target.kv_heads is not None:
-            _choose_heads(graph, site, target, scores, keep, sizes)
+            _choose_heads(graph, site, target, scores, keep, sizes, selection)
     return keep, sizes
 
 
@@ -174,18 +190,32 @@ class ChooseKeepPass(SubclonePass):
     requires_meta = (("subclone.channel_graph", "AnalyzeChannelsPass"),
                      ("subclone.scores", "ScoreChannelsPass"))
 
-    def __init__(self, target: Target, drop_layers=None, depth: str = "middle") -> None:
-        self.target, self.drop_layers, self.depth = target, drop_layers, depth
+    def __init__(self, target: Target, drop_layers=None, depth: str = "middle", selection: str = "score") -> None:
+        if depth not in DEPTHS:
+            raise ValueError(f"depth={depth!r}: allowed values are {', '.join(DEPTHS)}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection={selection!r}: allowed values are {', '.join(SELECTIONS)}")
+        self.target, self.drop_layers, self.depth, self.selection = target, drop_layers, depth, selection
 
     def run(self, gm: fx.GraphModule) -> bool:
         graph = need(gm, "subclone.channel_graph", "AnalyzeChannelsPass")
         scores = need(gm, "subclone.scores", "ScoreChannelsPass")
-        keep, sizes = choose(graph, gm.meta["subclone.attention"], self.target, scores)
+        keep, sizes = choose(graph, gm.meta["subclone.attention"], self.target, scores, self.selection)
         keep, new_sizes = derive_keep(graph, keep, sizes)
         gm.meta["subclone.keep"] = keep
         gm.meta["subclone.sizes"] = new_sizes
         gm.meta["subclone.drop"] = self._drops(gm)
+        gm.meta["subclone.duplicate"] = self._duplicates(gm)
         return False
+
+    def _duplicates(self, gm: fx.GraphModule) -> list[int]:
+        """Layers to repeat for a deeper child: the middle ones, each right after itself."""
+        count, wanted = len(gm.meta["subclone.layers"]), self.target.layers
+        if wanted is None or wanted <= count or self.drop_layers is not None:
+            return []
+        extra = wanted - count
+        first = max(0, (count - extra) // 2)
+        return sorted((first + i) % count for i in range(extra))
 
     def _drops(self, gm: fx.GraphModule) -> list[int]:
         count = len(gm.meta["subclone.layers"])
@@ -203,4 +233,6 @@ class ChooseKeepPass(SubclonePass):
             ratios = need(gm, "subclone.layer_ratios", "ScoreChannelsPass with calibration data")
             order = sorted(range(count), key=lambda i: (ratios[i], i))
             return sorted(order[: count - wanted])
+        if self.depth == "first":
+            return list(range(wanted, count))
         return middle_layers(count, wanted)

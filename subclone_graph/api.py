@@ -12,8 +12,9 @@ import torch
 import torch.fx as fx
 
 from subclone_graph.passes.analyze_channels import AnalyzeChannelsPass
-from subclone_graph.passes.choose_keep import ChooseKeepPass, Target
+from subclone_graph.passes.choose_keep import DEPTHS, SELECTIONS, ChooseKeepPass, Target
 from subclone_graph.passes.drop_blocks import DropBlocksPass
+from subclone_graph.passes.duplicate_layers import DuplicateLayersPass
 from subclone_graph.passes.find_blocks import FindResidualBlocksPass
 from subclone_graph.passes.infra import PassError, log
 from subclone_graph.passes.keep_channels import KeepChannelsPass
@@ -24,18 +25,16 @@ from .trace import trace
 
 __all__ = ["subclone", "subclone_passes", "run_passes", "Target"]
 
-DEPTHS = ("middle", "measured")
-
-
 def subclone_passes(target: Target, calibration=None, drop_layers=None, depth: str = "middle",
-                    rescale: bool = True, progress=None) -> list:
+                    rescale: bool = True, progress=None, selection: str = "score") -> list:
     """The subcloning pipeline as a flat list of passes (each ``call(gm) -> PassResult``)."""
     passes = [
         FindResidualBlocksPass(),
         AnalyzeChannelsPass(),
         ScoreChannelsPass(calibration, progress=progress),
-        ChooseKeepPass(target, drop_layers=drop_layers, depth=depth),
+        ChooseKeepPass(target, drop_layers=drop_layers, depth=depth, selection=selection),
         DropBlocksPass(),
+        DuplicateLayersPass(),
         KeepChannelsPass(),
     ]
     if rescale:
@@ -58,32 +57,41 @@ def run_passes(gm: fx.GraphModule, passes: list) -> fx.GraphModule:
     return gm
 
 
-def _check_arguments(target, depth, drop_layers) -> None:
+def _check_arguments(target, depth, drop_layers, selection) -> None:
     if not isinstance(target, Target):
         raise TypeError(f"target must be a subclone_graph.Target, got {type(target).__name__}")
     if depth not in DEPTHS:
         raise ValueError(f"depth={depth!r}: allowed values are {', '.join(DEPTHS)}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r}: allowed values are {', '.join(SELECTIONS)}")
+
     if drop_layers is not None and target.layers is not None:
         raise ValueError("give either Target.layers or drop_layers, not both")
 
 
 def subclone(model, example_inputs, target: Target | None = None, calibration=None, drop_layers=None, *,
-             depth: str = "middle", rescale: bool = True, example_kwargs: dict | None = None,
-             progress=None) -> fx.GraphModule:
+             depth: str = "middle", rescale: bool = True, selection: str = "score",
+             example_kwargs: dict | None = None, progress=None) -> fx.GraphModule:
     """Initialise a smaller child from ``model`` (weight subcloning, arXiv 2312.09299).
 
     ``calibration`` is an iterable of input tuples like ``example_inputs``; without it, channels
-    are ranked by weight magnitude. Returns a ``torch.fx.GraphModule`` with real parameters
-    that returns outputs of the parent's structure at any batch size and sequence length.
+    are ranked by weight magnitude. ``depth``: which layers go (``middle``, ``measured`` — the
+    smallest ‖f(x)‖/‖x+f(x)‖ on the calibration data —, or ``first`` layers kept); a
+    ``Target.layers`` above the parent's duplicates middle layers. ``selection="first"`` or
+    ``"uniform"`` picks channels without scores (ablation / weight-selection baselines);
+    ``rescale=False`` skips the √(D/d) factor. Returns a ``torch.fx.GraphModule`` with real
+    parameters that returns outputs of the parent's structure at any batch and sequence size.
     """
     target = Target() if target is None else target
-    _check_arguments(target, depth, drop_layers)
+    _check_arguments(target, depth, drop_layers, selection)
+    if depth == "measured" and calibration is None:
+        raise ValueError('depth="measured" needs calibration data: it measures each layer\'s ||f(x)||/||x+f(x)||')
     if isinstance(model, fx.GraphModule):
         model = copy.deepcopy(model)
     gm = trace(model, example_inputs, example_kwargs)
     if calibration is not None and not isinstance(calibration, (list, tuple)):
         calibration = list(calibration)
-    passes = subclone_passes(target, calibration, drop_layers, depth, rescale, progress)
+    passes = subclone_passes(target, calibration, drop_layers, depth, rescale, progress, selection)
     gm = run_passes(gm, passes)
     _check_child(gm, target)
     return gm
@@ -98,10 +106,8 @@ def _check_child(gm: fx.GraphModule, target: Target) -> None:
         want = wanted.get(group.kind)
         if want is not None and sizes[group.id] != want:
             raise PassError(f"child {group.kind} width is {sizes[group.id]}, target was {want}")
-    if target.layers is not None:
-        count = len(gm.meta["subclone.layers"])
-        if count != min(target.layers, count) and target.layers <= count:
-            raise PassError(f"child has {count} layers, target was {target.layers}")
+    if target.layers is not None and len(gm.meta["subclone.layers"]) != target.layers:
+        raise PassError(f"child has {len(gm.meta['subclone.layers'])} layers, target was {target.layers}")
     log.info("child: %d parameters", sum(p.numel() for p in gm.parameters()))
 
 
