@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.export import export
 
-import models as zoo
+from subclone_graph import models as zoo
 
 HAND = ["gpt_like", "llama_like", "vit_like", "torch_encoder"]
 HF = list(zoo.HF_FACTORIES)
