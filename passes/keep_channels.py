@@ -17,6 +17,8 @@ Reads ``subclone.keep``/``subclone.sizes`` (ChooseKeepPass) and the channel grap
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -50,9 +52,27 @@ def _slice_attributes(gm: fx.GraphModule, graph, keep) -> int:
 
 
 def _new_literal(value, vertex, graph, sizes):
+    if isinstance(value, fx.Node):
+        return _new_size_expression(value, vertex, graph, sizes)
     if not isinstance(value, int) or isinstance(value, bool) or value == -1 or vertex is None:
         return value
     return sizes.get(graph.find(vertex), value)
+
+
+def _new_size_expression(value: fx.Node, vertex, graph, sizes):
+    """A size computed in the graph, like ``batch * heads``: replace the literal factor that
+    is a shrunk part of the dim's group (a fresh node, since the old one may have other uses)."""
+    if vertex is None or value.op != "call_function" or value.target is not operator.mul:
+        return value
+    group = graph.find(vertex)
+    changed = {graph.groups[p].size: sizes[p] for rel in graph.relations_of(group, "factor")
+               for p in graph.part_groups(rel) if graph.groups[p].static and sizes.get(p) != graph.groups[p].size}
+    literals = [a for a in value.args if isinstance(a, int) and a in changed]
+    if len(literals) != 1:
+        return value
+    args = tuple(changed[a] if isinstance(a, int) and a == literals[0] else a for a in value.args)
+    with value.graph.inserting_after(value):
+        return value.graph.call_function(operator.mul, args)
 
 
 def _rewrite_literals(gm: fx.GraphModule, graph, sizes) -> int:

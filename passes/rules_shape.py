@@ -43,9 +43,9 @@ def _divides(a, b) -> bool:
 
 def _same(a, b) -> bool:
     a, b = _size(a), _size(b)
-    if isinstance(a, int) and isinstance(b, int):
+    if isinstance(a, int) and isinstance(b, int) or a == b:
         return a == b
-    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
 
 
 def _quotient(a, b):

@@ -1,0 +1,108 @@
+"""Shared helpers for the equivalence tests: outputs, planting dead structure, comparisons.
+
+Planting uses the parent's own channel analysis only to *find* the tensors that touch a
+channel; the tests then check numerically that removing the planted channels changes
+nothing — a wrong grouping or index map makes the dead structure not dead, and fails.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+import torch.utils._pytree as pytree
+
+import subclone_graph as sg
+from subclone_graph import models
+from subclone_graph.passes.choose_keep import derive_keep
+from subclone_graph.passes.infra import get_attribute
+
+PRE_NORM = ("gpt_like", "llama_like", "vit_like", "torch_encoder", "gpt2", "vit", "llama", "qwen3", "mistral", "phi3")
+RMS_NORM = ("llama_like", "llama", "qwen3", "mistral", "phi3")
+GQA = ("llama_like", "llama", "qwen3", "mistral", "phi3")
+
+
+def output_tensor(out) -> torch.Tensor:
+    """The main output: logits / last hidden state / the tensor itself."""
+    for name in ("logits", "last_hidden_state"):
+        if hasattr(out, name):
+            return getattr(out, name)
+    leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+    return leaves[0]
+
+
+def run(module, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return output_tensor(module(*inputs))
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def calibration(model, batches: int = 3, batch: int = 2, seq: int = 8) -> list[tuple]:
+    return [models.make_inputs(model, batch, seq, seed=100 + i) for i in range(batches)]
+
+
+def analysed(model, inputs):
+    gm = sg.trace(model, inputs)
+    sg.analyze_channels(gm)
+    return gm
+
+
+@functools.lru_cache(maxsize=None)
+def _traced(name: str):
+    model, inputs = models.build(name)
+    return model, inputs, analysed(model, inputs)
+
+
+def traced(name: str):
+    """(model, example inputs, an analysed traced copy of it): the tracing is done once per
+    model and session; the GraphModule returned is a private copy to plant things in."""
+    model, inputs, gm = _traced(name)
+    return model, inputs, copy.deepcopy(gm)
+
+
+def groups_of(gm, kind: str) -> list:
+    return [g for g in gm.meta["subclone.channel_graph"].groups.values() if g.kind == kind]
+
+
+def plant_dead(gm, dead: dict[int, list[int]], sizes: dict[int, int] | None = None) -> None:
+    """Zero, in the traced ``gm``, every tensor index the given dead indices of groups reach."""
+    graph = gm.meta["subclone.channel_graph"]
+    keep = {g: torch.tensor([i for i in range(graph.groups[g].size) if i not in set(d)]) for g, d in dead.items()}
+    keep, _ = derive_keep(graph, keep, sizes or {})
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            tensor = get_attribute(gm, node.target)
+            for d, g in enumerate(node.meta.get("subclone.channels", ())):
+                if g in keep and len(keep[g]) < graph.groups[g].size:
+                    mask = torch.ones(tensor.shape[d], dtype=torch.bool)
+                    mask[keep[g]] = False
+                    index = [slice(None)] * tensor.dim()
+                    index[d] = mask
+                    tensor[tuple(index)] = 0
+
+
+def plant_dead_heads(gm, per_site: int = 1) -> tuple[int, int]:
+    """Kill the last ``per_site`` kv groups (GQA) or query heads (MHA) in every attention op.
+
+    Returns (heads, kv_heads) to ask for so that exactly the dead ones go."""
+    graph = gm.meta["subclone.channel_graph"]
+    dead, sizes = {}, {}
+    heads = kv_heads = None
+    for site in gm.meta["subclone.attention"]:
+        n_heads, n_kv = graph.groups[site["heads"]].size, graph.groups[site["kv_heads"]].size
+        if site["rep"] is None:
+            dead[site["heads"]] = list(range(n_heads - per_site, n_heads))
+            heads = kv_heads = n_heads - per_site
+        else:
+            rep = n_heads // n_kv
+            dead[site["kv_heads"]] = list(range(n_kv - per_site, n_kv))
+            dead[site["heads"]] = list(range((n_kv - per_site) * rep, n_heads))
+            sizes[site["rep"]] = rep
+            heads, kv_heads = (n_kv - per_site) * rep, n_kv - per_site
+    plant_dead(gm, dead, sizes)
+    return heads, kv_heads
