@@ -1,10 +1,12 @@
 """Rewrite: multiply what reads a shrunk residual stream by √(D/d).
 
 The math: a normalisation over the residual width D divides by a statistic of its d kept
-channels. For RMSNorm, ``rms_d(x) = rms_D(x)·√(D/d)`` when the removed channels were zero,
-so every normalised output shrinks by √(d/D); multiplying it by √(D/d) restores it exactly.
-That makes removing all-zero residual channels from an RMSNorm model output-preserving, and
-gives the paper's rescaling of the weights that read the stream.
+channels. For RMSNorm, ``mean_d(x²) = (D/d)·mean_D(x²)`` when the removed channels were zero,
+so ``x·rsqrt(mean_d(x²) + ε·D/d) = √(d/D)·x·rsqrt(mean_D(x²) + ε)``: with the ε added to the
+statistic scaled by D/d like the statistic itself, every normalised output is the parent's times √(d/D), and
+multiplying it by √(D/d) restores it exactly. That makes removing all-zero residual channels
+from an RMSNorm model output-preserving, and gives the paper's rescaling of the weights that
+read the stream. ``gm.meta["subclone.rescale"]`` records the factor and the ε scale.
 
 Where the factor goes, for every reduction (``subclone.reduces``) over a shrunk residual group:
 1. ``layer_norm``/``rms_norm`` ops: into their weight (and bias) — the op's whole output scales;
@@ -29,8 +31,9 @@ from .infra import SubclonePass, get_attribute, need, replace_tensors
 __all__ = ["RescaleResidualPass", "rescale_residual"]
 
 aten = torch.ops.aten
-_NORM_OPS = {aten.layer_norm.default: (2, 3), aten.native_layer_norm.default: (2, 3),
-             aten.rms_norm.default: (2,), aten._fused_rms_norm.default: (2,)}
+# norm op -> (argument indices of its weight and bias, argument index of its ε)
+_NORM_OPS = {aten.layer_norm.default: ((2, 3), 4), aten.native_layer_norm.default: ((2, 3), 4),
+             aten.rms_norm.default: ((2,), 3), aten._fused_rms_norm.default: ((2,), 3)}
 _CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.alias.default,
           aten.clone.default, aten.contiguous.default}
 _JOINS = {aten.mul.Tensor, aten.div.Tensor}
@@ -40,9 +43,10 @@ def _has_group(node, groups) -> bool:
     return isinstance(node, fx.Node) and any(g in groups for g in node.meta.get("subclone.channels", ()))
 
 
-def _normalised(reduction: fx.Node, groups: set[int]) -> fx.Node | None:
-    """The first mul/div joining the statistic with a tensor that carries the stream."""
-    frontier, seen = [reduction], set()
+def _normalised(reduction: fx.Node, groups: set[int]) -> tuple[fx.Node | None, list[fx.Node]]:
+    """The first mul/div joining the statistic with a tensor that carries the stream, and
+    the nodes computing on the statistic on the way there."""
+    frontier, seen, path = [reduction], set(), []
     while frontier:
         node = frontier.pop(0)
         for user in node.users:
@@ -50,16 +54,27 @@ def _normalised(reduction: fx.Node, groups: set[int]) -> fx.Node | None:
                 continue
             seen.add(user)
             if user.target in _JOINS and any(_has_group(a, groups) for a in user.args if a is not node):
-                return user
+                return user, path
             if not _has_group(user, groups):
+                path.append(user)
                 frontier.append(user)
-    return None
+    return None, path
+
+
+def _scale_epsilon(path: list[fx.Node], eps_scale: float) -> None:
+    """An ε added to the statistic scales with it (see the module docstring)."""
+    for node in path:
+        if node.target in (aten.add.Tensor, aten.add.Scalar):
+            node.args = tuple(a * eps_scale if isinstance(a, float) else a for a in node.args)
 
 
 def _gain(node: fx.Node, groups: set[int]) -> tuple[fx.Node, fx.Node] | None:
     """(weight get_attr, product node) when a per-channel weight multiplies ``node`` next."""
-    while len(node.users) == 1:
-        user = next(iter(node.users))
+    while True:
+        users = [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
+        if len(users) != 1:
+            return None
+        user = users[0]
         if user.target in _CASTS:
             node = user
             continue
@@ -68,7 +83,6 @@ def _gain(node: fx.Node, groups: set[int]) -> tuple[fx.Node, fx.Node] | None:
             if isinstance(other, fx.Node) and other.op == "get_attr" and _has_group(other, groups):
                 return other, user
         return None
-    return None
 
 
 class RescaleResidualPass(SubclonePass):
@@ -83,6 +97,8 @@ class RescaleResidualPass(SubclonePass):
                    if g.kind == "residual" and sizes.get(g.id, g.size) < g.size}
         if not factors:
             return False
+        factor = next(iter(factors.values()))
+        gm.meta["subclone.rescale"] = {"factor": factor, "eps_scale": factor**2}
         scaled: set[int] = set()
         use_count = self._use_counts(gm)
         modified = False
@@ -104,7 +120,10 @@ class RescaleResidualPass(SubclonePass):
 
     def _rescale_at(self, gm, node, groups, factor, scaled, use_count) -> bool:
         if node.target in _NORM_OPS:
-            weights = [node.args[i] if len(node.args) > i else None for i in _NORM_OPS[node.target]]
+            weight_args, eps_arg = _NORM_OPS[node.target]
+            if len(node.args) > eps_arg and isinstance(node.args[eps_arg], float):
+                node.args = node.args[:eps_arg] + (node.args[eps_arg] * factor**2,) + node.args[eps_arg + 1:]
+            weights = [node.args[i] if len(node.args) > i else None for i in weight_args]
             if weights[0] is not None and all(w is None or use_count[id(get_attribute(gm, w.target))] == 1
                                               for w in weights if isinstance(w, fx.Node)):
                 for w in weights:
@@ -112,9 +131,10 @@ class RescaleResidualPass(SubclonePass):
                         self._scale_attribute(gm, w, factor, scaled)
                 return True
             return self._insert_mul(gm, node, factor)
-        point = _normalised(node, groups)
+        point, path = _normalised(node, groups)
         if point is None:
             return False
+        _scale_epsilon(path, factor**2)
         gain = _gain(point, groups)
         if gain is not None and use_count[id(get_attribute(gm, gain[0].target))] == 1:
             self._scale_attribute(gm, gain[0], factor, scaled)

@@ -131,6 +131,7 @@ def _layer_norm(ctx):
     x, normalized = ctx.arg(0, "input"), ctx.arg(1, "normalized_shape")
     rank, k = len(ctx.shape(x)), len(ctx.arg(1, "normalized_shape"))
     ctx.reduce(x, list(range(rank - k, rank)))
+    ctx.literal(1, [ctx.v(x, rank - k + i) for i in range(k)])
     for index, shape in ctx.output_shapes():
         for d in range(rank):
             if shape[d] == ctx.shape(x)[d]:
