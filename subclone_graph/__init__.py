@@ -9,6 +9,7 @@ from subclone_graph.passes.analyze_channels import AnalyzeChannelsPass, analyze_
 from subclone_graph.passes.channel_graph import ChannelGraph, ChannelGroup
 from subclone_graph.passes.choose_keep import ChooseKeepPass, Target
 from subclone_graph.passes.drop_blocks import DropBlocksPass
+from subclone_graph.passes.duplicate_layers import DuplicateLayersPass
 from subclone_graph.passes.find_blocks import FindResidualBlocksPass
 from subclone_graph.passes.infra import PassError
 from subclone_graph.passes.keep_channels import KeepChannelsPass
@@ -23,5 +24,5 @@ __all__ = [
     "subclone", "Target", "trace", "export_onnx", "count_parameters", "subclone_passes",
     "run_passes", "analyze_channels", "ChannelGraph", "ChannelGroup", "PassError", "TraceError",
     "FindResidualBlocksPass", "AnalyzeChannelsPass", "ScoreChannelsPass", "ChooseKeepPass",
-    "DropBlocksPass", "KeepChannelsPass", "RescaleResidualPass",
+    "DropBlocksPass", "DuplicateLayersPass", "KeepChannelsPass", "RescaleResidualPass",
 ]
