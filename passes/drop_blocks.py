@@ -37,7 +37,7 @@ def eliminate_dead_code(gm: fx.GraphModule) -> int:
     while changed:
         changed = False
         for node in reversed(list(gm.graph.nodes)):
-            if node.users or node.op in ("placeholder", "output", "call_module"):
+            if node.users or node.op in ("placeholder", "output", "call_module", "get_attr"):
                 continue
             if node.op == "call_function" and _has_side_effects(node):
                 continue
@@ -48,7 +48,12 @@ def eliminate_dead_code(gm: fx.GraphModule) -> int:
 
 
 def _delete_unused_attributes(gm: fx.GraphModule) -> None:
-    used = {id(_fetch(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
+    """Delete tensors no node reads; an unread alias of a read tensor (a tied weight's second
+    name) keeps its get_attr node, so the name and its module survive."""
+    used = {id(_fetch(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr" and n.users}
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users and id(_fetch(gm, node.target)) not in used:
+            gm.graph.erase_node(node)
     for kind in ("_parameters", "_buffers"):
         for module_name, module in list(gm.named_modules()):
             for name in list(getattr(module, kind)):
