@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from . import rules_compute, rules_shape  # noqa: F401  (registers the rules)
 from .channel_graph import ChannelGraph
-from .find_blocks import layer_key
+from .find_blocks import layer_of_node
 from .infra import SubclonePass, need
 from .op_rules import apply_rule, module_path, tensor_shape
 
@@ -85,7 +85,7 @@ def _classify(gm: fx.GraphModule, graph: ChannelGraph, layers) -> list[dict]:
         kv, rep = _kv_and_rep(gm, graph, heads, graph.group_of(site["kv_heads"]).id)
         head_dim = graph.group_of(site["head_dim"]).id
         attention.append({"node": node.name, "heads": heads, "kv_heads": kv, "rep": rep,
-                          "head_dim": head_dim, "layer": layer_of_key.get(layer_key(node))})
+                          "head_dim": head_dim, "layer": layer_of_node(node, layer_of_key)})
         head_structure |= {heads, kv, head_dim} | ({rep} if rep is not None else set())
     derived = set()
     for g in head_structure:
@@ -104,6 +104,7 @@ def _classify(gm: fx.GraphModule, graph: ChannelGraph, layers) -> list[dict]:
             group.kind = "fixed" if group.kind == "rep" else group.kind
         elif group.id not in derived and _is_hidden_width(graph, group) and group.layer is not None:
             group.kind = "ffn"
+        group.role = group.kind
         if group.reason is not None and group.kind in ("residual", "heads", "kv_heads", "ffn"):
             group.kind = "frozen"
     return attention
@@ -141,9 +142,9 @@ def _layer_of(graph: ChannelGraph, group, nodes, layer_of_key) -> int | None:
     for v in group.vertices:
         node = nodes.get(graph.labels[v][0])
         if node is not None and node.op == "call_function":
-            key = layer_key(node)
-            if key in layer_of_key:
-                votes[layer_of_key[key]] += 1
+            layer = layer_of_node(node, layer_of_key)
+            if layer is not None:
+                votes[layer] += 1
     return votes.most_common(1)[0][0] if votes else None
 
 

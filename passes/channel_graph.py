@@ -45,6 +45,7 @@ class ChannelGroup:
     size: object                      # int, or a sympy expression for a dynamic axis
     vertices: list[int]
     kind: str = "fixed"               # residual | ffn | heads | kv_heads | head_dim | fixed | dynamic | frozen
+    role: str | None = None           # what a frozen group would have been (residual, ffn, ...)
     reason: str | None = None         # why it is frozen
     layer: int | None = None
     tensors: list[tuple[str, int]] = field(default_factory=list)   # (attribute FQN, dim) touching it
@@ -252,6 +253,19 @@ class ChannelGraph:
 
     def part_groups(self, rel: Relation) -> list[int]:
         return [self.find(p) for p in rel.parts]
+
+    def summary(self, all_groups: bool = False) -> str:
+        """A readable table of the groups (by default those that own a tensor or a target kind)."""
+        rows = [("group", "kind", "size", "layer", "tensors", "example / reason")]
+        shown = [g for g in self.groups.values() if g.static and g.size > 1 and
+                 (all_groups or g.tensors or g.kind not in ("fixed", "dynamic"))]
+        order = {"residual": 0, "heads": 1, "kv_heads": 2, "head_dim": 3, "ffn": 4, "frozen": 5, "fixed": 6}
+        for g in sorted(shown, key=lambda g: (order.get(g.kind, 9), -1 if g.layer is None else g.layer, g.id)):
+            example = g.reason or (f"{g.tensors[0][0]} dim {g.tensors[0][1]}" if g.tensors else "")
+            layer = "-" if g.layer is None else str(g.layer)
+            rows.append((str(g.id), g.kind, str(g.size), layer, str(len(g.tensors)), example))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows)
 
     def composites_containing(self, group_id: int) -> set[int]:
         """Every group built (through any chain of factor/concat) from ``group_id``."""

@@ -115,8 +115,7 @@ def choose(graph: ChannelGraph, attention, target: Target, scores, selection: st
     keep: dict[int, torch.Tensor] = {}
     sizes: dict[int, int] = {}
     for kind, value, what in (("residual", target.hidden, "hidden"), ("ffn", target.ffn, "ffn")):
-        groups = [g for g in graph.groups.values() if g.kind in (kind, "frozen") and g.static]
-        groups = [g for g in groups if g.kind == kind or _frozen_kind(graph, g, kind)]
+        groups = [g for g in graph.groups.values() if g.role == kind and g.static]
         if value is None:
             continue
         if not groups:
@@ -132,10 +131,6 @@ def choose(graph: ChannelGraph, attention, target: Target, scores, selection: st
         if target.heads is not None or target.kv_heads is not None:
             _choose_heads(graph, site, target, scores, keep, sizes, selection)
     return keep, sizes
-
-
-def _frozen_kind(graph, group, kind) -> bool:
-    return group.kind == "frozen" and group.tensors and kind == "residual" and group.layer is None
 
 
 def derive_keep(graph: ChannelGraph, keep: dict, sizes: dict) -> tuple[dict, dict]:

@@ -33,7 +33,7 @@ import re
 import torch
 import torch.fx as fx
 
-from .find_blocks import _ITEM, Layer, _in_layer, find_layers, layer_key
+from .find_blocks import _ITEM, Layer, _in_layer, find_layers, layer_of_node
 from .infra import PassError, SubclonePass, get_attribute, need
 
 __all__ = ["DuplicateLayersPass", "duplicate_layers", "duplicate_layer"]
@@ -182,7 +182,7 @@ def _renumber_attention_sites(gm: fx.GraphModule, layers: list[Layer]) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     for site in gm.meta.get("subclone.attention", ()):
         if site["node"] in nodes:
-            site["layer"] = index.get(layer_key(nodes[site["node"]]))
+            site["layer"] = layer_of_node(nodes[site["node"]], index)
 
 
 class DuplicateLayersPass(SubclonePass):

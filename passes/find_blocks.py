@@ -3,9 +3,10 @@
 A residual add is an ``add`` of two tensors of one shape where one operand ``x`` is an
 ancestor of the other ``f(x)`` and the path between them reads a weight matrix (so the
 tanh-GELU's ``x + 0.044715 x³`` is not a block). Blocks are grouped into layers by the
-innermost entry of their ``nn_module_stack`` that is an item of a container (a module path
-ending in an integer: ``ModuleList`` and ``Sequential`` children); without that, each block is
-its own layer.
+innermost module that contains every node of the branch (or the add itself) and is an item
+of a container (a module path ending in an integer: ``ModuleList`` and ``Sequential``
+children) — ``x = x + block(x)`` written outside the block finds the block too; without such
+a module, each block is its own layer.
 
 A layer has one stream input (the skip operand of its first block, followed back out of the
 layer through casts and copies) and one stream output (its last add, followed forward through
@@ -25,7 +26,7 @@ import torch.fx as fx
 from .infra import SubclonePass
 from .op_rules import tensor_shape
 
-__all__ = ["FindResidualBlocksPass", "Layer", "ResidualBlock", "find_layers", "layer_key"]
+__all__ = ["FindResidualBlocksPass", "Layer", "ResidualBlock", "find_layers", "layer_key", "layer_of_node"]
 
 _ITEM = re.compile(r"(?:\.|\[)(\d+)\]?$")
 _CASTS = {
@@ -59,6 +60,27 @@ def layer_key(node: fx.Node) -> str | None:
     return None
 
 
+def _paths(node: fx.Node) -> list[str]:
+    return [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def _block_key(add: fx.Node, region: set[fx.Node]) -> str | None:
+    """The innermost container item holding the add, or else holding the whole branch."""
+    key = layer_key(add)
+    if key is not None:
+        return key
+    stacks = [_paths(n) for n in region if n.op == "call_function" and _paths(n)]
+    if not stacks:
+        return None
+    common = [p for p in stacks[0] if all(p in other for other in stacks[1:])]
+    return next((p for p in reversed(common) if _ITEM.search(p)), None)
+
+
+def layer_of_node(node: fx.Node, index_of_key: dict[str, int]) -> int | None:
+    """The index of the layer whose module holds ``node``, if any."""
+    return next((index_of_key[p] for p in reversed(_paths(node)) if p in index_of_key), None)
+
+
 def _in_layer(node: fx.Node, key: str | None) -> bool:
     if key is None:
         return False
@@ -89,7 +111,7 @@ def _reads_weight(region: set[fx.Node]) -> bool:
     return False
 
 
-def _residual_block(node: fx.Node, order: dict) -> ResidualBlock | None:
+def _residual_block(node: fx.Node, order: dict) -> tuple[ResidualBlock, str | None] | None:
     if node.target is not torch.ops.aten.add.Tensor or len(node.args) < 2:
         return None
     a, b = node.args[0], node.args[1]
@@ -100,7 +122,7 @@ def _residual_block(node: fx.Node, order: dict) -> ResidualBlock | None:
     for skip, branch in ((a, b), (b, a)):
         region = _ancestor_region(branch, skip, order)
         if region is not None and _reads_weight(region):
-            return ResidualBlock(node.name, skip.name, branch.name)
+            return ResidualBlock(node.name, skip.name, branch.name), _block_key(node, region)
     return None
 
 
@@ -109,10 +131,10 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
     nodes = {n.name: n for n in gm.graph.nodes}
     layers: list[Layer] = []
     for node in gm.graph.nodes:
-        block = _residual_block(node, order)
-        if block is None:
+        found = _residual_block(node, order)
+        if found is None:
             continue
-        key = layer_key(node)
+        block, key = found
         if layers and key is not None and layers[-1].key == key:
             layers[-1].blocks.append(block)
         else:

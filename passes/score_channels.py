@@ -20,7 +20,7 @@ from collections import defaultdict
 
 import torch
 import torch.fx as fx
-import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
 
 from .channel_graph import ChannelGraph
 from .infra import SubclonePass, log, need
@@ -62,10 +62,11 @@ def flat_inputs(gm: fx.GraphModule, inputs, index: int) -> list:
     spec = getattr(gm, "_in_spec", None)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if spec is not None:
-        try:
-            flat = fx_pytree.tree_flatten_spec((tuple(args), kwargs), spec)
-        except Exception as error:      # the spec says what structure is expected
-            raise ValueError(f"calibration batch {index}: inputs do not match the traced signature ({error})") from None
+        flat, given = pytree.tree_flatten((tuple(args), kwargs))
+        if given != spec:
+            expected = pytree.tree_unflatten(["*"] * spec.num_leaves, spec)
+            raise ValueError(f"calibration batch {index}: inputs do not match the traced signature: "
+                             f"expected (args, kwargs) like {expected}, got {len(args)} positional input(s)")
     else:
         flat = list(args)
     if len(flat) != len(placeholders):

@@ -1,0 +1,85 @@
+"""Generic, not green: every op met has a rule, unknown ops freeze, no family names in the library."""
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+import subclone_graph as sg
+from subclone_graph import models
+from subclone_graph.passes.op_rules import RULES
+from subclone_testing import calibration, run, traced
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FAMILIES = ["llama", "gpt", "bert", "vit", "qwen", "phi", "mistral", "gemma", "smollm", "bloom", "falcon",
+            "mixtral", "deepseek", "roberta", "deit", "swin", "whisper", "mamba"]
+TARGET_KINDS = ("residual", "ffn", "heads", "kv_heads")
+
+
+def test_every_op_met_in_the_zoo_has_a_rule():
+    met, unknown = set(), []
+    for name in models.MODEL_NAMES:
+        _, _, gm = traced(name)
+        met |= {n.target for n in gm.graph.nodes if n.op == "call_function"}
+        unknown += [f"{name}: {op}" for op in gm.meta["subclone.unknown_ops"]]
+        graph = gm.meta["subclone.channel_graph"]
+        frozen = [g.reason for g in graph.groups.values() if g.kind == "frozen"]
+        assert not frozen, f"{name}: a prunable group is frozen: {frozen}"
+    assert not unknown, unknown
+    print("ops met:", sorted(str(op) for op in met))
+    assert len(met) >= 40 and all(op in RULES for op in met if op.__module__ != "_operator")
+
+
+class OddStream(torch.nn.Module):
+    """A residual model that runs an op with no rule (sinc) on its stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 32)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
+                                                              torch.nn.Linear(64, 32)) for _ in range(2))
+        self.head = torch.nn.Linear(32, 50)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(torch.sinc(x))
+
+
+def test_an_op_without_a_rule_freezes_what_it_touches_and_says_so():
+    torch.manual_seed(0)
+    model, ids = OddStream().eval(), torch.randint(0, 50, (2, 6))
+    gm = sg.trace(model, (ids,))
+    graph = sg.analyze_channels(gm)
+    assert any("aten.sinc.default" in op for op in gm.meta["subclone.unknown_ops"])
+    frozen = [g for g in graph.groups.values() if g.kind == "frozen"]
+    assert frozen and all("aten.sinc.default" in g.reason and "no rule" in g.reason for g in frozen)
+    with pytest.raises(ValueError, match=r"Target.hidden cannot shrink this model: .*aten.sinc.default .*no rule"):
+        sg.subclone(model, (ids,), sg.Target(hidden=16))
+    child = sg.subclone(model, (ids,), sg.Target(ffn=32), calibration=[(ids,)])   # the MLP is untouched
+    assert child.get_parameter("blocks.0.0.weight").shape == (32, 32)
+    assert run(child, (ids,)).shape == (2, 6, 50)
+
+
+def test_summary_lists_the_groups_by_kind():
+    _, _, gm = traced("llama")
+    table = gm.meta["subclone.channel_graph"].summary()
+    lines = table.splitlines()
+    assert lines[0].split()[:5] == ["group", "kind", "size", "layer", "tensors"]
+    kinds = [line.split()[1] for line in lines[1:]]
+    assert kinds.count("residual") == 1 and kinds.count("ffn") == 3 and kinds.count("heads") == 3
+    assert kinds.count("kv_heads") == 3 and "model.embed_tokens.weight dim 1" in table
+
+
+def test_no_model_family_names_in_the_library():
+    pattern = re.compile(r"\b(" + "|".join(FAMILIES) + r")", re.IGNORECASE)
+    hits = []
+    for folder in ("passes", "subclone_graph"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if pattern.search(line):
+                    hits.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not hits, "\n".join(hits)
