@@ -254,6 +254,15 @@ class ChannelGraph:
     def part_groups(self, rel: Relation) -> list[int]:
         return [self.find(p) for p in rel.parts]
 
+    def slices(self, group_id: int) -> list[tuple[str, int, int]]:
+        """Every (tensor name, dim, group of that dim) that shrinks when ``group_id`` does:
+        its own tensors and those of every composite built from it (a fused QKV, heads ×
+        head_dim); ``derive_keep`` gives the index map of each."""
+        found = [(name, dim, group_id) for name, dim in self.groups[group_id].tensors]
+        for whole in sorted(self.composites_containing(group_id)):
+            found += [(name, dim, whole) for name, dim in self.groups[whole].tensors]
+        return found
+
     def summary(self, all_groups: bool = False) -> str:
         """A readable table of the groups (by default those that own a tensor or a target kind)."""
         rows = [("group", "kind", "size", "layer", "tensors", "example / reason")]

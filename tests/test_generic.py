@@ -83,3 +83,24 @@ def test_no_model_family_names_in_the_library():
                 if pattern.search(line):
                     hits.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+def test_a_group_knows_every_tensor_it_slices_through_fused_layouts():
+    _, _, gm = traced("phi3")
+    graph = gm.meta["subclone.channel_graph"]
+    site = gm.meta["subclone.attention"][0]
+    names = {(name, dim) for name, dim, _ in graph.slices(site["kv_heads"])}
+    assert ("model.layers.0.self_attn.qkv_proj.weight", 0) in names      # fused q|k|v rows
+    assert ("model.layers.0.self_attn.o_proj.weight", 1) in names
+    ffn = next(g for g in graph.groups.values() if g.kind == "ffn" and g.layer == 0)
+    names = {(name, dim) for name, dim, _ in graph.slices(ffn.id)}
+    assert names >= {("model.layers.0.mlp.gate_up_proj.weight", 0), ("model.layers.0.mlp.down_proj.weight", 1)}
+
+
+def test_an_exported_program_or_traced_module_is_accepted_as_input():
+    model, inputs = models.build("llama_like")
+    program = torch.export.export(model, inputs, strict=False, dynamic_shapes=models.dynamic_shapes(model))
+    reference = sg.subclone(model, inputs, sg.Target(ffn=64), calibration=calibration(model))
+    for source in (program, program.module()):
+        child = sg.subclone(source, inputs, sg.Target(ffn=64), calibration=calibration(model))
+        torch.testing.assert_close(run(child, inputs), run(reference, inputs))
