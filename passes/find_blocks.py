@@ -165,4 +165,6 @@ class FindResidualBlocksPass(SubclonePass):
 
     def run(self, gm: fx.GraphModule) -> bool:
         gm.meta["subclone.layers"] = find_layers(gm)
+        # the parent's depth, kept through later runs on the child (a checkpoint's config needs it)
+        gm.meta.setdefault("subclone.parent_layer_count", len(gm.meta["subclone.layers"]))
         return False

@@ -1,0 +1,370 @@
+"""Save a child as a Hugging Face model directory that its parent's class loads back.
+
+``save_hf(child, out_dir)`` writes ``config.json`` and ``model.safetensors`` (plus the
+tokenizer, when given) such that ``type(parent).from_pretrained(out_dir)`` is a model of the
+parent's class whose outputs equal the child's. It checks exactly that before returning.
+
+The invariant: the saved model computes what the child computes (max |difference| ≤ ``atol``
+on ``child.meta["subclone.example_inputs"]``). Nothing about a model family is known here;
+every decision is made by building the parent class and looking at it:
+
+1. weights: the child's state dict, each layer's module path renumbered by its position
+   (``x.layers.0, x.layers.2`` → ``x.layers.0, x.layers.1``; a duplicated layer takes the
+   index of where it runs); a name the class ties to another (an output head tied to the
+   embedding) takes the one tensor the child has under either name;
+2. config: a copy of the parent's. Each top-level integer equal to the parent size of a
+   residual / ffn / heads / kv_heads / head_dim group, or to the parent's layer count, is a
+   candidate for the matching child size. Which candidates change is decided by building the
+   class on the meta device and comparing its parameter shapes with the child's (a
+   coordinate search over the candidates; an integer left ``None`` in the parent, like a
+   width derived from another, may be set too when shapes need it). A change that leaves the
+   shapes alone is kept only if it brings the outputs closer to the child's (``n_head`` must
+   follow the width; a token id that happens to equal a width must not). A float field whose
+   value times ``subclone.rescale``'s ε scale is a literal of the child's graph (the ε of a
+   norm over a shrunk residual, see ``RescaleResidualPass``) is a candidate too. A top-level
+   list with one entry per parent layer keeps the entries of the child's layers;
+3. the class is built from that config, loads the weights with ``strict=True`` (so ties stay
+   ties) and is saved with ``save_pretrained`` into a staging directory beside ``out_dir``;
+4. the staging directory is loaded back with ``from_pretrained`` and compared with the child;
+   on a mismatch it is removed and the error gives the max difference. A child whose graph
+   holds what the class cannot express — a √(D/d) ``mul`` that ``RescaleResidualPass``
+   inserted after a norm without its own weight — fails here, not silently;
+5. the staging directory is renamed to ``out_dir`` (replacing it only with ``overwrite``).
+
+Needs ``child.meta``: ``subclone.parent_class``, ``subclone.parent_config``,
+``subclone.channel_graph``, ``subclone.sizes``, ``subclone.layers``,
+``subclone.example_inputs`` and ``subclone.parent_layer_count``.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+__all__ = ["save_hf", "child_config", "child_state_dict", "HFExportError"]
+
+_KINDS = ("residual", "ffn", "heads", "kv_heads", "head_dim")
+_ITEM = re.compile(r"(?:\.|\[)(\d+)\]?$")
+_MAX_ROUNDS = 8
+
+
+class HFExportError(RuntimeError):
+    """The child cannot be written as its parent's class, or the written model differs from it."""
+
+
+def _meta(child: fx.GraphModule, key: str):
+    meta = getattr(child, "meta", {})
+    if key not in meta:
+        raise HFExportError(f"child.meta[{key!r}] is missing: save_hf needs a child made by subclone_graph.subclone "
+                            "from a Hugging Face model")
+    return meta[key]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence transformers' load reports and progress bars while models are built and saved."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+# ----- weights ------------------------------------------------------------------------------
+def _attr_path(key: str) -> str:
+    return key.replace("[", ".").replace("]", "")
+
+
+def _layer_renames(layers) -> dict[str, str]:
+    """Old module path of each layer -> the path with its position in its container."""
+    renames, counts = {}, {}
+    for layer in layers:
+        if layer.key is None:
+            continue
+        path = _attr_path(layer.key)
+        match = _ITEM.search(path)
+        if match is None:
+            continue
+        container = path[: match.start()]
+        position = counts.get(container, 0)
+        counts[container] = position + 1
+        renames[path] = f"{container}.{position}"
+    return renames
+
+
+def _renamed(name: str, renames: dict[str, str]) -> str:
+    for old in sorted(renames, key=len, reverse=True):
+        if name.startswith(old + "."):
+            return renames[old] + name[len(old):]
+    return name
+
+
+def child_state_dict(child: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The child's tensors under the names a parent-class model with contiguous layers uses."""
+    renames = _layer_renames(_meta(child, "subclone.layers"))
+    state = {}
+    for name, tensor in child.state_dict(keep_vars=False).items():
+        new = _renamed(name, renames)
+        if new in state:
+            raise HFExportError(f"two child tensors map to {new!r} after renumbering the layers")
+        state[new] = tensor.detach()
+    return state
+
+
+def _tied_names(model: torch.nn.Module) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, tensor in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                        model.named_buffers(remove_duplicate=False)):
+        groups.setdefault(id(tensor), []).append(name)
+    return list(groups.values())
+
+
+def _fitted(model: torch.nn.Module, state: dict) -> tuple[dict, list[str]]:
+    """``state`` keyed like ``model.state_dict()``, filling tied names; and the problems found."""
+    wanted = model.state_dict(keep_vars=True)
+    partners = {n: names for names in _tied_names(model) for n in names}
+    non_persistent = {n for n, _ in model.named_buffers(remove_duplicate=False)} - set(wanted)
+    fitted, problems = {}, []
+    for name, target in wanted.items():
+        source = next((s for s in [name, *partners.get(name, ())] if s in state), None)
+        if source is None:
+            problems.append(f"{name}: missing from the child")
+        elif tuple(state[source].shape) != tuple(target.shape):
+            problems.append(f"{name}: child {tuple(state[source].shape)}, class {tuple(target.shape)}")
+        else:
+            fitted[name] = state[source]
+    problems += [f"{name}: not in the class" for name in state if name not in wanted and name not in non_persistent]
+    return fitted, problems
+
+
+# ----- config -------------------------------------------------------------------------------
+def _size_map(child: fx.GraphModule) -> dict[int, list[int]]:
+    """Parent size -> the distinct child sizes of the structural groups (and layer count)."""
+    graph, sizes = _meta(child, "subclone.channel_graph"), _meta(child, "subclone.sizes")
+    pairs = [(g.size, sizes.get(gid, g.size)) for gid, g in graph.groups.items() if g.kind in _KINDS and g.static]
+    pairs.append((_meta(child, "subclone.parent_layer_count"), len(_meta(child, "subclone.layers"))))
+    found: dict[int, list[int]] = {}
+    for parent, new in pairs:
+        if isinstance(new, int) and new not in found.setdefault(parent, []):
+            found[parent].append(new)
+    return found
+
+
+def _per_layer_lists(config_dict: dict, child: fx.GraphModule) -> dict:
+    """Top-level lists with one entry per parent layer, cut to the child's layers."""
+    count = _meta(child, "subclone.parent_layer_count")
+    layers = _meta(child, "subclone.layers")
+    changes = {}
+    for name, value in config_dict.items():
+        if not isinstance(value, list) or len(value) != count:
+            continue
+        if all(v == value[0] for v in value):
+            changes[name] = [value[0]] * len(layers)
+            continue
+        indices = [int(_ITEM.search(_attr_path(l.key)).group(1)) if l.key else -1 for l in layers]
+        if any(not 0 <= i < count for i in indices):
+            raise HFExportError(f"config.{name} has one entry per layer, but a child layer has no parent index "
+                                "(a duplicated layer?); cannot choose its entry")
+        changes[name] = [value[i] for i in indices]
+    return changes
+
+
+class _Candidates:
+    """Configs of the parent class, scored by how many parameter shapes differ from the child's."""
+
+    def __init__(self, child: fx.GraphModule, state: dict) -> None:
+        self.cls = _meta(child, "subclone.parent_class")
+        self.parent = _meta(child, "subclone.parent_config")
+        self.base = self.parent.to_dict()
+        self.base.update(_per_layer_lists(self.base, child))
+        self.state = state
+        self._scores: dict[tuple, int] = {}
+
+    def config(self, changes: dict):
+        return type(self.parent).from_dict({**self.base, **changes})
+
+    def build(self, changes: dict, device: str = "cpu") -> torch.nn.Module:
+        with _quiet(), torch.device(device):
+            return self.cls(self.config(changes)).eval()
+
+    def problems(self, changes: dict) -> list[str] | None:
+        """What differs between the class's parameters and the child's; None: the class rejects it."""
+        try:
+            model = self.build(changes, "meta")
+        except Exception:          # an impossible combination of sizes
+            return None
+        return _fitted(model, self.state)[1]
+
+    def score(self, changes: dict) -> int:
+        key = tuple(sorted(changes.items()))
+        if key not in self._scores:
+            problems = self.problems(changes)
+            self._scores[key] = len(self.state) + 1 if problems is None else len(problems)
+        return self._scores[key]
+
+
+def _descend(candidates: _Candidates, options: dict[str, list], changes: dict) -> dict:
+    """Coordinate search: per attribute, take the option that leaves fewest shape mismatches."""
+    changes = dict(changes)
+    for _ in range(_MAX_ROUNDS):
+        improved = False
+        for name, values in options.items():
+            best = candidates.score(changes)
+            for value in values:
+                trial = {**changes, name: value}
+                if candidates.score(trial) < best:
+                    changes, best, improved = trial, candidates.score(trial), True
+            if best == 0:
+                return changes
+        if not improved:
+            break
+    return changes
+
+
+def _shape_changes(candidates: _Candidates, child: fx.GraphModule) -> dict:
+    sizes = _size_map(child)
+    ints = {k: v for k, v in candidates.base.items() if type(v) is int}
+    options = {k: [s for s in sizes[v] if s != v] + [v] for k, v in ints.items() if any(s != v for s in sizes.get(v, ()))}
+    changes = _descend(candidates, options, {k: values[0] for k, values in options.items()})
+    if candidates.score(changes):
+        widths = sorted({s for values in sizes.values() for s in values})
+        unset = {k: [None, *widths] for k, v in candidates.base.items() if v is None}
+        changes = _descend(candidates, {**options, **unset}, changes)
+    if candidates.score(changes):
+        listed = "; ".join((candidates.problems(changes) or ["the class rejects every candidate"])[:4])
+        raise HFExportError(f"no config of {candidates.cls.__name__} has the child's parameter shapes ({listed})")
+    return {k: v for k, v in changes.items() if v != candidates.base.get(k)}
+
+
+def _scaled_floats(candidates: _Candidates, child: fx.GraphModule) -> dict:
+    """Float fields the child scaled: an ε whose scaled value (``subclone.rescale``) is in the graph."""
+    scale = (child.meta.get("subclone.rescale") or {}).get("eps_scale")
+    if not scale or scale == 1:
+        return {}
+    literals = {a for node in child.graph.nodes for a in pytree.tree_leaves((node.args, node.kwargs))
+                if type(a) is float}
+    return {k: v * scale for k, v in candidates.base.items()
+            if type(v) is float and v and any(math.isclose(v * scale, f, rel_tol=1e-9) for f in literals)}
+
+
+def _needed_changes(candidates: _Candidates, changes: dict, state: dict, child: fx.GraphModule,
+                    found: set = frozenset()) -> dict:
+    """Keep a change the shapes do not need only if it brings the outputs closer to the child's
+    (``n_head`` following the width stays; a token id that equals a width goes back). A change
+    in ``found`` (read off the child's graph) stays unless reverting it is strictly closer."""
+    inputs = _inputs(child)
+    expected = _outputs(child, inputs)
+
+    def distance(trial: dict) -> float:
+        with _quiet():
+            model = candidates.build(trial)
+            model.load_state_dict(_fitted(model, state)[0], strict=True)
+        return _max_diff(expected, _outputs(model, inputs))
+
+    current = None
+    for name in list(changes):
+        trial = {k: v for k, v in changes.items() if k != name}
+        if candidates.score(trial):
+            continue                      # the shapes need it
+        current = distance(changes) if current is None else current
+        reverted = distance(trial)
+        if reverted < current or (reverted == current and name not in found):
+            changes, current = trial, reverted
+    return changes
+
+
+def child_config(child: fx.GraphModule, state: dict | None = None):
+    """The parent's config with every size the child changed (see module docstring, step 2)."""
+    state = child_state_dict(child) if state is None else state
+    candidates = _Candidates(child, state)
+    floats = _scaled_floats(candidates, child)
+    changes = {**_shape_changes(candidates, child), **floats}
+    return candidates.config(_needed_changes(candidates, changes, state, child, set(floats)))
+
+
+# ----- checking -----------------------------------------------------------------------------
+def _inputs(child: fx.GraphModule) -> tuple:
+    inputs = _meta(child, "subclone.example_inputs")
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
+def _outputs(module, inputs: tuple) -> dict:
+    """Tensor outputs by key (a ModelOutput / dict), else by position."""
+    with torch.no_grad():
+        out = module(*inputs)
+    if isinstance(out, dict):
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    return dict(enumerate(x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)))
+
+
+def _max_diff(expected: dict, got: dict) -> float:
+    if not expected or any(k not in got or got[k].shape != v.shape for k, v in expected.items()):
+        return float("inf")
+    return max(float((got[k].float() - v.float()).abs().max()) for k, v in expected.items())
+
+
+# ----- writing ------------------------------------------------------------------------------
+def _write(child: fx.GraphModule, staging: Path, tokenizer) -> None:
+    state = child_state_dict(child)
+    config = child_config(child, state)
+    cls = _meta(child, "subclone.parent_class")
+    with _quiet():
+        model = cls(config).eval()
+        model.load_state_dict(_fitted(model, state)[0], strict=True)
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+
+
+def _check(child: fx.GraphModule, staging: Path, atol: float, out_dir: Path) -> float:
+    cls = _meta(child, "subclone.parent_class")
+    with _quiet():
+        loaded = cls.from_pretrained(staging).eval()
+    if type(loaded) is not cls:
+        raise HFExportError(f"{staging} loads as {type(loaded).__name__}, not {cls.__name__}; nothing written to {out_dir}")
+    diff = _max_diff(_outputs(child, _inputs(child)), _outputs(loaded, _inputs(child)))
+    if not diff <= atol:
+        raise HFExportError(f"the saved {cls.__name__} differs from the child by {diff:.3g} (> {atol:g}): the child "
+                            "computes something the class cannot express (e.g. a √(D/d) multiply inserted after a "
+                            f"norm without its own weight; subclone with rescale=False); nothing written to {out_dir}")
+    return diff
+
+
+def save_hf(child: fx.GraphModule, out_dir, *, tokenizer=None, overwrite: bool = False, atol: float = 1e-4) -> Path:
+    """Write ``child`` as a ``from_pretrained`` directory of its parent's class; return its path.
+
+    Raises ``FileExistsError`` if ``out_dir`` exists (unless ``overwrite``), and
+    ``HFExportError`` (leaving nothing behind) if the child cannot be expressed as the parent's
+    class or the reloaded model's outputs differ from the child's by more than ``atol``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        _write(child, staging, tokenizer)
+        _check(child, staging, atol, out_dir)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(staging, out_dir)
+        return out_dir
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
