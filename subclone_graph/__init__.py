@@ -18,11 +18,13 @@ from subclone_graph.passes.score_channels import ScoreChannelsPass
 
 from .api import count_parameters, run_passes, subclone, subclone_passes
 from .hf_export import HFExportError, save_hf
+from .io import load, save
 from .onnx_export import export_onnx
-from .trace import TraceError, trace
+from .tracing import TraceError, trace
 
 __all__ = [
-    "subclone", "Target", "trace", "export_onnx", "save_hf", "HFExportError", "count_parameters", "subclone_passes",
+    "subclone", "Target", "trace", "export_onnx", "save", "load", "save_hf", "HFExportError",
+    "count_parameters", "subclone_passes",
     "run_passes", "analyze_channels", "ChannelGraph", "ChannelGroup", "PassError", "TraceError",
     "FindResidualBlocksPass", "AnalyzeChannelsPass", "ScoreChannelsPass", "ChooseKeepPass",
     "DropBlocksPass", "DuplicateLayersPass", "KeepChannelsPass", "RescaleResidualPass",

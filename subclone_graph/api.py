@@ -21,7 +21,7 @@ from subclone_graph.passes.keep_channels import KeepChannelsPass
 from subclone_graph.passes.rescale_residual import RescaleResidualPass
 from subclone_graph.passes.score_channels import ScoreChannelsPass
 
-from .trace import trace
+from .tracing import trace
 
 __all__ = ["subclone", "subclone_passes", "run_passes", "Target"]
 

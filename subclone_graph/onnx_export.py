@@ -1,7 +1,8 @@
 """Export a child to ONNX (dynamo exporter), check it, verify it in onnxruntime, atomically.
 
 The file appears at ``path`` only after ``onnx.checker`` passed and onnxruntime reproduced the
-child's outputs on ``example_inputs`` within ``atol``; otherwise nothing is written. Batch and
+child's outputs on ``example_inputs`` within ``rtol`` of the outputs' magnitude (max |a − b| ≤
+rtol·max(1, max |a|)); otherwise nothing is written. Batch and
 sequence axes stay dynamic. Weights go to an external data file beside the model when they
 exceed protobuf's 2 GB limit.
 """
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from .trace import dynamic_shapes_for
+from .tracing import dynamic_shapes_for
 
 __all__ = ["export_onnx", "OnnxMismatchError"]
 
@@ -40,7 +41,7 @@ def run_onnx(path: str | os.PathLike, inputs: list[torch.Tensor]) -> list[np.nda
 
 
 def export_onnx(child: torch.nn.Module, example_inputs, path, *, example_kwargs: dict | None = None,
-                atol: float = 1e-4, overwrite: bool = True, opset: int | None = None) -> float:
+                rtol: float = 1e-4, overwrite: bool = True, opset: int | None = None) -> float:
     """Write ``child`` as ONNX at ``path``; return the max |difference| found in onnxruntime."""
     import onnx
 
@@ -62,8 +63,10 @@ def export_onnx(child: torch.nn.Module, example_inputs, path, *, example_kwargs:
         onnx.checker.check_model(str(staged))
         got = run_onnx(staged, [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)])
         diff = max(float(np.max(np.abs(e.detach().numpy() - g))) for e, g in zip(expected, got))
-        if len(got) != len(expected) or not diff <= atol:
-            raise OnnxMismatchError(f"onnxruntime output differs from the child by {diff:.3g} (> {atol:g}); "
+        scale = max([1.0] + [float(e.abs().max()) for e in expected if e.numel()])
+        if len(got) != len(expected) or not diff <= rtol * scale:
+            raise OnnxMismatchError(f"onnxruntime output differs from the child by {diff:.3g} "
+                                    f"(> {rtol:g} × {scale:.3g}); "
                                     f"nothing written to {path}")
         for file in staging.iterdir():
             os.replace(file, path.parent / file.name)

