@@ -13,9 +13,11 @@ Steps (each printed with its time; ``run_demo`` returns every number as a dict t
    with every parameter re-drawn: matrices N(0, 0.02²), 1-D weights 1, biases 0; fixed seed);
 6. held-out next-token loss and perplexity exp(loss) on 16 held-out windows for the parent
    and the three children;
-7. save the child with ``io.save`` (``child.pt2``) and as ONNX (``child.onnx``, checked in
-   onnxruntime by ``export_onnx``, whose max |difference| is printed); existing files are
-   refused unless ``overwrite=True``, before any work starts.
+7. save the child with ``io.save`` (``child.pt2``), as ONNX (``child.onnx``, checked in
+   onnxruntime by ``export_onnx``, whose max |difference| is printed) and as a Hugging Face
+   checkpoint with its tokenizer (``hf/``, reloaded with ``from_pretrained`` and compared with
+   the child by ``save_hf``); existing files are refused unless ``overwrite=True``, before any
+   work starts.
 
 No child is trained: the point is the starting loss a training run would begin from.
 """
@@ -55,7 +57,7 @@ class DemoSettings:
     eval_windows: int = 16
     target: sg.Target = DEMO_TARGET
     seed: int = 0
-    outputs: tuple[str, ...] = ("pt2", "onnx")     # what to write: child.pt2, child.onnx
+    outputs: tuple[str, ...] = ("pt2", "onnx", "hf")     # what to write: child.pt2, child.onnx, hf/
 
 
 def random_init(child: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -94,10 +96,10 @@ def _tqdm_progress(iterable):
 
 
 def _check_outputs(out_dir: Path, settings: DemoSettings, overwrite: bool) -> dict:
-    unknown = set(settings.outputs) - {"pt2", "onnx"}
+    unknown = set(settings.outputs) - {"pt2", "onnx", "hf"}
     if unknown:
-        raise ValueError(f"DemoSettings.outputs: unknown {sorted(unknown)}; allowed: pt2, onnx")
-    files = {fmt: out_dir / f"child.{fmt}" for fmt in settings.outputs}
+        raise ValueError(f"DemoSettings.outputs: unknown {sorted(unknown)}; allowed: pt2, onnx, hf")
+    files = {fmt: out_dir / ("hf" if fmt == "hf" else f"child.{fmt}") for fmt in settings.outputs}
     for path in files.values():
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (subclone demo --overwrite) to replace it")
@@ -135,14 +137,17 @@ def _losses(parent, children: dict, held_out: torch.Tensor, batch_size: int, ste
     return losses
 
 
-def _save(child, example: tuple, files: dict, step) -> float | None:
+def _save(child, example: tuple, files: dict, tokenizer, step) -> float | None:
     if "pt2" in files:
         with step(f"save {files['pt2']} (torch.export .pt2)"):
             io.save(child, files["pt2"], overwrite=True)
+    if "hf" in files:
+        with step(f"save {files['hf']} (Hugging Face checkpoint, reloaded and compared with the child)"):
+            sg.save_hf(child, files["hf"], tokenizer=tokenizer, overwrite=True)
     if "onnx" not in files:
         return None
     with step(f"export {files['onnx']} and check it in onnxruntime"):
-        return sg.export_onnx(child, example, files["onnx"], )
+        return sg.export_onnx(child, example, files["onnx"])
 
 
 def run_demo(out_dir="subclone-demo", settings: DemoSettings | None = None, *, overwrite: bool = False,
@@ -162,7 +167,7 @@ def run_demo(out_dir="subclone-demo", settings: DemoSettings | None = None, *, o
     children = _children(traced, calibration, settings, progress, step)
     losses = _losses(parent, children, held_out, settings.batch_size, step)
     example = (calibration[0][0][:2, : min(64, settings.window)],)
-    onnx_diff = _save(children["subcloned"], example, files, step)
+    onnx_diff = _save(children["subcloned"], example, files, tokenizer, step)
     results = _results(parent, children["subcloned"], losses, files, onnx_diff, seconds, settings)
     echo(format_table(results))
     return results
