@@ -27,36 +27,29 @@ import torch.fx as fx
 from . import rules_compute, rules_shape  # noqa: F401  (registers the rules)
 from .channel_graph import ChannelGraph
 from .find_blocks import layer_of_node
-from .infra import SubclonePass, need
+from .infra import SubclonePass, get_attribute, need
 from .op_rules import apply_rule, module_path, tensor_shape
 
 __all__ = ["AnalyzeChannelsPass", "analyze_channels"]
 
 
-def _attribute_vertices(gm: fx.GraphModule, graph: ChannelGraph, ctx_shape) -> None:
+def _attribute_vertices(gm: fx.GraphModule, graph: ChannelGraph) -> None:
     """Attributes that are one tensor (a tied embedding) must be sliced as one."""
     first_by_tensor: dict[int, fx.Node] = {}
     for node in gm.graph.nodes:
-        if node.op != "get_attr" or ctx_shape(node) is None:
+        if node.op != "get_attr" or tensor_shape(node) is None:
             continue
-        tensor = _fetch(gm, node.target)
+        tensor = get_attribute(gm, node.target)
         other = first_by_tensor.setdefault(id(tensor), node)
-        for d, size in enumerate(ctx_shape(node)):
+        for d, size in enumerate(tensor_shape(node)):
             v = graph.vertex((node.name, 0, d), size)
             if other is not node:
                 graph.eq(v, graph.vertex((other.name, 0, d), size), f"tied attribute {node.target}")
 
 
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def build_channel_graph(gm: fx.GraphModule) -> tuple[ChannelGraph, list[str]]:
     graph = ChannelGraph()
-    _attribute_vertices(gm, graph, tensor_shape)
+    _attribute_vertices(gm, graph)
     unknown = []
     for node in gm.graph.nodes:
         missing = apply_rule(node, graph)

@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch.fx.node import _side_effectful_functions
 
 from .find_blocks import _in_layer
-from .infra import SubclonePass, need
+from .infra import SubclonePass, get_attribute, need
 
 __all__ = ["DropBlocksPass", "drop_blocks", "eliminate_dead_code"]
 
@@ -50,9 +50,9 @@ def eliminate_dead_code(gm: fx.GraphModule) -> int:
 def _delete_unused_attributes(gm: fx.GraphModule) -> None:
     """Delete tensors no node reads; an unread alias of a read tensor (a tied weight's second
     name) keeps its get_attr node, so the name and its module survive."""
-    used = {id(_fetch(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr" and n.users}
+    used = {id(get_attribute(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr" and n.users}
     for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and not node.users and id(_fetch(gm, node.target)) not in used:
+        if node.op == "get_attr" and not node.users and id(get_attribute(gm, node.target)) not in used:
             gm.graph.erase_node(node)
     for kind in ("_parameters", "_buffers"):
         for module_name, module in list(gm.named_modules()):
@@ -60,13 +60,6 @@ def _delete_unused_attributes(gm: fx.GraphModule) -> None:
                 if id(getattr(module, kind)[name]) not in used:
                     del getattr(module, kind)[name]
     gm.delete_all_unused_submodules()
-
-
-def _fetch(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class DropBlocksPass(SubclonePass):

@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .channel_graph import ChannelGraph
-from .infra import SubclonePass, log, need
+from .infra import SubclonePass, get_attribute, log, need
 from .op_rules import tensor_shape
 
 __all__ = ["ScoreChannelsPass", "project", "flat_inputs"]
@@ -162,7 +162,7 @@ class ScoreChannelsPass(SubclonePass):
             shape = tensor_shape(node)
             if node.op != "get_attr" or shape is None or not shape:
                 continue
-            tensor = _attr(gm, node.target)
+            tensor = get_attribute(gm, node.target)
             for d, g in enumerate(node.meta.get("subclone.channels", ())):
                 if graph.groups[g].static and graph.groups[g].size > 1:
                     x = tensor.detach().abs().to(torch.float64)
@@ -185,10 +185,3 @@ class ScoreChannelsPass(SubclonePass):
         nodes = {n.name: n for n in gm.graph.nodes}
         return [(nodes[name].meta["subclone.channels"][dim], total / recorder.counts[(name, dim)])
                 for (name, dim), total in recorder.sums.items()]
-
-
-def _attr(gm, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
