@@ -184,8 +184,6 @@ def test_run_on_an_image_model_with_an_image_folder(tmp_path, capsys):
 
 
 def test_format_hf_writes_a_checkpoint_beside_the_pt2(tmp_path, capsys):
-    if not hasattr(sg, "save_hf"):
-        pytest.skip("subclone_graph.save_hf is not available")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _save_hf_folder(tmp_path / "parent")

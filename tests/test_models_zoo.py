@@ -7,7 +7,6 @@ one HF causal LM (llama) is also exported, the rest are exported only when
 ``SUBCLONE_SLOW_TESTS=1`` (each export costs a few seconds).
 """
 
-import os
 
 import pytest
 import torch
@@ -17,10 +16,8 @@ from subclone_graph import models as zoo
 
 HAND = ["gpt_like", "llama_like", "vit_like", "torch_encoder"]
 HF = list(zoo.HF_FACTORIES)
-SLOW = os.environ.get("SUBCLONE_SLOW_TESTS") == "1"
-HF_EXPORT = [n if (SLOW or n == "llama") else
-             pytest.param(n, marks=pytest.mark.skip("set SUBCLONE_SLOW_TESTS=1"))
-             for n in HF]
+# The other HF exports are compared with eager models by test_core's identity tests.
+HF_EXPORT = ["llama"]
 
 # name -> (expected output shape given batch b and seq s)
 EXPECTED = {
