@@ -93,12 +93,20 @@ def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.Gr
     else:
         raise TypeError(f"trace: expected a torch.nn.Module, GraphModule or ExportedProgram, got {type(model).__name__}")
     bind_constant_inputs(gm)
+    _allow_train_eval(gm)
     gm.meta.setdefault("subclone.example_inputs", example_inputs)
     if isinstance(model, torch.nn.Module) and not isinstance(model, fx.GraphModule):
         gm.meta["subclone.parent_class"] = type(model)
         if hasattr(model, "config"):
             gm.meta["subclone.parent_config"] = model.config
     return gm
+
+
+def _allow_train_eval(gm: fx.GraphModule) -> None:
+    # ExportedProgram.module() makes train()/eval() raise; they only flip the flag here
+    # (dropout was traced off), and ordinary training loops call them.
+    for name in ("train", "eval"):
+        gm.__dict__.pop(name, None)
 
 
 def bind_constant_inputs(gm: fx.GraphModule) -> None:

@@ -112,3 +112,11 @@ def test_twenty_optimizer_steps_lower_the_loss(name):
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
     assert all(p.grad is not None for p in child.parameters() if p.requires_grad)
+
+
+def test_the_child_takes_train_and_eval_like_any_module():
+    model, inputs, child, _ = _reduce("llama")
+    reference = run(child, inputs)
+    assert child.train() is child and child.training
+    assert child.eval() is child and not child.training
+    torch.testing.assert_close(run(child, inputs), reference)
