@@ -7,6 +7,7 @@ channels → rescale √(D/d) → check the child.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.fx as fx
@@ -87,7 +88,9 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     if depth == "measured" and calibration is None:
         raise ValueError('depth="measured" needs calibration data: it measures each layer\'s ||f(x)||/||x+f(x)||')
     if isinstance(model, fx.GraphModule):
-        model = copy.deepcopy(model)
+        with warnings.catch_warnings():     # torch's own pytree deprecation, raised by its deepcopy
+            warnings.simplefilter("ignore", FutureWarning)
+            model = copy.deepcopy(model)
     gm = trace(model, example_inputs, example_kwargs)
     if calibration is not None and not isinstance(calibration, (list, tuple)):
         calibration = list(calibration)
