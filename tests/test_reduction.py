@@ -94,7 +94,8 @@ def test_norms_carry_the_sqrt_scale_and_other_weights_are_slices():
                                model.model.embed_tokens.weight.detach()[:, kept])
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "vit_like", pytest.param("phi3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", [n if n in ("llama", "gpt2", "vit_like") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in models.MODEL_NAMES])
 def test_twenty_optimizer_steps_lower_the_loss(name):
     model, inputs, child, _ = _reduce(name)
     child.train()
