@@ -26,15 +26,6 @@ SIZES = [(1, 5), (3, 11)]
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is ~100x faster than two OpenMP threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.lru_cache(maxsize=None)
 def traced(name: str):
     """(module, example inputs, traced parent): tracing costs seconds, so once per model."""
