@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from subclone_graph.passes.analyze_channels import AnalyzeChannelsPass
-from subclone_graph.passes.choose_keep import DEPTHS, SELECTIONS, ChooseKeepPass, Target
+from subclone_graph.passes.choose_keep import ChooseKeepPass, Target
 from subclone_graph.passes.drop_blocks import DropBlocksPass
 from subclone_graph.passes.duplicate_layers import DuplicateLayersPass
 from subclone_graph.passes.find_blocks import FindResidualBlocksPass
@@ -58,16 +58,14 @@ def run_passes(gm: fx.GraphModule, passes: list) -> fx.GraphModule:
     return gm
 
 
-def _check_arguments(target, depth, drop_layers, selection) -> None:
+def _check_arguments(target, drop_layers, depth, calibration) -> None:
+    """What the passes cannot see; depth and selection are checked by ChooseKeepPass."""
     if not isinstance(target, Target):
         raise TypeError(f"target must be a subclone_graph.Target, got {type(target).__name__}")
-    if depth not in DEPTHS:
-        raise ValueError(f"depth={depth!r}: allowed values are {', '.join(DEPTHS)}")
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection={selection!r}: allowed values are {', '.join(SELECTIONS)}")
-
     if drop_layers is not None and target.layers is not None:
         raise ValueError("give either Target.layers or drop_layers, not both")
+    if depth == "measured" and calibration is None:
+        raise ValueError('depth="measured" needs calibration data: it measures each layer\'s ||f(x)||/||x+f(x)||')
 
 
 def subclone(model, example_inputs, target: Target | None = None, calibration=None, drop_layers=None, *,
@@ -84,17 +82,15 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     parameters that returns outputs of the parent's structure at any batch and sequence size.
     """
     target = Target() if target is None else target
-    _check_arguments(target, depth, drop_layers, selection)
-    if depth == "measured" and calibration is None:
-        raise ValueError('depth="measured" needs calibration data: it measures each layer\'s ||f(x)||/||x+f(x)||')
+    _check_arguments(target, drop_layers, depth, calibration)
+    if calibration is not None and not isinstance(calibration, (list, tuple)):
+        calibration = list(calibration)
+    passes = subclone_passes(target, calibration, drop_layers, depth, rescale, progress, selection)
     if isinstance(model, fx.GraphModule):
         with warnings.catch_warnings():     # torch's own pytree deprecation, raised by its deepcopy
             warnings.simplefilter("ignore", FutureWarning)
             model = copy.deepcopy(model)
     gm = trace(model, example_inputs, example_kwargs)
-    if calibration is not None and not isinstance(calibration, (list, tuple)):
-        calibration = list(calibration)
-    passes = subclone_passes(target, calibration, drop_layers, depth, rescale, progress, selection)
     gm = run_passes(gm, passes)
     _check_child(gm, target)
     return gm
