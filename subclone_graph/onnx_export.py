@@ -8,6 +8,7 @@ exceed protobuf's 2 GB limit.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -26,6 +27,20 @@ _TWO_GB = 2 * 1024**3
 
 class OnnxMismatchError(RuntimeError):
     """onnxruntime's outputs differ from the child's beyond the tolerance."""
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    was_training = module.training
+    try:
+        module.eval()
+    except NotImplementedError:      # a raw ExportedProgram.module(): its mode is fixed anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def _tensors(output) -> list[torch.Tensor]:
@@ -55,7 +70,7 @@ def export_onnx(child: torch.nn.Module, example_inputs, path, *, example_kwargs:
     staging = Path(tempfile.mkdtemp(prefix=".onnx-", dir=path.parent))
     try:
         staged = staging / path.name
-        with torch.no_grad():
+        with torch.no_grad(), _eval_mode(child):
             torch.onnx.export(child, args, str(staged), kwargs=kwargs, dynamo=True, opset_version=opset,
                               dynamic_shapes=dynamic_shapes_for(child, args, kwargs),
                               external_data=size > _TWO_GB, verbose=False)
