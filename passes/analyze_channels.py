@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
 import torch.fx as fx
 
 from . import rules_compute, rules_shape  # noqa: F401  (registers the rules)

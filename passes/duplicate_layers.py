@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from .find_blocks import _ITEM, Layer, _in_layer, find_layers, layer_of_node
-from .infra import PassError, SubclonePass, get_attribute, need
+from .infra import PassError, SubclonePass, get_attribute, need, same_kind
 
 __all__ = ["DuplicateLayersPass", "duplicate_layers", "duplicate_layer"]
 
@@ -103,10 +103,7 @@ def _register(gm: fx.GraphModule, target: str, original: str, value: torch.Tenso
 
 
 def _clone(tensor: torch.Tensor) -> torch.Tensor:
-    new = tensor.detach().clone()
-    if isinstance(tensor, torch.nn.Parameter):
-        return torch.nn.Parameter(new, requires_grad=tensor.requires_grad)
-    return new
+    return same_kind(tensor, tensor.detach().clone())
 
 
 class _Copier:

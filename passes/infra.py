@@ -20,7 +20,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 __all__ = ["SubclonePass", "PassError", "need", "log", "refresh_meta", "get_attribute", "set_attribute",
-           "replace_tensors"]
+           "replace_tensors", "same_kind"]
 
 log = logging.getLogger("subclone_graph")
 
@@ -83,6 +83,13 @@ def set_attribute(gm: torch.nn.Module, target: str, value) -> None:
         owner._buffers[name] = value
     else:
         setattr(owner, name, value)
+
+
+def same_kind(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new`` as what ``old`` is: a trainable ``nn.Parameter`` (same ``requires_grad``) or a tensor."""
+    if isinstance(old, torch.nn.Parameter):
+        return torch.nn.Parameter(new, requires_grad=old.requires_grad)
+    return new
 
 
 def replace_tensors(gm: fx.GraphModule, replaced: dict[int, torch.Tensor]) -> None:

@@ -22,7 +22,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .infra import SubclonePass, get_attribute, need, refresh_meta, replace_tensors
+from .infra import SubclonePass, get_attribute, need, refresh_meta, replace_tensors, same_kind
 
 __all__ = ["KeepChannelsPass", "keep_channels"]
 
@@ -31,10 +31,7 @@ def _sliced(tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor]]) -> torch
     new = tensor.detach()
     for dim, index in cuts:
         new = new.index_select(dim, index.to(new.device))
-    new = new.clone().contiguous()
-    if isinstance(tensor, torch.nn.Parameter):
-        return torch.nn.Parameter(new, requires_grad=tensor.requires_grad)
-    return new
+    return same_kind(tensor, new.clone().contiguous())
 
 
 def _slice_attributes(gm: fx.GraphModule, graph, keep) -> int:

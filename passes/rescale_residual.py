@@ -26,7 +26,7 @@ import math
 import torch
 import torch.fx as fx
 
-from .infra import SubclonePass, get_attribute, need, replace_tensors
+from .infra import SubclonePass, get_attribute, need, replace_tensors, same_kind
 
 __all__ = ["RescaleResidualPass", "rescale_residual"]
 
@@ -148,7 +148,7 @@ class RescaleResidualPass(SubclonePass):
             return
         with torch.no_grad():
             new = tensor.detach() * factor
-        new = torch.nn.Parameter(new, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else new
+        new = same_kind(tensor, new)
         replace_tensors(gm, {id(tensor): new})
         scaled.add(id(new))
 

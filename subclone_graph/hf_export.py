@@ -41,7 +41,6 @@ import contextlib
 import itertools
 import math
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -50,10 +49,11 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from subclone_graph.passes.find_blocks import _ITEM    # a container item's path: ends in an index
+
 __all__ = ["save_hf", "child_config", "child_state_dict", "HFExportError"]
 
 _KINDS = ("residual", "ffn", "heads", "kv_heads", "head_dim")
-_ITEM = re.compile(r"(?:\.|\[)(\d+)\]?$")
 _MAX_ROUNDS = 8
 
 
