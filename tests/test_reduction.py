@@ -4,6 +4,8 @@ Target: half the hidden width, half the MLP, half the heads (and kv heads), one 
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -42,6 +44,45 @@ EXPECTED = {
         "patch_embed.weight": (32, 3, 8, 8), "cls_token": (1, 1, 32), "pos_embed": (1, 17, 32),
         "blocks.0.attn.q.weight": (2 * D, 32), "blocks.0.mlp.fc1.weight": (64, 32), "head.weight": (10, 32),
     },
+    "llama_like": {
+        "embed.weight": (97, 32), "layers.0.input_norm.weight": (32,), "layers.0.attn.q_proj.weight": (2 * D, 32),
+        "layers.0.attn.k_proj.weight": (D, 32), "layers.0.attn.v_proj.weight": (D, 32),
+        "layers.0.attn.o_proj.weight": (32, 2 * D), "layers.0.post_attn_norm.weight": (32,),
+        "layers.0.mlp.gate_proj.weight": (64, 32), "layers.0.mlp.up_proj.weight": (64, 32),
+        "layers.0.mlp.down_proj.weight": (32, 64),
+    },
+    "gpt_like": {
+        "blocks.0.ln1.weight": (32,), "blocks.0.ln1.bias": (32,), "blocks.0.attn.qkv.weight": (3 * 2 * D, 32),
+        "blocks.0.attn.qkv.bias": (3 * 2 * D,), "blocks.0.attn.proj.weight": (32, 2 * D), "blocks.0.attn.proj.bias": (32,),
+        "blocks.0.mlp.fc.weight": (64, 32), "blocks.0.mlp.fc.bias": (64,), "blocks.0.mlp.proj.weight": (32, 64),
+    },
+    "qwen3": {
+        "model.embed_tokens.weight": (97, 32), "model.layers.0.self_attn.q_proj.weight": (2 * D, 32),
+        "model.layers.0.self_attn.k_proj.weight": (D, 32), "model.layers.0.self_attn.v_proj.weight": (D, 32),
+        "model.layers.0.self_attn.o_proj.weight": (32, 2 * D), "model.layers.0.self_attn.q_norm.weight": (D,),
+        "model.layers.0.self_attn.k_norm.weight": (D,), "model.layers.0.mlp.gate_proj.weight": (64, 32),
+        "model.layers.0.mlp.down_proj.weight": (32, 64), "model.layers.0.input_layernorm.weight": (32,),
+    },
+    "mistral": {
+        "model.embed_tokens.weight": (97, 32), "model.layers.0.self_attn.q_proj.weight": (2 * D, 32),
+        "model.layers.0.self_attn.k_proj.weight": (D, 32), "model.layers.0.self_attn.v_proj.weight": (D, 32),
+        "model.layers.0.self_attn.o_proj.weight": (32, 2 * D), "model.layers.0.mlp.up_proj.weight": (64, 32),
+        "model.layers.0.mlp.down_proj.weight": (32, 64), "model.layers.0.post_attention_layernorm.weight": (32,),
+    },
+    "bert": {
+        "bert.embeddings.word_embeddings.weight": (97, 32), "bert.embeddings.position_embeddings.weight": (64, 32),
+        "bert.embeddings.token_type_embeddings.weight": (2, 32), "bert.embeddings.LayerNorm.bias": (32,),
+        "bert.encoder.layer.0.attention.self.query.weight": (2 * D, 32),
+        "bert.encoder.layer.0.attention.self.value.bias": (2 * D,),
+        "bert.encoder.layer.0.attention.output.dense.weight": (32, 2 * D),
+        "bert.encoder.layer.0.intermediate.dense.weight": (64, 32), "bert.encoder.layer.0.output.dense.weight": (32, 64),
+    },
+    "vit": {
+        "vit.embeddings.cls_token": (1, 1, 32), "vit.embeddings.position_embeddings": (1, 17, 32),
+        "vit.embeddings.patch_embeddings.projection.weight": (32, 3, 8, 8),
+        "vit.layers.0.attention.q_proj.weight": (2 * D, 32), "vit.layers.0.attention.k_proj.bias": (2 * D,),
+        "vit.layers.0.attention.o_proj.weight": (32, 2 * D), "vit.layers.0.layernorm_before.weight": (32,),
+    },
 }
 SLOW = ("bert", "vit", "qwen3", "mistral", "vit_like", "gpt_like", "torch_encoder")
 NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in models.MODEL_NAMES]
@@ -65,8 +106,12 @@ def _reduce(name):
 def test_real_reduction_has_the_target_shapes_and_runs_at_other_sizes(name):
     model, inputs, child, layers = _reduce(name)
     params = dict(child.named_parameters(remove_duplicate=False))
-    for fqn, shape in EXPECTED.get(name, {}).items():
+    for fqn, shape in EXPECTED[name].items():
         assert tuple(params[fqn].shape) == shape, fqn
+    for fqn, param in params.items():       # the layers not listed: same shapes as the listed layer's
+        listed = re.sub(r"\.\d+\.", ".0.", fqn, count=1)
+        if listed != fqn and listed in EXPECTED[name]:
+            assert tuple(param.shape) == EXPECTED[name][listed], fqn
     assert len(child.meta["subclone.layers"]) == layers - 1
     assert sg.count_parameters(child) < sg.count_parameters(model) / 2
     for batch, seq in ((1, 3), (4, 13)):
