@@ -103,6 +103,7 @@ class Settings:
     threads: int = 2
     grids: dict = dataclasses.field(default_factory=lambda: copy.deepcopy(GRIDS))
     deadline: float | None = None      # time.time() after which no new training run starts
+    partial: str | None = None         # where to write the result so far after every run
     transform_cost: bool = True
     cost_timeout_s: int = 150          # Torch-Pruning's limit; sg.subclone gets 3×
 
@@ -190,20 +191,6 @@ def shape_signature(module: torch.nn.Module) -> dict:
     return out
 
 
-def relocate(gm: torch.fx.GraphModule, device: str) -> torch.fx.GraphModule:
-    """Move a traced child to ``device``: parameters, buffers and the device literals that
-    ``torch.export`` baked into the graph (``arange(..., device=cpu)``)."""
-    target = torch.device(device)
-    fix = lambda v: target if isinstance(v, torch.device) else v  # noqa: E731
-    for module in gm.modules():        # nested graphs of higher-order ops (wrap, cond) too
-        if isinstance(module, torch.fx.GraphModule):
-            for node in module.graph.nodes:
-                node.args = torch.fx.node.map_aggregate(node.args, fix)
-                node.kwargs = torch.fx.node.map_aggregate(node.kwargs, fix)
-            module.recompile()
-    return gm.to(target)
-
-
 def scored_parent(parent, example, target: dict, calibration) -> torch.fx.GraphModule:
     """The parent traced, analysed and scored once: every subcloned variant starts from it.
 
@@ -261,7 +248,7 @@ def build_children(parent, d: dict, target: dict, s: Settings, log) -> dict:
             raise AssertionError(f"random child and subcloned child differ: {sorted(set(a.items()) ^ set(b.items()))[:6]}")
     for entry in made.values():
         model = entry["model"]
-        entry["model"] = relocate(model, s.device) if isinstance(model, torch.fx.GraphModule) else model.to(s.device)
+        entry["model"] = sg.move_to_device(model, s.device) if isinstance(model, torch.fx.GraphModule) else model.to(s.device)
     return made
 
 
@@ -566,7 +553,7 @@ def table(result: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------- driver
-def run_child(parent, d: dict, child: str, s: Settings, log) -> dict:
+def run_child(parent, d: dict, child: str, s: Settings, log, progress=lambda runs: None) -> dict:
     target = CHILDREN[child]
     log(f"child {child}: {target}")
     made = build_children(parent, d, target, s, log)
@@ -582,6 +569,7 @@ def run_child(parent, d: dict, child: str, s: Settings, log) -> dict:
             log(f"  {name}: lr {lr:g}, wd {wd:g}, warm-up {warmup:g}")
             run = train_run(entry["model"], d, s, lr, wd, warmup, log)
             runs.append({"init": name, "build_seconds": entry["seconds"], **run})
+            progress(runs)
         entry["model"] = None
     return {"target": target, "params": params, "non_embedding_params": params - embedding,
             "steps": s.steps, "eval_every": s.eval_every, "runs": runs, "skipped_runs": skipped,
@@ -601,8 +589,15 @@ def run_benchmark(s: Settings, log=print) -> dict:
                        "calibration_windows": sum(len(b[0]) for b in d["calibration"]),
                        "source": "pydoc_data.topics (Python docs), held-out = end of the text"},
               "children": {}}
+    def progress(child, runs):
+        # a long CPU run must not lose its finished curves to a crash or a stop
+        if s.partial:
+            result["children"][child] = {"partial": True, "runs": runs}
+            pathlib.Path(s.partial).write_text(json.dumps(result, indent=1))
+
     for child in s.children:
-        result["children"][child] = run_child(parent, d, child, s, log)
+        result["children"][child] = run_child(parent, d, child, s, log,
+                                              lambda runs, child=child: progress(child, runs))
     first = result["children"][s.children[0]]["speedup"].get("subcloning")
     result["speedup"] = first["value"] if first else None
     result["transform_cost"] = transform_costs(s, log) if s.transform_cost else {"skipped": True}
@@ -634,6 +629,8 @@ def settings_from(args) -> Settings:
         s.grids[name] = _parse_grid(grid)
     if args.no_cost:
         s.transform_cost = False
+    if args.budget_minutes is not None:
+        s.deadline = time.time() + 60 * args.budget_minutes
     return s
 
 
@@ -654,6 +651,8 @@ def main(argv=None) -> dict | None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget-minutes", dest="budget_minutes", type=float,
+                   help="start no training run after this many minutes (skipped runs are listed)")
     p.add_argument("--no-cost", action="store_true", help="skip the transform-cost measurements")
     p.add_argument("--cost-timeout", dest="cost_timeout_s", type=int)
     p.add_argument("--table", type=pathlib.Path, help="print the markdown table of a result JSON")
@@ -673,12 +672,14 @@ def main(argv=None) -> dict | None:
                   "transform_cost": transform_costs(s, log)}
         args.json.write_text(json.dumps(result, indent=1))
         return result
-    result = run_benchmark(s, log)
     path = args.json or ROOT / "benchmarks" / "results" / "train_speed.json"
+    s.partial = str(path.with_suffix(".partial.json"))
+    result = run_benchmark(s, log)
     path.parent.mkdir(parents=True, exist_ok=True)
     png = args.png or path.with_suffix(".png")
     result["plot"] = plot(result, png) or str(png.name)
     path.write_text(json.dumps(result, indent=1))
+    pathlib.Path(s.partial).unlink(missing_ok=True)
     log(f"wrote {path}; speed-up {result['speedup']}")
     return result
 

@@ -13,6 +13,7 @@ from subclone_graph.passes.duplicate_layers import DuplicateLayersPass
 from subclone_graph.passes.find_blocks import FindResidualBlocksPass
 from subclone_graph.passes.infra import PassError
 from subclone_graph.passes.keep_channels import KeepChannelsPass
+from subclone_graph.passes.move_to_device import MoveToDevicePass, move_to_device
 from subclone_graph.passes.rescale_residual import RescaleResidualPass
 from subclone_graph.passes.score_channels import ScoreChannelsPass
 
@@ -24,8 +25,9 @@ from .tracing import TraceError, trace
 
 __all__ = [
     "subclone", "Target", "trace", "export_onnx", "save", "load", "save_hf", "HFExportError",
-    "count_parameters", "subclone_passes",
+    "count_parameters", "subclone_passes", "move_to_device",
     "run_passes", "analyze_channels", "ChannelGraph", "ChannelGroup", "PassError", "TraceError",
     "FindResidualBlocksPass", "AnalyzeChannelsPass", "ScoreChannelsPass", "ChooseKeepPass",
     "DropBlocksPass", "DuplicateLayersPass", "KeepChannelsPass", "RescaleResidualPass",
+    "MoveToDevicePass",
 ]

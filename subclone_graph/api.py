@@ -90,10 +90,27 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
         with warnings.catch_warnings():     # torch's own pytree deprecation, raised by its deepcopy
             warnings.simplefilter("ignore", FutureWarning)
             model = copy.deepcopy(model)
+        _child_becomes_parent(model)
     gm = trace(model, example_inputs, example_kwargs)
     gm = run_passes(gm, passes)
     _check_child(gm, target)
     return gm
+
+
+def _child_becomes_parent(gm: fx.GraphModule) -> None:
+    """A child subcloned again: its own config (the parent's with the child's sizes) becomes the
+    parent config, so that ``save_hf`` of the grandchild matches sizes against the right numbers."""
+    meta = gm.meta
+    if "subclone.parent_config" not in meta or "subclone.channel_graph" not in meta:
+        return
+    from .hf_export import HFExportError, child_config
+    try:
+        meta["subclone.parent_config"] = child_config(gm)
+    except HFExportError as error:
+        # still a valid parent to subclone; only save_hf of its children is off
+        log.warning("the child's config could not be derived (%s): save_hf of its children will refuse", error)
+        meta.pop("subclone.parent_config")
+    meta.pop("subclone.rescale", None)      # the ε scale is in the derived config now
 
 
 def _check_child(gm: fx.GraphModule, target: Target) -> None:

@@ -31,6 +31,9 @@ every decision is made by building the parent class and looking at it:
    inserted after a norm without its own weight — fails here, not silently;
 5. the staging directory is renamed to ``out_dir`` (replacing it only with ``overwrite``).
 
+A child subcloned again is a parent whose config is its own derived one (``subclone`` puts
+``child_config(child)`` in its copy's ``subclone.parent_config``), so a grandchild saves too.
+
 Needs ``child.meta``: ``subclone.parent_class``, ``subclone.parent_config``,
 ``subclone.channel_graph``, ``subclone.sizes``, ``subclone.layers``,
 ``subclone.example_inputs`` and ``subclone.parent_layer_count``.

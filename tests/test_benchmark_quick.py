@@ -72,7 +72,7 @@ def test_shared_prefix_builds_what_subclone_builds(tiny):
     other = ts.random_child(parent.config, dict(target, ffn=32), seed=0)
     assert ts.shape_signature(other) != ts.shape_signature(ours)
     before = ours(example[0]).logits
-    assert torch.equal(ts.relocate(ours, "cpu")(example[0]).logits, before)
+    assert torch.equal(sg.move_to_device(ours, "cpu")(example[0]).logits, before)
 
 
 def test_speedup_cases():

@@ -6,7 +6,8 @@ Round trips (child → save_hf → ``type(parent).from_pretrained`` → the chil
 BERT (tied decoder weight and bias), each with widths, heads and layers reduced; the config
 fields that must change (sizes, the norm ε that RescaleResidualPass scaled) and the ones that
 must not (a token id equal to a width); fields that share a parent size told apart; ties kept;
-safetensors on disk; layers renumbered; a deepened child; the tokenizer carried; and the
+safetensors on disk; layers renumbered; a deepened child; a grandchild (a child subcloned
+again); the tokenizer carried; and the
 refusals (existing directory, a child the class cannot express, a child whose graph computes
 something extra, missing metadata), each leaving nothing behind.
 """
@@ -165,6 +166,19 @@ def test_deepened_child_round_trips(tmp_path):
     assert loaded.config.num_hidden_layers == hf_zoo.LAYERS + 1
     up = [layer.mlp.up_proj.weight for layer in loaded.model.layers]
     assert torch.equal(up[1], up[2]) and not torch.equal(up[2], up[3])     # the copy runs right after layer 1
+
+
+def test_a_grandchild_round_trips(saved, tmp_path):
+    # the child's derived config is the grandchild's parent config: sizes and ε follow twice
+    model, child, _ = saved("llama")
+    grandchild = sg.subclone(child, child.meta["subclone.example_inputs"], sg.Target(hidden=16, ffn=32))
+    save_hf(grandchild, tmp_path / "grand")
+    loaded = assert_round_trip(model, grandchild, tmp_path / "grand")
+    config = loaded.config
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (16, 32, 2)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (2, 1)
+    assert config.rms_norm_eps == pytest.approx(4e-6, rel=1e-9)       # D/d = 2, twice
+    assert child.meta["subclone.parent_config"].hidden_size == hf_zoo.HIDDEN    # the child is untouched
 
 
 def test_an_existing_directory_is_refused(saved, tmp_path):
