@@ -34,525 +34,48 @@ Run ``python benchmarks/train_speed.py --help``; ``--quick`` is the < 5 min CPU 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
-import math
-import os
 import pathlib
-import platform
-import re
-import resource
-import subprocess
 import sys
-import threading
 import time
 
 import torch
-import torch.nn.functional as F
 
 import subclone_graph as sg
 from subclone_graph import data
+
+if __package__ in (None, ""):       # run as a script: the sibling modules by their package name
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from benchmarks.speed_report import environment, plot, table  # noqa: E402
+from benchmarks.speed_setup import (CHILDREN, GRIDS, INITS, Settings, build_children,  # noqa: E402,F401
+                                    child_config, finish_subclone, load_parent, prepare_data,
+                                    random_child, scored_parent, shape_signature)
+from benchmarks.speed_training import (batch_order, grid_for, lr_at, speedup, summarise,  # noqa: E402,F401
+                                       train_run)
+from benchmarks.transform_cost import cost_worker, transform_costs  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 __all__ = ["CHILDREN", "INITS", "Settings", "run_benchmark", "speedup", "train_run", "main"]
 
-CHILDREN = {
-    "A": dict(hidden=432, layers=20, heads=6, kv_heads=2, ffn=1024),   # paper regime
-    "B": dict(hidden=288, layers=6, heads=3, kv_heads=1, ffn=768),     # aggressive
-    "tiny": dict(hidden=48, layers=2, heads=2, kv_heads=1, ffn=64),    # for models.build("llama")
-}
-
-# name -> how the child is made (None: random init); every subclone variant uses the same target.
-INITS = {
-    "random": None,
-    "subcloning": dict(selection="score", depth="middle", rescale=True, calibrate=True),
-    "weight_selection": dict(selection="uniform", depth="first", rescale=False, calibrate=False),
-    "no_reordering": dict(selection="first", depth="middle", rescale=True, calibrate=True),
-    "no_rescale": dict(selection="score", depth="middle", rescale=False, calibrate=True),
-    "measured": dict(selection="score", depth="measured", rescale=True, calibrate=True),
-    "measured_no_rescale": dict(selection="score", depth="measured", rescale=False, calibrate=True),
-}
-
-# (lr, weight decay[, warm-up fraction]) per init; "default" for every subcloned variant.
-# The H100 sweep (README) found 1e-3 best for every subcloned init of A and 1e-3..4e-3 equal for random.
-GRIDS = {
-    "random": [(2e-3, 0.1), (1e-3, 0.1)],
-    "default": [(1e-3, 1e-3), (3e-4, 1e-3)],
-}
-
-
-@dataclasses.dataclass
-class Settings:
-    parent: str = "smollm2"
-    children: tuple = ("A",)
-    inits: tuple = ("random", "subcloning", "weight_selection", "no_reordering", "no_rescale")
-    steps: int = 100
-    eval_every: int = 10
-    batch: int = 8
-    window: int = 128
-    held_out: int = 24
-    held_out_pick: str = "start"       # start | spread | end of the held-out quarter
-    calibration_batches: int = 4
-    calibration_batch_size: int = 4
-    warmup: float = 0.1
-    clip: float = 1.0
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 2
-    grids: dict = dataclasses.field(default_factory=lambda: copy.deepcopy(GRIDS))
-    deadline: float | None = None      # time.time() after which no new training run starts
-    partial: str | None = None         # where to write the result so far after every run
-    transform_cost: bool = True
-    cost_timeout_s: int = 150          # Torch-Pruning's limit; sg.subclone gets 3×
-
-
-# ---------------------------------------------------------------------------------- parent, data
-class ByteTokenizer:
-    """Bytes modulo a vocabulary size: a tokenizer for tiny test parents."""
-
-    def __init__(self, vocab: int) -> None:
-        self.vocab = vocab
-
-    def encode(self, text: str) -> list[int]:
-        return [b % self.vocab for b in text.encode("utf-8")]
-
-
-def load_parent(name: str):
-    """``(model, tokenizer)``: SmolLM2-135M-Instruct, or the tiny random ``models.build("llama")``."""
-    if name == "smollm2":
-        from subclone_graph.models.smollm2 import load_smollm2
-        return load_smollm2()
-    if name == "tiny":
-        from subclone_graph.models import build
-        model, _ = build("llama")
-        return model, ByteTokenizer(model.config.vocab_size)
-    raise ValueError(f"parent {name!r}: choose smollm2 or tiny")
-
-
-def prepare_data(tokenizer, s: Settings) -> dict:
-    text = data.english_corpus()
-    if s.parent == "tiny":
-        text = text[:60_000]
-    windows = data.text_windows(text, tokenizer, s.window)
-    train, held = data.split_windows(windows, 0.25)
-    calibration = data.calibration_batches(train, s.calibration_batch_size, s.calibration_batches)
-    return {"train": train, "held": pick_held_out(held, s.held_out, s.held_out_pick), "calibration": calibration}
-
-
-def pick_held_out(held: torch.Tensor, count: int, how: str) -> torch.Tensor:
-    """``count`` windows of the held-out part: its first ones (the default, used for the committed
-    results), ``count`` evenly spread ones, or its last ones. The choice matters: random init at
-    ~100 steps is about a unigram model, and the unigram loss of these sets differs (see README)."""
-    if how == "start":
-        return held[:count]
-    if how == "end":
-        return held[-count:]
-    if how == "spread":
-        return held[torch.linspace(0, len(held) - 1, min(count, len(held))).round().long()]
-    raise ValueError(f"held_out_pick={how!r}: choose start, spread or end")
-
-
-# ------------------------------------------------------------------------------------- children
-def child_config(parent_config, target: dict):
-    """The child's HF ``LlamaConfig``: the parent's, with the child's sizes (head_dim kept)."""
-    from transformers import LlamaConfig
-    cfg = parent_config.to_dict()
-    for key in ("quantization_config", "architectures", "_name_or_path", "transformers_version"):
-        cfg.pop(key, None)
-    cfg.update(hidden_size=target["hidden"], num_hidden_layers=target["layers"],
-               num_attention_heads=target["heads"], num_key_value_heads=target["kv_heads"],
-               intermediate_size=target["ffn"], head_dim=parent_config.head_dim,
-               tie_word_embeddings=True, use_cache=False)
-    config = LlamaConfig(**cfg)
-    config._attn_implementation = "sdpa"
-    return config
-
-
-def random_child(parent_config, target: dict, seed: int):
-    """A fresh ``LlamaForCausalLM`` of the child's architecture, with HF's default init."""
-    from transformers import LlamaForCausalLM
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(child_config(parent_config, target))
-
-
-def shape_signature(module: torch.nn.Module) -> dict:
-    """{normalised parameter name: shape}: layer indices renumbered 0.., the tied embedding
-    under one name, so an HF model and a subcloned GraphModule compare equal."""
-    params = {id(p): (n, p) for n, p in module.named_parameters()}.values()
-    layer_ids = sorted({int(m.group(1)) for n, _ in params for m in [re.search(r"layers\.(\d+)\.", n)] if m})
-    rank = {i: r for r, i in enumerate(layer_ids)}
-    out = {}
-    for name, p in params:
-        name = re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{rank[int(m.group(1))]}.", name)
-        name = "embedding" if name in ("model.embed_tokens.weight", "lm_head.weight") else name
-        out[name] = tuple(p.shape)
-    return out
-
-
-def scored_parent(parent, example, target: dict, calibration) -> torch.fx.GraphModule:
-    """The parent traced, analysed and scored once: every subcloned variant starts from it.
-
-    ``sg.subclone`` = these passes, then choose → drop → keep → rescale; running the shared
-    prefix once gives the same children (tests/test_benchmark_quick.py checks it) in a fraction
-    of the time. Weight selection's uniform picks and first layers read no scores.
-    """
-    key = (id(parent), id(calibration))
-    if key not in _SCORED:        # the prefix passes read no Target: one per parent and data
-        gm = sg.trace(parent, example)
-        passes = sg.subclone_passes(sg.Target(**target), calibration)
-        _SCORED[key] = sg.run_passes(gm, passes[:_split(passes)])
-    return _SCORED[key]
-
-
-_SCORED: dict = {}
-
-
-def _split(passes) -> int:
-    return next(i for i, p in enumerate(passes) if isinstance(p, sg.ChooseKeepPass))
-
-
-def finish_subclone(scored: torch.fx.GraphModule, target: dict, spec: dict, calibration) -> torch.fx.GraphModule:
-    """One variant (selection, depth, rescale) from the scored parent."""
-    passes = sg.subclone_passes(sg.Target(**target), calibration, depth=spec["depth"],
-                                rescale=spec["rescale"], selection=spec["selection"])
-    return sg.run_passes(copy.deepcopy(scored), passes[_split(passes):])
-
-
-def logits_of(model):
-    """``ids -> logits`` for an HF model or a traced child."""
-    if isinstance(model, torch.fx.GraphModule):
-        return lambda ids: model(ids).logits
-    return lambda ids: model(input_ids=ids, use_cache=False).logits
-
-
-def build_children(parent, d: dict, target: dict, s: Settings, log) -> dict:
-    """{init name: {"model", "seconds"}} — every init of ``s.inits`` for one child target."""
-    made, reference, scored = {}, None, None
-    for name in s.inits:
-        spec = INITS[name]
-        start = time.perf_counter()
-        if spec is None:
-            model = random_child(parent.config, target, s.seed)
-        else:
-            if scored is None:
-                scored = scored_parent(parent, d["calibration"][0], target, d["calibration"])
-            model = finish_subclone(scored, target, spec, d["calibration"])
-            reference = reference or model
-        made[name] = {"model": model, "seconds": time.perf_counter() - start}
-        log(f"  built {name} in {made[name]['seconds']:.1f} s")
-    if reference is not None and "random" in made:
-        a, b = shape_signature(made["random"]["model"]), shape_signature(reference)
-        if a != b:
-            raise AssertionError(f"random child and subcloned child differ: {sorted(set(a.items()) ^ set(b.items()))[:6]}")
-    for entry in made.values():
-        model = entry["model"]
-        entry["model"] = sg.move_to_device(model, s.device) if isinstance(model, torch.fx.GraphModule) else model.to(s.device)
-    return made
-
-
-# ------------------------------------------------------------------------------------- training
-def lr_at(step: int, steps: int, warmup: float) -> float:
-    """Linear warm-up over ``warmup`` × steps, then cosine decay to 0 (a factor on the lr)."""
-    warm = max(1, round(warmup * steps))
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, steps - warm)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def batch_order(n_windows: int, steps: int, batch: int, seed: int) -> list[torch.Tensor]:
-    """The same window indices for every init: shuffled epochs, ``batch`` windows a step."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.randperm(n_windows, generator=g)
-                       for _ in range(math.ceil(steps * batch / n_windows))])
-    return [order[i * batch:(i + 1) * batch] for i in range(steps)]
-
-
-def _optimizer(model, lr: float, wd: float):
-    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
-    decay = [p for p in params if p.dim() >= 2]
-    other = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": wd}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95)), params
-
-
-def held_out(fn, held: torch.Tensor, device: str) -> float:
-    return data.held_out_loss(fn, held.to(device), batch_size=8)
-
-
-def train_run(model, d: dict, s: Settings, lr: float, wd: float, warmup: float, log) -> dict:
-    """Train a copy of ``model``; return its held-out curve, train losses and timings."""
-    model = copy.deepcopy(model)
-    fn = logits_of(model)
-    opt, params = _optimizer(model, lr, wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_at(k, s.steps, warmup))
-    batches = batch_order(len(d["train"]), s.steps, s.batch, s.seed)
-    curve, train_loss = [[0, held_out(fn, d["held"], s.device)]], []
-    start = time.perf_counter()
-    for step, index in enumerate(batches, 1):
-        ids = d["train"][index].to(s.device)
-        logits = fn(ids)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, s.clip)
-        opt.step()
-        sched.step()
-        train_loss.append(loss.item())
-        if step % s.eval_every == 0 or step == s.steps:
-            curve.append([step, held_out(fn, d["held"], s.device)])
-            log(f"    step {step:4d}  train {train_loss[-1]:.3f}  held-out {curve[-1][1]:.3f}")
-    return {"lr": lr, "weight_decay": wd, "warmup": warmup, "curve": curve, "train_loss": train_loss,
-            "final": curve[-1][1], "seconds": time.perf_counter() - start}
-
-
-def grid_for(name: str, s: Settings) -> list[tuple]:
-    grid = s.grids.get(name, s.grids["default"] if name != "random" else GRIDS["random"])
-    return [(g[0], g[1], g[2] if len(g) > 2 else s.warmup) for g in grid]
-
-
-# ------------------------------------------------------------------------------------- metric
-def first_reach(curve: list, level: float):
-    """First evaluation step whose loss is ≤ ``level`` (None when never)."""
-    return next((step for step, loss in curve if loss <= level + 1e-9), None)
-
-
-def speedup(random_curve: list, curve: list, steps: int) -> dict:
-    """Speed-up of ``curve`` over ``random_curve`` (see the module docstring for the cases)."""
-    level = random_curve[-1][1]
-    s_random = first_reach(random_curve, level)
-    s_init = first_reach(curve, level)
-    first_eval = curve[1][0] if len(curve) > 1 else steps
-    out = {"random_final": level, "steps_random": s_random, "steps_init": s_init, "below_at_step_0": s_init == 0}
-    if s_init is None:
-        out.update(value=s_random / steps, bound="upper")
-    elif s_init == 0:
-        out.update(value=float(s_random), bound="lower")
-    else:
-        out.update(value=s_random / s_init, bound="lower" if s_init == first_eval else "eval_granularity")
-    return out
-
-
-def summarise(runs: list, steps: int) -> dict:
-    """Tuned run per init, speed-ups against tuned random, and the ordering checks."""
-    best = {}
-    for i, run in enumerate(runs):
-        if run["init"] not in best or run["final"] < runs[best[run["init"]]]["final"]:
-            best[run["init"]] = i
-    out = {"best_run": best, "speedup": {}}
-    if "random" in best:
-        rc = runs[best["random"]]["curve"]
-        for name, i in best.items():
-            if name != "random":
-                out["speedup"][name] = speedup(rc, runs[i]["curve"], steps)
-    if "subcloning" in best and "weight_selection" in best:
-        a, b = runs[best["subcloning"]]["curve"], runs[best["weight_selection"]]["curve"]
-        out["subcloning_ahead_of_weight_selection_at_every_eval"] = all(x[1] < y[1] for x, y in zip(a, b))
-        finals = {n: runs[best[n]]["final"] for n in ("no_reordering", "no_rescale") if n in best}
-        lo, hi = runs[best["subcloning"]]["final"], runs[best["weight_selection"]]["final"]
-        out["ablations_between_final"] = {n: lo <= v <= hi for n, v in finals.items()}
-    return out
-
-
-# ------------------------------------------------------------------------------- transform cost
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def measure(fn) -> dict:
-    """Wall time and memory of ``fn()``: ru_maxrss delta, and the peak of RSS sampled every 10 ms
-    above the RSS at the start (catches a peak lower than one reached before)."""
-    start_rss, start_max = _rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    peak, done = [start_rss], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mib())
-            done.wait(0.01)
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    t0 = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - t0
-    done.set()
-    thread.join()
-    return {"seconds": seconds, "maxrss_delta_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - start_max,
-            "sampled_rss_peak_above_start_mib": peak[0] - start_rss, "result": result}
-
-
-def _gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(seed)
-    config = GPT2Config()
-    config._attn_implementation = "sdpa"
-    return GPT2LMHeadModel(config).eval()
-
-
-# The comparable width reductions: our child A on SmolLM2; the same fractions on GPT-2 124M.
-COST_TARGETS = {"smollm2": CHILDREN["A"], "gpt2": dict(hidden=576, layers=8, heads=9, kv_heads=9, ffn=2048)}
-
-
-def cost_worker(which: str, parent: str) -> dict:
-    """One transform-cost measurement (run in a fresh process by ``transform_costs``)."""
-    torch.set_num_threads(int(os.environ.get("TRAIN_SPEED_THREADS", "2")))
-    if parent == "gpt2":
-        model = _gpt2()
-        g = torch.Generator().manual_seed(0)
-        calibration = [(torch.randint(0, 50257, (4, 128), generator=g),) for _ in range(4)]
-    else:
-        model, tok = load_parent(parent)
-        calibration = prepare_data(tok, Settings(parent=parent))["calibration"]
-    before = sg.count_parameters(model)
-    if which == "subclone":
-        target = sg.Target(**COST_TARGETS.get(parent, CHILDREN["tiny"]))
-        m = measure(lambda: sg.subclone(model, calibration[0], target, calibration=calibration))
-    else:
-        m = measure(lambda: _torch_pruning(model, calibration[0][0], parent))
-    after = sg.count_parameters(m.pop("result"))
-    return {**m, "params_before": before, "params_after": after, "calibration_batches": len(calibration)}
-
-
-def _torch_pruning(model, ids, parent: str):
-    """Torch-Pruning's width pruning, 25% of channels (hidden, heads, MLP), L2 magnitude."""
-    import torch_pruning as tp
-    num_heads = {}
-    for module in model.modules():
-        if hasattr(module, "q_proj"):
-            cfg = model.config
-            num_heads[module.q_proj] = cfg.num_attention_heads
-            num_heads[module.k_proj] = num_heads[module.v_proj] = cfg.num_key_value_heads
-        if hasattr(module, "c_attn"):
-            num_heads[module.c_attn] = model.config.n_head
-    pruner = tp.pruner.MetaPruner(model, ids, importance=tp.importance.MagnitudeImportance(p=2),
-                                  pruning_ratio=0.25, ignored_layers=[model.lm_head], num_heads=num_heads,
-                                  prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.25,
-                                  output_transform=lambda out: out.logits)
-    pruner.step()
-    return model
-
-
-def transform_costs(s: Settings, log) -> dict:
-    """sg.subclone and Torch-Pruning on SmolLM2 and GPT-2, each in a subprocess with a time limit."""
-    costs = {"memory_method": "resource.getrusage(RUSAGE_SELF).ru_maxrss delta around the call, in a "
-                              "fresh process after the parent is loaded; plus RSS sampled every 10 ms",
-             "timeout_s": {"subclone": 3 * s.cost_timeout_s, "torch_pruning": s.cost_timeout_s}, "targets": COST_TARGETS, "torch_pruning": "pruning_ratio=0.25, "
-             "num heads pruned, L2 magnitude, lm_head ignored (no depth change)"}
-    parents = ["tiny"] if s.parent == "tiny" else [s.parent, "gpt2"]
-    env = dict(os.environ, TRAIN_SPEED_THREADS=str(s.threads), PYTHONWARNINGS="ignore")
-    for tool in ("subclone", "torch_pruning"):
-        for parent in parents:
-            key = f"{tool}/{parent}"
-            cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--cost-worker", tool, "--parent", parent]
-            t0 = time.perf_counter()
-            try:
-                limit = s.cost_timeout_s * (3 if tool == "subclone" else 1)
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=env)
-                last = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-                costs[key] = json.loads(last[-1]) if proc.returncode == 0 and last else {
-                    "error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1][:400]}
-            except subprocess.TimeoutExpired:
-                costs[key] = {"timeout": True, "seconds": time.perf_counter() - t0,
-                              "note": "killed at the time limit (parent loading included)"}
-            log(f"  cost {key}: {costs[key]}")
-    return costs
-
-
-# ------------------------------------------------------------------------------------- outputs
-def environment(s: Settings) -> dict:
-    import transformers
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "transformers": transformers.__version__}
-    for name in ("torch_pruning", "numpy"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:
-            versions[name] = None
-    try:
-        versions["subclone_graph"] = __import__("importlib.metadata").metadata.version("subclone-graph")
-    except Exception:
-        versions["subclone_graph"] = None
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": s.device,
-               "load_average_at_end": os.getloadavg()}
-    if s.device.startswith("cuda"):
-        machine["gpu"] = torch.cuda.get_device_name(0)
-    return {"machine": machine, "versions": versions}
-
-
-def plot(result: dict, path: pathlib.Path) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no plot"
-    names = [n for n, info in result["children"].items() if info["best_run"]]
-    if not names:
-        return "no finished runs: no plot"
-    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), squeeze=False)
-    for ax, child in zip(axes[0], names):
-        info = result["children"][child]
-        for name, i in info["best_run"].items():
-            run = info["runs"][i]
-            steps, losses = zip(*run["curve"])
-            ax.plot(steps, losses, marker="o", ms=3, label=f"{name} (lr {run['lr']:g}, wd {run['weight_decay']:g})")
-        t = info["target"]
-        ax.set(title=f"{child}: hidden {t['hidden']}, {t['layers']} layers, {t['heads']}/{t['kv_heads']} heads, "
-                     f"MLP {t['ffn']}", xlabel="step", ylabel="held-out loss (nats)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    m = result["machine"]
-    where = m.get("gpu") or f"CPU, {m['cpu_count']} cores, {m['torch_threads']} threads"
-    fig.suptitle(f"{result['parent']['name']} → children, {where}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
-
-
-def _at(curve: list, step: int):
-    return next((f"{loss:.2f}" for s_, loss in curve if s_ == step), "–")
-
-
-def table(result: dict) -> str:
-    """Markdown: one row per init's tuned run, per child."""
-    lines = []
-    for label, info in result["children"].items():
-        if not info["best_run"]:
-            continue
-        every, t = info["eval_every"], info["target"]
-        evaluated = {step for step, _ in info["runs"][0]["curve"]}
-        marks = sorted(m for m in {every, 10, info["steps"] // 2} if m in evaluated and 0 < m < info["steps"])
-        head = " | ".join(f"loss @{m}" for m in marks)
-        lines += [f"**{label}** (hidden {t['hidden']}, {t['layers']} layers, {t['heads']}/{t['kv_heads']} heads, "
-                  f"MLP {t['ffn']}; {info['params'] / 1e6:.1f}M params, "
-                  f"{info['non_embedding_params'] / 1e6:.1f}M non-embedding; {info['steps']} steps, "
-                  f"eval every {every})", "",
-                  f"| init | lr / wd (best of grid) | loss @0 | {head} | final | steps to random's final | speed-up |",
-                  "|---|---|---|" + "---|" * len(marks) + "---|---|---|"]
-        for name, i in info["best_run"].items():
-            run = info["runs"][i]
-            up = info["speedup"].get(name)
-            grid = sorted({r["lr"] for r in info["runs"] if r["init"] == name})
-            if up is None:
-                reach, value = str(info["speedup"] and next(iter(info["speedup"].values()))["steps_random"]), "1 (baseline)"
-            else:
-                reach = "never" if up["steps_init"] is None else str(up["steps_init"])
-                sign = {"lower": "≥ ", "upper": "< ", "eval_granularity": "≈ "}[up["bound"]]
-                value = f"{sign}{up['value']:.1f}×"
-            warm = "" if run["warmup"] == 0.1 else f", warm-up {run['warmup']:g}"
-            lines.append(f"| {name} | {run['lr']:g} / {run['weight_decay']:g}{warm}"
-                         f" (of {', '.join(f'{g:g}' for g in grid)}) | {_at(run['curve'], 0)} | "
-                         + " | ".join(_at(run["curve"], m) for m in marks)
-                         + f" | {run['final']:.2f} | {reach} | {value} |")
-        lines.append("")
-    return "\n".join(lines)
-
 
 # ------------------------------------------------------------------------------------- driver
+def _finished_run(s: Settings, child: str, name: str, lr: float, wd: float, warmup: float) -> dict | None:
+    """A run of the same init and hyper-parameters in ``s.resume`` (a partial JSON of a stopped
+    run with the same settings: same data, order and seed give the same curve)."""
+    if not s.resume:
+        return None
+    previous = json.loads(pathlib.Path(s.resume).read_text())
+    for key in ("steps", "eval_every", "held_out", "held_out_pick", "seed", "batch", "window", "parent"):
+        if previous["settings"][key] != getattr(s, key):
+            raise ValueError(f"--resume {s.resume}: its {key} is {previous['settings'][key]!r}, this run's is "
+                             f"{getattr(s, key)!r}")
+    runs = previous["children"].get(child, {}).get("runs", [])
+    return next((r for r in runs if (r["init"], r["lr"], r["weight_decay"], r["warmup"]) == (name, lr, wd, warmup)),
+                None)
+
+
 def run_child(parent, d: dict, child: str, s: Settings, log, progress=lambda runs: None) -> dict:
     target = CHILDREN[child]
     log(f"child {child}: {target}")
@@ -565,6 +88,12 @@ def run_child(parent, d: dict, child: str, s: Settings, log, progress=lambda run
             if s.deadline is not None and time.time() > s.deadline:
                 log(f"  {name}: lr {lr:g} skipped (time budget)")
                 skipped.append({"init": name, "lr": lr, "weight_decay": wd, "warmup": warmup})
+                continue
+            done = _finished_run(s, child, name, lr, wd, warmup)
+            if done is not None:
+                log(f"  {name}: lr {lr:g}, wd {wd:g}, warm-up {warmup:g}: taken from {s.resume}")
+                runs.append({**done, "resumed_from": str(s.resume)})
+                progress(runs)
                 continue
             log(f"  {name}: lr {lr:g}, wd {wd:g}, warm-up {warmup:g}")
             run = train_run(entry["model"], d, s, lr, wd, warmup, log)
@@ -629,6 +158,7 @@ def settings_from(args) -> Settings:
         s.grids[name] = _parse_grid(grid)
     if args.no_cost:
         s.transform_cost = False
+    s.resume = str(args.resume) if args.resume else None
     if args.budget_minutes is not None:
         s.deadline = time.time() + 60 * args.budget_minutes
     return s
@@ -653,6 +183,10 @@ def main(argv=None) -> dict | None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-minutes", dest="budget_minutes", type=float,
                    help="start no training run after this many minutes (skipped runs are listed)")
+    p.add_argument("--add-to", dest="add_to", type=pathlib.Path,
+                   help="add this run's children to an existing result JSON (and redraw its plot)")
+    p.add_argument("--resume", type=pathlib.Path,
+                   help="take finished runs from this partial JSON of a stopped run with the same settings")
     p.add_argument("--no-cost", action="store_true", help="skip the transform-cost measurements")
     p.add_argument("--cost-timeout", dest="cost_timeout_s", type=int)
     p.add_argument("--table", type=pathlib.Path, help="print the markdown table of a result JSON")
@@ -675,6 +209,13 @@ def main(argv=None) -> dict | None:
     path = args.json or ROOT / "benchmarks" / "results" / "train_speed.json"
     s.partial = str(path.with_suffix(".partial.json"))
     result = run_benchmark(s, log)
+    if args.add_to:
+        # one result file for children run separately (each child records its own steps)
+        base = json.loads(args.add_to.read_text())
+        base.setdefault("parts", []).append({key: result[key] for key in ("children", "settings", "machine", "versions")}
+                                            | {"children": list(result["children"])})
+        base["children"].update(result["children"])
+        result, path = base, args.add_to
     path.parent.mkdir(parents=True, exist_ok=True)
     png = args.png or path.with_suffix(".png")
     result["plot"] = plot(result, png) or str(png.name)
