@@ -74,6 +74,8 @@ def _classify(gm: fx.GraphModule, graph: ChannelGraph, layers) -> list[dict]:
         if site is None or "head_dim" not in site:
             continue
         heads = graph.group_of(site["heads"][0]).id
+        if any(seen["heads"] == heads for seen in attention):
+            continue        # eager attention: q·kᵀ and p·v are one site
         kv, rep = _kv_and_rep(gm, graph, heads, graph.group_of(site["kv_heads"]).id)
         head_dim = graph.group_of(site["head_dim"]).id
         attention.append({"node": node.name, "heads": heads, "kv_heads": kv, "rep": rep,

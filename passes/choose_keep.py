@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from .channel_graph import ChannelGraph
-from .infra import SubclonePass, need
+from .infra import PassError, SubclonePass, need
 
 __all__ = ["Target", "ChooseKeepPass", "derive_keep", "top_k", "pick", "SELECTIONS", "DEPTHS"]
 
@@ -146,6 +146,10 @@ def derive_keep(graph: ChannelGraph, keep: dict, sizes: dict) -> tuple[dict, dic
                 w, parts = graph.find(rel.whole), graph.part_groups(rel)
                 if w in keep or not graph.groups[w].static:
                     continue
+                for p in parts:
+                    # a part decided to stay whole (a GQA repeat kept at full size) keeps every index
+                    if p not in keep and sizes.get(p) == graph.groups[p].size:
+                        keep[p] = full(p)
                 if phase and any(p not in keep and p not in sizes for p in parts):
                     for p in parts:
                         if p not in keep and p not in sizes and p not in is_whole:
@@ -206,6 +210,9 @@ class ChooseKeepPass(SubclonePass):
     def _duplicates(self, gm: fx.GraphModule) -> list[int]:
         """Layers to repeat for a deeper child: the middle ones, each right after itself."""
         count, wanted = len(gm.meta["subclone.layers"]), self.target.layers
+        if count == 0 and (wanted is not None or self.drop_layers):
+            raise PassError("the model has no residual layers (no x + f(x) whose branch reads a weight): "
+                            "its depth cannot change; leave Target.layers and drop_layers unset")
         if wanted is None or wanted <= count or self.drop_layers is not None:
             return []
         extra = wanted - count
@@ -214,6 +221,9 @@ class ChooseKeepPass(SubclonePass):
 
     def _drops(self, gm: fx.GraphModule) -> list[int]:
         count = len(gm.meta["subclone.layers"])
+        if count == 0:
+            self._duplicates(gm)        # raises when a depth change was asked for
+            return []
         if self.drop_layers is not None:
             bad = [i for i in self.drop_layers if not isinstance(i, int) or not 0 <= i < count]
             if bad:

@@ -29,7 +29,18 @@ def _has_side_effects(node: fx.Node) -> bool:
     if node.target in _CHECKS:
         return False
     schema = getattr(node.target, "_schema", None)
+    if schema is not None and schema.is_mutable and _writes_only_unread_intermediates(node, schema):
+        return False
     return node.target in _side_effectful_functions or bool(schema is not None and schema.is_mutable)
+
+
+def _writes_only_unread_intermediates(node: fx.Node, schema) -> bool:
+    """An in-place op (``x.add_(y)``) whose written tensors are computed in the graph and read by
+    nothing else: its effect is invisible, it is as dead as its out-of-place twin."""
+    written = [node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+               for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+    return bool(written) and all(isinstance(w, fx.Node) and w.op == "call_function" and set(w.users) == {node}
+                                 for w in written)
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> int:

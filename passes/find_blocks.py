@@ -10,7 +10,10 @@ a module, each block is its own layer.
 
 A layer has one stream input (the skip operand of its first block, followed back out of the
 layer through casts and copies) and one stream output (its last add, followed forward through
-same-shape ops still inside the layer: a post-norm layer ends in its norm). Removing the layer
+same-shape ops and views still inside the layer, to the last node with the input's shape: a
+post-norm layer ends in its norm, a layer that flattens the stream to (b·s, h) ends where it
+views it back). A skip operand that is a cast of the stream made beside the branch (a residual
+kept in fp32) is followed back through the cast when looking for the branch. Removing the layer
 is replacing uses of its output by its input.
 
 Writes ``gm.meta["subclone.layers"]``: a list of ``Layer``; modifies nothing.
@@ -34,6 +37,7 @@ _CASTS = {
     torch.ops.aten._to_copy.default, torch.ops.aten.alias.default, torch.ops.aten.clone.default,
     torch.ops.aten.contiguous.default, torch.ops.aten.dropout.default,
 }
+_VIEWS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
 
 
 @dataclass
@@ -120,10 +124,18 @@ def _residual_block(node: fx.Node, order: dict) -> tuple[ResidualBlock, str | No
     if tensor_shape(a) is None or tensor_shape(a) != tensor_shape(b) != tensor_shape(node):
         return None
     for skip, branch in ((a, b), (b, a)):
-        region = _ancestor_region(branch, skip, order)
+        # the skip may be a cast of the stream made beside the branch (a residual kept in fp32)
+        source = _uncast(skip)
+        region = _ancestor_region(branch, source, order)
         if region is not None and _reads_weight(region):
             return ResidualBlock(node.name, skip.name, branch.name), _block_key(node, region)
     return None
+
+
+def _uncast(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and node.target in _CASTS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def find_layers(gm: fx.GraphModule) -> list[Layer]:
@@ -140,8 +152,9 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
         else:
             layers.append(Layer(len(layers), key, [block]))
     for layer in layers:
-        layer.input = _stream_input(nodes[layer.blocks[0].skip], layer.key).name
-        layer.output = _stream_output(nodes[layer.blocks[-1].add], layer.key).name
+        stream_in = _stream_input(nodes[layer.blocks[0].skip], layer.key)
+        layer.input = stream_in.name
+        layer.output = _stream_output(nodes[layer.blocks[-1].add], layer.key, tensor_shape(stream_in)).name
     return layers
 
 
@@ -151,13 +164,29 @@ def _stream_input(node: fx.Node, key: str | None) -> fx.Node:
     return node
 
 
-def _stream_output(node: fx.Node, key: str | None) -> fx.Node:
-    shape = tensor_shape(node)
-    while True:
-        inside = [u for u in node.users if _in_layer(u, key) and tensor_shape(u) == shape]
-        if len(node.users) != 1 or len(inside) != 1:
-            return node
-        node = inside[0]
+def _stream_output(node: fx.Node, key: str | None, input_shape) -> fx.Node:
+    """The last add, followed through the layer's single-use tail of same-shape ops and views;
+    the output is the last node there with the input's shape (a layer that works on the
+    stream flattened to (b·s, h) views it back at its end)."""
+    shape, output = tensor_shape(node), node
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        user_shape = tensor_shape(user)
+        if not _in_layer(user, key) or user_shape is None:
+            break
+        if user_shape != shape and not (user.target in _VIEWS and _numel(user_shape) == _numel(shape)):
+            break
+        node, shape = user, user_shape
+        if user_shape == input_shape:
+            output = user
+    return output
+
+
+def _numel(shape) -> object:
+    total = 1
+    for size in shape:
+        total = total * size
+    return total
 
 
 class FindResidualBlocksPass(SubclonePass):

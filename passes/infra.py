@@ -15,6 +15,7 @@ import logging
 
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -119,4 +120,6 @@ def refresh_meta(gm: fx.GraphModule) -> None:
     mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
     if mode is None:
         raise PassError("placeholders carry no fake values: trace the model with subclone_graph.trace first")
-    _AttributesAsFake(gm, mode).propagate_dont_convert_inputs(*inputs)
+    # symbolic-size meta kernels (baddbmm's expand) need the python dispatcher, as export had
+    with enable_python_dispatcher():
+        _AttributesAsFake(gm, mode).propagate_dont_convert_inputs(*inputs)

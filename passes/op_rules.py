@@ -52,7 +52,8 @@ _PASS_THROUGH = {
     aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default,
     aten.reshape.default, aten._unsafe_view.default, aten.to.dtype, aten.to.dtype_layout,
     aten.to.device, aten._to_copy.default, aten.alias.default, aten.clone.default,
-    aten.contiguous.default, aten.detach.default,
+    aten.contiguous.default, aten.detach.default, aten.numpy_T.default, aten.mT.default,
+    aten.mH.default, aten.adjoint.default, aten.matrix_H.default,
 }
 
 

@@ -8,7 +8,11 @@ multiplying it by √(D/d) restores it exactly. That makes removing all-zero res
 from an RMSNorm model output-preserving, and gives the paper's rescaling of the weights that
 read the stream. ``gm.meta["subclone.rescale"]`` records the factor and the ε scale.
 
-Where the factor goes, for every reduction (``subclone.reduces``) over a shrunk residual group:
+The same holds for a norm over any other shrunk width — a QK-norm over a whole ``heads·head_dim``
+projection loses heads —, so every reduction over a shrunk group gets the correction, with
+D/d the product over the shrunk groups it reduces; ``subclone.rescale`` records the residual's.
+
+Where the factor goes, for every reduction (``subclone.reduces``) over a shrunk group:
 1. ``layer_norm``/``rms_norm`` ops: into their weight (and bias) — the op's whole output scales;
 2. a decomposed norm (``mean`` … ``rsqrt`` … ``x * r``): the first ``mul``/``div`` that joins the
    reduced statistic back to a stream-wide tensor is the normalised value; a per-channel
@@ -93,20 +97,23 @@ class RescaleResidualPass(SubclonePass):
     def run(self, gm: fx.GraphModule) -> bool:
         graph = need(gm, "subclone.channel_graph", "AnalyzeChannelsPass")
         sizes = need(gm, "subclone.sizes", "ChooseKeepPass")
-        factors = {g.id: math.sqrt(g.size / sizes[g.id]) for g in graph.groups.values()
-                   if g.kind == "residual" and sizes.get(g.id, g.size) < g.size}
-        if not factors:
+        shrunk = {g.id: g.size / sizes[g.id] for g in graph.groups.values()
+                  if g.static and sizes.get(g.id, g.size) < g.size}
+        if not shrunk:
             return False
-        factor = next(iter(factors.values()))
-        gm.meta["subclone.rescale"] = {"factor": factor, "eps_scale": factor**2}
+        residual = [g for g in shrunk if graph.groups[g].kind == "residual"]
+        ratio = shrunk[residual[0]] if residual else next(iter(shrunk.values()))
+        gm.meta["subclone.rescale"] = {"factor": math.sqrt(ratio), "eps_scale": ratio}
         scaled: set[int] = set()
         use_count = self._use_counts(gm)
         modified = False
         for node in list(gm.graph.nodes):
-            reduced = {graph.find(v) for v in node.meta.get("subclone.reduces", ())} & set(factors)
+            # a norm over a shrunk residual, or over any other shrunk width (a QK-norm over the
+            # whole heads·head_dim projection): the same statistic, the same correction
+            reduced = {graph.find(v) for v in node.meta.get("subclone.reduces", ())} & set(shrunk)
             if reduced:
-                factor = factors[next(iter(reduced))]
-                modified |= self._rescale_at(gm, node, set(factors), factor, scaled, use_count)
+                factor = math.sqrt(math.prod(shrunk[g] for g in reduced))
+                modified |= self._rescale_at(gm, node, set(shrunk), factor, scaled, use_count)
         return modified
 
     @staticmethod

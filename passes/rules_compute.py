@@ -57,6 +57,8 @@ _BINARY = [
     aten.masked_fill.Tensor, aten.rsub.Tensor, aten.remainder.Tensor, aten.fmod.Tensor,
     aten.floor_divide.default, aten.atan2.default, aten.addcmul.default, aten.lerp.Scalar,
     aten.clamp.Tensor,
+    # in place: the result is ``self``, dims flow as for the out-of-place op
+    aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Tensor,
 ]
 
 
@@ -195,7 +197,21 @@ def _matmul_dims(ctx, a, b, out_index=None):
             if od >= 0 and ctx.shape(x)[d] == so[od]:
                 ctx.eq(ctx.v(x, d), ctx.out(od, out_index))
     if not is_weight(a) and not is_weight(b) and len(sa) >= 3 and len(sb) >= 3:
-        ctx.note("attention", {"heads": [ctx.out(d) for d in range(batch_out)]})
+        _note_eager_attention(ctx, a, b, batch_out, out_index)
+
+
+def _note_eager_attention(ctx, a, b, batch_out, out_index) -> None:
+    """Attention written as two matmuls (q·kᵀ, then p·v) over (…, heads, positions, dim):
+    the last batch dim holds the heads, b's holds the kv heads, and the head dim is the
+    static one of the contracted dim (q·kᵀ) or the output's last dim (p·v). A heads dim
+    merged with the batch (``(b·h, s, d)``) has no static size and is not noted."""
+    heads, kv_heads = ctx.out(batch_out - 1, out_index), ctx.v(b, len(ctx.shape(b)) - 3)
+    contracted = ctx.shape(a)[-1]
+    head_dim = ctx.v(a, -1) if isinstance(contracted, int) else ctx.out(-1, out_index)
+    sizes = (ctx.out_shape(out_index)[batch_out - 1], ctx.shape(b)[-3],
+             contracted if isinstance(contracted, int) else ctx.out_shape(out_index)[-1])
+    if all(isinstance(s, int) for s in sizes):
+        ctx.note("attention", {"heads": [heads], "kv_heads": kv_heads, "head_dim": head_dim})
 
 
 @register(aten.linear.default)
@@ -268,7 +284,8 @@ def _embedding(ctx):
 @register(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
 def _conv(ctx):
     x, w, bias = ctx.arg(0, "input"), ctx.arg(1, "weight"), ctx.arg(2, "bias")
-    groups = ctx.arg(8 if ctx.node.target is aten.convolution.default else 6, "groups", 1)
+    groups_index = 8 if ctx.node.target is aten.convolution.default else 6
+    groups = ctx.arg(groups_index, "groups", 1)
     ctx.eq(ctx.v(w, 0), ctx.out(1))
     ctx.produce(ctx.out(1))
     if bias is not None:
@@ -277,6 +294,7 @@ def _conv(ctx):
         ctx.contract(ctx.v(x, 1), ctx.v(w, 1))
     elif groups == ctx.shape(x)[1] == ctx.out_shape()[1]:
         ctx.eq(ctx.v(x, 1), ctx.out(1))
+        ctx.literal(groups_index, ctx.out(1))       # depthwise: one group per channel kept
     else:
         ctx.freeze(ctx.v(x, 1), "grouped convolution")
         ctx.freeze(ctx.out(1), "grouped convolution")

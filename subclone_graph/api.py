@@ -101,7 +101,7 @@ def _child_becomes_parent(gm: fx.GraphModule) -> None:
     """A child subcloned again: its own config (the parent's with the child's sizes) becomes the
     parent config, so that ``save_hf`` of the grandchild matches sizes against the right numbers."""
     meta = gm.meta
-    if "subclone.parent_config" not in meta or "subclone.channel_graph" not in meta:
+    if "subclone.parent_config" not in meta or "subclone.sizes" not in meta:
         return
     from .hf_export import HFExportError, child_config
     try:

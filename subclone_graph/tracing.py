@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.node import map_arg
 
@@ -148,4 +150,24 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule
     except Exception as error:       # export's own errors name the construct
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise TraceError(f"could not trace {type(model).__name__}: {type(error).__name__}: {first}") from error
-    return program.module()
+    gm = program.module()
+    _warn_static_axes(model, args, kwargs, gm)
+    return gm
+
+
+def _warn_static_axes(model, args: tuple, kwargs: dict, gm: fx.GraphModule) -> None:
+    """An axis meant to stay dynamic that export fixed: the model's code specialises on it (a
+    Python loop over the sequence, a size-1 example), and the child runs at that size only."""
+    leaves = pytree.tree_leaves((args, kwargs))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(leaves) != len(placeholders):
+        return
+    for value, node in zip(leaves, placeholders):
+        fake = node.meta.get("val")
+        if not isinstance(fake, torch.Tensor):
+            continue
+        for axis in _axes(value) or {}:
+            if is_concrete_int(fake.shape[axis]):
+                warnings.warn(f"trace: {type(model).__name__} fixes axis {axis} of input {node.name} at "
+                              f"{fake.shape[axis]} (its code specialises on that size): the traced model and "
+                              "its children run at that size only", stacklevel=3)

@@ -116,3 +116,34 @@ def test_the_parent_is_left_untouched(parent):
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     torch.testing.assert_close(run(model, inputs), reference)
+
+
+class _PerPosition(torch.nn.Module):
+    """A recurrence written as a Python loop over the sequence: export fixes the length."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(11, 8)
+        self.mix = torch.nn.Linear(8, 8)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        state, outs = torch.zeros_like(x[:, 0]), []
+        for t in range(ids.shape[1]):
+            state = torch.tanh(self.mix(state) + x[:, t])
+            outs.append(state)
+        return torch.stack(outs, 1)
+
+
+def test_an_axis_the_model_fixes_is_named_at_trace_time():
+    ids = torch.randint(0, 11, (2, 5))
+    with pytest.warns(UserWarning, match=r"_PerPosition fixes axis 1 of input ids at 5 .*run at that size only"):
+        gm = sg.trace(_PerPosition(), (ids,))
+    assert run(gm, (torch.randint(0, 11, (3, 5)),)).shape == (3, 5, 8)     # the batch stays dynamic
+
+
+def test_a_depth_change_without_residual_layers_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    with pytest.raises(sg.PassError, match="no residual layers .* depth cannot change") as error:
+        sg.subclone(model, (torch.randn(2, 8),), sg.Target(layers=1))
+    _one_line(error)
