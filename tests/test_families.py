@@ -1,0 +1,134 @@
+"""Families beyond the core fixtures (``models/hf_families.py``): the same invariants, no family code.
+
+Per family, on a tiny model built from its config:
+1. the analysis finds the residual stream (not frozen) and, where the family has attention, one
+   attention site per layer;
+2. the identity target reproduces the parent at two batch/sequence sizes;
+3. a real reduction (width, heads, MLP, depth) runs at another size with the parent's output
+   shape, finite outputs, fewer parameters and exactly the asked-for group sizes; dropping one
+   layer removes exactly that layer's parameters;
+4. planted dead structure — MLP neurons, the last kv group (or head), and residual channels in
+   RMSNorm families — all at once, removed by the pipeline, leaves outputs unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+
+import subclone_graph as sg
+from subclone_graph.models import hf_families, hf_zoo
+from subclone_testing import analysed, groups_of, plant_dead, plant_dead_heads, relative_error, run
+
+NAMES = list(hf_families.FAMILIES)
+SLOW = {"mamba", "gemma2", "gemma3", "convnext", "deit", "granite", "starcoder2", "stablelm", "gptj", "distilbert"}
+PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in NAMES]
+
+
+def inputs(model, name, batch, seq, seed=0):
+    if hf_families.FAMILIES[name].fixed_seq:
+        seq = 8
+    return hf_zoo.example_inputs(model, batch, seq, seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _parent(name):
+    model = hf_families.build(name)
+    example = inputs(model, name, 2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # mamba: the fixed-sequence warning is tested in test_inputs
+        gm = analysed(model, example)
+    return model, example, gm
+
+
+def parent(name):
+    model, example, gm = _parent(name)
+    return model, example, copy.deepcopy(gm)
+
+
+def has_attention(name):
+    return "no attention" not in hf_families.FAMILIES[name].note
+
+
+def test_bloom_heads_are_refused_with_a_reason():
+    # heads merged with the batch leave no attention site: asking for heads must not guess
+    model, example, gm = parent("bloom")
+    with pytest.raises(ValueError, match="no attention op"):
+        sg.subclone(gm, example, sg.Target(heads=2))
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_analysis_finds_stream_and_heads(name):
+    _, _, gm = parent(name)
+    residual = groups_of(gm, "residual")
+    frozen_stream = [g for g in groups_of(gm, "frozen") if g.role == "residual"]
+    assert residual and not frozen_stream, gm.meta["subclone.channel_graph"].summary()
+    if has_attention(name):
+        assert len(gm.meta["subclone.attention"]) == len(gm.meta["subclone.layers"]) == hf_zoo.LAYERS
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_identity_target_reproduces_the_parent(name):
+    model, example, gm = parent(name)
+    child = sg.subclone(gm, example, sg.Target())
+    assert sg.count_parameters(child) == sg.count_parameters(model)
+    for batch, seq in ((2, 8), (3, 13)):
+        x = inputs(model, name, batch, seq, seed=7)
+        assert relative_error(run(child, x), run(model, x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_real_reduction(name):
+    model, example, gm = parent(name)
+    family = hf_families.FAMILIES[name]
+    calibration = [inputs(model, name, 4, 16, seed=100 + i) for i in range(3)]
+    child = sg.subclone(gm, example, sg.Target(**family.target), calibration=calibration)
+    x = inputs(model, name, 3, 11, seed=5)
+    got, want = run(child, x), run(model, x)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert sg.count_parameters(child) < sg.count_parameters(model)
+    graph, sizes = child.meta["subclone.channel_graph"], child.meta["subclone.sizes"]
+    for kind, key in (("residual", "hidden"), ("ffn", "ffn"), ("heads", "heads"), ("kv_heads", "kv_heads")):
+        if key in family.target and (kind != "kv_heads" or family.gqa):
+            assert {sizes[g.id] for g in graph.groups.values() if g.kind == kind} == {family.target[key]}, kind
+    assert len(child.meta["subclone.layers"]) == family.target["layers"]
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_dropping_a_layer_removes_exactly_its_parameters(name):
+    # in-place ops in a dropped layer (Falcon's residual add_) must not keep its weights alive
+    model, example, gm = parent(name)
+    layers = gm.meta["subclone.layers"]
+    child = sg.subclone(gm, example, drop_layers=[1])
+    prefix = layers[1].key.replace("[", ".").replace("]", "") + "."
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    assert {n for n, _ in child.named_parameters(remove_duplicate=False)} <= names
+    assert {n for n, _ in child.named_parameters()} == {n for n, _ in model.named_parameters()
+                                                         if not n.startswith(prefix)}
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_planted_dead_structure_is_removed_exactly(name):
+    model, example, gm = parent(name)
+    family = hf_families.FAMILIES[name]
+    target = {}
+    ffn = groups_of(gm, "ffn")
+    if ffn:
+        keep = min(g.size for g in ffn) - 4
+        plant_dead(gm, {g.id: [1, 5, *range(keep + 2, g.size)] for g in ffn})
+        target["ffn"] = keep
+    if has_attention(name):
+        target["heads"], target["kv_heads"] = plant_dead_heads(gm)
+    if family.rms:
+        (stream,) = groups_of(gm, "residual")
+        dead = [0, 7, 20, stream.size - 1]
+        plant_dead(gm, {stream.id: dead})
+        target["hidden"] = stream.size - len(dead)
+    child = sg.subclone(gm, example, sg.Target(**target))
+    assert sg.count_parameters(child) < sg.count_parameters(gm)
+    for batch, seq in ((2, 8), (3, 13)):
+        x = inputs(model, name, batch, seq, seed=7)
+        assert relative_error(run(child, x), run(gm, x)) < 1e-4
