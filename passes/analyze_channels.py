@@ -23,7 +23,7 @@ from collections import Counter
 
 import torch.fx as fx
 
-from . import rules_compute, rules_shape  # noqa: F401  (registers the rules)
+from . import rules_compute, rules_index, rules_shape  # noqa: F401  (registers the rules)
 from .channel_graph import ChannelGraph
 from .find_blocks import layer_of_node
 from .infra import SubclonePass, get_attribute, need

@@ -1,0 +1,172 @@
+"""Rules for picking values by index: select, index_select, gather/scatter, advanced indexing
+(``x[idx]``, ``index_put``, ``index_add``) and padding. What an index picks along a dim is data,
+so an indexed dim is frozen; every other dim flows through (see ``op_rules``)."""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .op_rules import register
+from .rules_shape import _same, _size
+
+aten = torch.ops.aten
+
+
+@register(aten.select.int)
+def _select(ctx):
+    x = ctx.arg(0, "self")
+    rank = len(ctx.shape(x))
+    dim = ctx.arg(1, "dim") % rank
+    ctx.freeze(ctx.v(x, dim), "select picks one index of this dim")
+    for d in range(rank - 1):
+        ctx.eq(ctx.v(x, d if d < dim else d + 1), ctx.out(d))
+
+
+@register(aten.index_select.default)
+def _index_select(ctx):
+    x = ctx.arg(0, "self")
+    rank = len(ctx.shape(x))
+    dim = ctx.arg(1, "dim") % rank
+    ctx.freeze(ctx.v(x, dim), "index_select picks indices of this dim")
+    ctx.freeze(ctx.out(dim), "index_select picks indices of this dim")
+    for d in range(rank):
+        if d != dim:
+            ctx.eq(ctx.v(x, d), ctx.out(d))
+
+
+@register(aten.gather.default, aten.scatter.src, aten.scatter.value,
+          aten.take_along_dim.default, aten.masked_select.default, aten.nonzero.default)
+def _pick_values(ctx):
+    # Which index lands where depends on the index values: nothing may be sliced.
+    ctx.freeze_all("picks elements by computed indices")
+
+
+def _broadcast_shape(shapes):
+    """Right-aligned broadcast of ``shapes``; ``None`` when two sizes could differ."""
+    rank = max((len(s) for s in shapes), default=0)
+    out = [1] * rank
+    for shape in shapes:
+        for d, size in enumerate(shape):
+            d += rank - len(shape)
+            if _same(out[d], 1):
+                out[d] = size
+            elif not (_same(size, 1) or _same(size, out[d])):
+                return None
+    return out
+
+
+def _index_layout(ctx, indices):
+    """Where advanced indexing puts things, when it can be told without the index values.
+
+    Returns ``(first, last, index_nodes, broadcast)``: the index tensors sit at dims
+    ``first..last`` of ``self`` with no gap, and their broadcast shape replaces those dims in
+    the result. ``None`` for what must freeze: a boolean mask (it keeps a data-dependent
+    number of elements, over as many dims as it has), index tensors with a gap between them
+    (the result then puts the index dims first), or index tensors that do not broadcast."""
+    positions = [i for i, idx in enumerate(indices) if idx is not None]
+    if not positions or positions != list(range(positions[0], positions[-1] + 1)):
+        return None
+    nodes = [indices[i] for i in positions]
+    for idx in nodes:
+        val = idx.meta.get("val") if isinstance(idx, fx.Node) else None
+        if not isinstance(val, torch.Tensor) or val.dtype in (torch.bool, torch.uint8):
+            return None
+    broadcast = _broadcast_shape([ctx.shape(idx) for idx in nodes])
+    if broadcast is None:
+        return None
+    return positions[0], positions[-1], nodes, broadcast
+
+
+def _relate_indexed(ctx, x, layout, result_vertex, why):
+    """State the facts of ``x[indices]`` whose result dim ``r`` is ``result_vertex(r)``."""
+    first, last, nodes, broadcast = layout
+    rank, width = len(ctx.shape(x)), len(broadcast)
+    for d in range(rank):
+        if d < first:
+            ctx.eq(ctx.v(x, d), result_vertex(d))
+        elif d > last:
+            ctx.eq(ctx.v(x, d), result_vertex(d - (last + 1 - first) + width))
+        else:
+            # The index values point into this dim: slicing it would make them point elsewhere.
+            ctx.freeze(ctx.v(x, d), why)
+    for idx in nodes:
+        shape = ctx.shape(idx)
+        offset = width - len(shape)
+        for d, size in enumerate(shape):
+            if _same(size, broadcast[offset + d]):     # a broadcast size-1 dim joins nothing
+                ctx.eq(ctx.v(idx, d), result_vertex(first + offset + d))
+
+
+@register(aten.index.Tensor, aten._unsafe_index.Tensor)
+def _index(ctx):
+    x, indices = ctx.arg(0, "self"), list(ctx.arg(1, "indices"))
+    layout = _index_layout(ctx, indices)
+    if layout is None:
+        ctx.freeze_all("picks elements by a mask or by index tensors that move dims")
+        return
+    _relate_indexed(ctx, x, layout, ctx.out, "the index values point into this dim")
+
+
+@register(aten.index_put.default, aten.index_put_.default, aten._unsafe_index_put.default)
+def _index_put(ctx):
+    # self[indices] = values: the result is self (same dims); values broadcast to the shape
+    # self[indices] would have, so its dims right-align with that shape.
+    x, indices, values = ctx.arg(0, "self"), list(ctx.arg(1, "indices")), ctx.arg(2, "values")
+    layout = _index_layout(ctx, indices)
+    if layout is None:
+        ctx.freeze_all("writes elements by a mask or by index tensors that move dims")
+        return
+    first, last, _, broadcast = layout
+    in_shape = ctx.shape(x)
+    for d in range(len(in_shape)):
+        ctx.eq(ctx.v(x, d), ctx.out(d))
+    picked = list(in_shape[:first]) + list(broadcast) + list(in_shape[last + 1:])
+    keys = [ctx.fresh(size, f"picked{r}") for r, size in enumerate(picked)]
+    _relate_indexed(ctx, x, layout, lambda r: keys[r], "the index values point into this dim")
+    shape = ctx.shape(values)
+    offset = len(picked) - len(shape)
+    for d, size in enumerate(shape):
+        if offset + d >= 0 and _same(size, picked[offset + d]):
+            ctx.eq(ctx.v(values, d), keys[offset + d])
+
+
+@register(aten.index_add.default, aten.index_add_.default)
+def _index_add(ctx):
+    # self.index_add(dim, index, source): source's slice i is added at self's index[i] of dim;
+    # every other dim of source is the same dim of self.
+    x, index, source = ctx.arg(0, "self"), ctx.arg(2, "index"), ctx.arg(3, "source")
+    rank = len(ctx.shape(x))
+    dim = ctx.arg(1, "dim") % max(rank, 1)
+    for d in range(rank):
+        ctx.eq(ctx.v(x, d), ctx.out(d))
+    if rank == 0 or len(ctx.shape(source)) != rank:
+        ctx.freeze_all("adds a source of another rank")
+        return
+    ctx.freeze(ctx.v(x, dim), "the index values point into this dim")
+    ctx.eq(ctx.v(source, dim), ctx.v(index, 0))
+    for d in range(rank):
+        if d != dim:
+            ctx.eq(ctx.v(source, d), ctx.v(x, d))
+
+
+@register(aten.pad.default, aten.constant_pad_nd.default, aten.reflection_pad1d.default,
+          aten.reflection_pad2d.default, aten.reflection_pad3d.default,
+          aten.replication_pad1d.default, aten.replication_pad2d.default,
+          aten.replication_pad3d.default)
+def _pad(ctx):
+    # The pad list runs from the last dim backwards, (before, after) per dim. It holds amounts,
+    # not sizes, so an unpadded dim may shrink with no literal to rewrite.
+    x, pad = ctx.arg(0, "self"), list(ctx.arg(1, "pad"))
+    rank = len(ctx.shape(x))
+    padded = set()
+    for k in range(0, len(pad), 2):
+        amounts = [_size(a) for a in pad[k:k + 2]]
+        if not all(isinstance(a, int) and a == 0 for a in amounts):
+            padded.add(rank - 1 - k // 2)     # a computed amount may be non-zero: padded
+    for d in range(rank):
+        if d in padded:
+            # Where the border goes (and, reflecting, what it copies) depends on the dim's size.
+            ctx.freeze(ctx.v(x, d), "padded dim")
+            ctx.freeze(ctx.out(d), "padded dim")
+        else:
+            ctx.eq(ctx.v(x, d), ctx.out(d))
