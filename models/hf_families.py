@@ -37,6 +37,8 @@ class Family:
 def _model(model_cls, config, seed: int, attention: str = "sdpa") -> torch.nn.Module:
     torch.manual_seed(seed)
     config._attn_implementation = attention
+    if hasattr(config, "num_experts_per_tok"):
+        config._experts_implementation = "grouped_mm"     # the exportable one (eager experts branch on data)
     return model_cls(config).eval()
 
 
@@ -106,6 +108,14 @@ FAMILIES = {
                              "hidden_dropout": 0.0, "attention_dropout": 0.0, **_TOKENS}, "eager"),
                     False, False, {"hidden": 48, "ffn": 64, "layers": 2},
                     "no attention site: heads merged with the batch (b·h, s, d), ALiBi"),
+    "mixtral": Family(_family(T.MixtralForCausalLM, T.MixtralConfig,
+                              _decoder(head_dim=HEAD_DIM, num_local_experts=4, num_experts_per_tok=2,
+                                       sliding_window=None)),
+                      True, True, GQA_TARGET, "mixture of experts: token routing, grouped expert matmuls"),
+    "qwen2_moe": Family(_family(T.Qwen2MoeForCausalLM, T.Qwen2MoeConfig,
+                                _decoder(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                         shared_expert_intermediate_size=128, decoder_sparse_step=1)),
+                        True, True, {**GQA_TARGET, "ffn": 32}, "routed experts and a gated shared expert"),
     "gpt2_eager": Family(_family(T.GPT2LMHeadModel, T.GPT2Config,
                                  {"vocab_size": VOCAB, "n_embd": HIDDEN, "n_head": HEADS, "n_layer": LAYERS,
                                   "n_positions": 64, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,

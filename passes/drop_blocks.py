@@ -20,8 +20,11 @@ from .infra import SubclonePass, get_attribute, need
 
 __all__ = ["DropBlocksPass", "drop_blocks", "eliminate_dead_code"]
 
-# Checks that only look at a tensor: dead when the tensor is.
-_CHECKS = {torch.ops.aten._assert_tensor_metadata.default}
+# Checks that only look at a value (a tensor's metadata, a data-dependent size like a token
+# count per expert): they guard nothing the graph computes, so they die with what they check.
+_CHECKS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
+           torch.ops.aten.sym_constrain_range_for_size.default, torch.ops.aten.sym_constrain_range.default,
+           torch.ops.aten._assert_async.msg}
 
 
 def _has_side_effects(node: fx.Node) -> bool:
@@ -35,12 +38,20 @@ def _has_side_effects(node: fx.Node) -> bool:
 
 
 def _writes_only_unread_intermediates(node: fx.Node, schema) -> bool:
-    """An in-place op (``x.add_(y)``) whose written tensors are computed in the graph and read by
-    nothing else: its effect is invisible, it is as dead as its out-of-place twin."""
+    """An in-place op (``x.add_(y)``, ``w /= w.sum()``) whose written tensors are computed in the
+    graph and read by nothing after it: its effect is invisible, it is as dead as its
+    out-of-place twin."""
     written = [node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
                for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
-    return bool(written) and all(isinstance(w, fx.Node) and w.op == "call_function" and set(w.users) == {node}
-                                 for w in written)
+    if not written or not all(isinstance(w, fx.Node) and w.op == "call_function" for w in written):
+        return False
+    readers = {u for w in written for u in w.users if u is not node}
+    later = node.next
+    while later.op != "root" and readers:
+        if later in readers:
+            return False
+        later = later.next
+    return True
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> int:

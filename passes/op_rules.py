@@ -20,18 +20,31 @@ import torch.fx as fx
 
 from .channel_graph import ChannelGraph, _plain_size
 
-__all__ = ["RULES", "register", "RuleContext", "apply_rule", "module_path", "tensor_shape", "is_weight"]
+__all__ = ["RULES", "RULES_BY_NAME", "register", "qualified_name", "RuleContext", "apply_rule", "module_path", "tensor_shape", "is_weight"]
 
 aten = torch.ops.aten
 RULES: dict[object, Callable[["RuleContext"], None]] = {}
 
 
+# Rules for custom ops of other libraries, keyed by the op's exact qualified name
+# ("namespace::name.overload"): the op object exists only once that library has registered it.
+RULES_BY_NAME: dict[str, Callable[["RuleContext"], None]] = {}
+
+
 def register(*ops):
     def wrap(fn):
         for op in ops:
-            RULES[op] = fn
+            if isinstance(op, str):
+                RULES_BY_NAME[op] = fn
+            else:
+                RULES[op] = fn
         return fn
     return wrap
+
+
+def qualified_name(target) -> str | None:
+    schema = getattr(target, "_schema", None)
+    return None if schema is None else f"{schema.name}.{schema.overload_name or 'default'}"
 
 
 def tensor_shape(value) -> tuple | None:
@@ -174,7 +187,7 @@ def apply_rule(node: fx.Node, graph: ChannelGraph) -> str | None:
             ctx.freeze_all("a submodule call is opaque to the analysis")
             return f"call_module {node.target}"
         return None
-    rule = RULES.get(node.target)
+    rule = RULES.get(node.target) or RULES_BY_NAME.get(qualified_name(node.target))
     if rule is not None:
         rule(ctx)
         return None
