@@ -117,8 +117,9 @@ def test_planted_dead_structure_is_removed_exactly(name):
     target = {}
     ffn = groups_of(gm, "ffn")
     if ffn:
-        keep = min(g.size for g in ffn) - 4
-        plant_dead(gm, {g.id: [1, 5, *range(keep + 2, g.size)] for g in ffn})
+        # one Target.ffn for every inner width (Mamba's are 128, 8 and 4): kill all but `keep` in each
+        keep = max(1, min(g.size for g in ffn) // 2)
+        plant_dead(gm, {g.id: list(range(keep, g.size)) for g in ffn})
         target["ffn"] = keep
     if has_attention(name):
         target["heads"], target["kv_heads"] = plant_dead_heads(gm)
