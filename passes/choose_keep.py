@@ -10,7 +10,11 @@ Decisions (the paper's recipe, ties broken by the lower index, kept indices in o
 
 Every other group follows: a factor composite keeps the Kronecker product of its parts, a
 concat keeps each part shifted by its offset, a group no decision reaches keeps everything.
-A frozen group that would lose an index is an error naming the op that froze it.
+Relations that carry a decision are resolved before those that would keep a group whole, and
+a decided concatenation passes each undecided part the indices in its range (a fused qkv kept
+per head gives its ``cat(q_bias, k_bias, v_bias)`` parts their heads). Afterwards every relation
+must agree with the keep-sets, else ``PassError``. A frozen group that would lose an index is
+an error naming the op that froze it.
 
 Writes ``gm.meta["subclone.keep"]`` ({group: LongTensor of kept indices}),
 ``gm.meta["subclone.sizes"]`` ({group: new size}) and ``gm.meta["subclone.drop"]``.
@@ -138,25 +142,32 @@ def derive_keep(graph: ChannelGraph, keep: dict, sizes: dict) -> tuple[dict, dic
     keep = dict(keep)
     full = lambda g: torch.arange(graph.groups[g].size)  # noqa: E731
     is_whole = {graph.find(rel.whole) for rel in graph.relations}
-    for phase in range(2):
+    # phase 0: only what decisions imply; 1: fill undecided parts of relations that carry a
+    # decision (a kept subset), so they win over relations that would keep a group whole; 2: fill all
+    for phase in range(3):
         changed = True
         while changed:
             changed = False
             for rel in graph.relations:
                 w, parts = graph.find(rel.whole), graph.part_groups(rel)
+                if w in keep and rel.kind == "concat":
+                    changed |= _split_down(graph, keep, sizes, w, parts)
                 if w in keep or not graph.groups[w].static:
                     continue
                 for p in parts:
                     # a part decided to stay whole (a GQA repeat kept at full size) keeps every index
                     if p not in keep and sizes.get(p) == graph.groups[p].size:
                         keep[p] = full(p)
-                if phase and any(p not in keep and p not in sizes for p in parts):
+                carries_decision = any(p in keep and len(keep[p]) < graph.groups[p].size for p in parts)
+                if (phase == 2 or phase == 1 and carries_decision) and any(p not in keep and p not in sizes
+                                                                            for p in parts):
                     for p in parts:
                         if p not in keep and p not in sizes and p not in is_whole:
                             keep[p] = full(p)
                 if all(p in keep for p in parts):
                     keep[w] = _compose(rel.kind, [keep[p] for p in parts], [graph.groups[p].size for p in parts])
                     changed = True
+    _check_relations(graph, keep)
     new_sizes = {g: len(k) for g, k in keep.items()}
     new_sizes.update(sizes)
     for gid, group in graph.groups.items():
@@ -165,6 +176,39 @@ def derive_keep(graph: ChannelGraph, keep: dict, sizes: dict) -> tuple[dict, dic
         if group.reason is not None and group.static and new_sizes[gid] != group.size:
             raise ValueError(f"cannot shrink a group of size {group.size}: {group.reason}")
     return keep, new_sizes
+
+
+def _split_down(graph: ChannelGraph, keep: dict, sizes: dict, whole: int, parts: list[int]) -> bool:
+    """A concatenation whose whole is decided (a fused qkv kept per head, seen also as
+    ``cat(q_bias, k_bias, v_bias)``): each undecided part keeps the whole's indices in its range."""
+    changed, offset = False, 0
+    for p in parts:
+        size = graph.groups[p].size
+        if p not in keep and p not in sizes and graph.groups[p].static:
+            inside = keep[whole][(keep[whole] >= offset) & (keep[whole] < offset + size)]
+            keep[p] = inside - offset
+            changed = True
+        offset += size
+    return changed
+
+
+def _check_relations(graph: ChannelGraph, keep: dict) -> None:
+    """Every relation must agree with the keep-sets (a group without one keeps everything): a
+    group that is both the product of some groups and the concatenation of others (a fused qkv
+    seen by a reshape and by a bias ``cat``) must keep the same channels through both, or its
+    tensors would be sliced one way and its literals another — refused instead of guessed."""
+    def kept(g):
+        return keep[g] if g in keep else torch.arange(graph.groups[g].size)
+
+    for rel in graph.relations:
+        w, parts = graph.find(rel.whole), graph.part_groups(rel)
+        if not all(graph.groups[g].static for g in (w, *parts)):
+            continue
+        derived = _compose(rel.kind, [kept(p) for p in parts], [graph.groups[p].size for p in parts])
+        if not torch.equal(derived, kept(w)):
+            g = graph.groups[w]
+            raise PassError(f"channel group {g.id} (size {g.size}, {g.kind}, layer {g.layer}) would keep other "
+                            f"channels than its {rel.kind} of groups {list(parts)} implies; freeze it or keep it whole")
 
 
 def _compose(kind: str, keeps: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
