@@ -54,6 +54,10 @@ def build_channel_graph(gm: fx.GraphModule) -> tuple[ChannelGraph, list[str]]:
         missing = apply_rule(node, graph)
         if missing is not None:
             unknown.append(f"{missing} in {module_path(node)}")
+        # every output dim is a vertex before solving, also the ones no rule mentioned (a size-1
+        # dim unsqueeze made): each then belongs to a group, its own if nothing else
+        for d, size in enumerate(tensor_shape(node) or ()):
+            graph.vertex((node.name, 0, d), size)
     graph.solve()
     return graph, unknown
 

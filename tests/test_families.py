@@ -66,6 +66,8 @@ def test_analysis_finds_stream_and_heads(name):
     residual = groups_of(gm, "residual")
     frozen_stream = [g for g in groups_of(gm, "frozen") if g.role == "residual"]
     assert residual and not frozen_stream, gm.meta["subclone.channel_graph"].summary()
+    ids = {g for n in gm.graph.nodes for g in n.meta.get("subclone.channels", ())}
+    assert ids <= set(gm.meta["subclone.channel_graph"].groups)       # every channel id is a group
     if has_attention(name):
         assert len(gm.meta["subclone.attention"]) == len(gm.meta["subclone.layers"]) == hf_zoo.LAYERS
 

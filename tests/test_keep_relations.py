@@ -59,3 +59,12 @@ def test_dead_heads_are_removed_exactly():
     for batch, seq in ((2, 6), (3, 9)):
         x = (torch.randint(0, 11, (batch, seq)),)
         assert relative_error(run(child, x), run(gm, x)) < 1e-5
+
+
+def test_every_channel_id_in_the_metadata_is_a_group():
+    # dims no rule mentions (unsqueeze's new size-1 dim) get a group of their own before solving
+    model, example = _model()
+    gm = analysed(model, example)
+    graph = gm.meta["subclone.channel_graph"]
+    ids = {g for n in gm.graph.nodes for g in n.meta.get("subclone.channels", ())}
+    assert ids and ids <= set(graph.groups)
