@@ -20,6 +20,7 @@ Writes ``gm.meta["subclone.layers"]``: a list of ``Layer``; modifies nothing.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -174,19 +175,13 @@ def _stream_output(node: fx.Node, key: str | None, input_shape) -> fx.Node:
         user_shape = tensor_shape(user)
         if not _in_layer(user, key) or user_shape is None:
             break
-        if user_shape != shape and not (user.target in _VIEWS and _numel(user_shape) == _numel(shape)):
+        if user_shape != shape and not (user.target in _VIEWS and math.prod(user_shape) == math.prod(shape)):
             break
         node, shape = user, user_shape
         if user_shape == input_shape:
             output = user
     return output
 
-
-def _numel(shape) -> object:
-    total = 1
-    for size in shape:
-        total = total * size
-    return total
 
 
 class FindResidualBlocksPass(SubclonePass):

@@ -20,7 +20,8 @@ import torch.fx as fx
 
 from .channel_graph import ChannelGraph, _plain_size
 
-__all__ = ["RULES", "RULES_BY_NAME", "register", "qualified_name", "RuleContext", "apply_rule", "module_path", "tensor_shape", "is_weight"]
+__all__ = ["RULES", "RULES_BY_NAME", "register", "qualified_name", "RuleContext", "apply_rule", "module_path",
+           "tensor_shape", "is_weight"]
 
 aten = torch.ops.aten
 RULES: dict[object, Callable[["RuleContext"], None]] = {}

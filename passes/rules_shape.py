@@ -126,42 +126,39 @@ def _reshape(ctx):
                 ctx.factor(vertex(d), [atom_vertex[i] for i in ids])
 
 
+def _reordered(ctx, order) -> None:
+    """Output dim ``k`` is input dim ``order[k]``: a permutation of equalities."""
+    x = ctx.arg(0, "self")
+    rank = len(ctx.shape(x))
+    for out_dim, in_dim in enumerate(order):
+        ctx.eq(ctx.v(x, in_dim % rank), ctx.out(out_dim))
+
+
 @register(aten.permute.default)
 def _permute(ctx):
-    x, dims = ctx.arg(0, "self"), ctx.arg(1, "dims")
-    rank = len(ctx.shape(x))
-    for out_dim, in_dim in enumerate(dims):
-        ctx.eq(ctx.v(x, in_dim % rank), ctx.out(out_dim))
+    _reordered(ctx, ctx.arg(1, "dims"))
 
 
 @register(aten.transpose.int, aten.t.default)
 def _transpose(ctx):
-    x = ctx.arg(0, "self")
-    rank = len(ctx.shape(x))
+    rank = len(ctx.shape(ctx.arg(0, "self")))
     a, b = (ctx.arg(1, "dim0", 0), ctx.arg(2, "dim1", 1)) if rank > 1 else (0, 0)
     order = list(range(rank))
     order[a % rank], order[b % rank] = order[b % rank], order[a % rank]
-    for out_dim, in_dim in enumerate(order):
-        ctx.eq(ctx.v(x, in_dim), ctx.out(out_dim))
+    _reordered(ctx, order)
 
 
 @register(aten.numpy_T.default)
 def _reverse_dims(ctx):
-    x = ctx.arg(0, "self")
-    rank = len(ctx.shape(x))
-    for d in range(rank):
-        ctx.eq(ctx.v(x, d), ctx.out(rank - 1 - d))
+    _reordered(ctx, list(reversed(range(len(ctx.shape(ctx.arg(0, "self")))))))
 
 
 @register(aten.mT.default, aten.mH.default, aten.adjoint.default, aten.matrix_H.default)
 def _swap_last_two(ctx):
     # The conjugate in mH / adjoint / matrix_H changes values, never which index is where.
-    x = ctx.arg(0, "self")
-    rank = len(ctx.shape(x))
-    order = list(range(rank))
+    order = list(range(len(ctx.shape(ctx.arg(0, "self")))))
     order[-2:] = order[-1:-3:-1]
-    for out_dim, in_dim in enumerate(order):
-        ctx.eq(ctx.v(x, in_dim), ctx.out(out_dim))
+    _reordered(ctx, order)
 
 
 @register(aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)

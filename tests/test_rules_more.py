@@ -28,6 +28,13 @@ def _analysed(model, inputs):
     return gm, sg.analyze_channels(gm)
 
 
+def _built(model_class, inputs):
+    """(model, inputs, traced graph, channel graph) for a module fixture."""
+    torch.manual_seed(0)
+    model = model_class().eval()
+    return model, inputs, *_analysed(model, inputs)
+
+
 def _kinds(graph, kind):
     return [g for g in graph.groups.values() if g.kind == kind]
 
@@ -122,9 +129,7 @@ def _check_dead_residual(model, inputs, make=_ids, dead=(0, 5, D - 1)):
 
 @pytest.fixture(scope="module")
 def routed():
-    torch.manual_seed(0)
-    model, inputs = Routed().eval(), _ids(2, 8, 0)
-    return model, inputs, *_analysed(model, inputs)
+    return _built(Routed, _ids(2, 8, 0))
 
 
 def test_a_token_gather_freezes_only_the_gathered_dim(routed):
@@ -269,9 +274,7 @@ def _images(batch, seq, seed):
 
 @pytest.fixture(scope="module")
 def window():
-    torch.manual_seed(0)
-    model, inputs = WindowNet().eval(), _images(2, 0, 0)
-    return model, inputs, *_analysed(model, inputs)
+    return _built(WindowNet, _images(2, 0, 0))
 
 
 def test_a_position_table_and_pads_leave_channels_and_heads_prunable(window):
@@ -391,9 +394,7 @@ class AliasNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def alias():
-    torch.manual_seed(0)
-    model, inputs = AliasNet().eval(), _ids(2, 8, 0)
-    return model, inputs, *_analysed(model, inputs)
+    return _built(AliasNet, _ids(2, 8, 0))
 
 
 def test_transpose_aliases_and_broadcast_to_are_permutations_and_a_gqa_repeat(alias):
