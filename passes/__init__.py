@@ -1,19 +1,20 @@
 """Graph passes of subclone-graph; each is a ``PassBase`` with ``call(gm) -> PassResult``.
 
-Analysis (write metadata only): ``FindResidualBlocksPass``, ``AnalyzeChannelsPass``,
-``ScoreChannelsPass``, ``ChooseKeepPass``. Rewrites (read it): ``DropBlocksPass``,
-``DuplicateLayersPass``, ``KeepChannelsPass``, ``RescaleResidualPass``.
+Layout: ``state`` (every metadata key, typed, with its writer and readers), ``errors``,
+``infra`` (the pass base), ``fx_utils`` (shared fx helpers), ``target`` (``Target``),
+``rules/`` (the per-ATen-op rules), ``analysis/`` (write metadata only: ``FindResidualBlocksPass``,
+``AnalyzeChannelsPass``, ``ScoreChannelsPass``, ``ChooseKeepPass``) and ``rewrite/`` (read it:
+``DropBlocksPass``, ``DuplicateLayersPass``, ``KeepChannelsPass``, ``RescaleResidualPass``,
+``MoveToDevicePass``).
 """
-from .analyze_channels import AnalyzeChannelsPass, analyze_channels
-from .choose_keep import ChooseKeepPass, Target
-from .drop_blocks import DropBlocksPass
-from .duplicate_layers import DuplicateLayersPass
-from .find_blocks import FindResidualBlocksPass
-from .keep_channels import KeepChannelsPass
-from .rescale_residual import RescaleResidualPass
-from .score_channels import ScoreChannelsPass
+from .analysis import (AnalyzeChannelsPass, ChooseKeepPass, FindResidualBlocksPass, ScoreChannelsPass,
+                       analyze_channels)
+from .errors import PassError, PostconditionError, PreconditionError, StaleStateError
+from .rewrite import DropBlocksPass, DuplicateLayersPass, KeepChannelsPass, MoveToDevicePass, RescaleResidualPass
+from .target import Target
 
 __all__ = [
     "FindResidualBlocksPass", "AnalyzeChannelsPass", "ScoreChannelsPass", "ChooseKeepPass",
-    "DropBlocksPass", "DuplicateLayersPass", "KeepChannelsPass", "RescaleResidualPass", "Target", "analyze_channels",
+    "DropBlocksPass", "DuplicateLayersPass", "KeepChannelsPass", "RescaleResidualPass", "MoveToDevicePass",
+    "Target", "analyze_channels", "PassError", "PreconditionError", "PostconditionError", "StaleStateError",
 ]

@@ -2,12 +2,16 @@
 
 Every pass here is a ``torch.fx.passes.infra.pass_base.PassBase``, so it runs alone, in torch's
 ``PassManager``, or in any chain with other compilers' passes. All our passes work **in place**
-(``in_place = True``): the GraphModule given is the one returned. ``SubclonePass.__call__``
-checks that declaration on the result, and ``ensures()`` runs on the returned module.
+(``in_place = True``): the GraphModule given is the one returned; ``SubclonePass.__call__``
+checks that declaration on the result.
 
-Metadata lives under namespaced keys: per node in ``node.meta["subclone.*"]``, per graph in
-``gm.meta["subclone.*"]``. ``need(gm, key, producer)`` fetches one and, when it is missing,
-says which pass to run first.
+- ``requires()`` raises ``PreconditionError`` naming the pass to run first, for every key in
+  ``requires_keys`` (``passes/state.py`` owns the keys).
+- An analysis pass sets ``clears`` to its stage: before it runs, every key of that stage and of
+  later stages is removed from the graph and its nodes (``state.clear_from``), so it never reads
+  or appends to what an earlier run left.
+- ``ensures()`` runs on the returned module and raises ``PostconditionError``; each rewrite
+  states its invariant there.
 """
 from __future__ import annotations
 
@@ -20,35 +24,29 @@ from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-__all__ = ["SubclonePass", "PassError", "need", "log", "refresh_meta", "get_attribute", "set_attribute",
-           "replace_tensors", "same_kind"]
+from . import state
+from .errors import PassError, PreconditionError
+
+__all__ = ["SubclonePass", "log", "refresh_meta"]
 
 log = logging.getLogger("subclone_graph")
-
-
-class PassError(RuntimeError):
-    """A pass cannot run on this graph, or produced a graph that breaks its invariant."""
-
-
-def need(gm: fx.GraphModule, key: str, producer: str):
-    meta = getattr(gm, "meta", {})
-    if key not in meta:
-        raise PassError(f"graph metadata {key!r} is missing: run {producer} first")
-    return meta[key]
 
 
 class SubclonePass(PassBase):
     """Base of our passes. Subclasses implement ``run(gm) -> bool`` (modified?)."""
 
     in_place = True
-    requires_meta: tuple[tuple[str, str], ...] = ()     # (key, producing pass)
+    requires_keys: tuple[state.StateKey, ...] = ()
+    clears: str | None = None          # an analysis pass: the stage it (re)writes
 
     def requires(self, graph_module: fx.GraphModule) -> None:
-        for key, producer in self.requires_meta:
-            need(graph_module, key, producer)
+        for key in self.requires_keys:
+            key.need(graph_module)
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         log.info("pass %s", type(self).__name__)
+        if self.clears is not None:
+            state.clear_from(graph_module, self.clears)
         modified = self.run(graph_module)
         if modified:
             graph_module.graph.lint()
@@ -56,6 +54,9 @@ class SubclonePass(PassBase):
         return PassResult(graph_module, modified)
 
     def __call__(self, graph_module: fx.GraphModule) -> PassResult:
+        if not isinstance(graph_module, fx.GraphModule):
+            raise PreconditionError(f"{type(self).__name__} takes a torch.fx.GraphModule (subclone_graph.trace "
+                                    f"makes one), got {type(graph_module).__name__}")
         self.requires(graph_module)
         result = self.call(graph_module)
         if self.in_place and result.graph_module is not graph_module:
@@ -65,43 +66,6 @@ class SubclonePass(PassBase):
 
     def run(self, gm: fx.GraphModule) -> bool:
         raise NotImplementedError
-
-
-def get_attribute(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def set_attribute(gm: torch.nn.Module, target: str, value) -> None:
-    """Replace a parameter, buffer or plain tensor attribute, keeping which of the three it is."""
-    prefix, _, name = target.rpartition(".")
-    owner = gm.get_submodule(prefix) if prefix else gm
-    if name in owner._parameters:
-        owner._parameters[name] = value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(value)
-    elif name in owner._buffers:
-        owner._buffers[name] = value
-    else:
-        setattr(owner, name, value)
-
-
-def same_kind(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """``new`` as what ``old`` is: a trainable ``nn.Parameter`` (same ``requires_grad``) or a tensor."""
-    if isinstance(old, torch.nn.Parameter):
-        return torch.nn.Parameter(new, requires_grad=old.requires_grad)
-    return new
-
-
-def replace_tensors(gm: fx.GraphModule, replaced: dict[int, torch.Tensor]) -> None:
-    """Set each new tensor under *every* name that held the old one (``id(old) -> new``),
-    so that tied weights stay one tensor."""
-    names = [(n, t) for n, t in gm.named_parameters(remove_duplicate=False)]
-    names += [(n, t) for n, t in gm.named_buffers(remove_duplicate=False)]
-    names += [(n.target, get_attribute(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"]
-    for name, tensor in names:
-        if id(tensor) in replaced:
-            set_attribute(gm, name, replaced[id(tensor)])
 
 
 class _AttributesAsFake(FakeTensorProp):
@@ -119,7 +83,7 @@ def refresh_meta(gm: fx.GraphModule) -> None:
     inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
     if mode is None:
-        raise PassError("placeholders carry no fake values: trace the model with subclone_graph.trace first")
+        raise PreconditionError("placeholders carry no fake values: trace the model with subclone_graph.trace first")
     # symbolic-size meta kernels (baddbmm's expand) need the python dispatcher, as export had
     with enable_python_dispatcher():
         _AttributesAsFake(gm, mode).propagate_dont_convert_inputs(*inputs)

@@ -5,17 +5,12 @@
                         kv_heads=..., ffn=...), calibration=batches)
     sg.export_onnx(child, example_inputs, "child.onnx")
 """
-from subclone_graph.passes.analyze_channels import AnalyzeChannelsPass, analyze_channels
-from subclone_graph.passes.channel_graph import ChannelGraph, ChannelGroup
-from subclone_graph.passes.choose_keep import ChooseKeepPass, Target
-from subclone_graph.passes.drop_blocks import DropBlocksPass
-from subclone_graph.passes.duplicate_layers import DuplicateLayersPass
-from subclone_graph.passes.find_blocks import FindResidualBlocksPass
-from subclone_graph.passes.infra import PassError
-from subclone_graph.passes.keep_channels import KeepChannelsPass
-from subclone_graph.passes.move_to_device import MoveToDevicePass, move_to_device
-from subclone_graph.passes.rescale_residual import RescaleResidualPass
-from subclone_graph.passes.score_channels import ScoreChannelsPass
+from subclone_graph.passes import (AnalyzeChannelsPass, ChooseKeepPass, DropBlocksPass, DuplicateLayersPass,
+                                   FindResidualBlocksPass, KeepChannelsPass, MoveToDevicePass, PassError,
+                                   PostconditionError, PreconditionError, RescaleResidualPass, ScoreChannelsPass,
+                                   StaleStateError, Target, analyze_channels)
+from subclone_graph.passes.analysis.channel_graph import ChannelGraph, ChannelGroup
+from subclone_graph.passes.rewrite.move_to_device import move_to_device
 
 from .api import count_parameters, run_passes, subclone, subclone_passes
 from .hf_export import HFExportError, save_hf
@@ -26,7 +21,8 @@ from .tracing import TraceError, trace
 __all__ = [
     "subclone", "Target", "trace", "export_onnx", "save", "load", "save_hf", "HFExportError",
     "count_parameters", "subclone_passes", "move_to_device",
-    "run_passes", "analyze_channels", "ChannelGraph", "ChannelGroup", "PassError", "TraceError",
+    "run_passes", "analyze_channels", "ChannelGraph", "ChannelGroup", "PassError", "PreconditionError",
+    "PostconditionError", "StaleStateError", "TraceError",
     "FindResidualBlocksPass", "AnalyzeChannelsPass", "ScoreChannelsPass", "ChooseKeepPass",
     "DropBlocksPass", "DuplicateLayersPass", "KeepChannelsPass", "RescaleResidualPass",
     "MoveToDevicePass",

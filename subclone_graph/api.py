@@ -12,15 +12,12 @@ import warnings
 import torch
 import torch.fx as fx
 
-from subclone_graph.passes.analyze_channels import AnalyzeChannelsPass
-from subclone_graph.passes.choose_keep import ChooseKeepPass, Target
-from subclone_graph.passes.drop_blocks import DropBlocksPass
-from subclone_graph.passes.duplicate_layers import DuplicateLayersPass
-from subclone_graph.passes.find_blocks import FindResidualBlocksPass
-from subclone_graph.passes.infra import PassError, log
-from subclone_graph.passes.keep_channels import KeepChannelsPass
-from subclone_graph.passes.rescale_residual import RescaleResidualPass
-from subclone_graph.passes.score_channels import ScoreChannelsPass
+from subclone_graph.passes import state
+from subclone_graph.passes.analysis import AnalyzeChannelsPass, ChooseKeepPass, FindResidualBlocksPass, ScoreChannelsPass
+from subclone_graph.passes.errors import PassError
+from subclone_graph.passes.infra import log
+from subclone_graph.passes.rewrite import DropBlocksPass, DuplicateLayersPass, KeepChannelsPass, RescaleResidualPass
+from subclone_graph.passes.target import Target
 
 from .tracing import trace
 
@@ -43,19 +40,32 @@ def subclone_passes(target: Target, calibration=None, drop_layers=None, depth: s
     return passes
 
 
+# errors whose type tells the caller what went wrong: re-raised as the same type, the pass named
+_KEPT_TYPES = (ValueError, TypeError, PassError)
+
+
 def run_passes(gm: fx.GraphModule, passes: list) -> fx.GraphModule:
-    """Run passes in order; a failure names the pass and the ones that ran before it."""
+    """Run passes in order; a failure names the pass (and the ones that ran before it for an
+    internal error), keeping the error's type for the user's errors and ``PassError``s."""
     done = []
     for p in passes:
         try:
             gm = p(gm).graph_module
-        except (ValueError, TypeError):
-            raise                      # the user's input is wrong: the message says where
         except Exception as error:
-            ran = ", ".join(done) or "none"
-            raise PassError(f"{type(p).__name__} failed (after: {ran}): {type(error).__name__}: {error}") from error
+            raise _naming(error, type(p).__name__, done) from error
         done.append(type(p).__name__)
     return gm
+
+
+def _naming(error: Exception, name: str, done: list[str]) -> Exception:
+    if isinstance(error, _KEPT_TYPES):
+        message = str(error) if str(error).startswith(name) else f"{name}: {error}"
+        try:
+            return type(error)(message)
+        except Exception:      # an exception type with another constructor
+            pass
+    ran = ", ".join(done) or "none"
+    return PassError(f"{name} failed (after: {ran}): {type(error).__name__}: {error}")
 
 
 def _check_arguments(target, drop_layers, depth, calibration) -> None:
@@ -93,38 +103,23 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
         _child_becomes_parent(model)
     gm = trace(model, example_inputs, example_kwargs)
     gm = run_passes(gm, passes)
-    _check_child(gm, target)
+    log.info("child: %d parameters", count_parameters(gm))
     return gm
 
 
 def _child_becomes_parent(gm: fx.GraphModule) -> None:
     """A child subcloned again: its own config (the parent's with the child's sizes) becomes the
     parent config, so that ``save_hf`` of the grandchild matches sizes against the right numbers."""
-    meta = gm.meta
-    if "subclone.parent_config" not in meta or "subclone.sizes" not in meta:
+    if not state.PARENT_CONFIG.has(gm) or not state.SIZES.has(gm):
         return
     from .hf_export import HFExportError, child_config
     try:
-        meta["subclone.parent_config"] = child_config(gm)
+        state.PARENT_CONFIG.set(gm, child_config(gm))
     except HFExportError as error:
         # still a valid parent to subclone; only save_hf of its children is off
         log.warning("the child's config could not be derived (%s): save_hf of its children will refuse", error)
-        meta.pop("subclone.parent_config")
-    meta.pop("subclone.rescale", None)      # the ε scale is in the derived config now
-
-
-def _check_child(gm: fx.GraphModule, target: Target) -> None:
-    """Postcondition: the child's layer count and widths are what was asked for."""
-    graph = gm.meta["subclone.channel_graph"]
-    sizes = gm.meta["subclone.sizes"]
-    wanted = {"residual": target.hidden, "ffn": target.ffn}
-    for group in graph.groups.values():
-        want = wanted.get(group.kind)
-        if want is not None and sizes[group.id] != want:
-            raise PassError(f"child {group.kind} width is {sizes[group.id]}, target was {want}")
-    if target.layers is not None and len(gm.meta["subclone.layers"]) != target.layers:
-        raise PassError(f"child has {len(gm.meta['subclone.layers'])} layers, target was {target.layers}")
-    log.info("child: %d parameters", sum(p.numel() for p in gm.parameters()))
+        state.PARENT_CONFIG.clear(gm)
+    # the analysis of the grandchild clears the rest (the ε scale is in the derived config now)
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -35,7 +35,9 @@ import torch
 import subclone_graph as sg
 
 from . import data, io
-from .passes.choose_keep import DEPTHS, SELECTIONS, Target
+from .passes import state
+from .passes.analysis.choose_keep import DEPTHS, SELECTIONS
+from .passes.target import Target
 
 __all__ = ["main", "build_parser", "load_model", "load_calibration", "example_inputs", "Loaded",
            "USER_ERRORS"]
@@ -271,11 +273,11 @@ def _layer_table(layers) -> str:
 
 
 def _score_tables(gm) -> str:
-    graph = gm.meta["subclone.channel_graph"]
+    graph = state.CHANNEL_GRAPH.need(gm)
     lines = ["per-layer ||f(x)|| / ||x + f(x)|| (depth=measured drops the smallest)"]
-    lines += [f"{i:>6}  {ratio:.4f}" for i, ratio in enumerate(gm.meta["subclone.layer_ratios"])]
-    lines += ["", f"top-5 channels of each score (index: score; {gm.meta['subclone.score_source']})"]
-    for gid, scores in gm.meta["subclone.scores"].items():
+    lines += [f"{i:>6}  {ratio:.4f}" for i, ratio in enumerate(state.LAYER_RATIOS.need(gm))]
+    lines += ["", f"top-5 channels of each score (index: score; {state.SCORE_SOURCE.need(gm)})"]
+    for gid, scores in state.SCORES.need(gm).items():
         group = graph.groups[gid]
         top = torch.topk(scores, min(5, len(scores)))
         picks = ", ".join(f"{i}: {v:.3g}" for v, i in zip(top.values.tolist(), top.indices.tolist()))
@@ -290,7 +292,7 @@ def cmd_inspect(args) -> int:
     graph = sg.analyze_channels(gm)
     print(_group_table(graph))
     print()
-    print(_layer_table(gm.meta["subclone.layers"]))
+    print(_layer_table(state.LAYERS.need(gm)))
     if calibration is not None:
         sg.ScoreChannelsPass(calibration, progress=_progress)(gm)
         print()

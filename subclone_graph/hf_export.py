@@ -5,7 +5,7 @@ tokenizer, when given) such that ``type(parent).from_pretrained(out_dir)`` is a 
 parent's class whose outputs equal the child's. It checks exactly that before returning.
 
 The invariant: the saved model computes what the child computes (max |difference| ≤ ``atol``
-on ``child.meta["subclone.example_inputs"]``). Nothing about a model family is known here;
+on the child's ``state.EXAMPLE_INPUTS``). Nothing about a model family is known here;
 every decision is made by building the parent class and looking at it:
 
 1. weights: the child's state dict, each layer's module path renumbered by its position
@@ -20,7 +20,7 @@ every decision is made by building the parent class and looking at it:
    width derived from another, may be set too when shapes need it). A change that leaves the
    shapes alone is kept only if it brings the outputs closer to the child's (``n_head`` must
    follow the width; a token id that happens to equal a width must not). A float field whose
-   value times ``subclone.rescale``'s ε scale is a literal of the child's graph (the ε of a
+   value times ``state.RESCALE``'s ε scale is a literal of the child's graph (the ε of a
    norm over a shrunk residual, see ``RescaleResidualPass``) is a candidate too. A top-level
    list with one entry per parent layer keeps the entries of the child's layers;
 3. the class is built from that config, loads the weights with ``strict=True`` (so ties stay
@@ -32,11 +32,12 @@ every decision is made by building the parent class and looking at it:
 5. the staging directory is renamed to ``out_dir`` (replacing it only with ``overwrite``).
 
 A child subcloned again is a parent whose config is its own derived one (``subclone`` puts
-``child_config(child)`` in its copy's ``subclone.parent_config``), so a grandchild saves too.
+``child_config(child)`` in its copy's ``state.PARENT_CONFIG``), so a grandchild saves too.
 
-Needs ``child.meta``: ``subclone.parent_class``, ``subclone.parent_config``,
-``subclone.channel_graph``, ``subclone.sizes``, ``subclone.layers``,
-``subclone.example_inputs`` and ``subclone.parent_layer_count``.
+Needs the child's pass state (``passes/state.py``): ``PARENT_CLASS``, ``PARENT_CONFIG``,
+``SIZE_CHANGES``, ``LAYERS``, ``EXAMPLE_INPUTS`` and ``PARENT_LAYER_COUNT`` (``RESCALE`` when the
+stream shrank). The parent → child size of every group comes from ``SIZE_CHANGES``, which
+``ChooseKeepPass`` wrote; what is searched is only which config field holds which of them.
 """
 from __future__ import annotations
 
@@ -52,11 +53,11 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from subclone_graph.passes.find_blocks import _ITEM    # a container item's path: ends in an index
+from subclone_graph.passes import state as pass_state
+from subclone_graph.passes.fx_utils import attribute_path, container_item, container_of
 
 __all__ = ["save_hf", "child_config", "child_state_dict", "HFExportError"]
 
-_KINDS = ("residual", "ffn", "heads", "kv_heads", "head_dim")
 _MAX_ROUNDS = 8
 
 
@@ -64,12 +65,11 @@ class HFExportError(RuntimeError):
     """The child cannot be written as its parent's class, or the written model differs from it."""
 
 
-def _meta(child: fx.GraphModule, key: str):
-    meta = getattr(child, "meta", {})
-    if key not in meta:
-        raise HFExportError(f"child.meta[{key!r}] is missing: save_hf needs a child made by subclone_graph.subclone "
-                            "from a Hugging Face model")
-    return meta[key]
+def _meta(child: fx.GraphModule, key: pass_state.StateKey):
+    if not hasattr(child, "meta") or not key.has(child):
+        raise HFExportError(f"the child's {key.name} is missing: save_hf needs a child made by "
+                            "subclone_graph.subclone from a Hugging Face model")
+    return key.get(child)
 
 
 @contextlib.contextmanager
@@ -89,21 +89,16 @@ def _quiet():
 
 
 # ----- weights ------------------------------------------------------------------------------
-def _attr_path(key: str) -> str:
-    return key.replace("[", ".").replace("]", "")
-
-
 def _layer_renames(layers) -> dict[str, str]:
     """Old module path of each layer -> the path with its position in its container."""
     renames, counts = {}, {}
     for layer in layers:
         if layer.key is None:
             continue
-        path = _attr_path(layer.key)
-        match = _ITEM.search(path)
-        if match is None:
+        path = attribute_path(layer.key)
+        if container_item(path) is None:
             continue
-        container = path[: match.start()]
+        container = container_of(path)
         position = counts.get(container, 0)
         counts[container] = position + 1
         renames[path] = f"{container}.{position}"
@@ -119,7 +114,7 @@ def _renamed(name: str, renames: dict[str, str]) -> str:
 
 def child_state_dict(child: fx.GraphModule) -> dict[str, torch.Tensor]:
     """The child's tensors under the names a parent-class model with contiguous layers uses."""
-    renames = _layer_renames(_meta(child, "subclone.layers"))
+    renames = _layer_renames(_meta(child, pass_state.LAYERS))
     state = {}
     for name, tensor in child.state_dict(keep_vars=False).items():
         new = _renamed(name, renames)
@@ -158,9 +153,8 @@ def _fitted(model: torch.nn.Module, state: dict) -> tuple[dict, list[str]]:
 # ----- config -------------------------------------------------------------------------------
 def _size_map(child: fx.GraphModule) -> dict[int, list[int]]:
     """Parent size -> the distinct child sizes of the structural groups (and layer count)."""
-    graph, sizes = _meta(child, "subclone.channel_graph"), _meta(child, "subclone.sizes")
-    pairs = [(g.size, sizes.get(gid, g.size)) for gid, g in graph.groups.items() if g.kind in _KINDS and g.static]
-    pairs.append((_meta(child, "subclone.parent_layer_count"), len(_meta(child, "subclone.layers"))))
+    pairs = [(change.parent, change.child) for change in _meta(child, pass_state.SIZE_CHANGES)]
+    pairs.append((_meta(child, pass_state.PARENT_LAYER_COUNT), len(_meta(child, pass_state.LAYERS))))
     found: dict[int, list[int]] = {}
     for parent, new in pairs:
         if isinstance(new, int) and new not in found.setdefault(parent, []):
@@ -170,8 +164,8 @@ def _size_map(child: fx.GraphModule) -> dict[int, list[int]]:
 
 def _per_layer_lists(config_dict: dict, child: fx.GraphModule) -> dict:
     """Top-level lists with one entry per parent layer, cut to the child's layers."""
-    count = _meta(child, "subclone.parent_layer_count")
-    layers = _meta(child, "subclone.layers")
+    count = _meta(child, pass_state.PARENT_LAYER_COUNT)
+    layers = _meta(child, pass_state.LAYERS)
     changes = {}
     for name, value in config_dict.items():
         if not isinstance(value, list) or len(value) != count:
@@ -179,8 +173,8 @@ def _per_layer_lists(config_dict: dict, child: fx.GraphModule) -> dict:
         if all(v == value[0] for v in value):
             changes[name] = [value[0]] * len(layers)
             continue
-        indices = [int(_ITEM.search(_attr_path(l.key)).group(1)) if l.key else -1 for l in layers]
-        if any(not 0 <= i < count for i in indices):
+        indices = [container_item(attribute_path(layer.key)) if layer.key else -1 for layer in layers]
+        if any(i is None or not 0 <= i < count for i in indices):
             raise HFExportError(f"config.{name} has one entry per layer, but a child layer has no parent index "
                                 "(a duplicated layer?); cannot choose its entry")
         changes[name] = [value[i] for i in indices]
@@ -191,8 +185,8 @@ class _Candidates:
     """Configs of the parent class, scored by how many parameter shapes differ from the child's."""
 
     def __init__(self, child: fx.GraphModule, state: dict) -> None:
-        self.cls = _meta(child, "subclone.parent_class")
-        self.parent = _meta(child, "subclone.parent_config")
+        self.cls = _meta(child, pass_state.PARENT_CLASS)
+        self.parent = _meta(child, pass_state.PARENT_CONFIG)
         self.base = self.parent.to_dict()
         self.base.update(_per_layer_lists(self.base, child))
         self.state = state
@@ -243,7 +237,11 @@ def _shape_changes(candidates: _Candidates, child: fx.GraphModule) -> dict:
     sizes = _size_map(child)
     ints = {k: v for k, v in candidates.base.items() if type(v) is int}
     options = {k: [s for s in sizes[v] if s != v] + [v] for k, v in ints.items() if any(s != v for s in sizes.get(v, ()))}
-    changes = _descend(candidates, options, {k: values[0] for k, values in options.items()})
+    # two starts: every candidate changed (fields that move together, a width and its head
+    # count), and nothing changed (one parent size that several groups share, heads and
+    # head_dim both 8, where only one of them shrank); the better one wins
+    starts = [{k: values[0] for k, values in options.items()}, {}]
+    changes = min((_descend(candidates, options, start) for start in starts), key=candidates.score)
     if candidates.score(changes):
         widths = sorted({s for values in sizes.values() for s in values})
         unset = {k: [None, *widths] for k, v in candidates.base.items() if v is None}
@@ -255,8 +253,9 @@ def _shape_changes(candidates: _Candidates, child: fx.GraphModule) -> dict:
 
 
 def _scaled_floats(candidates: _Candidates, child: fx.GraphModule) -> dict:
-    """Float fields the child scaled: an ε whose scaled value (``subclone.rescale``) is in the graph."""
-    scale = (child.meta.get("subclone.rescale") or {}).get("eps_scale")
+    """Float fields the child scaled: an ε whose scaled value (``state.RESCALE``) is in the graph."""
+    rescale = pass_state.RESCALE.get(child)
+    scale = rescale.eps_scale if rescale is not None else None
     if not scale or scale == 1:
         return {}
     literals = {a for node in child.graph.nodes for a in pytree.tree_leaves((node.args, node.kwargs))
@@ -302,7 +301,7 @@ def child_config(child: fx.GraphModule, state: dict | None = None):
 
 # ----- checking -----------------------------------------------------------------------------
 def _inputs(child: fx.GraphModule) -> tuple:
-    inputs = _meta(child, "subclone.example_inputs")
+    inputs = _meta(child, pass_state.EXAMPLE_INPUTS)
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
 
@@ -325,7 +324,7 @@ def _max_diff(expected: dict, got: dict) -> float:
 def _write(child: fx.GraphModule, staging: Path, tokenizer) -> None:
     state = child_state_dict(child)
     config = child_config(child, state)
-    cls = _meta(child, "subclone.parent_class")
+    cls = _meta(child, pass_state.PARENT_CLASS)
     with _quiet():
         model = cls(config).eval()
         model.load_state_dict(_fitted(model, state)[0], strict=True)
@@ -335,7 +334,7 @@ def _write(child: fx.GraphModule, staging: Path, tokenizer) -> None:
 
 
 def _check(child: fx.GraphModule, staging: Path, atol: float, out_dir: Path) -> float:
-    cls = _meta(child, "subclone.parent_class")
+    cls = _meta(child, pass_state.PARENT_CLASS)
     with _quiet():
         loaded = cls.from_pretrained(staging).eval()
     if type(loaded) is not cls:

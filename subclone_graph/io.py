@@ -22,21 +22,20 @@ from pathlib import Path
 
 import torch
 
-from .passes.infra import set_attribute
+from .passes import state
+from .passes.fx_utils import as_input_tuple, set_attribute
 from .tracing import dynamic_shapes_for
 
 __all__ = ["save", "load"]
 
 
 def _example_inputs(child: torch.nn.Module, example_inputs) -> tuple:
+    if example_inputs is None and hasattr(child, "meta"):
+        example_inputs = state.EXAMPLE_INPUTS.get(child)
     if example_inputs is None:
-        example_inputs = getattr(child, "meta", {}).get("subclone.example_inputs")
-    if example_inputs is None:
-        raise ValueError("save: the child carries no example inputs (meta 'subclone.example_inputs'); "
+        raise ValueError(f"save: the child carries no example inputs ({state.EXAMPLE_INPUTS.name}); "
                          "pass example_inputs=")
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
+    return as_input_tuple(example_inputs)
 
 
 def _export(child: torch.nn.Module, args: tuple) -> torch.export.ExportedProgram:

@@ -8,7 +8,6 @@ exceed protobuf's 2 GB limit.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
+from .passes.fx_utils import as_input_tuple, eval_mode
 from .tracing import dynamic_shapes_for
 
 __all__ = ["export_onnx", "OnnxMismatchError"]
@@ -27,20 +27,6 @@ _TWO_GB = 2 * 1024**3
 
 class OnnxMismatchError(RuntimeError):
     """onnxruntime's outputs differ from the child's beyond the tolerance."""
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module):
-    was_training = module.training
-    try:
-        module.eval()
-    except NotImplementedError:      # a raw ExportedProgram.module(): its mode is fixed anyway
-        yield
-        return
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def _tensors(output) -> list[torch.Tensor]:
@@ -63,14 +49,14 @@ def export_onnx(child: torch.nn.Module, example_inputs, path, *, example_kwargs:
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    args = as_input_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     size = sum(p.numel() * p.element_size() for p in child.parameters())
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".onnx-", dir=path.parent))
     try:
         staged = staging / path.name
-        with torch.no_grad(), _eval_mode(child):
+        with torch.no_grad(), eval_mode(child):
             torch.onnx.export(child, args, str(staged), kwargs=kwargs, dynamo=True, opset_version=opset,
                               dynamic_shapes=dynamic_shapes_for(child, args, kwargs),
                               external_data=size > _TWO_GB, verbose=False)

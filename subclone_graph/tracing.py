@@ -13,7 +13,6 @@ constants, so the traced module — and every child made from it — is called w
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import warnings
 
@@ -23,6 +22,9 @@ import torch.utils._pytree as pytree
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.node import map_arg
+
+from .passes import state
+from .passes.fx_utils import as_input_tuple, eval_mode
 
 __all__ = ["trace", "dynamic_shapes_for", "TraceError"]
 
@@ -66,16 +68,6 @@ def _default_kwargs(model: torch.nn.Module, kwargs: dict) -> dict:
     return kwargs
 
 
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _is_traced(gm: fx.GraphModule) -> bool:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return all("val" in n.meta for n in placeholders)
@@ -83,9 +75,7 @@ def _is_traced(gm: fx.GraphModule) -> bool:
 
 def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.GraphModule:
     """Trace ``model(*example_inputs, **example_kwargs)`` into a GraphModule (see module doc)."""
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
+    example_inputs = as_input_tuple(example_inputs)
     if isinstance(model, torch.export.ExportedProgram):
         gm = model.module()
     elif isinstance(model, fx.GraphModule) and _is_traced(model):
@@ -96,11 +86,12 @@ def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.Gr
         raise TypeError(f"trace: expected a torch.nn.Module, GraphModule or ExportedProgram, got {type(model).__name__}")
     bind_constant_inputs(gm)
     _allow_train_eval(gm)
-    gm.meta.setdefault("subclone.example_inputs", example_inputs)
+    if not state.EXAMPLE_INPUTS.has(gm):
+        state.EXAMPLE_INPUTS.set(gm, example_inputs)
     if isinstance(model, torch.nn.Module) and not isinstance(model, fx.GraphModule):
-        gm.meta["subclone.parent_class"] = type(model)
+        state.PARENT_CLASS.set(gm, type(model))
         if hasattr(model, "config"):
-            gm.meta["subclone.parent_config"] = model.config
+            state.PARENT_CONFIG.set(gm, model.config)
     return gm
 
 
@@ -144,7 +135,7 @@ def bind_constant_inputs(gm: fx.GraphModule) -> None:
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             program = torch.export.export(model, args, kwargs, strict=False,
                                           dynamic_shapes=dynamic_shapes_for(model, args, kwargs))
     except Exception as error:       # export's own errors name the construct

@@ -13,9 +13,10 @@ import torch
 import torch.utils._pytree as pytree
 
 import subclone_graph as sg
+from subclone_graph.passes.state import channel_groups
 from subclone_graph import models
-from subclone_graph.passes.choose_keep import derive_keep
-from subclone_graph.passes.infra import get_attribute
+from subclone_graph.passes.analysis.keep_sets import derive_keep
+from subclone_graph.passes.fx_utils import get_attribute
 
 PRE_NORM = ("gpt_like", "llama_like", "vit_like", "torch_encoder", "gpt2", "vit", "llama", "qwen3", "mistral", "phi3")
 RMS_NORM = ("llama_like", "llama", "qwen3", "mistral", "phi3")
@@ -77,7 +78,7 @@ def plant_dead(gm, dead: dict[int, list[int]], sizes: dict[int, int] | None = No
             if node.op != "get_attr":
                 continue
             tensor = get_attribute(gm, node.target)
-            for d, g in enumerate(node.meta.get("subclone.channels", ())):
+            for d, g in enumerate(channel_groups(node)):
                 if g in keep and len(keep[g]) < graph.groups[g].size:
                     mask = torch.ones(tensor.shape[d], dtype=torch.bool)
                     mask[keep[g]] = False
@@ -94,15 +95,21 @@ def plant_dead_heads(gm, per_site: int = 1) -> tuple[int, int]:
     dead, sizes = {}, {}
     heads = kv_heads = None
     for site in gm.meta["subclone.attention"]:
-        n_heads, n_kv = graph.groups[site["heads"]].size, graph.groups[site["kv_heads"]].size
-        if site["rep"] is None:
-            dead[site["heads"]] = list(range(n_heads - per_site, n_heads))
+        n_heads, n_kv = graph.groups[site.heads].size, graph.groups[site.kv_heads].size
+        if site.rep is None:
+            dead[site.heads] = list(range(n_heads - per_site, n_heads))
             heads = kv_heads = n_heads - per_site
         else:
             rep = n_heads // n_kv
-            dead[site["kv_heads"]] = list(range(n_kv - per_site, n_kv))
-            dead[site["heads"]] = list(range((n_kv - per_site) * rep, n_heads))
-            sizes[site["rep"]] = rep
+            dead[site.kv_heads] = list(range(n_kv - per_site, n_kv))
+            dead[site.heads] = list(range((n_kv - per_site) * rep, n_heads))
+            sizes[site.rep] = rep
             heads, kv_heads = (n_kv - per_site) * rep, n_kv - per_site
     plant_dead(gm, dead, sizes)
     return heads, kv_heads
+
+
+def count_heads(child) -> list[tuple[int, int]]:
+    """(query heads, kv heads) of every attention site of a child, from its pass state."""
+    sizes = child.meta["subclone.sizes"]
+    return [(sizes[site.heads], sizes[site.kv_heads]) for site in child.meta["subclone.attention"]]

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import subclone_graph as sg
+from subclone_graph.passes.state import channel_groups
 from subclone_graph.models import hf_families, hf_zoo
 from subclone_testing import analysed, groups_of, plant_dead, plant_dead_heads, relative_error, run
 
@@ -66,7 +67,7 @@ def test_analysis_finds_stream_and_heads(name):
     residual = groups_of(gm, "residual")
     frozen_stream = [g for g in groups_of(gm, "frozen") if g.role == "residual"]
     assert residual and not frozen_stream, gm.meta["subclone.channel_graph"].summary()
-    ids = {g for n in gm.graph.nodes for g in n.meta.get("subclone.channels", ())}
+    ids = {g for n in gm.graph.nodes for g in channel_groups(n)}
     assert ids <= set(gm.meta["subclone.channel_graph"].groups)       # every channel id is a group
     if has_attention(name):
         assert len(gm.meta["subclone.attention"]) == len(gm.meta["subclone.layers"]) == hf_zoo.LAYERS

@@ -9,7 +9,7 @@ import torch
 
 import subclone_graph as sg
 from subclone_graph import models
-from subclone_graph.passes.op_rules import RULES
+from subclone_graph.passes.rules import RULES
 from subclone_testing import calibration, run, traced
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_a_group_knows_every_tensor_it_slices_through_fused_layouts():
     _, _, gm = traced("phi3")
     graph = gm.meta["subclone.channel_graph"]
     site = gm.meta["subclone.attention"][0]
-    names = {(name, dim) for name, dim, _ in graph.slices(site["kv_heads"])}
+    names = {(name, dim) for name, dim, _ in graph.slices(site.kv_heads)}
     assert ("model.layers.0.self_attn.qkv_proj.weight", 0) in names      # fused q|k|v rows
     assert ("model.layers.0.self_attn.o_proj.weight", 1) in names
     ffn = next(g for g in graph.groups.values() if g.kind == "ffn" and g.layer == 0)

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import subclone_graph as sg
+from subclone_graph.passes.state import channel_groups
 from subclone_testing import analysed, groups_of, plant_dead_heads, relative_error, run
 
 
@@ -66,5 +67,5 @@ def test_every_channel_id_in_the_metadata_is_a_group():
     model, example = _model()
     gm = analysed(model, example)
     graph = gm.meta["subclone.channel_graph"]
-    ids = {g for n in gm.graph.nodes for g in n.meta.get("subclone.channels", ())}
+    ids = {g for n in gm.graph.nodes for g in channel_groups(n)}
     assert ids and ids <= set(graph.groups)

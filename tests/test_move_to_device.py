@@ -12,7 +12,7 @@ import torch
 
 import subclone_graph as sg
 from subclone_graph import models
-from subclone_graph.passes.move_to_device import MoveToDevicePass
+from subclone_graph.passes.rewrite.move_to_device import MoveToDevicePass
 
 from subclone_testing import output_tensor, run
 

@@ -18,6 +18,7 @@ from subclone_testing import plant_dead, relative_error, run
 from torch import nn
 
 import subclone_graph as sg
+from subclone_graph.passes.state import channel_groups
 
 torch.manual_seed(0)
 VOCAB, D, FFN, HEADS, KV, HEAD_DIM = 40, 32, 64, 4, 2, 8
@@ -44,7 +45,7 @@ def _node(gm, target):
 
 
 def _group(gm, graph, node, dim):
-    return graph.groups[node.meta["subclone.channels"][dim]]
+    return graph.groups[channel_groups(node)[dim]]
 
 
 class Mlp(nn.Module):
@@ -147,8 +148,8 @@ def test_a_token_gather_freezes_only_the_gathered_dim(routed):
     # the index tensors' dims are the output's token dims (two broadcast index tensors: (b, 1), (b, s))
     shuffle = gathers[1]
     rows, perm = shuffle.args[1]
-    assert graph.find(perm.meta["subclone.channels"][1]) == graph.find(shuffle.meta["subclone.channels"][1])
-    assert graph.find(rows.meta["subclone.channels"][0]) == graph.find(shuffle.meta["subclone.channels"][0])
+    assert graph.find(channel_groups(perm)[1]) == graph.find(channel_groups(shuffle)[1])
+    assert graph.find(channel_groups(rows)[0]) == graph.find(channel_groups(shuffle)[0])
     for op in (torch.ops.aten.index_put.default, torch.ops.aten.index_add.default):
         (node,) = _node(gm, op)
         values = node.args[2] if op is torch.ops.aten.index_put.default else node.args[3]
@@ -403,14 +404,14 @@ def test_transpose_aliases_and_broadcast_to_are_permutations_and_a_gqa_repeat(al
     assert not _kinds(graph, "frozen"), [g.reason for g in _kinds(graph, "frozen")]
     assert len(_kinds(graph, "residual")) == 1 and len(_kinds(graph, "ffn")) == 2
     sites = gm.meta["subclone.attention"]
-    assert len(sites) == 2 and all(s["rep"] is not None for s in sites)
-    assert all(graph.groups[s["kv_heads"]].size == KV and graph.groups[s["heads"]].size == HEADS for s in sites)
+    assert len(sites) == 2 and all(s.rep is not None for s in sites)
+    assert all(graph.groups[s.kv_heads].size == KV and graph.groups[s.heads].size == HEADS for s in sites)
     aten = torch.ops.aten
     seen = set()
     for node in gm.graph.nodes:
         if node.target in (aten.mT.default, aten.mH.default, aten.adjoint.default, aten.numpy_T.default):
             seen.add(node.target)
-            ins, outs = node.args[0].meta["subclone.channels"], node.meta["subclone.channels"]
+            ins, outs = channel_groups(node.args[0]), channel_groups(node)
             order = list(range(len(ins)))[::-1] if node.target is aten.numpy_T.default else \
                 list(range(len(ins) - 2)) + [len(ins) - 1, len(ins) - 2]
             assert [graph.find(outs[d]) for d in range(len(outs))] == [graph.find(ins[d]) for d in order]

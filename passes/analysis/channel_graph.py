@@ -21,10 +21,12 @@ heads); a concat composite keeps its parts' keep-sets shifted by their offsets.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import networkx as nx
-import torch
+
+from ..fx_utils import plain_size
 
 __all__ = ["ChannelGraph", "ChannelGroup", "Relation"]
 
@@ -55,10 +57,18 @@ class ChannelGroup:
         return isinstance(self.size, int)
 
 
+_TOKENS = itertools.count(1)
+
+
 class ChannelGraph:
-    """Vertices, relations and, after ``solve()``, channel groups."""
+    """Vertices, relations and, after ``solve()``, channel groups.
+
+    ``token`` names this analysis run: node metadata holding this graph's ids carries it, so that
+    ids are never read against another graph (a copy made by ``copy.deepcopy`` keeps it, and
+    its nodes keep theirs: they agree)."""
 
     def __init__(self) -> None:
+        self.token = next(_TOKENS)
         self.graph = nx.Graph()
         self._union = nx.utils.UnionFind()
         self.sizes: list[object] = []
@@ -81,7 +91,7 @@ class ChannelGraph:
 
     def fresh(self, size, label) -> int:
         v = len(self.sizes)
-        self.sizes.append(_plain_size(size))
+        self.sizes.append(plain_size(size))
         self.labels.append(label if isinstance(label, tuple) else ("fresh", label))
         self.graph.add_node(v)
         self._union[v]
@@ -287,13 +297,6 @@ class ChannelGraph:
                     found.add(w)
                     frontier.append(w)
         return found
-
-
-def _plain_size(size):
-    if isinstance(size, torch.SymInt):
-        expr = size.node.expr
-        return int(expr) if expr.is_number else expr
-    return int(size) if isinstance(size, int) else size
 
 
 def _known_different(a, b) -> bool:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .infra import PassError, SubclonePass
+from ..errors import PassError, PostconditionError
+from ..infra import SubclonePass
 
 __all__ = ["MoveToDevicePass", "move_to_device"]
 
@@ -67,10 +68,10 @@ class MoveToDevicePass(SubclonePass):
                 fx.node.map_aggregate((node.args, node.kwargs),
                                       lambda v: found.append(v) if isinstance(v, torch.device) else None)
                 if any(d != self.device for d in found):
-                    raise PassError(f"MoveToDevicePass: node {node.name} still names {found}")
+                    raise PostconditionError(f"MoveToDevicePass: node {node.name} still names {found}")
         for name, tensor in (*graph_module.named_parameters(), *graph_module.named_buffers()):
             if tensor.device != self.device:
-                raise PassError(f"MoveToDevicePass: {name} is on {tensor.device}, not {self.device}")
+                raise PostconditionError(f"MoveToDevicePass: {name} is on {tensor.device}, not {self.device}")
 
 
 def move_to_device(gm: fx.GraphModule, device) -> fx.GraphModule:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .op_rules import register
-from .rules_shape import _same, _size
+from ..fx_utils import plain_size, same_size
+from .registry import register
 
 aten = torch.ops.aten
 
@@ -48,9 +48,9 @@ def _broadcast_shape(shapes):
     for shape in shapes:
         for d, size in enumerate(shape):
             d += rank - len(shape)
-            if _same(out[d], 1):
+            if same_size(out[d], 1):
                 out[d] = size
-            elif not (_same(size, 1) or _same(size, out[d])):
+            elif not (same_size(size, 1) or same_size(size, out[d])):
                 return None
     return out
 
@@ -93,7 +93,7 @@ def _relate_indexed(ctx, x, layout, result_vertex, why):
         shape = ctx.shape(idx)
         offset = width - len(shape)
         for d, size in enumerate(shape):
-            if _same(size, broadcast[offset + d]):     # a broadcast size-1 dim joins nothing
+            if same_size(size, broadcast[offset + d]):     # a broadcast size-1 dim joins nothing
                 ctx.eq(ctx.v(idx, d), result_vertex(first + offset + d))
 
 
@@ -126,7 +126,7 @@ def _index_put(ctx):
     shape = ctx.shape(values)
     offset = len(picked) - len(shape)
     for d, size in enumerate(shape):
-        if offset + d >= 0 and _same(size, picked[offset + d]):
+        if offset + d >= 0 and same_size(size, picked[offset + d]):
             ctx.eq(ctx.v(values, d), keys[offset + d])
 
 
@@ -160,7 +160,7 @@ def _pad(ctx):
     rank = len(ctx.shape(x))
     padded = set()
     for k in range(0, len(pad), 2):
-        amounts = [_size(a) for a in pad[k:k + 2]]
+        amounts = [plain_size(a) for a in pad[k:k + 2]]
         if not all(isinstance(a, int) and a == 0 for a in amounts):
             padded.add(rank - 1 - k // 2)     # a computed amount may be non-zero: padded
     for d in range(rank):

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .op_rules import is_weight, register, tensor_shape
+from ..fx_utils import tensor_shape
+from .registry import is_weight, register
 
 __all__: list[str] = []
 
@@ -211,7 +212,7 @@ def _note_eager_attention(ctx, a, b, batch_out, out_index) -> None:
     sizes = (ctx.out_shape(out_index)[batch_out - 1], ctx.shape(b)[-3],
              contracted if isinstance(contracted, int) else ctx.out_shape(out_index)[-1])
     if all(isinstance(s, int) for s in sizes):
-        ctx.note("attention", {"heads": [heads], "kv_heads": kv_heads, "head_dim": head_dim})
+        ctx.attention_op(heads, kv_heads, head_dim)
 
 
 @register(aten.linear.default)
@@ -352,7 +353,7 @@ def _sdpa(ctx):
                 ctx.eq(ctx.v(mask, d), ctx.out(od))
             elif od == len(so) - 1 and size == sk[-2]:
                 ctx.eq(ctx.v(mask, d), ctx.v(k, -2))
-    ctx.note("attention", {"heads": [ctx.out(-3)], "kv_heads": ctx.v(k, -3), "head_dim": ctx.v(q, -1)})
+    ctx.attention_op(ctx.out(-3), ctx.v(k, -3), ctx.v(q, -1))
 
 
 def _no_channels(ctx):

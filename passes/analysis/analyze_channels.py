@@ -13,9 +13,10 @@ each group a kind:
    reason names the op and module.
 5. ``fixed`` (other static dims: vocabulary, tokens, classes) and ``dynamic`` (batch, seq).
 
-Writes ``node.meta["subclone.channels"]`` (the group id of each dim of each tensor output),
-``gm.meta["subclone.channel_graph"]``, ``gm.meta["subclone.attention"]`` and
-``gm.meta["subclone.unknown_ops"]``; modifies nothing.
+Writes ``state.CHANNELS`` on every node (the group id of each dim of its tensor output; the op
+rules write ``LITERALS`` / ``REDUCES`` / ``SLICE_PARTS`` / ``ATTENTION_OP``), and
+``state.CHANNEL_GRAPH``, ``state.ATTENTION`` and ``state.UNKNOWN_OPS`` on the graph, after
+clearing every key an earlier analysis left; modifies nothing else.
 """
 from __future__ import annotations
 
@@ -23,11 +24,14 @@ from collections import Counter
 
 import torch.fx as fx
 
-from . import rules_compute, rules_index, rules_shape  # noqa: F401  (registers the rules)
+from .. import state
+from ..fx_utils import get_attribute, module_path, tensor_shape
+from ..errors import PostconditionError
+from ..infra import SubclonePass
+from ..rules import apply_rule
+from ..state import AttentionSite
 from .channel_graph import ChannelGraph
-from .find_blocks import layer_of_node
-from .infra import SubclonePass, get_attribute, need
-from .op_rules import apply_rule, module_path, tensor_shape
+from .find_blocks import FindResidualBlocksPass, layer_of_node
 
 __all__ = ["AnalyzeChannelsPass", "analyze_channels"]
 
@@ -74,16 +78,15 @@ def _classify(gm: fx.GraphModule, graph: ChannelGraph, layers) -> list[dict]:
                     residual.add(group.id)
     attention, head_structure = [], set()
     for node in gm.graph.nodes:
-        site = node.meta.get("subclone.attention")
-        if site is None or "head_dim" not in site:
+        op = state.ATTENTION_OP.of(node, graph)
+        if op is None:
             continue
-        heads = graph.group_of(site["heads"][0]).id
-        if any(seen["heads"] == heads for seen in attention):
+        heads = graph.group_of(op.heads).id
+        if any(seen.heads == heads for seen in attention):
             continue        # eager attention: q·kᵀ and p·v are one site
-        kv, rep = _kv_and_rep(gm, graph, heads, graph.group_of(site["kv_heads"]).id)
-        head_dim = graph.group_of(site["head_dim"]).id
-        attention.append({"node": node.name, "heads": heads, "kv_heads": kv, "rep": rep,
-                          "head_dim": head_dim, "layer": layer_of_node(node, layer_of_key)})
+        kv, rep = _kv_and_rep(gm, graph, heads, graph.group_of(op.kv_heads).id)
+        head_dim = graph.group_of(op.head_dim).id
+        attention.append(AttentionSite(node.name, heads, kv, rep, head_dim, layer_of_node(node, layer_of_key)))
         head_structure |= {heads, kv, head_dim} | ({rep} if rep is not None else set())
     derived = set()
     for g in head_structure:
@@ -98,7 +101,7 @@ def _classify(gm: fx.GraphModule, graph: ChannelGraph, layers) -> list[dict]:
             group.kind = "residual"
         elif group.id in head_structure:
             group.kind = next(k for k in ("heads", "kv_heads", "head_dim", "rep")
-                              if any(site[k] == group.id for site in attention))
+                              if any(getattr(site, k) == group.id for site in attention))
             group.kind = "fixed" if group.kind == "rep" else group.kind
         elif group.id not in derived and _is_hidden_width(graph, group) and group.layer is not None:
             group.kind = "ffn"
@@ -149,26 +152,33 @@ def _layer_of(graph: ChannelGraph, group, nodes, layer_of_key) -> int | None:
 class AnalyzeChannelsPass(SubclonePass):
     """Analysis: the channel-dependency graph and its named groups (see module docstring)."""
 
-    requires_meta = (("subclone.layers", "FindResidualBlocksPass"),)
+    requires_keys = (state.LAYERS,)
+    clears = "channels"
 
     def run(self, gm: fx.GraphModule) -> bool:
-        layers = need(gm, "subclone.layers", "FindResidualBlocksPass")
+        layers = state.LAYERS.need(gm)
         graph, unknown = build_channel_graph(gm)
         attention = _classify(gm, graph, layers)
         for node in gm.graph.nodes:
             shapes = tensor_shape(node)
             if shapes is not None:
-                node.meta["subclone.channels"] = tuple(
-                    graph.find(graph.vertex((node.name, 0, d), s)) for d, s in enumerate(shapes))
-        gm.meta["subclone.channel_graph"] = graph
-        gm.meta["subclone.attention"] = attention
-        gm.meta["subclone.unknown_ops"] = unknown
+                groups = tuple(graph.find(graph.vertex((node.name, 0, d), s)) for d, s in enumerate(shapes))
+                state.CHANNELS.set(node, state.NodeChannels(graph.token, groups))
+        state.CHANNEL_GRAPH.set(gm, graph)
+        state.ATTENTION.set(gm, tuple(attention))
+        state.UNKNOWN_OPS.set(gm, tuple(unknown))
         return False
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        graph = state.CHANNEL_GRAPH.need(graph_module)
+        for node in graph_module.graph.nodes:
+            channels = state.CHANNELS.of(node, graph)
+            if channels is not None and any(g not in graph.groups for g in channels.groups):
+                raise PostconditionError(f"AnalyzeChannelsPass: a dim of {node.name} belongs to no channel group")
 
 
 def analyze_channels(gm: fx.GraphModule) -> ChannelGraph:
     """Plain-function twin: run the block finder and this analysis, return the graph."""
-    from .find_blocks import FindResidualBlocksPass
     FindResidualBlocksPass()(gm)
     AnalyzeChannelsPass()(gm)
-    return gm.meta["subclone.channel_graph"]
+    return state.CHANNEL_GRAPH.need(gm)

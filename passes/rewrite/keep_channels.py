@@ -13,7 +13,9 @@ Cases:
 3. literals: an entry that is ``-1`` or computed from the input (a symbolic size) is left
    alone; slices get ``start``/``end`` from the new sizes of the parts before and inside them.
 
-Reads ``subclone.keep``/``subclone.sizes`` (ChooseKeepPass) and the channel graph.
+Reads ``state.KEEP`` / ``state.SIZES`` (ChooseKeepPass), the channel graph and the node keys
+``CHANNELS`` / ``LITERALS`` / ``SLICE_PARTS``. ``ensures()`` checks the invariant on the result:
+every attribute's dims and every integer literal that names a group have that group's child size.
 """
 from __future__ import annotations
 
@@ -22,7 +24,10 @@ import operator
 import torch
 import torch.fx as fx
 
-from .infra import SubclonePass, get_attribute, need, refresh_meta, replace_tensors, same_kind
+from .. import state
+from ..errors import PostconditionError
+from ..fx_utils import get_attribute, replace_tensors, same_kind
+from ..infra import SubclonePass, refresh_meta
 
 __all__ = ["KeepChannelsPass", "keep_channels"]
 
@@ -37,11 +42,13 @@ def _sliced(tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor]]) -> torch
 def _slice_attributes(gm: fx.GraphModule, graph, keep) -> int:
     replaced: dict[int, torch.Tensor] = {}
     for node in gm.graph.nodes:
-        if node.op != "get_attr" or "subclone.channels" not in node.meta:
+        channels = state.CHANNELS.of(node, graph) if node.op == "get_attr" else None
+        if channels is None:
             continue
-        cuts = [(d, keep[g]) for d, g in enumerate(node.meta["subclone.channels"])
-                if g in keep and len(keep[g]) < graph.groups[g].size]
         old = get_attribute(gm, node.target)
+        # a dim already at its kept size was sliced by an earlier run: the pass is idempotent
+        cuts = [(d, keep[g]) for d, g in enumerate(channels.groups)
+                if g in keep and len(keep[g]) < graph.groups[g].size and old.shape[d] == graph.groups[g].size]
         if cuts and id(old) not in replaced:
             replaced[id(old)] = _sliced(old, cuts)
     replace_tensors(gm, replaced)
@@ -75,19 +82,19 @@ def _new_size_expression(value: fx.Node, vertex, graph, sizes):
 def _rewrite_literals(gm: fx.GraphModule, graph, sizes) -> int:
     changed = 0
     for node in gm.graph.nodes:
-        literals = node.meta.get("subclone.literals", {})
+        literals = state.LITERALS.of(node, graph)
         args = list(node.args)
-        for index, vertices in literals.items():
+        for index, vertices in (literals.vertices.items() if literals is not None else ()):
             if index >= len(args):
                 continue
             old = args[index]
-            if isinstance(vertices, list) and isinstance(old, (list, tuple)):
+            if isinstance(vertices, tuple) and isinstance(old, (list, tuple)):
                 args[index] = type(old)(_new_literal(v, w, graph, sizes) for v, w in zip(old, vertices))
-            elif not isinstance(vertices, list):
+            elif not isinstance(vertices, tuple):
                 args[index] = _new_literal(old, vertices, graph, sizes)
-        parts = node.meta.get("subclone.slice_parts")
+        parts = state.SLICE_PARTS.of(node, graph)
         if parts is not None:
-            before, inside, _ = (sizes[graph.find(p)] for p in parts)
+            before, inside = sizes[graph.find(parts.before)], sizes[graph.find(parts.inside)]
             args += [0, 0, 0, 0][len(args):]
             args[2], args[3] = before, before + inside
         if tuple(args) != node.args:
@@ -99,11 +106,11 @@ def _rewrite_literals(gm: fx.GraphModule, graph, sizes) -> int:
 class KeepChannelsPass(SubclonePass):
     """Slice every coupled tensor to its kept channels and rewrite every literal size."""
 
-    requires_meta = (("subclone.keep", "ChooseKeepPass"), ("subclone.channel_graph", "AnalyzeChannelsPass"))
+    requires_keys = (state.KEEP, state.SIZES, state.CHANNEL_GRAPH)
 
     def run(self, gm: fx.GraphModule) -> bool:
-        graph = need(gm, "subclone.channel_graph", "AnalyzeChannelsPass")
-        keep, sizes = need(gm, "subclone.keep", "ChooseKeepPass"), gm.meta["subclone.sizes"]
+        graph = state.CHANNEL_GRAPH.need(gm)
+        keep, sizes = state.KEEP.need(gm), state.SIZES.need(gm)
         sliced = _slice_attributes(gm, graph, keep)
         rewritten = _rewrite_literals(gm, graph, sizes)
         if sliced or rewritten:
@@ -111,6 +118,36 @@ class KeepChannelsPass(SubclonePass):
             refresh_meta(gm)
         return bool(sliced or rewritten)
 
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        graph, sizes = state.CHANNEL_GRAPH.need(graph_module), state.SIZES.need(graph_module)
+        for node in graph_module.graph.nodes:
+            channels = state.CHANNELS.of(node, graph)
+            if node.op == "get_attr" and channels is not None:
+                shape = tuple(get_attribute(graph_module, node.target).shape)
+                want = tuple(sizes.get(g, s) for g, s in zip(channels.groups, shape))
+                if shape != want:
+                    raise PostconditionError(f"KeepChannelsPass: {node.target} has shape {shape}, "
+                                             f"its channel groups say {want}")
+            literals = state.LITERALS.of(node, graph)
+            for index, vertices in (literals.vertices.items() if literals is not None else ()):
+                _check_literal(node, index, vertices, graph, sizes)
+
+
+def _check_literal(node: fx.Node, index: int, vertices, graph, sizes) -> None:
+    if index >= len(node.args):
+        return
+    values, vertices = (node.args[index], vertices) if isinstance(vertices, tuple) else ([node.args[index]], [vertices])
+    if not isinstance(values, (list, tuple)):
+        return
+    for value, vertex in zip(values, vertices):
+        if vertex is None or not isinstance(value, int) or isinstance(value, bool) or value == -1:
+            continue
+        want = sizes.get(graph.find(vertex))
+        if want is not None and value != want:
+            raise PostconditionError(f"KeepChannelsPass: {node.name} holds the size {value} where its "
+                                     f"channel group has {want}")
+
 
 def keep_channels(gm: fx.GraphModule) -> fx.GraphModule:
+    """Plain-function twin of ``KeepChannelsPass``."""
     return KeepChannelsPass()(gm).graph_module

@@ -16,49 +16,14 @@ from __future__ import annotations
 
 import operator
 
-import sympy
 import torch
-from torch import fx
 
-from .op_rules import register
+from ..fx_utils import divides, plain_size, quotient, same_size
+from .registry import register
 
 __all__: list[str] = []
 
 aten = torch.ops.aten
-
-
-def _size(s):
-    if isinstance(s, fx.Node):
-        # A size computed in the graph (``x.size(0)``): its traced value, never the Node itself
-        # (a Node stored as a vertex size drags FakeTensors into every deepcopy of the graph).
-        s = s.meta.get("val")
-    if isinstance(s, torch.SymInt):
-        expr = s.node.expr
-        return int(expr) if expr.is_number else expr
-    return s
-
-
-def _divides(a, b) -> bool:
-    """True when ``a`` divides ``b`` and ``a != b`` (ints or sympy products)."""
-    a, b = _size(a), _size(b)
-    if isinstance(a, int) and isinstance(b, int):
-        return a != b and b % a == 0
-    ratio = sympy.cancel(sympy.sympify(b) / sympy.sympify(a))
-    return ratio != 1 and sympy.fraction(ratio)[1] == 1
-
-
-def _same(a, b) -> bool:
-    a, b = _size(a), _size(b)
-    if isinstance(a, int) and isinstance(b, int) or a == b:
-        return a == b
-    return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
-
-
-def _quotient(a, b):
-    a, b = _size(a), _size(b)
-    if isinstance(a, int) and isinstance(b, int):
-        return a // b
-    return sympy.cancel(sympy.sympify(a) / sympy.sympify(b))
 
 
 def reshape_atoms(in_shape, out_shape):
@@ -68,16 +33,16 @@ def reshape_atoms(in_shape, out_shape):
     atom ids it is made of, and each atom's size; ``None`` when the sizes do not divide
     (a reshape like 6×4 → 4×6 scrambles indices). ``(b, E) → (b·H, D)`` gives atoms
     ``b, H, D`` with ``E = H×D`` and ``b·H = b×H``."""
-    ins = [[d, _size(s)] for d, s in enumerate(in_shape) if _size(s) != 1]
-    outs = [[d, _size(s)] for d, s in enumerate(out_shape) if _size(s) != 1]
+    ins = [[d, plain_size(s)] for d, s in enumerate(in_shape) if plain_size(s) != 1]
+    outs = [[d, plain_size(s)] for d, s in enumerate(out_shape) if plain_size(s) != 1]
     in_atoms = {d: [] for d, _ in ins}
     out_atoms = {d: [] for d, _ in outs}
     sizes = []
     while ins and outs:
         (di, a), (do, c) = ins[0], outs[0]
-        if _same(a, c) or _divides(a, c):
+        if same_size(a, c) or divides(a, c):
             atom = a
-        elif _divides(c, a):
+        elif divides(c, a):
             atom = c
         else:
             return None
@@ -85,8 +50,8 @@ def reshape_atoms(in_shape, out_shape):
         out_atoms[do].append(len(sizes))
         sizes.append(atom)
         for queue in (ins, outs):
-            queue[0][1] = _quotient(queue[0][1], atom)
-            if _same(queue[0][1], 1):
+            queue[0][1] = quotient(queue[0][1], atom)
+            if same_size(queue[0][1], 1):
                 queue.pop(0)
     if ins or outs:
         return None
@@ -164,8 +129,8 @@ def _swap_last_two(ctx):
 @register(aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
 def _squeeze(ctx):
     x = ctx.arg(0, "self")
-    ins = [d for d, s in enumerate(ctx.shape(x)) if _size(s) != 1]
-    outs = [d for d, s in enumerate(ctx.out_shape()) if _size(s) != 1]
+    ins = [d for d, s in enumerate(ctx.shape(x)) if plain_size(s) != 1]
+    outs = [d for d, s in enumerate(ctx.out_shape()) if plain_size(s) != 1]
     for a, b in zip(ins, outs):
         ctx.eq(ctx.v(x, a), ctx.out(b))
 
@@ -177,7 +142,7 @@ def _expand(ctx):
     ctx.literal(1, [ctx.out(d) for d in range(len(out_shape))])
     offset = len(out_shape) - len(in_shape)
     for d, s in enumerate(in_shape):
-        if _same(s, out_shape[d + offset]):
+        if same_size(s, out_shape[d + offset]):
             ctx.eq(ctx.v(x, d), ctx.out(d + offset))
 
 
@@ -188,7 +153,7 @@ def _repeat(ctx):
     offset = len(repeats) - len(in_shape)
     counts = [ctx.out(d) for d in range(offset)]
     for d in range(len(in_shape)):
-        copies = ctx.fresh(_size(repeats[d + offset]), f"repeat{d}")
+        copies = ctx.fresh(plain_size(repeats[d + offset]), f"repeat{d}")
         counts.append(copies)
         ctx.factor(ctx.out(d + offset), [copies, ctx.v(x, d)])
     ctx.literal(1, counts)
@@ -203,7 +168,7 @@ def _repeat_interleave(ctx):
     rank = len(ctx.shape(x))
     for d in range(rank):
         if d == dim % rank:
-            copies = ctx.fresh(_size(ctx.arg(1, "repeats")), "interleave")
+            copies = ctx.fresh(plain_size(ctx.arg(1, "repeats")), "interleave")
             ctx.literal(1, copies)
             ctx.factor(ctx.out(d), [ctx.v(x, d), copies])
         else:
@@ -281,9 +246,9 @@ def _slice(ctx):
     for d in range(rank):
         if d != dim:
             ctx.eq(ctx.v(x, d), ctx.out(d))
-    n, kept = _size(in_shape[dim]), _size(ctx.out_shape()[dim])
+    n, kept = plain_size(in_shape[dim]), plain_size(ctx.out_shape()[dim])
     if not isinstance(n, int):
-        if _same(n, kept):
+        if same_size(n, kept):
             ctx.eq(ctx.v(x, dim), ctx.out(dim))
         return
     start, step = ctx.arg(2, "start", 0) or 0, ctx.arg(4, "step", 1)
@@ -299,7 +264,7 @@ def _slice(ctx):
     else:
         before = ctx.fresh(start, "before")
         after = ctx.fresh(n - start - kept, "after")
-        ctx.note("slice_parts", (before, ctx.out(dim), after))
+        ctx.slice_of(before, ctx.out(dim), after)
         ctx.concat(ctx.v(x, dim), [before, ctx.out(dim), after])
 
 
@@ -317,7 +282,7 @@ def _create_new(ctx):
 @register(aten.arange.default, aten.arange.start, aten.arange.start_step, aten.linspace.default)
 def _arange(ctx):
     shape = ctx.out_shape()
-    if shape and isinstance(_size(shape[0]), int):
+    if shape and isinstance(plain_size(shape[0]), int):
         ctx.freeze(ctx.out(0), "arange's values depend on its length")
 
 

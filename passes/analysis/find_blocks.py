@@ -21,52 +21,17 @@ Writes ``gm.meta["subclone.layers"]``: a list of ``Layer``; modifies nothing.
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from .infra import SubclonePass
-from .op_rules import tensor_shape
+from .. import state
+from ..fx_utils import CASTS, VIEWS, container_item, in_module, layer_key, module_paths, tensor_shape
+from ..errors import PostconditionError
+from ..infra import SubclonePass
+from ..state import Layer, ResidualBlock
 
-__all__ = ["FindResidualBlocksPass", "Layer", "ResidualBlock", "find_layers", "layer_key", "layer_of_node"]
-
-_ITEM = re.compile(r"(?:\.|\[)(\d+)\]?$")
-_CASTS = {
-    torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device,
-    torch.ops.aten._to_copy.default, torch.ops.aten.alias.default, torch.ops.aten.clone.default,
-    torch.ops.aten.contiguous.default, torch.ops.aten.dropout.default,
-}
-_VIEWS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
-
-
-@dataclass
-class ResidualBlock:
-    add: str        # the node computing x + f(x)
-    skip: str       # x
-    branch: str     # f(x)
-
-
-@dataclass
-class Layer:
-    index: int
-    key: str | None                      # module path of the layer, when there is one
-    blocks: list[ResidualBlock] = field(default_factory=list)
-    input: str = ""
-    output: str = ""
-
-
-def layer_key(node: fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack") or {}
-    for path, _ in reversed(list(stack.values())):
-        if _ITEM.search(path):
-            return path
-    return None
-
-
-def _paths(node: fx.Node) -> list[str]:
-    return [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+__all__ = ["FindResidualBlocksPass", "find_layers", "layer_of_node"]
 
 
 def _block_key(add: fx.Node, region: set[fx.Node]) -> str | None:
@@ -74,23 +39,16 @@ def _block_key(add: fx.Node, region: set[fx.Node]) -> str | None:
     key = layer_key(add)
     if key is not None:
         return key
-    stacks = [_paths(n) for n in region if n.op == "call_function" and _paths(n)]
+    stacks = [module_paths(n) for n in region if n.op == "call_function" and module_paths(n)]
     if not stacks:
         return None
     common = [p for p in stacks[0] if all(p in other for other in stacks[1:])]
-    return next((p for p in reversed(common) if _ITEM.search(p)), None)
+    return next((p for p in reversed(common) if container_item(p) is not None), None)
 
 
 def layer_of_node(node: fx.Node, index_of_key: dict[str, int]) -> int | None:
     """The index of the layer whose module holds ``node``, if any."""
-    return next((index_of_key[p] for p in reversed(_paths(node)) if p in index_of_key), None)
-
-
-def _in_layer(node: fx.Node, key: str | None) -> bool:
-    if key is None:
-        return False
-    stack = node.meta.get("nn_module_stack") or {}
-    return any(path == key for path, _ in stack.values())
+    return next((index_of_key[p] for p in reversed(module_paths(node)) if p in index_of_key), None)
 
 
 def _ancestor_region(start: fx.Node, stop: fx.Node, order: dict) -> set[fx.Node] | None:
@@ -122,7 +80,9 @@ def _residual_block(node: fx.Node, order: dict) -> tuple[ResidualBlock, str | No
     a, b = node.args[0], node.args[1]
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         return None
-    if tensor_shape(a) is None or tensor_shape(a) != tensor_shape(b) != tensor_shape(node):
+    # both operands of the output's own shape: a broadcast (1, 1, h) + (b, s, h) is no residual
+    shape = tensor_shape(node)
+    if shape is None or tensor_shape(a) != shape or tensor_shape(b) != shape:
         return None
     for skip, branch in ((a, b), (b, a)):
         # the skip may be a cast of the stream made beside the branch (a residual kept in fp32)
@@ -134,7 +94,7 @@ def _residual_block(node: fx.Node, order: dict) -> tuple[ResidualBlock, str | No
 
 
 def _uncast(node: fx.Node) -> fx.Node:
-    while node.op == "call_function" and node.target in _CASTS and isinstance(node.args[0], fx.Node):
+    while node.op == "call_function" and node.target in CASTS and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 
@@ -142,25 +102,26 @@ def _uncast(node: fx.Node) -> fx.Node:
 def find_layers(gm: fx.GraphModule) -> list[Layer]:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     nodes = {n.name: n for n in gm.graph.nodes}
-    layers: list[Layer] = []
+    grouped: list[tuple[str | None, list[ResidualBlock]]] = []
     for node in gm.graph.nodes:
         found = _residual_block(node, order)
         if found is None:
             continue
         block, key = found
-        if layers and key is not None and layers[-1].key == key:
-            layers[-1].blocks.append(block)
+        if grouped and key is not None and grouped[-1][0] == key:
+            grouped[-1][1].append(block)
         else:
-            layers.append(Layer(len(layers), key, [block]))
-    for layer in layers:
-        stream_in = _stream_input(nodes[layer.blocks[0].skip], layer.key)
-        layer.input = stream_in.name
-        layer.output = _stream_output(nodes[layer.blocks[-1].add], layer.key, tensor_shape(stream_in)).name
+            grouped.append((key, [block]))
+    layers = []
+    for index, (key, blocks) in enumerate(grouped):
+        stream_in = _stream_input(nodes[blocks[0].skip], key)
+        stream_out = _stream_output(nodes[blocks[-1].add], key, tensor_shape(stream_in))
+        layers.append(Layer(index, key, tuple(blocks), stream_in.name, stream_out.name))
     return layers
 
 
 def _stream_input(node: fx.Node, key: str | None) -> fx.Node:
-    while node.op == "call_function" and node.target in _CASTS and _in_layer(node, key):
+    while node.op == "call_function" and node.target in CASTS and in_module(node, key):
         node = node.args[0]
     return node
 
@@ -173,9 +134,9 @@ def _stream_output(node: fx.Node, key: str | None, input_shape) -> fx.Node:
     while len(node.users) == 1:
         user = next(iter(node.users))
         user_shape = tensor_shape(user)
-        if not _in_layer(user, key) or user_shape is None:
+        if not in_module(user, key) or user_shape is None:
             break
-        if user_shape != shape and not (user.target in _VIEWS and math.prod(user_shape) == math.prod(shape)):
+        if user_shape != shape and not (user.target in VIEWS and math.prod(user_shape) == math.prod(shape)):
             break
         node, shape = user, user_shape
         if user_shape == input_shape:
@@ -185,10 +146,21 @@ def _stream_output(node: fx.Node, key: str | None, input_shape) -> fx.Node:
 
 
 class FindResidualBlocksPass(SubclonePass):
-    """Analysis: residual blocks and layers into ``gm.meta["subclone.layers"]``."""
+    """Analysis: residual blocks and layers into ``state.LAYERS``; the first analysis, so it
+    clears every analysis and rewrite key an earlier run left (a child analysed again)."""
+
+    clears = "blocks"
 
     def run(self, gm: fx.GraphModule) -> bool:
-        gm.meta["subclone.layers"] = find_layers(gm)
-        # the parent's depth, kept through later runs on the child (a checkpoint's config needs it)
-        gm.meta.setdefault("subclone.parent_layer_count", len(gm.meta["subclone.layers"]))
+        layers = tuple(find_layers(gm))
+        state.LAYERS.set(gm, layers)
+        # the depth of the model analysed: a checkpoint's per-layer config lists have this length
+        state.PARENT_LAYER_COUNT.set(gm, len(layers))
         return False
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        names = {n.name for n in graph_module.graph.nodes}
+        for layer in state.LAYERS.need(graph_module):
+            missing = [n for n in (layer.input, layer.output) if n not in names]
+            if missing:
+                raise PostconditionError(f"FindResidualBlocksPass: layer {layer.index} names missing node {missing[0]}")

@@ -6,13 +6,13 @@ so ``x·rsqrt(mean_d(x²) + ε·D/d) = √(d/D)·x·rsqrt(mean_D(x²) + ε)``: w
 statistic scaled by D/d like the statistic itself, every normalised output is the parent's times √(d/D), and
 multiplying it by √(D/d) restores it exactly. That makes removing all-zero residual channels
 from an RMSNorm model output-preserving, and gives the paper's rescaling of the weights that
-read the stream. ``gm.meta["subclone.rescale"]`` records the factor and the ε scale.
+read the stream. ``state.RESCALE`` records the factor and the ε scale.
 
 The same holds for a norm over any other shrunk width — a QK-norm over a whole ``heads·head_dim``
 projection loses heads —, so every reduction over a shrunk group gets the correction, with
-D/d the product over the shrunk groups it reduces; ``subclone.rescale`` records the residual's.
+D/d the product over the shrunk groups it reduces; ``state.RESCALE`` records the residual's.
 
-Where the factor goes, for every reduction (``subclone.reduces``) over a shrunk group:
+Where the factor goes, for every reduction (``state.REDUCES``) over a shrunk group:
 1. ``layer_norm``/``rms_norm`` ops: into their weight (and bias) — the op's whole output scales;
 2. a decomposed norm (``mean`` … ``rsqrt`` … ``x * r``): the first ``mul``/``div`` that joins the
    reduced statistic back to a stream-wide tensor is the normalised value; a per-channel
@@ -22,6 +22,10 @@ Where the factor goes, for every reduction (``subclone.reduces``) over a shrunk 
 A reduction that meets the stream only by subtraction (LayerNorm's centring) needs nothing.
 The factor is applied once per weight tensor, so a tied weight is scaled for all its uses or
 none; the embedding and output head are never touched (the factor sits in the norms).
+
+Run again on its own result it changes nothing (``state.RESCALE`` says the correction is in).
+``ensures()``: every normalisation over a shrunk group was corrected (its weight scaled, or a
+``mul`` inserted after it); ``state.RESCALE`` is written.
 """
 from __future__ import annotations
 
@@ -30,7 +34,10 @@ import math
 import torch
 import torch.fx as fx
 
-from .infra import SubclonePass, get_attribute, need, replace_tensors, same_kind
+from .. import state
+from ..errors import PostconditionError
+from ..fx_utils import CASTS, get_attribute, replace_tensors, same_kind
+from ..infra import SubclonePass
 
 __all__ = ["RescaleResidualPass", "rescale_residual"]
 
@@ -38,13 +45,14 @@ aten = torch.ops.aten
 # norm op -> (argument indices of its weight and bias, argument index of its ε)
 _NORM_OPS = {aten.layer_norm.default: ((2, 3), 4), aten.native_layer_norm.default: ((2, 3), 4),
              aten.rms_norm.default: ((2,), 3), aten._fused_rms_norm.default: ((2,), 3)}
-_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.alias.default,
-          aten.clone.default, aten.contiguous.default}
 _JOINS = {aten.mul.Tensor, aten.div.Tensor}
 
 
 def _has_group(node, groups) -> bool:
-    return isinstance(node, fx.Node) and any(g in groups for g in node.meta.get("subclone.channels", ()))
+    if not isinstance(node, fx.Node):
+        return False
+    channels = state.CHANNELS.get(node)
+    return channels is not None and any(g in groups for g in channels.groups)
 
 
 def _normalised(reduction: fx.Node, groups: set[int]) -> tuple[fx.Node | None, list[fx.Node]]:
@@ -79,7 +87,7 @@ def _gain(node: fx.Node, groups: set[int]) -> tuple[fx.Node, fx.Node] | None:
         if len(users) != 1:
             return None
         user = users[0]
-        if user.target in _CASTS:
+        if user.target in CASTS:
             node = user
             continue
         if user.target is aten.mul.Tensor:
@@ -92,29 +100,45 @@ def _gain(node: fx.Node, groups: set[int]) -> tuple[fx.Node, fx.Node] | None:
 class RescaleResidualPass(SubclonePass):
     """Multiply normalised residual reads by √(D/d) (see module docstring)."""
 
-    requires_meta = (("subclone.sizes", "ChooseKeepPass"), ("subclone.channel_graph", "AnalyzeChannelsPass"))
+    requires_keys = (state.SIZES, state.CHANNEL_GRAPH)
+
+    def __init__(self) -> None:
+        self.needed: set[str] = set()       # normalisations over a shrunk group
+        self.handled: set[str] = set()      # ... corrected
 
     def run(self, gm: fx.GraphModule) -> bool:
-        graph = need(gm, "subclone.channel_graph", "AnalyzeChannelsPass")
-        sizes = need(gm, "subclone.sizes", "ChooseKeepPass")
+        graph, sizes = state.CHANNEL_GRAPH.need(gm), state.SIZES.need(gm)
         shrunk = {g.id: g.size / sizes[g.id] for g in graph.groups.values()
                   if g.static and sizes.get(g.id, g.size) < g.size}
-        if not shrunk:
+        self.needed, self.handled = set(), set()
+        if not shrunk or state.RESCALE.has(gm):      # nothing shrank, or already corrected
             return False
         residual = [g for g in shrunk if graph.groups[g].kind == "residual"]
         ratio = shrunk[residual[0]] if residual else next(iter(shrunk.values()))
-        gm.meta["subclone.rescale"] = {"factor": math.sqrt(ratio), "eps_scale": ratio}
+        state.RESCALE.set(gm, state.Rescale(factor=math.sqrt(ratio), eps_scale=ratio))
         scaled: set[int] = set()
         use_count = self._use_counts(gm)
         modified = False
         for node in list(gm.graph.nodes):
             # a norm over a shrunk residual, or over any other shrunk width (a QK-norm over the
             # whole heads·head_dim projection): the same statistic, the same correction
-            reduced = {graph.find(v) for v in node.meta.get("subclone.reduces", ())} & set(shrunk)
-            if reduced:
+            reduces = state.REDUCES.of(node, graph)
+            reduced = {graph.find(v) for v in reduces.vertices} & set(shrunk) if reduces is not None else set()
+            if reduced and _is_normalisation(node, set(shrunk)):
+                self.needed.add(node.name)
                 factor = math.sqrt(math.prod(shrunk[g] for g in reduced))
-                modified |= self._rescale_at(gm, node, set(shrunk), factor, scaled, use_count)
+                if self._rescale_at(gm, node, set(shrunk), factor, scaled, use_count):
+                    self.handled.add(node.name)
+                    modified = True
         return modified
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        missed = sorted(self.needed - self.handled)
+        if missed:
+            raise PostconditionError(f"RescaleResidualPass: the reduction {missed[0]} over a shrunk width "
+                                     "got no √(D/d) correction")
+        if self.needed and not state.RESCALE.has(graph_module):
+            raise PostconditionError("RescaleResidualPass: state.RESCALE was not written")
 
     @staticmethod
     def _use_counts(gm) -> dict[int, int]:
@@ -164,8 +188,15 @@ class RescaleResidualPass(SubclonePass):
         with gm.graph.inserting_after(node):
             product = gm.graph.call_function(aten.mul.Tensor, (node, factor))
         node.replace_all_uses_with(product, delete_user_cb=lambda user: user is not product)
-        product.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "subclone.channels")})
+        product.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", state.CHANNELS.name)})
         return True
+
+
+def _is_normalisation(reduction: fx.Node, groups: set[int]) -> bool:
+    """A norm op, or a statistic that divides or multiplies the stream (``x · rsqrt(mean x²)``).
+    A reduction that meets the stream only by subtraction (LayerNorm's centring mean) or not at
+    all (a routing score, a pooled output) is no normalisation: it needs no correction."""
+    return reduction.target in _NORM_OPS or _normalised(reduction, groups)[0] is not None
 
 
 def rescale_residual(gm: fx.GraphModule) -> fx.GraphModule:

@@ -2,17 +2,20 @@
 
 With calibration inputs, the traced graph runs in an ``fx.Interpreter`` that watches:
 1. residual: every tensor of the residual stream (each block's input and output, each layer's
-   input and output); their per-channel means are **summed**, one order for the network;
+   input and output) and every normalised read of it (the input of each weight that contracts
+   the stream: q/k/v, gate/up, the output head); their per-channel means are **summed**, one
+   order for the network;
 2. MLP widths and attention heads: the input of the weight that contracts them (an MLP's
    ``down`` input; the attention output before the output projection), projected onto the
    group: a heads × head_dim input is averaged over head_dim, a fused gate/up half is summed;
 3. per layer, ‖f(x)‖/‖x+f(x)‖ = ‖out − in‖/‖out‖ (the paper's depth criterion).
 
 Without calibration data, a group scores the mean |weight| of every weight slicing it
-(each weight's profile normalised to mean 1), and ``gm.meta["subclone.score_source"]`` says so.
+(each weight's profile normalised to mean 1), and ``state.SCORE_SOURCE`` says so.
 
-Writes ``gm.meta["subclone.scores"]`` ({group id: 1-D float64 tensor}) and, with calibration,
-``gm.meta["subclone.layer_ratios"]``; modifies nothing.
+Writes ``state.SCORES`` ({group id: 1-D float64 tensor}), ``state.SCORE_SOURCE`` and, with
+calibration, ``state.LAYER_RATIOS``; modifies nothing. Statistics accumulate in float64 whatever
+the model's dtype.
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .. import state
+from ..fx_utils import get_attribute, tensor_shape
+from ..infra import SubclonePass, log
 from .channel_graph import ChannelGraph
-from .infra import SubclonePass, get_attribute, log, need
-from .op_rules import tensor_shape
 
 __all__ = ["ScoreChannelsPass", "project", "flat_inputs"]
 
@@ -113,7 +117,8 @@ def _watch_list(gm, graph: ChannelGraph, layers) -> dict[str, list[int]]:
     watch: dict[str, set] = defaultdict(set)
     stream = {b.add for layer in layers for b in layer.blocks} | {b.skip for layer in layers for b in layer.blocks}
     for name in stream:
-        for d, g in enumerate(nodes[name].meta.get("subclone.channels", ())):
+        channels = state.CHANNELS.of(nodes[name], graph)
+        for d, g in enumerate(channels.groups if channels is not None else ()):
             if graph.groups[g].kind == "residual":
                 watch[name].add(d)
     for v in graph.contracted:
@@ -126,22 +131,23 @@ def _watch_list(gm, graph: ChannelGraph, layers) -> dict[str, list[int]]:
 class ScoreChannelsPass(SubclonePass):
     """Analysis: per-channel scores of every residual, MLP and heads group."""
 
-    requires_meta = (("subclone.channel_graph", "AnalyzeChannelsPass"),)
+    requires_keys = (state.CHANNEL_GRAPH, state.LAYERS)
+    clears = "scores"
 
     def __init__(self, calibration=None, progress=None) -> None:
         self.calibration, self.progress = calibration, progress
 
     def run(self, gm: fx.GraphModule) -> bool:
-        graph = need(gm, "subclone.channel_graph", "AnalyzeChannelsPass")
+        graph = state.CHANNEL_GRAPH.need(gm)
         targets = [g.id for g in graph.groups.values() if g.kind in SCORED_KINDS]
         if self.calibration is None:
             log.info("no calibration data: scoring channels by weight magnitude")
             profiles = self._weight_profiles(gm, graph)
-            gm.meta["subclone.score_source"] = "weight magnitude (no calibration data)"
+            state.SCORE_SOURCE.set(gm, "weight magnitude (no calibration data)")
         else:
             profiles = self._activation_profiles(gm, graph)
-            gm.meta["subclone.score_source"] = "mean |activation| on calibration data"
-        gm.meta["subclone.scores"] = self._combine(graph, profiles, targets)
+            state.SCORE_SOURCE.set(gm, "mean |activation| on calibration data")
+        state.SCORES.set(gm, self._combine(graph, profiles, targets))
         return False
 
     def _combine(self, graph, profiles, targets) -> dict[int, torch.Tensor]:
@@ -163,7 +169,8 @@ class ScoreChannelsPass(SubclonePass):
             if node.op != "get_attr" or shape is None or not shape:
                 continue
             tensor = get_attribute(gm, node.target)
-            for d, g in enumerate(node.meta.get("subclone.channels", ())):
+            channels = state.CHANNELS.of(node, graph)
+            for d, g in enumerate(channels.groups if channels is not None else ()):
                 if graph.groups[g].static and graph.groups[g].size > 1:
                     x = tensor.detach().abs().to(torch.float64)
                     vec = x.mean(dim=[i for i in range(x.dim()) if i != d]) if x.dim() > 1 else x
@@ -171,7 +178,7 @@ class ScoreChannelsPass(SubclonePass):
         return profiles
 
     def _activation_profiles(self, gm, graph):
-        layers = gm.meta.get("subclone.layers", [])
+        layers = state.LAYERS.need(gm)
         recorder = _Recorder(gm, _watch_list(gm, graph, layers), layers)
         batches = self.calibration if self.progress is None else self.progress(self.calibration)
         seen = 0
@@ -181,7 +188,7 @@ class ScoreChannelsPass(SubclonePass):
                 seen += 1
         if seen == 0:
             raise ValueError("calibration: no batches given (pass None to score by weight magnitude)")
-        gm.meta["subclone.layer_ratios"] = [sum(r) / len(r) for _, r in sorted(recorder.ratios.items())]
+        state.LAYER_RATIOS.set(gm, tuple(sum(r) / len(r) for _, r in sorted(recorder.ratios.items())))
         nodes = {n.name: n for n in gm.graph.nodes}
-        return [(nodes[name].meta["subclone.channels"][dim], total / recorder.counts[(name, dim)])
+        return [(state.CHANNELS.of(nodes[name], graph).groups[dim], total / recorder.counts[(name, dim)])
                 for (name, dim), total in recorder.sums.items()]

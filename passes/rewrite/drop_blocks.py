@@ -7,18 +7,25 @@ too), and every attribute and submodule no remaining node reads is deleted. A pr
 whose branches output zero is removed exactly; a post-norm layer is removed with its norm.
 
 Layers are dropped last to first, so that consecutive dropped layers chain correctly. The
-remaining layers are renumbered in ``gm.meta["subclone.layers"]``.
+remaining layers are renumbered in ``state.LAYERS``, the attention sites of dropped layers leave
+``state.ATTENTION`` (the others are renumbered), and ``state.DROP`` is emptied. ``ensures()``: no
+node of a dropped layer remains, and every layer and attention site names a live node.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.fx as fx
 from torch.fx.node import _side_effectful_functions
 
-from .find_blocks import _in_layer
-from .infra import SubclonePass, get_attribute, need
+from .. import state
+from ..analysis.find_blocks import layer_of_node
+from ..errors import PostconditionError
+from ..fx_utils import get_attribute, in_module
+from ..infra import SubclonePass
 
-__all__ = ["DropBlocksPass", "drop_blocks", "eliminate_dead_code"]
+__all__ = ["DropBlocksPass", "drop_blocks", "eliminate_dead_code", "renumber_attention_sites", "check_layer_state"]
 
 # Checks that only look at a value (a tensor's metadata, a data-dependent size like a token
 # count per expert): they guard nothing the graph computes, so they die with what they check.
@@ -85,30 +92,72 @@ def _delete_unused_attributes(gm: fx.GraphModule) -> None:
 
 
 class DropBlocksPass(SubclonePass):
-    """Remove the layers listed in ``gm.meta["subclone.drop"]`` (see module docstring)."""
+    """Remove the layers listed in ``state.DROP`` (see module docstring)."""
 
-    requires_meta = (("subclone.layers", "FindResidualBlocksPass"), ("subclone.drop", "ChooseKeepPass"))
+    requires_keys = (state.LAYERS, state.DROP)
+
+    def __init__(self) -> None:
+        self.dropped: tuple[str, ...] = ()
 
     def run(self, gm: fx.GraphModule) -> bool:
-        layers, drop = need(gm, "subclone.layers", "FindResidualBlocksPass"), gm.meta["subclone.drop"]
+        layers, drop = state.LAYERS.need(gm), set(state.DROP.need(gm))
+        self.dropped = tuple(layers[i].key for i in sorted(drop) if layers[i].key is not None)
         if not drop:
             return False
         nodes = {n.name: n for n in gm.graph.nodes}
         for index in sorted(drop, reverse=True):
             layer = layers[index]
             output, source = nodes[layer.output], nodes[layer.input]
-            output.replace_all_uses_with(source, delete_user_cb=lambda user: not _in_layer(user, layer.key))
+            output.replace_all_uses_with(source, delete_user_cb=lambda user: not in_module(user, layer.key))
         eliminate_dead_code(gm)
         _delete_unused_attributes(gm)
-        kept = [layer for layer in layers if layer.index not in set(drop)]
-        for new_index, layer in enumerate(kept):
-            layer.index = new_index
-        gm.meta["subclone.layers"] = kept
-        gm.meta["subclone.drop"] = []
+        # a layer after a dropped one now reads what the dropped one read
+        source_of = {layers[i].output: layers[i].input for i in drop}
+
+        def source(name: str) -> str:
+            while name in source_of:
+                name = source_of[name]
+            return name
+
+        kept = [dataclasses.replace(layer, index=new, input=source(layer.input)) for new, layer in
+                enumerate(layer for layer in layers if layer.index not in drop)]
+        state.LAYERS.set(gm, tuple(kept))
+        state.DROP.set(gm, ())
+        renumber_attention_sites(gm, kept)
         return True
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        left = [n.name for n in graph_module.graph.nodes if any(in_module(n, key) for key in self.dropped)]
+        if left:
+            raise PostconditionError(f"DropBlocksPass: {left[0]} of a dropped layer is still in the graph")
+        check_layer_state(graph_module, "DropBlocksPass")
+
+
+def renumber_attention_sites(gm: fx.GraphModule, layers) -> None:
+    """Keep the attention sites whose node is still in the graph, with the layer it is in now."""
+    index = {layer.key: layer.index for layer in layers if layer.key is not None}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    sites = state.ATTENTION.get(gm)
+    if sites is not None:
+        state.ATTENTION.set(gm, tuple(dataclasses.replace(site, layer=layer_of_node(nodes[site.node], index))
+                                      for site in sites if site.node in nodes))
+
+
+def check_layer_state(gm: fx.GraphModule, name: str) -> None:
+    """Every layer and attention site names a node of the graph; layers are numbered 0..n-1."""
+    nodes = {n.name for n in gm.graph.nodes}
+    for position, layer in enumerate(state.LAYERS.need(gm)):
+        if layer.index != position:
+            raise PostconditionError(f"{name}: layer {position} is numbered {layer.index}")
+        for node in (layer.input, layer.output):
+            if node not in nodes:
+                raise PostconditionError(f"{name}: layer {position} names {node}, which is not in the graph")
+    for site in state.ATTENTION.get(gm) or ():
+        if site.node not in nodes:
+            raise PostconditionError(f"{name}: attention site {site.node} is not in the graph")
 
 
 def drop_blocks(gm: fx.GraphModule, layers_to_drop: list[int]) -> fx.GraphModule:
     """Plain-function twin: drop these layer indices (needs FindResidualBlocksPass first)."""
-    gm.meta["subclone.drop"] = list(layers_to_drop)
+    state.DROP.set(gm, tuple(layers_to_drop))
     return DropBlocksPass()(gm).graph_module

@@ -18,10 +18,11 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from .channel_graph import ChannelGraph, _plain_size
+from .. import state
+from ..analysis.channel_graph import ChannelGraph
+from ..fx_utils import WEIGHT_PASS_THROUGH, module_path, tensor_shape
 
-__all__ = ["RULES", "RULES_BY_NAME", "register", "qualified_name", "RuleContext", "apply_rule", "module_path",
-           "tensor_shape", "is_weight"]
+__all__ = ["RULES", "RULES_BY_NAME", "register", "qualified_name", "RuleContext", "apply_rule", "is_weight"]
 
 aten = torch.ops.aten
 RULES: dict[object, Callable[["RuleContext"], None]] = {}
@@ -48,36 +49,13 @@ def qualified_name(target) -> str | None:
     return None if schema is None else f"{schema.name}.{schema.overload_name or 'default'}"
 
 
-def tensor_shape(value) -> tuple | None:
-    """The shape of a node's tensor value, sizes as ints or sympy expressions (dynamic axes)."""
-    if isinstance(value, fx.Node):
-        value = value.meta.get("val")
-    if isinstance(value, torch.Tensor):
-        return tuple(_plain_size(s) for s in value.shape)
-    return None
-
-
-def module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else "<top level>"
-
-
-_PASS_THROUGH = {
-    aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default,
-    aten.reshape.default, aten._unsafe_view.default, aten.to.dtype, aten.to.dtype_layout,
-    aten.to.device, aten._to_copy.default, aten.alias.default, aten.clone.default,
-    aten.contiguous.default, aten.detach.default, aten.numpy_T.default, aten.mT.default,
-    aten.mH.default, aten.adjoint.default, aten.matrix_H.default,
-}
-
-
 def is_weight(node) -> bool:
     """True when ``node`` is a module attribute, or a view or cast of one."""
     seen = 0
     while isinstance(node, fx.Node) and seen < 8:
         if node.op == "get_attr":
             return True
-        if node.op != "call_function" or node.target not in _PASS_THROUGH:
+        if node.op != "call_function" or node.target not in WEIGHT_PASS_THROUGH:
             return False
         node = node.args[0]
         seen += 1
@@ -91,6 +69,12 @@ class RuleContext:
         self.node = node
         self.graph = graph
         self.origin = f"{_op_name(node.target)} ({node.name} in {module_path(node)})"
+        # what the rule states about its node, written to node.meta once it is done (never
+        # appended to a value an earlier analysis left there)
+        self.literals: dict[int, object] = {}
+        self.reduced: list[int] = []
+        self.slice_parts: tuple[int, int, int] | None = None
+        self.attention: tuple[int, int, int] | None = None
 
     # arguments
     def arg(self, index: int, name: str, default=None):
@@ -151,14 +135,30 @@ class RuleContext:
         self.graph.produced.add(v)
 
     def reduce(self, x: fx.Node, dims: list[int]) -> None:
-        self.node.meta.setdefault("subclone.reduces", []).extend(self.v(x, d) for d in dims)
+        self.reduced.extend(self.v(x, d) for d in dims)
 
     def literal(self, arg_index: int, vertices) -> None:
         """Argument ``arg_index`` holds the size of ``vertices`` (a list, or one vertex)."""
-        self.node.meta.setdefault("subclone.literals", {})[arg_index] = vertices
+        self.literals[arg_index] = tuple(vertices) if isinstance(vertices, list) else vertices
 
-    def note(self, key: str, value) -> None:
-        self.node.meta[f"subclone.{key}"] = value
+    def slice_of(self, before: int, inside: int, after: int) -> None:
+        """The node is a slice of ``concat(before, inside, after)``: its bounds follow their sizes."""
+        self.slice_parts = (before, inside, after)
+
+    def attention_op(self, heads: int, kv_heads: int, head_dim: int) -> None:
+        """The node is an attention op over these vertices (query heads, kv heads, head dim)."""
+        self.attention = (heads, kv_heads, head_dim)
+
+    def commit(self) -> None:
+        token = self.graph.token
+        if self.literals:
+            state.LITERALS.set(self.node, state.NodeLiterals(token, dict(self.literals)))
+        if self.reduced:
+            state.REDUCES.set(self.node, state.NodeReduces(token, tuple(self.reduced)))
+        if self.slice_parts is not None:
+            state.SLICE_PARTS.set(self.node, state.NodeSliceParts(token, *self.slice_parts))
+        if self.attention is not None:
+            state.ATTENTION_OP.set(self.node, state.NodeAttention(token, *self.attention))
 
     def freeze_all(self, why: str) -> None:
         for x in self.tensor_args():
@@ -191,6 +191,7 @@ def apply_rule(node: fx.Node, graph: ChannelGraph) -> str | None:
     rule = RULES.get(node.target) or RULES_BY_NAME.get(qualified_name(node.target))
     if rule is not None:
         rule(ctx)
+        ctx.commit()
         return None
     if not ctx.tensor_args() and not ctx.output_shapes():
         return None      # arithmetic on sizes: touches no channel

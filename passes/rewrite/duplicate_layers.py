@@ -1,6 +1,6 @@
 """Rewrite: repeat layers to make a deeper child (paper §3: a deeper child repeats middle layers).
 
-Invariant: for each index ``i`` in ``gm.meta["subclone.duplicate"]``, a copy of layer ``i`` runs
+Invariant: for each index ``i`` in ``state.DUPLICATE``, a copy of layer ``i`` runs
 right after it, reading layer ``i``'s stream output, and every use of that output outside layer
 ``i`` reads the copy's output instead. The child therefore computes layer ``i`` twice:
 ``y = L_i(L_i(x))``. A duplicated layer whose residual branches output zero is the identity, so
@@ -14,51 +14,61 @@ What is copied:
    index past the last one in its container (``model.layers.3`` → ``model.layers.30`` when
    there are 30), so ``gm.get_submodule`` finds it; missing owners are made as empty
    ``nn.Module`` containers. Two names of one tensor in the layer stay one tensor in the copy;
-3. the copies keep the originals' metadata (``val``, ``subclone.channels`` — so
-   ``KeepChannelsPass`` slices a copy as it slices its original — and the other
-   ``subclone.*`` keys); their ``nn_module_stack`` names the new path, so ``find_layers``
-   sees the copy as a layer of its own.
+3. the copies keep the originals' metadata (``val``, ``state.CHANNELS`` — so
+   ``KeepChannelsPass`` slices a copy as it slices its original — and the other node keys of
+   ``passes/state.py``, values shared, never mutated); their ``nn_module_stack`` names the new
+   path, so ``find_layers`` sees the copy as a layer of its own; an attention site of the layer
+   gets a twin for the copy.
 
 Shared, not copied: what the layer reads from outside it (masks, rotary cos/sin, symbolic
 sizes, attributes also read elsewhere). An index repeated ``n`` times gives ``n`` copies in a
-row. Indices refer to ``gm.meta["subclone.layers"]`` as it is when this pass runs; layers are
-found again after each copy, so later indices follow the shifted numbering.
+row. Indices refer to ``state.LAYERS`` as it is when this pass runs; layers are found again after each
+copy, so later indices follow the shifted numbering.
 
-Writes ``gm.meta["subclone.layers"]`` (found again) and empties ``gm.meta["subclone.duplicate"]``.
+Writes ``state.LAYERS`` (found again) and ``state.ATTENTION``, and empties ``state.DUPLICATE``.
+``ensures()``: the layer count grew by the number of copies, and every layer and attention site
+names a live node.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
 import torch.fx as fx
 
-from .find_blocks import _ITEM, Layer, _in_layer, find_layers, layer_of_node
-from .infra import PassError, SubclonePass, get_attribute, need, same_kind
+from .. import state
+from ..analysis.find_blocks import find_layers
+from ..errors import PassError, PostconditionError
+from ..fx_utils import attribute_path, container_of, get_attribute, in_module, module_paths, same_kind
+from ..infra import SubclonePass
+from ..state import Layer
+from .drop_blocks import check_layer_state, renumber_attention_sites
 
 __all__ = ["DuplicateLayersPass", "duplicate_layers", "duplicate_layer"]
 
 
-def _attr_path(module_path: str) -> str:
-    """Module path as an attribute name: ``a.b[3]`` → ``a.b.3``."""
-    return module_path.replace("[", ".").replace("]", "")
-
-
 def _fresh_key(gm: fx.GraphModule, key: str) -> str:
     """``key`` with its item index replaced by one past every index used in its container."""
-    match = _ITEM.search(key)
-    prefix = key[: match.start()]
+    prefix = container_of(key)
     item = re.compile(re.escape(prefix) + r"(?:\.|\[)(\d+)\]?(?=$|[.\[])")
-    used = {int(m.group(1)) for node in gm.graph.nodes
-            for path, _ in (node.meta.get("nn_module_stack") or {}).values()
+    used = {int(m.group(1)) for node in gm.graph.nodes for path in module_paths(node)
             for m in [item.match(path)] if m}
-    try:
-        container = gm.get_submodule(_attr_path(prefix)) if prefix else gm
+    container = _submodule_or_none(gm, attribute_path(prefix)) if prefix else gm
+    if container is not None:
         used |= {int(name) for name, _ in container.named_children() if name.isdigit()}
-    except AttributeError:
-        pass
     fresh = max(used, default=-1) + 1
-    return f"{prefix}[{fresh}]" if match.group(0).startswith("[") else f"{prefix}.{fresh}"
+    return f"{prefix}[{fresh}]" if key[len(prefix)] == "[" else f"{prefix}.{fresh}"
+
+
+def _submodule_or_none(gm: fx.GraphModule, path: str):
+    """The module at ``path``; None when export kept no module there (only its tensors)."""
+    module = gm
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if not isinstance(module, torch.nn.Module):
+            return None
+    return module
 
 
 def _renamed(path: str, key: str, new_key: str) -> str:
@@ -74,7 +84,7 @@ def _renamed_stack(stack: dict, key: str, new_key: str) -> dict:
 
 def _own_nodes(gm: fx.GraphModule, key: str) -> list[fx.Node]:
     """The layer's nodes and the attributes only the layer reads, in graph order."""
-    inside = {n for n in gm.graph.nodes if _in_layer(n, key)}
+    inside = {n for n in gm.graph.nodes if in_module(n, key)}
     read_only_here = {n for n in gm.graph.nodes
                       if n.op == "get_attr" and n.users and all(u in inside for u in n.users)}
     return [n for n in gm.graph.nodes if n in inside or n in read_only_here]
@@ -111,7 +121,7 @@ class _Copier:
 
     def __init__(self, gm: fx.GraphModule, key: str, new_key: str) -> None:
         self.gm, self.key, self.new_key = gm, key, new_key
-        self.old_attr, self.new_attr = _attr_path(key), _attr_path(new_key)
+        self.old_attr, self.new_attr = attribute_path(key), attribute_path(new_key)
         self.targets: dict[int, str] = {}          # id(original tensor) -> new attribute name
 
     def attribute(self, node: fx.Node) -> fx.Node:
@@ -152,7 +162,7 @@ def duplicate_layer(gm: fx.GraphModule, layer: Layer) -> str:
     own = _own_nodes(gm, layer.key)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     last = max((n for n in own if n.op != "get_attr"), key=order.__getitem__)
-    late = [u.name for u in output.users if not _in_layer(u, layer.key) and order[u] < order[last]]
+    late = [u.name for u in output.users if not in_module(u, layer.key) and order[u] < order[last]]
     if late:
         raise PassError(f"cannot duplicate layer {layer.key}: {', '.join(late)} reads its output "
                         f"before the layer's last node {last.name}, where the copy would start")
@@ -161,56 +171,57 @@ def duplicate_layer(gm: fx.GraphModule, layer: Layer) -> str:
     _Copier(gm, layer.key, new_key).copy(own, env, last)
     copies = set(env.values()) - {output}
     new_output = env[output]
-    output.replace_all_uses_with(new_output, delete_user_cb=lambda u: u not in copies and not _in_layer(u, layer.key))
+    output.replace_all_uses_with(new_output, delete_user_cb=lambda u: u not in copies and not in_module(u, layer.key))
     _copy_attention_sites(gm, env)
     return new_key
 
 
 def _copy_attention_sites(gm: fx.GraphModule, env: dict) -> None:
-    sites = gm.meta.get("subclone.attention")
+    sites = state.ATTENTION.get(gm)
     if sites is None:
         return
     names = {old.name: new.name for old, new in env.items()}
-    sites += [dict(site, node=names[site["node"]]) for site in list(sites) if site["node"] in names]
-
-
-def _renumber_attention_sites(gm: fx.GraphModule, layers: list[Layer]) -> None:
-    index = {layer.key: layer.index for layer in layers if layer.key is not None}
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for site in gm.meta.get("subclone.attention", ()):
-        if site["node"] in nodes:
-            site["layer"] = layer_of_node(nodes[site["node"]], index)
+    twins = tuple(dataclasses.replace(site, node=names[site.node]) for site in sites if site.node in names)
+    state.ATTENTION.set(gm, tuple(sites) + twins)
 
 
 class DuplicateLayersPass(SubclonePass):
-    """Duplicate the layers listed in ``gm.meta["subclone.duplicate"]`` (see module docstring)."""
+    """Duplicate the layers listed in ``state.DUPLICATE`` (see module docstring)."""
 
-    requires_meta = (("subclone.layers", "FindResidualBlocksPass"),)
+    requires_keys = (state.LAYERS,)
+
+    def __init__(self) -> None:
+        self.expected: int | None = None
 
     def run(self, gm: fx.GraphModule) -> bool:
-        wanted = sorted(gm.meta.get("subclone.duplicate") or [])
+        wanted = sorted(state.DUPLICATE.get(gm) or ())
+        layers = state.LAYERS.need(gm)
+        self.expected = len(layers) + len(wanted)
         if not wanted:
             return False
-        layers = need(gm, "subclone.layers", "FindResidualBlocksPass")
         bad = [i for i in wanted if not isinstance(i, int) or not 0 <= i < len(layers)]
         if bad:
-            raise PassError(f"subclone.duplicate: layer {bad[0]} does not exist; layers are 0..{len(layers) - 1}")
-        found = layers
+            raise PassError(f"state.DUPLICATE: layer {bad[0]} does not exist; layers are 0..{len(layers) - 1}")
+        found = list(layers)
         for done, index in enumerate(wanted):
             # Sorted: ``done`` copies precede this one, so parent layer ``index`` (or its
             # latest copy, for a repeated index) is now at ``index + done``.
             duplicate_layer(gm, found[index + done])
             found = find_layers(gm)
-        if len(found) != len(layers) + len(wanted):
-            raise PassError(f"after duplicating layers {wanted}, {len(found)} layers are found; "
-                            f"expected {len(layers) + len(wanted)}")
-        gm.meta["subclone.layers"] = found
-        gm.meta["subclone.duplicate"] = []
-        _renumber_attention_sites(gm, found)
+        state.LAYERS.set(gm, tuple(found))
+        state.DUPLICATE.set(gm, ())
+        renumber_attention_sites(gm, found)
         return True
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        count = len(state.LAYERS.need(graph_module))
+        if self.expected is not None and count != self.expected:
+            raise PostconditionError(f"DuplicateLayersPass: {count} layers are found after duplicating; "
+                                     f"expected {self.expected}")
+        check_layer_state(graph_module, "DuplicateLayersPass")
 
 
 def duplicate_layers(gm: fx.GraphModule, indices: list[int]) -> fx.GraphModule:
     """Plain-function twin: duplicate these layer indices (needs FindResidualBlocksPass first)."""
-    gm.meta["subclone.duplicate"] = list(indices)
+    state.DUPLICATE.set(gm, tuple(indices))
     return DuplicateLayersPass()(gm).graph_module

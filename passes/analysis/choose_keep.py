@@ -4,56 +4,38 @@ Decisions (the paper's recipe, ties broken by the lower index, kept indices in o
 1. residual: the ``hidden`` best channels by score (one order for the whole network);
 2. ffn: per layer, the ``ffn`` best neurons;
 3. heads: per attention op, the ``kv_heads`` best kv groups (a group scores the sum of its query
-   heads), then in each kept group its ``heads / kv_heads`` best query heads;
+   heads), then in each kept group its ``heads / kv_heads`` best query heads (query head ``r`` of
+   kv group ``g`` is head ``g · (parent's heads per group) + r``);
 4. layers: ``drop_layers`` as given, else ``depth="middle"`` drops the middle ones and
    ``depth="measured"`` the ones with the smallest ‖f(x)‖/‖x+f(x)‖ (needs calibration).
 
-Every other group follows: a factor composite keeps the Kronecker product of its parts, a
-concat keeps each part shifted by its offset, a group no decision reaches keeps everything.
-Relations that carry a decision are resolved before those that would keep a group whole, and
-a decided concatenation passes each undecided part the indices in its range (a fused qkv kept
-per head gives its ``cat(q_bias, k_bias, v_bias)`` parts their heads). Afterwards every relation
-must agree with the keep-sets, else ``PassError``. A frozen group that would lose an index is
+Every other group follows (``keep_sets.derive_keep``). A frozen group that would lose an index is
 an error naming the op that froze it.
 
-Writes ``gm.meta["subclone.keep"]`` ({group: LongTensor of kept indices}),
-``gm.meta["subclone.sizes"]`` ({group: new size}) and ``gm.meta["subclone.drop"]``.
+Writes ``state.TARGET``, ``state.KEEP`` ({group: LongTensor of kept indices}), ``state.SIZES``
+({group: child size}), ``state.SIZE_CHANGES`` (kind → parent and child size of each group),
+``state.DROP`` and ``state.DUPLICATE``. ``ensures()``: every residual / ffn group has the target's
+size and the layers left after dropping and repeating are ``Target.layers``.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
+from .. import state
+from ..errors import PassError, PostconditionError, PreconditionError
+from ..infra import SubclonePass
+from ..state import SizeChange
+from ..target import Target
 from .channel_graph import ChannelGraph
-from .infra import PassError, SubclonePass, need
+from .keep_sets import derive_keep
 
-__all__ = ["Target", "ChooseKeepPass", "derive_keep", "top_k", "pick", "SELECTIONS", "DEPTHS"]
+__all__ = ["ChooseKeepPass", "choose", "top_k", "pick", "middle_layers", "SELECTIONS", "DEPTHS"]
 
 # How channels are picked: the paper's scores, or the data-free baselines and ablations.
 SELECTIONS = ("score", "first", "uniform")
 # How layers are picked: the paper's middle, measured ‖f(x)‖/‖x+f(x)‖, or the first ones.
 DEPTHS = ("middle", "measured", "first")
-
-
-@dataclass(frozen=True)
-class Target:
-    """The child's size. ``None`` keeps the parent's."""
-
-    hidden: int | None = None
-    layers: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    ffn: int | None = None
-
-    def __post_init__(self):
-        for name in ("hidden", "layers", "heads", "kv_heads", "ffn"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise TypeError(f"Target.{name} must be an int or None, got {type(value).__name__}")
-            if value is not None and value < 1:
-                raise ValueError(f"Target.{name}={value}: must be at least 1 (or None to keep the parent's)")
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -84,7 +66,7 @@ def _not_frozen(graph: ChannelGraph, gid: int, name: str) -> None:
 
 
 def _choose_heads(graph, site, target, scores, keep, sizes, selection) -> None:
-    hq, kv, rep = site["heads"], site["kv_heads"], site["rep"]
+    hq, kv, rep = site.heads, site.kv_heads, site.rep
     n_heads, n_kv = graph.groups[hq].size, graph.groups[kv].size
     per_group = n_heads // n_kv
     _check("heads", target.heads, n_heads, "query heads per layer")
@@ -93,13 +75,15 @@ def _choose_heads(graph, site, target, scores, keep, sizes, selection) -> None:
     if rep is None and heads is not None and kv_heads is not None and heads != kv_heads:
         raise ValueError(f"Target.kv_heads={kv_heads} must equal Target.heads={heads}: this model's "
                          "attention has no kv grouping (every query head has its own key and value)")
+    if rep is None:
+        heads = kv_heads = heads or kv_heads
     if heads is None:
-        heads = (kv_heads or n_kv) * per_group
+        heads = kv_heads * per_group        # the parent's query heads per kv head
     if kv_heads is None:
-        kv_heads = heads if rep is None else heads // per_group if heads % per_group == 0 else -1
-    if kv_heads < 1 or heads % kv_heads or heads // kv_heads > per_group:
+        kv_heads = n_kv                     # the parent's kv heads
+    if heads % kv_heads or heads // kv_heads > per_group:
         raise ValueError(f"Target.heads={heads} does not fit the kv grouping: the parent has {n_heads} query heads "
-                         f"in {n_kv} kv groups; heads must be kv_heads × (1..{per_group})")
+                         f"in {n_kv} kv groups, the child {kv_heads}; heads must be kv_heads × (1..{per_group})")
     if (heads, kv_heads) == (n_heads, n_kv):
         return
     _not_frozen(graph, hq, "heads")
@@ -137,88 +121,11 @@ def choose(graph: ChannelGraph, attention, target: Target, scores, selection: st
     return keep, sizes
 
 
-def derive_keep(graph: ChannelGraph, keep: dict, sizes: dict) -> tuple[dict, dict]:
-    """Extend decisions to every group through factor and concat relations (see docstring)."""
-    keep = dict(keep)
-    full = lambda g: torch.arange(graph.groups[g].size)  # noqa: E731
-    is_whole = {graph.find(rel.whole) for rel in graph.relations}
-    # phase 0: only what decisions imply; 1: fill undecided parts of relations that carry a
-    # decision (a kept subset), so they win over relations that would keep a group whole; 2: fill all
-    for phase in range(3):
-        changed = True
-        while changed:
-            changed = False
-            for rel in graph.relations:
-                w, parts = graph.find(rel.whole), graph.part_groups(rel)
-                if w in keep and rel.kind == "concat":
-                    changed |= _split_down(graph, keep, sizes, w, parts)
-                if w in keep or not graph.groups[w].static:
-                    continue
-                for p in parts:
-                    # a part decided to stay whole (a GQA repeat kept at full size) keeps every index
-                    if p not in keep and sizes.get(p) == graph.groups[p].size:
-                        keep[p] = full(p)
-                carries_decision = any(p in keep and len(keep[p]) < graph.groups[p].size for p in parts)
-                if (phase == 2 or phase == 1 and carries_decision) and any(p not in keep and p not in sizes
-                                                                            for p in parts):
-                    for p in parts:
-                        if p not in keep and p not in sizes and p not in is_whole:
-                            keep[p] = full(p)
-                if all(p in keep for p in parts):
-                    keep[w] = _compose(rel.kind, [keep[p] for p in parts], [graph.groups[p].size for p in parts])
-                    changed = True
-    _check_relations(graph, keep)
-    new_sizes = {g: len(k) for g, k in keep.items()}
-    new_sizes.update(sizes)
-    for gid, group in graph.groups.items():
-        if group.static and gid not in new_sizes:
-            new_sizes[gid] = group.size
-        if group.reason is not None and group.static and new_sizes[gid] != group.size:
-            raise ValueError(f"cannot shrink a group of size {group.size}: {group.reason}")
-    return keep, new_sizes
-
-
-def _split_down(graph: ChannelGraph, keep: dict, sizes: dict, whole: int, parts: list[int]) -> bool:
-    """A concatenation whose whole is decided (a fused qkv kept per head, seen also as
-    ``cat(q_bias, k_bias, v_bias)``): each undecided part keeps the whole's indices in its range."""
-    changed, offset = False, 0
-    for p in parts:
-        size = graph.groups[p].size
-        if p not in keep and p not in sizes and graph.groups[p].static:
-            inside = keep[whole][(keep[whole] >= offset) & (keep[whole] < offset + size)]
-            keep[p] = inside - offset
-            changed = True
-        offset += size
-    return changed
-
-
-def _check_relations(graph: ChannelGraph, keep: dict) -> None:
-    """Every relation must agree with the keep-sets (a group without one keeps everything): a
-    group that is both the product of some groups and the concatenation of others (a fused qkv
-    seen by a reshape and by a bias ``cat``) must keep the same channels through both, or its
-    tensors would be sliced one way and its literals another — refused instead of guessed."""
-    def kept(g):
-        return keep[g] if g in keep else torch.arange(graph.groups[g].size)
-
-    for rel in graph.relations:
-        w, parts = graph.find(rel.whole), graph.part_groups(rel)
-        if not all(graph.groups[g].static for g in (w, *parts)):
-            continue
-        derived = _compose(rel.kind, [kept(p) for p in parts], [graph.groups[p].size for p in parts])
-        if not torch.equal(derived, kept(w)):
-            g = graph.groups[w]
-            raise PassError(f"channel group {g.id} (size {g.size}, {g.kind}, layer {g.layer}) would keep other "
-                            f"channels than its {rel.kind} of groups {list(parts)} implies; freeze it or keep it whole")
-
-
-def _compose(kind: str, keeps: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
-    if kind == "concat":
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        return torch.cat([k + o for k, o in zip(keeps, offsets)])
-    result = keeps[0]
-    for k, size in zip(keeps[1:], sizes[1:]):
-        result = (result[:, None] * size + k[None, :]).reshape(-1)
-    return result
+def size_changes(graph: ChannelGraph, sizes: dict) -> tuple[SizeChange, ...]:
+    """Parent and child size of every group of a target kind (what a config's fields describe)."""
+    kinds = ("residual", "ffn", "heads", "kv_heads", "head_dim")
+    return tuple(SizeChange(g.kind, g.id, g.layer, g.size, sizes[g.id]) for g in graph.groups.values()
+                 if g.kind in kinds and g.static)
 
 
 def middle_layers(count: int, keep: int) -> list[int]:
@@ -230,30 +137,47 @@ def middle_layers(count: int, keep: int) -> list[int]:
 class ChooseKeepPass(SubclonePass):
     """Decide keep-sets and dropped layers from a ``Target`` and the channel scores."""
 
-    requires_meta = (("subclone.channel_graph", "AnalyzeChannelsPass"),
-                     ("subclone.scores", "ScoreChannelsPass"))
+    requires_keys = (state.CHANNEL_GRAPH, state.ATTENTION, state.LAYERS, state.SCORES)
+    clears = "choice"
 
     def __init__(self, target: Target, drop_layers=None, depth: str = "middle", selection: str = "score") -> None:
         if depth not in DEPTHS:
             raise ValueError(f"depth={depth!r}: allowed values are {', '.join(DEPTHS)}")
         if selection not in SELECTIONS:
             raise ValueError(f"selection={selection!r}: allowed values are {', '.join(SELECTIONS)}")
+        if not isinstance(target, Target):
+            raise TypeError(f"target must be a subclone_graph.Target, got {type(target).__name__}")
         self.target, self.drop_layers, self.depth, self.selection = target, drop_layers, depth, selection
 
     def run(self, gm: fx.GraphModule) -> bool:
-        graph = need(gm, "subclone.channel_graph", "AnalyzeChannelsPass")
-        scores = need(gm, "subclone.scores", "ScoreChannelsPass")
-        keep, sizes = choose(graph, gm.meta["subclone.attention"], self.target, scores, self.selection)
+        graph = state.CHANNEL_GRAPH.need(gm)
+        keep, sizes = choose(graph, state.ATTENTION.need(gm), self.target, state.SCORES.need(gm), self.selection)
         keep, new_sizes = derive_keep(graph, keep, sizes)
-        gm.meta["subclone.keep"] = keep
-        gm.meta["subclone.sizes"] = new_sizes
-        gm.meta["subclone.drop"] = self._drops(gm)
-        gm.meta["subclone.duplicate"] = self._duplicates(gm)
+        state.TARGET.set(gm, self.target)
+        state.KEEP.set(gm, keep)
+        state.SIZES.set(gm, new_sizes)
+        state.SIZE_CHANGES.set(gm, size_changes(graph, new_sizes))
+        state.DROP.set(gm, tuple(self._drops(gm)))
+        state.DUPLICATE.set(gm, tuple(self._duplicates(gm)))
         return False
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        graph, sizes = state.CHANNEL_GRAPH.need(graph_module), state.SIZES.need(graph_module)
+        wanted = {"residual": self.target.hidden, "ffn": self.target.ffn}
+        for group in graph.groups.values():
+            want = wanted.get(group.kind)
+            if want is not None and sizes[group.id] != want:
+                raise PostconditionError(f"ChooseKeepPass: {group.kind} group {group.id} gets {sizes[group.id]} "
+                                         f"channels, the target is {want}")
+        count = len(state.LAYERS.need(graph_module))
+        child = count - len(state.DROP.need(graph_module)) + len(state.DUPLICATE.need(graph_module))
+        if self.target.layers is not None and self.drop_layers is None and child != self.target.layers:
+            raise PostconditionError(f"ChooseKeepPass: the child would have {child} layers, "
+                                     f"the target is {self.target.layers}")
 
     def _duplicates(self, gm: fx.GraphModule) -> list[int]:
         """Layers to repeat for a deeper child: the middle ones, each right after itself."""
-        count, wanted = len(gm.meta["subclone.layers"]), self.target.layers
+        count, wanted = len(state.LAYERS.need(gm)), self.target.layers
         if count == 0 and (wanted is not None or self.drop_layers):
             raise PassError("the model has no residual layers (no x + f(x) whose branch reads a weight): "
                             "its depth cannot change; leave Target.layers and drop_layers unset")
@@ -264,7 +188,7 @@ class ChooseKeepPass(SubclonePass):
         return sorted((first + i) % count for i in range(extra))
 
     def _drops(self, gm: fx.GraphModule) -> list[int]:
-        count = len(gm.meta["subclone.layers"])
+        count = len(state.LAYERS.need(gm))
         if count == 0:
             self._duplicates(gm)        # raises when a depth change was asked for
             return []
@@ -279,7 +203,10 @@ class ChooseKeepPass(SubclonePass):
         if wanted is None or wanted >= count:
             return []
         if self.depth == "measured":
-            ratios = need(gm, "subclone.layer_ratios", "ScoreChannelsPass with calibration data")
+            if not state.LAYER_RATIOS.has(gm):
+                raise PreconditionError("depth='measured' needs state.LAYER_RATIOS: run ScoreChannelsPass "
+                                        "with calibration data first")
+            ratios = state.LAYER_RATIOS.get(gm)
             order = sorted(range(count), key=lambda i: (ratios[i], i))
             return sorted(order[: count - wanted])
         if self.depth == "first":

@@ -1,0 +1,14 @@
+"""Rewrite passes: they read the analysis' metadata and change the graph and its tensors, in
+place, each checking its invariant on the result (``ensures()``).
+
+``DropBlocksPass`` → ``DuplicateLayersPass`` → ``KeepChannelsPass`` → ``RescaleResidualPass``;
+``MoveToDevicePass`` moves a child to another device.
+"""
+from .drop_blocks import DropBlocksPass, drop_blocks
+from .duplicate_layers import DuplicateLayersPass, duplicate_layers
+from .keep_channels import KeepChannelsPass, keep_channels
+from .move_to_device import MoveToDevicePass, move_to_device
+from .rescale_residual import RescaleResidualPass, rescale_residual
+
+__all__ = ["DropBlocksPass", "DuplicateLayersPass", "KeepChannelsPass", "RescaleResidualPass", "MoveToDevicePass",
+           "drop_blocks", "duplicate_layers", "keep_channels", "move_to_device", "rescale_residual"]

@@ -1,0 +1,267 @@
+"""The pass state: every metadata key the passes share, named once, typed, with its owner.
+
+Passes talk only through these keys. Each ``StateKey`` says where it lives (``gm.meta`` for a
+graph key, ``node.meta`` for a node key — the two never share a name), the type of its value,
+the pass that writes it and the passes that read it. ``docs/PIPELINES.md`` holds the same table
+(``pipeline_table()`` renders it; a test checks that the two agree).
+
+Lifetimes. Keys are ordered by the pipeline ``STAGES``. An analysis pass clears every key of its
+own stage and of every later stage before it writes (``clear_from``), on the graph and on every
+node, so nothing it reads was left by an earlier run on another graph: a child subcloned again
+is analysed from scratch. Values are never mutated in place — ``copy.deepcopy`` of a
+``GraphModule`` copies ``node.meta`` shallowly, so a list appended to would be appended to in
+the parent as well: values are frozen dataclasses and tuples, replaced whole.
+
+Vertex and group ids. Ids of a ``ChannelGraph`` mean something only in that graph. Every node
+value holding them carries the ``token`` of the analysis run that made them, and reading one
+against another graph raises ``StaleStateError`` instead of returning ids that point elsewhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generic, Mapping, TypeVar
+
+import torch.fx as fx
+
+from .errors import PreconditionError, StaleStateError
+
+__all__ = [
+    "StateKey", "STAGES", "KEYS", "clear_from", "pipeline_table", "channel_groups",
+    "Layer", "ResidualBlock", "AttentionSite", "Rescale", "SizeChange",
+    "NodeChannels", "NodeLiterals", "NodeReduces", "NodeSliceParts", "NodeAttention",
+    "EXAMPLE_INPUTS", "PARENT_CLASS", "PARENT_CONFIG", "PARENT_LAYER_COUNT", "LAYERS", "CHANNEL_GRAPH",
+    "ATTENTION", "UNKNOWN_OPS", "SCORES", "SCORE_SOURCE", "LAYER_RATIOS", "TARGET", "KEEP", "SIZES",
+    "SIZE_CHANGES", "DROP", "DUPLICATE", "RESCALE",
+    "CHANNELS", "LITERALS", "REDUCES", "SLICE_PARTS", "ATTENTION_OP",
+]
+
+T = TypeVar("T")
+_MISSING = object()
+
+# Pipeline stages, in order; an analysis pass clears its stage and all later ones.
+STAGES = ("trace", "blocks", "channels", "scores", "choice", "rewrite")
+
+
+# ----- typed values -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResidualBlock:
+    add: str        # the node computing x + f(x)
+    skip: str       # x
+    branch: str     # f(x)
+
+
+@dataclass(frozen=True)
+class Layer:
+    index: int
+    key: str | None                      # module path of the layer, when there is one
+    blocks: tuple[ResidualBlock, ...] = ()
+    input: str = ""                      # the stream entering the layer
+    output: str = ""                     # the stream leaving it
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention op: its group ids in ``CHANNEL_GRAPH`` (``rep``: query heads per kv head,
+    None without GQA), the node, and the layer it is in."""
+
+    node: str
+    heads: int
+    kv_heads: int
+    rep: int | None
+    head_dim: int
+    layer: int | None
+
+
+@dataclass(frozen=True)
+class Rescale:
+    factor: float        # √(D/d) of the residual stream
+    eps_scale: float     # D/d: what the ε added to a shrunk statistic was multiplied by
+
+
+@dataclass(frozen=True)
+class SizeChange:
+    """One channel group of a target kind, from the parent's size to the child's."""
+
+    kind: str
+    group: int
+    layer: int | None
+    parent: int
+    child: int
+
+
+@dataclass(frozen=True)
+class NodeChannels:
+    token: int                   # the ChannelGraph the ids belong to
+    groups: tuple[int, ...]      # group id of each dim of the node's tensor
+
+
+@dataclass(frozen=True)
+class NodeLiterals:
+    token: int
+    vertices: Mapping[int, Any]  # argument index -> vertex (or tuple of vertices) whose size it holds
+
+
+@dataclass(frozen=True)
+class NodeReduces:
+    token: int
+    vertices: tuple[int, ...]    # dims of the input a reduction averages over
+
+
+@dataclass(frozen=True)
+class NodeSliceParts:
+    token: int
+    before: int
+    inside: int
+    after: int
+
+
+@dataclass(frozen=True)
+class NodeAttention:
+    token: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+# ----- keys -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StateKey(Generic[T]):
+    name: str
+    scope: str                   # "graph" (gm.meta) or "node" (node.meta)
+    stage: str                   # one of STAGES: when it is written, and cleared
+    type: str
+    writer: str
+    readers: tuple[str, ...] = ()
+    doc: str = ""
+
+    def _meta(self, owner) -> dict:
+        if self.scope == "graph" and not isinstance(owner, fx.Node):
+            return owner.meta
+        if self.scope == "node" and isinstance(owner, fx.Node):
+            return owner.meta
+        raise TypeError(f"{self.name} is a {self.scope} key; got {type(owner).__name__}")
+
+    def get(self, owner, default=None) -> T:
+        return self._meta(owner).get(self.name, default)
+
+    def need(self, owner) -> T:
+        meta = self._meta(owner)
+        if self.name not in meta:
+            raise PreconditionError(f"metadata {self.name!r} is missing: run {self.writer} first")
+        return meta[self.name]
+
+    def has(self, owner) -> bool:
+        return self.name in self._meta(owner)
+
+    def set(self, owner, value: T) -> None:
+        self._meta(owner)[self.name] = value
+
+    def clear(self, owner) -> None:
+        self._meta(owner).pop(self.name, None)
+
+    def of(self, node: fx.Node, graph, default=None):
+        """A node value made against ``graph`` (a ChannelGraph); a value from another analysis
+        run is an error, not a silent mix of ids."""
+        value = self._meta(node).get(self.name, _MISSING)
+        if value is _MISSING:
+            return default
+        if value.token != graph.token:
+            raise StaleStateError(f"node {node.name}: {self.name} was written against another channel graph "
+                                  f"(run {self.writer} again)")
+        return value
+
+
+def _graph(name, stage, type_, writer, readers, doc) -> StateKey:
+    return StateKey(f"subclone.{name}", "graph", stage, type_, writer, tuple(readers), doc)
+
+
+def _node(name, stage, type_, writer, readers, doc) -> StateKey:
+    return StateKey(f"subclone.node.{name}", "node", stage, type_, writer, tuple(readers), doc)
+
+
+EXAMPLE_INPUTS = _graph("example_inputs", "trace", "tuple[Tensor, ...]", "trace",
+                        ["save", "save_hf", "export checks"], "the inputs the model was traced with")
+PARENT_CLASS = _graph("parent_class", "trace", "type", "trace", ["save_hf"], "the traced model's class")
+PARENT_CONFIG = _graph("parent_config", "trace", "PretrainedConfig", "trace (subclone: the child's derived one)",
+                       ["save_hf"], "the Hugging Face config of the model subcloned")
+PARENT_LAYER_COUNT = _graph("parent_layer_count", "blocks", "int", "FindResidualBlocksPass", ["save_hf"],
+                            "layers of the model analysed, before any was dropped or repeated")
+LAYERS = _graph("layers", "blocks", "tuple[Layer, ...]", "FindResidualBlocksPass",
+                ["AnalyzeChannelsPass", "ScoreChannelsPass", "ChooseKeepPass", "DropBlocksPass",
+                 "DuplicateLayersPass", "save_hf"], "residual layers in order (DropBlocks / DuplicateLayers renew it)")
+CHANNEL_GRAPH = _graph("channel_graph", "channels", "ChannelGraph", "AnalyzeChannelsPass",
+                       ["ScoreChannelsPass", "ChooseKeepPass", "KeepChannelsPass", "RescaleResidualPass", "save_hf"],
+                       "vertices, relations and channel groups (the parent's sizes)")
+ATTENTION = _graph("attention", "channels", "tuple[AttentionSite, ...]", "AnalyzeChannelsPass",
+                   ["ChooseKeepPass", "DropBlocksPass", "DuplicateLayersPass"], "attention sites, one per op")
+UNKNOWN_OPS = _graph("unknown_ops", "channels", "tuple[str, ...]", "AnalyzeChannelsPass", ["subclone inspect"],
+                     "ops without a rule (their dims are frozen)")
+SCORES = _graph("scores", "scores", "dict[int, Tensor]", "ScoreChannelsPass", ["ChooseKeepPass"],
+                "per-channel score of every residual, ffn and heads group (float64)")
+SCORE_SOURCE = _graph("score_source", "scores", "str", "ScoreChannelsPass", ["subclone inspect"],
+                      "calibration activations or weight magnitude")
+LAYER_RATIOS = _graph("layer_ratios", "scores", "tuple[float, ...]", "ScoreChannelsPass",
+                      ["ChooseKeepPass (depth='measured')"], "‖f(x)‖/‖x+f(x)‖ per layer")
+TARGET = _graph("target", "choice", "Target", "ChooseKeepPass", ["ChooseKeepPass.ensures", "save_hf"],
+                "the target the child was made for")
+KEEP = _graph("keep", "choice", "dict[int, LongTensor]", "ChooseKeepPass", ["KeepChannelsPass"],
+              "kept indices of every group that shrinks")
+SIZES = _graph("sizes", "choice", "dict[int, int]", "ChooseKeepPass",
+               ["KeepChannelsPass", "RescaleResidualPass", "save_hf"], "the child's size of every static group")
+SIZE_CHANGES = _graph("size_changes", "choice", "tuple[SizeChange, ...]", "ChooseKeepPass", ["save_hf"],
+                      "parent → child size of every residual / ffn / heads / kv_heads / head_dim group")
+DROP = _graph("drop", "choice", "tuple[int, ...]", "ChooseKeepPass", ["DropBlocksPass"],
+              "layer indices to remove (emptied once removed)")
+DUPLICATE = _graph("duplicate", "choice", "tuple[int, ...]", "ChooseKeepPass", ["DuplicateLayersPass"],
+                   "layer indices to repeat (emptied once repeated)")
+RESCALE = _graph("rescale", "rewrite", "Rescale", "RescaleResidualPass", ["save_hf"],
+                 "the residual's √(D/d) and the ε scale")
+
+CHANNELS = _node("channels", "channels", "NodeChannels", "AnalyzeChannelsPass",
+                 ["ScoreChannelsPass", "KeepChannelsPass", "RescaleResidualPass"], "group of each dim")
+LITERALS = _node("literals", "channels", "NodeLiterals", "AnalyzeChannelsPass (op rules)", ["KeepChannelsPass"],
+                 "which argument holds which vertex's size")
+REDUCES = _node("reduces", "channels", "NodeReduces", "AnalyzeChannelsPass (op rules)", ["RescaleResidualPass"],
+                "vertices a reduction averages over")
+SLICE_PARTS = _node("slice_parts", "channels", "NodeSliceParts", "AnalyzeChannelsPass (op rules)",
+                    ["KeepChannelsPass"], "a slice's (before, inside, after) vertices")
+ATTENTION_OP = _node("attention_op", "channels", "NodeAttention", "AnalyzeChannelsPass (op rules)",
+                     ["AnalyzeChannelsPass"], "an attention op's heads / kv heads / head dim vertices")
+
+KEYS: tuple[StateKey, ...] = (
+    EXAMPLE_INPUTS, PARENT_CLASS, PARENT_CONFIG, PARENT_LAYER_COUNT, LAYERS, CHANNEL_GRAPH, ATTENTION,
+    UNKNOWN_OPS, SCORES, SCORE_SOURCE, LAYER_RATIOS, TARGET, KEEP, SIZES, SIZE_CHANGES, DROP, DUPLICATE,
+    RESCALE, CHANNELS, LITERALS, REDUCES, SLICE_PARTS, ATTENTION_OP,
+)
+
+
+def clear_from(gm: fx.GraphModule, stage: str) -> None:
+    """Remove every key of ``stage`` and later stages from the graph and from every node
+    (and any other ``subclone.*`` key a node carries from an older version)."""
+    later = set(STAGES[STAGES.index(stage):])
+    for key in KEYS:
+        if key.stage in later and key.scope == "graph":
+            key.clear(gm)
+    node_keys = [k.name for k in KEYS if k.scope == "node" and k.stage in later]
+    for module in gm.modules():
+        if isinstance(module, fx.GraphModule):
+            for node in module.graph.nodes:
+                if any(k in node.meta for k in node_keys):
+                    # a fresh dict: a deep copy shares node.meta's values, never mutate them
+                    node.meta = {k: v for k, v in node.meta.items() if k not in node_keys}
+
+
+def pipeline_table() -> str:
+    """The keys as a Markdown table (``docs/PIPELINES.md`` holds it)."""
+    rows = ["| key | where | type | written by | read by |", "|---|---|---|---|---|"]
+    for key in KEYS:
+        where = "gm.meta" if key.scope == "graph" else "node.meta"
+        rows.append(f"| `{key.name}` | {where} | `{key.type}` | {key.writer} | {', '.join(key.readers)} |")
+    return "\n".join(rows)
+
+
+def channel_groups(node: fx.Node) -> tuple[int, ...]:
+    """The group id of each dim of ``node``'s tensor (empty before AnalyzeChannelsPass); for
+    reading and tests — passes use ``CHANNELS.of(node, graph)``, which checks the graph."""
+    value = CHANNELS.get(node)
+    return () if value is None else value.groups
