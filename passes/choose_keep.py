@@ -21,6 +21,8 @@ Writes ``gm.meta["subclone.keep"]`` ({group: LongTensor of kept indices}),
 """
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +52,10 @@ class Target:
     def __post_init__(self):
         for name in ("hidden", "layers", "heads", "kv_heads", "ffn"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool)):
                 raise TypeError(f"Target.{name} must be an int or None, got {type(value).__name__}")
+            if value is not None:
+                object.__setattr__(self, name, int(value))     # numpy.int64 and friends become int
             if value is not None and value < 1:
                 raise ValueError(f"Target.{name}={value}: must be at least 1 (or None to keep the parent's)")
 
