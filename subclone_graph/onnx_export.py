@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io as stdio
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -66,9 +67,15 @@ def _eval_mode(module: torch.nn.Module):
 @contextlib.contextmanager
 def _quiet_export():
     """The exporter's own chatter (deprecation warnings, progress lines) is not the user's business."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(stdio.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)          # "torchvision is not installed. Skipping ..." lines
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(stdio.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _tensors(output) -> list[torch.Tensor]:
