@@ -34,7 +34,7 @@ import torch
 from . import data, io
 
 __all__ = ["Loaded", "load_model", "load_calibration", "example_inputs", "check_token_ids",
-           "check_calibration_options"]
+           "check_calibration_options", "check_safetensors"]
 
 
 @dataclasses.dataclass
@@ -121,16 +121,37 @@ def _from_pretrained(folder: Path, kwargs: dict):
     raise AssertionError("unreachable: the last class re-raises")
 
 
+def check_safetensors(file: Path) -> None:
+    """A ``.safetensors`` file must hold its whole header and every tensor it lists (cheap: the
+    header only), so that a truncated or corrupt file is named before ``from_pretrained`` runs."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if length is None or length > size - 8:
+            raise ValueError(f"{file}: truncated or not a safetensors file (its header does not fit)")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{file}: corrupt safetensors header ({error})") from error
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    if ends and 8 + length + max(ends) > size:
+        raise ValueError(f"{file}: truncated: its header lists {8 + length + max(ends):,} bytes, the file has {size:,}")
+
+
 def _load_hf(folder: Path, **kwargs) -> Loaded:
     where = folder / kwargs["gguf_file"] if "gguf_file" in kwargs else folder
     if "gguf_file" not in kwargs and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"cannot load a Hugging Face model from {folder}: it has no config.json")
     kwargs["local_files_only"] = True
+    for weights in sorted(folder.glob("*.safetensors")) if "gguf_file" not in kwargs else []:
+        check_safetensors(weights)
     try:
         with _quiet_hf():
             model = _from_pretrained(folder, kwargs)
     except _file_errors() as error:
-        raise ValueError(f"cannot load a Hugging Face model from {where}: {type(error).__name__}: "
+        raise ValueError(f"cannot load a Hugging Face model from {where}: "
                          f"{_first_line(error)} (a truncated or corrupt file?)") from error
     except ValueError as error:
         raise ValueError(f"cannot load a Hugging Face model from {where}: {_first_line(error)}") from error
@@ -199,11 +220,12 @@ def load_calibration(path, loaded: Loaded, batches: int = 4, batch_size: int = 4
         return calibration
     if path.is_dir() and _is_image_folder(path):
         return data.image_folder_batches(path, _image_size(loaded), batch_size, batches)
+    text = data.load_text_path(path)          # an unreadable file is named before anything else
     if loaded.tokenizer is None:
         raise ValueError(f"--calib {path}: text needs a tokenizer and this model has none; "
                          f"give a .pt file of input tensors instead")
     try:
-        windows = data.text_windows(data.load_text_path(path), loaded.tokenizer, window=seq_len)
+        windows = data.text_windows(text, loaded.tokenizer, window=seq_len)
     except ValueError as error:
         if "too short" in str(error):
             raise ValueError(f"--calib {path}: {_first_line(error)} (--seq-len {seq_len})") from error

@@ -2,7 +2,8 @@
 
 Kinds are shown with the README's names: ``residual``, ``ffn``, ``heads``, ``kv_heads``,
 ``head_dim`` (the targets), ``frozen`` (cannot shrink; the reason names the op and module),
-``heads×head_dim``-style composites (a q/k/v/o projection's dim: it shrinks with its parts) and
+``heads×head_dim``-style composites (a q/k/v/o projection's dim: it shrinks with its target
+parts; ``kv_heads×other`` when a part, like a value head's width, is reached by no target) and
 ``other`` (a dim no target reaches; it keeps its size unless a group it is built from shrinks).
 """
 from __future__ import annotations
@@ -40,9 +41,10 @@ class Steps:
 
 
 def _composite_parts(graph, group) -> list:
+    """The parts of a heads·head_dim-like product of which at least one is a target group."""
     for relation in graph.relations_of(group.id, kind="factor"):
         parts = [graph.groups[p] for p in graph.part_groups(relation) if p in graph.groups]
-        if parts and all(p.kind in TARGET_KINDS for p in parts):
+        if any(p.kind in TARGET_KINDS for p in parts):
             return parts
     return []
 
@@ -54,8 +56,8 @@ def display_kind(graph, group) -> str:
     if group.reason:
         return "frozen"
     parts = _composite_parts(graph, group)
-    if parts:
-        return "×".join(p.kind for p in parts)
+    if parts:     # shrinks with its target parts; a part no target reaches shows as "other"
+        return "×".join(p.kind if p.kind in TARGET_KINDS else "other" for p in parts)
     return "other"
 
 
