@@ -203,10 +203,7 @@ def test_format_hf_writes_a_checkpoint_beside_the_pt2(tmp_path, capsys):
 
 
 # ----- inspect ------------------------------------------------------------------------------
-@pytest.mark.parametrize("summary", [True, False], ids=["summary", "fallback-table"])
-def test_inspect_prints_groups_and_layers(summary, factory, capsys, monkeypatch):
-    if not summary:
-        monkeypatch.delattr(sg.ChannelGraph, "summary", raising=False)
+def test_inspect_prints_groups_and_layers(factory, capsys):
     assert main(["inspect", f"{factory}:build"]) == 0
     printed = capsys.readouterr().out
     assert "channel groups" in printed
@@ -252,10 +249,9 @@ def test_user_errors_are_one_line_with_status_2(argv, fragments, factory, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
-def test_format_hf_without_save_hf_is_one_line(factory, tmp_path, capsys, monkeypatch):
-    monkeypatch.delattr(sg, "save_hf", raising=False)
+def test_format_hf_of_a_model_without_config_is_one_line(factory, tmp_path, capsys):
     code = main(["run", f"{factory}:build", "--format", "hf", "--out", str(tmp_path / "o")])
-    _one_line_error(capsys, code, "save_hf")
+    _one_line_error(capsys, code, "--format hf needs a Hugging Face MODEL")
 
 
 def test_text_calibration_without_tokenizer_is_one_line(factory, tmp_path, capsys):

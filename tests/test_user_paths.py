@@ -8,6 +8,7 @@ fragment its one-line error must contain.
 """
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import signal
@@ -395,6 +396,25 @@ def test_hf_output_has_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.slow
+def test_onnx_export_is_quiet(factory, tmp_path, capfd):
+    assert main(["run", f"{factory}:build", *TARGET, "--format", "onnx", "--out", str(tmp_path / "out")]) == 0
+    captured = capfd.readouterr()
+    for noise in ("torchvision", "LeafSpec", "Warning", "[torch.onnx]"):
+        assert noise not in captured.err + captured.out
+
+
+def test_a_bug_in_the_class_is_not_read_as_a_rejection(hf_child, tmp_path):
+    def broken_class(config):
+        raise KeyError("a bug inside the model class")
+
+    child = copy.copy(hf_child)
+    child.meta = {**hf_child.meta, "subclone.parent_class": broken_class}
+    with pytest.raises(KeyError, match="a bug inside the model class"):
+        sg.save_hf(child, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and _leftovers(tmp_path) == []
 
 
 # ----- small things ----------------------------------------------------------------------------
