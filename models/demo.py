@@ -16,8 +16,10 @@ Steps (each printed with its time; ``run_demo`` returns every number as a dict t
 7. save the child with ``io.save`` (``child.pt2``), as ONNX (``child.onnx``, checked in
    onnxruntime by ``export_onnx``, whose max |difference| is printed) and as a Hugging Face
    checkpoint with its tokenizer (``hf/``, reloaded with ``from_pretrained`` and compared with
-   the child by ``save_hf``); existing files are refused unless ``overwrite=True``, before any
-   work starts.
+   the child by ``save_hf``; a GGUF parent's ``quantization_config`` is dropped, so ``hf/``
+   loads as an ordinary float model that ``transformers.Trainer`` trains). The three are staged
+   together and moved into ``out_dir`` only when all succeeded (``outputs.write_all``); existing
+   outputs are refused unless ``overwrite=True``, before any work starts.
 
 No child is trained: the point is the starting loss a training run would begin from.
 """
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 
 import subclone_graph as sg
-from subclone_graph import data, io
+from subclone_graph import data, io, outputs
 
 from .smollm2 import load_smollm2
 
@@ -100,9 +102,9 @@ def _check_outputs(out_dir: Path, settings: DemoSettings, overwrite: bool) -> di
     if unknown:
         raise ValueError(f"DemoSettings.outputs: unknown {sorted(unknown)}; allowed: pt2, onnx, hf")
     files = {fmt: out_dir / ("hf" if fmt == "hf" else f"child.{fmt}") for fmt in settings.outputs}
-    for path in files.values():
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True (subclone demo --overwrite) to replace it")
+    if files:
+        outputs.check_outputs(out_dir, {p.name: fmt == "hf" for fmt, p in files.items()}, overwrite=overwrite,
+                              option="overwrite=True (subclone demo --overwrite)")
     return files
 
 
@@ -137,17 +139,30 @@ def _losses(parent, children: dict, held_out: torch.Tensor, batch_size: int, ste
     return losses
 
 
-def _save(child, example: tuple, files: dict, tokenizer, step) -> float | None:
+def _save(child, example: tuple, files: dict, tokenizer, step, overwrite: bool) -> float | None:
+    """Write every output into one staging folder; move the set into place when all succeeded."""
+    writers = {}
     if "pt2" in files:
-        with step(f"save {files['pt2']} (torch.export .pt2)"):
-            io.save(child, files["pt2"], overwrite=True)
+        def pt2(path):
+            with step(f"save {files['pt2']} (torch.export .pt2, reloaded and compared)"):
+                io.save(child, path)
+        writers[files["pt2"].name] = pt2
     if "hf" in files:
-        with step(f"save {files['hf']} (Hugging Face checkpoint, reloaded and compared with the child)"):
-            sg.save_hf(child, files["hf"], tokenizer=tokenizer, overwrite=True)
-    if "onnx" not in files:
+        def hf(path):
+            with step(f"save {files['hf']} (Hugging Face checkpoint, reloaded and compared with the child)"):
+                sg.save_hf(child, path, tokenizer=tokenizer)
+        writers[files["hf"].name] = hf
+    if "onnx" in files:
+        def onnx(path):
+            with step(f"export {files['onnx']} and check it in onnxruntime"):
+                return sg.export_onnx(child, example, path)
+        writers[files["onnx"].name] = onnx
+    if not writers:
         return None
-    with step(f"export {files['onnx']} and check it in onnxruntime"):
-        return sg.export_onnx(child, example, files["onnx"])
+    out_dir = next(iter(files.values())).parent
+    written = outputs.write_all(out_dir, writers, overwrite=overwrite, folders={"hf"},
+                                option="overwrite=True (subclone demo --overwrite)")
+    return written.get(files["onnx"].name) if "onnx" in files else None
 
 
 def run_demo(out_dir="subclone-demo", settings: DemoSettings | None = None, *, overwrite: bool = False,
@@ -167,7 +182,7 @@ def run_demo(out_dir="subclone-demo", settings: DemoSettings | None = None, *, o
     children = _children(traced, calibration, settings, progress, step)
     losses = _losses(parent, children, held_out, settings.batch_size, step)
     example = (calibration[0][0][:2, : min(64, settings.window)],)
-    onnx_diff = _save(children["subcloned"], example, files, tokenizer, step)
+    onnx_diff = _save(children["subcloned"], example, files, tokenizer, step, overwrite)
     results = _results(parent, children["subcloned"], losses, files, onnx_diff, seconds, settings)
     echo(format_table(results))
     return results

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import pathlib
+import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -164,6 +165,15 @@ def calibration_batches(
     return batches if count is None else batches[:count]
 
 
+def _read_text(path: pathlib.Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8"
+        ) from error
+
+
 def load_text_path(path: str | pathlib.Path) -> str:
     """Read a text file, or every ``*.txt``/``*.md`` file in a folder.
 
@@ -172,8 +182,8 @@ def load_text_path(path: str | pathlib.Path) -> str:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file, or every file in the folder, is empty, or the
-            folder holds no text file.
+        ValueError: the file, or every file in the folder, is empty or not
+            UTF-8 (the message names the file), or the folder holds no text file.
     """
     path = pathlib.Path(path)
     if not path.exists():
@@ -184,9 +194,9 @@ def load_text_path(path: str | pathlib.Path) -> str:
         )
         if not files:
             raise ValueError(f"no *.txt or *.md files in folder: {path}")
-        text = "\n\n".join(p.read_text(encoding="utf-8") for p in files)
+        text = "\n\n".join(_read_text(p) for p in files)
     else:
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
     if not text.strip():
         raise ValueError(f"text path is empty: {path}")
     return text
@@ -215,7 +225,14 @@ def load_tensor_file(path: str | pathlib.Path, batch_size: int = 4) -> list[Batc
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tensor file not found: {path}")
-    data = torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        data = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        # torch's own message advises an unsafe load; this one says what the file must hold
+        raise ValueError(
+            f"{path}: not a tensor file this loader reads (it must hold only tensors, or "
+            f"lists/tuples of tensors, saved with torch.save); {type(error).__name__}"
+        ) from error
     if isinstance(data, torch.Tensor):
         if data.dim() == 0 or data.shape[0] == 0:
             raise ValueError(f"{path}: tensor has no batch dimension to split")

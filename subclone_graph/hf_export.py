@@ -4,8 +4,9 @@
 tokenizer, when given) such that ``type(parent).from_pretrained(out_dir)`` is a model of the
 parent's class whose outputs equal the child's. It checks exactly that before returning.
 
-The invariant: the saved model computes what the child computes (max |difference| ≤ ``atol``
-on the child's ``state.EXAMPLE_INPUTS``). Nothing about a model family is known here;
+The invariant: the saved model computes what the child computes, in the child's dtype (max
+|difference| ≤ ``tolerance.tolerance_for(dtype)`` × max(1, max |output|) on
+the child's ``state.EXAMPLE_INPUTS``). Nothing about a model family is known here;
 every decision is made by building the parent class and looking at it:
 
 1. weights: the child's state dict, each layer's module path renumbered by its position
@@ -14,7 +15,9 @@ every decision is made by building the parent class and looking at it:
    embedding) takes the one tensor the child has under either name;
 2. config: a copy of the parent's. Each top-level integer equal to the parent size of a
    residual / ffn / heads / kv_heads / head_dim group, or to the parent's layer count, is a
-   candidate for the matching child size. Which candidates change is decided by building the
+   candidate for the matching child size. A ``quantization_config`` is dropped: the child's
+   weights are plain floating tensors (a GGUF parent is dequantised when loaded), so the saved
+   checkpoint loads as an ordinary, trainable float model. ``dtype`` is the child's. Which candidates change is decided by building the
    class on the meta device and comparing its parameter shapes with the child's (a
    coordinate search over the candidates; an integer left ``None`` in the parent, like a
    width derived from another, may be set too when shapes need it). A change that leaves the
@@ -23,13 +26,18 @@ every decision is made by building the parent class and looking at it:
    value times ``state.RESCALE``'s ε scale is a literal of the child's graph (the ε of a
    norm over a shrunk residual, see ``RescaleResidualPass``) is a candidate too. A top-level
    list with one entry per parent layer keeps the entries of the child's layers;
-3. the class is built from that config, loads the weights with ``strict=True`` (so ties stay
-   ties) and is saved with ``save_pretrained`` into a staging directory beside ``out_dir``;
-4. the staging directory is loaded back with ``from_pretrained`` and compared with the child;
+3. the class is built from that config in the child's dtype, loads the weights with
+   ``strict=True`` (so ties stay ties) and is saved with ``save_pretrained`` into a staging
+   folder beside ``out_dir`` (``outputs.staging_folder``), with a manifest of what it wrote;
+4. the staging directory is loaded back with ``from_pretrained`` (in the child's dtype) and
+   compared with the child;
    on a mismatch it is removed and the error gives the max difference. A child whose graph
    holds what the class cannot express — a √(D/d) ``mul`` that ``RescaleResidualPass``
    inserted after a norm without its own weight — fails here, not silently;
-5. the staging directory is renamed to ``out_dir`` (replacing it only with ``overwrite``).
+5. the staging directory is renamed to ``out_dir``. ``out_dir`` is checked before any work
+   (``outputs.check_destination``): an existing empty folder is written into; a non-empty one
+   is replaced only with ``overwrite`` and only if it holds nothing but what ``save_hf`` wrote
+   there (its manifest); a regular file is never replaced.
 
 A child subcloned again is a parent whose config is its own derived one (``subclone`` puts
 ``child_config(child)`` in its copy's ``state.PARENT_CONFIG``), so a grandchild saves too.
@@ -45,8 +53,6 @@ import contextlib
 import itertools
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -56,9 +62,22 @@ import torch.utils._pytree as pytree
 from subclone_graph.passes import state as pass_state
 from subclone_graph.passes.fx_utils import attribute_path, container_item, container_of
 
+from .outputs import check_destination, staging_folder, write_manifest
+from .tolerance import max_difference, model_dtype, tolerance_for
+
 __all__ = ["save_hf", "child_config", "child_state_dict", "HFExportError"]
 
 _MAX_ROUNDS = 8
+
+
+def _rejections() -> tuple:
+    """What a config class raises when it rejects a combination of sizes (a width not divisible by
+    the heads, a per-layer list of the wrong length); any other exception is a bug and propagates."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError   # transformers 5's config validation
+    except ImportError:
+        return (ValueError, AssertionError, ZeroDivisionError)
+    return (ValueError, AssertionError, ZeroDivisionError, StrictDataclassError)
 
 
 class HFExportError(RuntimeError):
@@ -189,7 +208,10 @@ class _Candidates:
         self.parent = _meta(child, pass_state.PARENT_CONFIG)
         self.base = self.parent.to_dict()
         self.base.update(_per_layer_lists(self.base, child))
+        if all(t.is_floating_point() for t in state.values()):
+            self.base.pop("quantization_config", None)   # the parent's storage format, not the child's
         self.state = state
+        self.rejections: dict[tuple, str] = {}           # candidate -> why the class rejected it
         self._scores: dict[tuple, int] = {}
 
     def config(self, changes: dict):
@@ -203,7 +225,8 @@ class _Candidates:
         """What differs between the class's parameters and the child's; None: the class rejects it."""
         try:
             model = self.build(changes, "meta")
-        except Exception:          # an impossible combination of sizes
+        except _rejections() as error:   # an impossible combination of sizes; the reason is kept
+            self.rejections[tuple(sorted(changes.items()))] = f"{type(error).__name__}: {error}"
             return None
         return _fitted(model, self.state)[1]
 
@@ -247,7 +270,8 @@ def _shape_changes(candidates: _Candidates, child: fx.GraphModule) -> dict:
         unset = {k: [None, *widths] for k, v in candidates.base.items() if v is None}
         changes = _descend(candidates, {**options, **unset}, changes)
     if candidates.score(changes):
-        listed = "; ".join((candidates.problems(changes) or ["the class rejects every candidate"])[:4])
+        rejected = candidates.rejections.get(tuple(sorted(changes.items())))
+        listed = "; ".join((candidates.problems(changes) or [f"the class rejects the closest candidate: {rejected}"])[:4])
         raise HFExportError(f"no config of {candidates.cls.__name__} has the child's parameter shapes ({listed})")
     return {k: v for k, v in changes.items() if v != candidates.base.get(k)}
 
@@ -324,49 +348,58 @@ def _max_diff(expected: dict, got: dict) -> float:
 def _write(child: fx.GraphModule, staging: Path, tokenizer) -> None:
     state = child_state_dict(child)
     config = child_config(child, state)
+    config.dtype = model_dtype(child)          # config.json's dtype: the child's, not the parent's
     cls = _meta(child, pass_state.PARENT_CLASS)
     with _quiet():
-        model = cls(config).eval()
+        model = cls(config).to(config.dtype).eval()
         model.load_state_dict(_fitted(model, state)[0], strict=True)
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+    write_manifest(staging)
 
 
-def _check(child: fx.GraphModule, staging: Path, atol: float, out_dir: Path) -> float:
-    cls = _meta(child, pass_state.PARENT_CLASS)
+def _check(child: fx.GraphModule, staging: Path, rtol: float, out_dir: Path) -> float:
+    cls, dtype = _meta(child, pass_state.PARENT_CLASS), model_dtype(child)
     with _quiet():
-        loaded = cls.from_pretrained(staging).eval()
+        loaded = cls.from_pretrained(staging, dtype=dtype).eval()
     if type(loaded) is not cls:
         raise HFExportError(f"{staging} loads as {type(loaded).__name__}, not {cls.__name__}; nothing written to {out_dir}")
-    diff = _max_diff(_outputs(child, _inputs(child)), _outputs(loaded, _inputs(child)))
-    if not diff <= atol:
-        raise HFExportError(f"the saved {cls.__name__} differs from the child by {diff:.3g} (> {atol:g}): the child "
+    if model_dtype(loaded) != dtype:
+        raise HFExportError(f"the saved {cls.__name__} loads as {model_dtype(loaded)}, not the child's {dtype}; "
+                            f"nothing written to {out_dir}")
+    expected, got = _outputs(child, _inputs(child)), _outputs(loaded, _inputs(child))
+    if set(expected) - set(got):
+        raise HFExportError(f"the saved {cls.__name__} lacks the child's outputs {sorted(set(expected) - set(got))}; "
+                            f"nothing written to {out_dir}")
+    diff, scale = max_difference(list(expected.values()), [got[k] for k in expected])
+    if not diff <= rtol * scale:
+        raise HFExportError(f"the saved {cls.__name__} differs from the child by {diff:.3g} (> {rtol:g} × {scale:.3g}): the child "
                             "computes something the class cannot express (e.g. a √(D/d) multiply inserted after a "
                             f"norm without its own weight; subclone with rescale=False); nothing written to {out_dir}")
     return diff
 
 
-def save_hf(child: fx.GraphModule, out_dir, *, tokenizer=None, overwrite: bool = False, atol: float = 1e-4) -> Path:
+def save_hf(child: fx.GraphModule, out_dir, *, tokenizer=None, overwrite: bool = False,
+            rtol: float | None = None) -> Path:
     """Write ``child`` as a ``from_pretrained`` directory of its parent's class; return its path.
 
-    Raises ``FileExistsError`` if ``out_dir`` exists (unless ``overwrite``), and
+    The checkpoint has the child's dtype. Raises ``FileExistsError`` if ``out_dir`` is a file, or
+    a non-empty folder without ``overwrite``, or one holding files ``save_hf`` did not write;
     ``HFExportError`` (leaving nothing behind) if the child cannot be expressed as the parent's
-    class or the reloaded model's outputs differ from the child's by more than ``atol``.
+    class or the reloaded model's outputs differ from the child's by more than ``rtol`` (default
+    ``tolerance_for(child's dtype)``) × max(1, max |output|).
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        _write(child, staging, tokenizer)
-        _check(child, staging, atol, out_dir)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(staging, out_dir)
+    out_dir = check_destination(out_dir, overwrite=overwrite, folder=True)
+    rtol = tolerance_for(model_dtype(child)) if rtol is None else rtol
+    with staging_folder(out_dir.parent) as staging:
+        staged = staging / out_dir.name
+        staged.mkdir()
+        _write(child, staged, tokenizer)
+        _check(child, staged, rtol, out_dir)
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            os.replace(out_dir, staging / "old")
+        elif out_dir.is_dir():
+            out_dir.rmdir()
+        os.replace(staged, out_dir)
         return out_dir
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

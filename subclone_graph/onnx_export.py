@@ -1,36 +1,78 @@
 """Export a child to ONNX (dynamo exporter), check it, verify it in onnxruntime, atomically.
 
-The file appears at ``path`` only after ``onnx.checker`` passed and onnxruntime reproduced the
-child's outputs on ``example_inputs`` within ``rtol`` of the outputs' magnitude (max |a − b| ≤
-rtol·max(1, max |a|)); otherwise nothing is written. Batch and
-sequence axes stay dynamic. Weights go to an external data file beside the model when they
-exceed protobuf's 2 GB limit.
+The file appears at ``path`` only after ``onnx.checker`` passed and onnxruntime (CPU provider)
+reproduced the child's outputs on ``example_inputs`` within the child's dtype tolerance
+(``tolerance.tolerance_for``: max |a − b| ≤ tol·max(1, max |a|)); otherwise nothing is written.
+Batch and sequence axes stay dynamic. Weights go to an external data file beside the model
+when they exceed protobuf's 2 GB limit. The destination is checked before exporting
+(``outputs.check_destination``); an existing file is replaced only with ``overwrite=True``.
+
+The graph's dtype (``dtype=None`` chooses; ``dtype=torch.float32`` / ``torch.float16`` forces):
+
+- a float32 child → a float32 graph;
+- a bfloat16 child → a **float32** graph: onnxruntime's CPU provider has no bfloat16 kernels
+  (``Mul``, ``MatMul``, ...). The child's weights are widened exactly and every bfloat16 dtype
+  literal of its graph (a cast inside a norm) becomes float32;
+- a float16 child → a float16 graph when onnxruntime's CPU provider runs it, else (a missing
+  kernel) float32, as for bfloat16.
+The result is compared with the child as it is (in its own dtype), at the child's tolerance.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import io as stdio
+import logging
 import os
-import shutil
-import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .outputs import check_destination, staging_folder
 from .passes.fx_utils import as_input_tuple, eval_mode
+from .tolerance import max_difference, model_dtype, tolerance_for
 from .tracing import dynamic_shapes_for
 
-__all__ = ["export_onnx", "OnnxMismatchError"]
+__all__ = ["export_onnx", "OnnxExportError", "OnnxMismatchError", "run_onnx", "graph_dtype"]
 
 _TWO_GB = 2 * 1024**3
+_GRAPH_DTYPES = (torch.float32, torch.float16)
 
 
-class OnnxMismatchError(RuntimeError):
+class OnnxExportError(RuntimeError):
+    """The child could not be exported to an ONNX graph that onnxruntime runs."""
+
+
+class OnnxMismatchError(OnnxExportError):
     """onnxruntime's outputs differ from the child's beyond the tolerance."""
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """The exporter's own chatter (deprecation warnings, progress lines) is not the user's business."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)          # "torchvision is not installed. Skipping ..." lines
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(stdio.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _tensors(output) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
+
+
+def _ort_errors() -> tuple:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+    return tuple(getattr(state, n) for n in ("Fail", "NotImplemented", "InvalidGraph", "RuntimeException",
+                                             "InvalidArgument") if hasattr(state, n))
 
 
 def run_onnx(path: str | os.PathLike, inputs: list[torch.Tensor]) -> list[np.ndarray]:
@@ -41,36 +83,103 @@ def run_onnx(path: str | os.PathLike, inputs: list[torch.Tensor]) -> list[np.nda
     return session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)})
 
 
-def export_onnx(child: torch.nn.Module, example_inputs, path, *, example_kwargs: dict | None = None,
-                rtol: float = 1e-4, overwrite: bool = True, opset: int | None = None) -> float:
-    """Write ``child`` as ONNX at ``path``; return the max |difference| found in onnxruntime."""
+def graph_dtype(child: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype of the ONNX graph for ``child`` before trying onnxruntime (see module doc)."""
+    if dtype is not None:
+        if dtype not in _GRAPH_DTYPES:
+            raise ValueError(f"export_onnx: dtype={dtype} is not supported; allowed: torch.float32, "
+                             f"torch.float16, or None (bfloat16 → float32, float16 → float16 if onnxruntime "
+                             f"runs it)")
+        return dtype
+    return torch.float16 if model_dtype(child) == torch.float16 else torch.float32
+
+
+def _cast_literals(value, source: torch.dtype, target: torch.dtype):
+    return pytree.tree_map(lambda x: target if x is source else x, value)
+
+
+def _as_dtype(child: torch.nn.Module, target: torch.dtype) -> torch.nn.Module:
+    """A copy of ``child`` computing in ``target``: floating weights cast, and for a GraphModule
+    every dtype literal of the child's own dtype in its graph rewritten (a norm's cast back)."""
+    source = model_dtype(child)
+    if source == target:
+        return child
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        clone = copy.deepcopy(child)
+    if isinstance(clone, fx.GraphModule):
+        for node in clone.graph.nodes:
+            node.args = _cast_literals(node.args, source, target)
+            node.kwargs = _cast_literals(node.kwargs, source, target)
+            if node.op == "get_attr":
+                owner, _, name = node.target.rpartition(".")
+                holder = clone.get_submodule(owner) if owner else clone
+                value = getattr(holder, name)
+                if isinstance(value, torch.Tensor) and value.dtype == source and not isinstance(
+                        value, torch.nn.Parameter) and name not in dict(holder.named_buffers(recurse=False)):
+                    setattr(holder, name, value.to(target))
+        clone.recompile()
+    return clone.to(target)
+
+
+def _cast_inputs(args: tuple, kwargs: dict, source: torch.dtype, target: torch.dtype):
+    cast = lambda t: t.to(target) if isinstance(t, torch.Tensor) and t.dtype == source else t  # noqa: E731
+    return pytree.tree_map(cast, args), pytree.tree_map(cast, kwargs)
+
+
+def _export_and_run(module, args: tuple, kwargs: dict, staged: Path, opset: int | None) -> list:
     import onnx
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    with torch.no_grad(), eval_mode(module), _quiet_export():
+        try:
+            torch.onnx.export(module, args, str(staged), kwargs=kwargs, dynamo=True, opset_version=opset,
+                              dynamic_shapes=dynamic_shapes_for(module, args, kwargs),
+                              external_data=size > _TWO_GB, verbose=False)
+        except Exception as error:   # the exporter wraps every failure in its own types
+            raise OnnxExportError(f"torch.onnx.export failed: {type(error).__name__}: "
+                                  f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}") from error
+    onnx.checker.check_model(str(staged))
+    return run_onnx(staged, [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)])
+
+
+def _exported(child, args, kwargs, staged: Path, dtype: torch.dtype, opset: int | None) -> list:
+    source = model_dtype(child)
+    module = _as_dtype(child, dtype)
+    margs, mkwargs = _cast_inputs(args, kwargs, source, dtype)
+    try:
+        return _export_and_run(module, margs, mkwargs, staged, opset)
+    except _ort_errors() as error:
+        if dtype == torch.float16 and source == torch.float16:
+            for file in staged.parent.iterdir():
+                file.unlink()
+            return _exported(child, args, kwargs, staged, torch.float32, opset)   # no float16 kernel: widen
+        raise OnnxExportError(f"onnxruntime cannot run the exported graph: {str(error).splitlines()[0]}") from error
+
+
+def export_onnx(child: torch.nn.Module, example_inputs, path, *, example_kwargs: dict | None = None,
+                rtol: float | None = None, overwrite: bool = False, opset: int | None = None,
+                dtype: torch.dtype | None = None) -> float:
+    """Write ``child`` as ONNX at ``path``; return the max |difference| found in onnxruntime.
+
+    ``rtol`` defaults to ``tolerance_for(child's dtype)``; ``dtype`` chooses the graph's dtype
+    (see module doc); ``opset`` the ONNX opset (None: the exporter's default). Raises ``FileExistsError`` for an existing ``path`` without ``overwrite``,
+    ``OnnxMismatchError`` / ``OnnxExportError`` (nothing written) when the check fails.
+    """
+    path = check_destination(path, overwrite=overwrite)
     args = as_input_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
-    size = sum(p.numel() * p.element_size() for p in child.parameters())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".onnx-", dir=path.parent))
-    try:
-        staged = staging / path.name
-        with torch.no_grad(), eval_mode(child):
-            torch.onnx.export(child, args, str(staged), kwargs=kwargs, dynamo=True, opset_version=opset,
-                              dynamic_shapes=dynamic_shapes_for(child, args, kwargs),
-                              external_data=size > _TWO_GB, verbose=False)
-            expected = _tensors(child(*args, **kwargs))
-        onnx.checker.check_model(str(staged))
-        got = run_onnx(staged, [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)])
-        diff = max(float(np.max(np.abs(e.detach().numpy() - g))) for e, g in zip(expected, got))
-        scale = max([1.0] + [float(e.abs().max()) for e in expected if e.numel()])
+    rtol = tolerance_for(model_dtype(child)) if rtol is None else rtol
+    target = graph_dtype(child, dtype)
+    with torch.no_grad(), eval_mode(child):
+        expected = _tensors(child(*args, **kwargs))
+    with staging_folder(path.parent) as staging:
+        (staging / "graph").mkdir()
+        got = _exported(child, args, kwargs, staging / "graph" / path.name, target, opset)
+        diff, scale = max_difference(expected, got)
         if len(got) != len(expected) or not diff <= rtol * scale:
             raise OnnxMismatchError(f"onnxruntime output differs from the child by {diff:.3g} "
-                                    f"(> {rtol:g} × {scale:.3g}); "
-                                    f"nothing written to {path}")
-        for file in staging.iterdir():
+                                    f"(> {rtol:g} × {scale:.3g}); nothing written to {path}")
+        for file in (staging / "graph").iterdir():
             os.replace(file, path.parent / file.name)
         return diff
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -13,6 +13,7 @@ Per family, on a tiny model built from its config:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import warnings
 
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 import subclone_graph as sg
+from subclone_graph.passes import state
 from subclone_graph.passes.state import channel_groups
 from subclone_graph.models import hf_families, hf_zoo
 from subclone_testing import analysed, groups_of, plant_dead, plant_dead_heads, relative_error, run
@@ -136,3 +138,39 @@ def test_planted_dead_structure_is_removed_exactly(name):
     for batch, seq in ((2, 8), (3, 13)):
         x = inputs(model, name, batch, seq, seed=7)
         assert relative_error(run(child, x), run(gm, x)) < 1e-4
+
+
+def _node_state(gm) -> list[dict]:
+    return [{k: dataclasses.replace(v, token=0) for k, v in n.meta.items() if k.startswith("subclone.node.")}
+            for n in gm.graph.nodes]
+
+
+def _tensors(gm) -> dict:
+    return {k: v.detach().clone() for k, v in gm.state_dict().items()}
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PARAMS)
+def test_state_is_owned_analysis_repeats_and_a_grandchild_is_right(name):
+    """Analysing twice gives identical node state; subclone leaves its input unchanged; a
+    grandchild equals the grandchild made from a metadata-free copy of the child."""
+    model, example, gm = parent(name)
+    first = _node_state(gm)
+    sg.analyze_channels(gm)
+    assert _node_state(gm) == first
+    family = hf_families.FAMILIES[name]
+    child = sg.subclone(gm, example, sg.Target(**family.target))
+    code, tensors, meta = child.code, _tensors(child), _node_state(child)
+    smaller = {k: family.target[k] // 2 for k in ("hidden", "ffn") if k in family.target}
+    grandchild = sg.subclone(child, example, sg.Target(**smaller))
+    assert child.code == code and _same_tensors(_tensors(child), tensors) and _node_state(child) == meta
+    clean = copy.deepcopy(child)
+    state.clear_from(clean, "blocks")
+    reference = sg.subclone(clean, example, sg.Target(**smaller))
+    assert _same_tensors(_tensors(grandchild), _tensors(reference))
+    x = inputs(model, name, 3, 8, seed=5)
+    assert torch.equal(run(grandchild, x), run(reference, x))
