@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from .find_blocks import _ITEM, Layer, _in_layer, find_layers, layer_of_node
-from .infra import PassError, SubclonePass, get_attribute, need, same_kind
+from .infra import PassError, SubclonePass, get_attribute, need, same_kind, track_origin
 
 __all__ = ["DuplicateLayersPass", "duplicate_layers", "duplicate_layer"]
 
@@ -122,6 +122,7 @@ class _Copier:
             else:
                 target = f"{self.new_attr}.{node.target.replace('.', '_')}"
             value = _clone(tensor) if isinstance(tensor, torch.Tensor) else tensor
+            track_origin(self.gm, tensor, value)
             _register(self.gm, target, node.target, value)
             self.targets[id(tensor)] = target
         with self.gm.graph.inserting_after(node):

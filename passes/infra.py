@@ -12,6 +12,7 @@ says which pass to run first.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
@@ -21,7 +22,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 __all__ = ["SubclonePass", "PassError", "need", "log", "refresh_meta", "get_attribute", "set_attribute",
-           "replace_tensors", "same_kind"]
+           "replace_tensors", "same_kind", "TensorOrigin", "ORIGINS", "track_origin"]
 
 log = logging.getLogger("subclone_graph")
 
@@ -123,3 +124,33 @@ def refresh_meta(gm: fx.GraphModule) -> None:
     # symbolic-size meta kernels (baddbmm's expand) need the python dispatcher, as export had
     with enable_python_dispatcher():
         _AttributesAsFake(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+# ----- tensor origins (streamed subcloning: the weights are read from disk at the end) ----------
+ORIGINS = "subclone.tensor_origin"     # gm.meta key: {id(tensor): (tensor, TensorOrigin)}
+
+
+@dataclass(frozen=True)
+class TensorOrigin:
+    """Where a child tensor comes from: parent tensor ``name``, the kept parent indices along each
+    dim (``None``: all), then multiplied by each factor of ``scales`` in turn (in its dtype)."""
+    name: str
+    index: tuple = ()
+    scales: tuple = ()
+
+
+def track_origin(gm: fx.GraphModule, old: torch.Tensor, new: torch.Tensor, cuts=(), scale: float | None = None) -> None:
+    """Record that ``new`` is ``old`` with ``cuts`` ((dim, kept indices), ...) then times ``scale``.
+
+    A no-op unless ``gm.meta[ORIGINS]`` exists (a weightless streamed graph sets it); the tensor
+    is kept in the record so that its ``id`` stays its own."""
+    origins = getattr(gm, "meta", {}).get(ORIGINS)
+    if origins is None or id(old) not in origins:
+        return
+    origin = origins[id(old)][1]
+    index = list(origin.index) or [None] * old.dim()
+    for dim, kept in cuts:
+        kept = kept.detach().to("cpu", torch.long)
+        index[dim] = kept if index[dim] is None else index[dim][kept]
+    scales = origin.scales + ((scale,) if scale is not None else ())
+    origins[id(new)] = (new, replace(origin, index=tuple(index), scales=scales))

@@ -22,7 +22,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .infra import SubclonePass, get_attribute, need, refresh_meta, replace_tensors, same_kind
+from .infra import SubclonePass, get_attribute, need, refresh_meta, replace_tensors, same_kind, track_origin
 
 __all__ = ["KeepChannelsPass", "keep_channels"]
 
@@ -44,6 +44,7 @@ def _slice_attributes(gm: fx.GraphModule, graph, keep) -> int:
         old = get_attribute(gm, node.target)
         if cuts and id(old) not in replaced:
             replaced[id(old)] = _sliced(old, cuts)
+            track_origin(gm, old, replaced[id(old)], cuts=cuts)
     replace_tensors(gm, replaced)
     return len(replaced)
 

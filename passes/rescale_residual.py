@@ -30,7 +30,7 @@ import math
 import torch
 import torch.fx as fx
 
-from .infra import SubclonePass, get_attribute, need, replace_tensors, same_kind
+from .infra import SubclonePass, get_attribute, need, replace_tensors, same_kind, track_origin
 
 __all__ = ["RescaleResidualPass", "rescale_residual"]
 
@@ -156,6 +156,7 @@ class RescaleResidualPass(SubclonePass):
         with torch.no_grad():
             new = tensor.detach() * factor
         new = same_kind(tensor, new)
+        track_origin(gm, tensor, new, scale=factor)
         replace_tensors(gm, {id(tensor): new})
         scaled.add(id(new))
 
