@@ -240,6 +240,9 @@ def cmd_run(args) -> int:
     target = Target(hidden=args.hidden, layers=args.layers, heads=args.heads,
                     kv_heads=args.kv_heads, ffn=args.ffn)
     files = _output_files(args)
+    from .stream_cli import run_streamed, streams
+    if streams(args):              # a safetensors folder: never loaded whole
+        return run_streamed(args, target, files)
     loaded, calibration, inputs = _load_all(args)
     child = sg.subclone(loaded.model, inputs, target, calibration=calibration, depth=args.depth,
                      selection=args.selection, progress=_progress if calibration else None)
@@ -350,6 +353,8 @@ def _add_run_arguments(parser) -> None:
     parser.add_argument("--selection", choices=SELECTIONS, default="score",
                         help="how channels are picked (default: by score)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="load a safetensors folder whole instead of streaming it layer by layer")
 
 
 def build_parser() -> argparse.ArgumentParser:

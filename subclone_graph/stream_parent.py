@@ -78,6 +78,24 @@ def _tied_groups(model: torch.nn.Module) -> list[tuple[list[str], torch.Tensor, 
     return list(groups.values())
 
 
+def _saved_names(model: torch.nn.Module) -> tuple[dict[str, str], set[str]]:
+    """{model name: the name ``save_pretrained`` writes it under} for tensors it only renames,
+    and the names it converts (splits, fuses: MoE experts), which cannot be read as slices."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return {}, set()
+    named = dict(itertools.chain(model.named_parameters(remove_duplicate=False),
+                                 model.named_buffers(remove_duplicate=False)))
+    try:
+        saved = revert_weight_conversion(model, dict(named))
+    except Exception:              # no conversion this transformers knows how to revert
+        return {}, set()
+    by_id = {id(v): k for k, v in saved.items()}
+    renamed = {name: by_id[id(t)] for name, t in named.items() if id(t) in by_id}
+    return renamed, {name for name in named if name not in renamed}
+
+
 def _set(model: torch.nn.Module, name: str, value: torch.Tensor, is_parameter: bool) -> None:
     prefix, _, leaf = name.rpartition(".")
     owner = model.get_submodule(prefix) if prefix else model
@@ -87,8 +105,13 @@ def _set(model: torch.nn.Module, name: str, value: torch.Tensor, is_parameter: b
 def _swap_in_fakes(model: torch.nn.Module, reader: CheckpointReader, folder: Path) -> dict[str, str]:
     mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
     keys: dict[str, str] = {}
+    saved, converted = _saved_names(model)
     for names, tensor, is_parameter in _tied_groups(model):
-        key = next((n for n in names if n in reader), None)
+        key = next((k for n in names for k in (saved.get(n), n) if k is not None and k in reader), None)
+        if key is None and is_parameter and converted.intersection(names):
+            raise CheckpointError(f"{folder}: tensor {names[0]} of {type(model).__name__} is stored converted "
+                                  "(split or fused by transformers' weight conversion): streaming reads tensors as "
+                                  "stored and cannot slice it; use --no-stream (the whole model in memory)")
         if key is None:
             if is_parameter:
                 raise CheckpointError(f"{folder}: tensor {names[0]} (a parameter of config.json's "

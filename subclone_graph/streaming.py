@@ -65,7 +65,8 @@ class StreamReport:
     """What a streamed subcloning did: where, how long each phase took, how much it read."""
     out_dir: Path
     seconds: dict = field(default_factory=dict)     # trace / calibrate / write / check
-    bytes_read: int = 0                             # from the parent's files
+    bytes_read: int = 0                             # from the parent's files, in all
+    calibration_read: int = 0                       # of which by calibration
     checkpoint_bytes: int = 0                       # the parent's files, in all
     parent_parameters: int = 0
     child_parameters: int = 0
@@ -194,6 +195,7 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     if bar is not None and hasattr(bar, "close"):
         bar.close()
     report.calibration_bytes, report.spilled_bytes = store.peak, store.spilled
+    report.calibration_read = reader.bytes_read
     report.scores = gm.meta["subclone.scores"]
     _start_origins(gm, keys)
     passes = [ChooseKeepPass(target, drop_layers=drop_layers, depth=depth, selection=selection),
