@@ -19,6 +19,7 @@ import subclone_graph as sg
 from . import io
 from .checkpoint import INDEX_NAME, SINGLE_NAME
 from .cli import Loaded, example_inputs, load_calibration
+from .hf_export import HFExportError
 from .stream_parent import parent_class
 from .streaming import subclone_checkpoint
 
@@ -45,6 +46,10 @@ def _tokenizer(folder: Path):
 def _bar(iterable):
     from tqdm.auto import tqdm
     return tqdm(iterable, desc="calibration (segments × batches)", unit="step", file=sys.stderr)
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def _gib(count: int) -> str:
@@ -76,9 +81,15 @@ def run_streamed(args, target, files: dict) -> int:
     inputs = example_inputs(loaded, calibration)
     hf_dir = files.get("hf", Path(args.out) / "hf")
     print(f"streaming {folder} (the parent is read segment by segment, never loaded whole)")
-    report = subclone_checkpoint(folder, hf_dir, target, calibration, example_inputs=inputs, depth=args.depth,
-                                 selection=args.selection, overwrite=args.overwrite,
-                                 progress=_bar if calibration else None)
+    try:
+        report = subclone_checkpoint(folder, hf_dir, target, calibration, example_inputs=inputs, depth=args.depth,
+                                     selection=args.selection, overwrite=args.overwrite,
+                                     progress=_bar if calibration else None)
+    except HFExportError as error:
+        if "hf" in files:
+            raise
+        raise ValueError(f"{_first_line(error)} — streaming writes the child as its parent's class first; "
+                         "--no-stream subclones it in memory instead") from error
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(hf_dir)
     print(f"wrote a Hugging Face checkpoint to {hf_dir} (from_pretrained loads it; max |difference| "

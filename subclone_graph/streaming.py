@@ -142,6 +142,8 @@ def _ticker(progress, total: int):
     if progress is None:
         return None, lambda: None
     bar = progress(range(total))
+    if hasattr(bar, "update"):          # tqdm: its iterator shows its count only when it refreshes
+        return bar, lambda: bar.update(1)
     steps = iter(bar)
     return bar, lambda: next(steps, None)
 
