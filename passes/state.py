@@ -27,11 +27,11 @@ from .errors import PreconditionError, StaleStateError
 
 __all__ = [
     "StateKey", "STAGES", "KEYS", "clear_from", "pipeline_table", "channel_groups",
-    "Layer", "ResidualBlock", "AttentionSite", "Rescale", "SizeChange",
+    "Layer", "ResidualBlock", "AttentionSite", "Rescale", "SizeChange", "TensorOrigin", "track_origin",
     "NodeChannels", "NodeLiterals", "NodeReduces", "NodeSliceParts", "NodeAttention",
     "EXAMPLE_INPUTS", "PARENT_CLASS", "PARENT_CONFIG", "PARENT_LAYER_COUNT", "LAYERS", "CHANNEL_GRAPH",
     "ATTENTION", "UNKNOWN_OPS", "SCORES", "SCORE_SOURCE", "LAYER_RATIOS", "TARGET", "KEEP", "SIZES",
-    "SIZE_CHANGES", "DROP", "DUPLICATE", "RESCALE",
+    "SIZE_CHANGES", "DROP", "DUPLICATE", "RESCALE", "TENSOR_ORIGINS",
     "CHANNELS", "LITERALS", "REDUCES", "SLICE_PARTS", "ATTENTION_OP",
 ]
 
@@ -87,6 +87,17 @@ class SizeChange:
     layer: int | None
     parent: int
     child: int
+
+
+@dataclass(frozen=True)
+class TensorOrigin:
+    """Where a child tensor comes from, for a graph whose tensors are placeholders (a streamed
+    parent): parent tensor ``name``, the kept parent indices along each dim (``None``: all), then
+    multiplied by each factor of ``scales`` in turn."""
+
+    name: str
+    index: tuple = ()
+    scales: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -216,6 +227,10 @@ DUPLICATE = _graph("duplicate", "choice", "tuple[int, ...]", "ChooseKeepPass", [
                    "layer indices to repeat (emptied once repeated)")
 RESCALE = _graph("rescale", "rewrite", "Rescale", "RescaleResidualPass", ["save_hf"],
                  "the residual's √(D/d) and the ε scale")
+TENSOR_ORIGINS = _graph("tensor_origins", "trace", "dict[int, tuple[Tensor, TensorOrigin]]",
+                        "subclone_checkpoint (a weightless parent); track_origin in the rewrites",
+                        ["subclone_checkpoint's writer"],
+                        "id(tensor) → (tensor, origin): how each tensor derives from a parent tensor on disk")
 
 CHANNELS = _node("channels", "channels", "NodeChannels", "AnalyzeChannelsPass",
                  ["ScoreChannelsPass", "KeepChannelsPass", "RescaleResidualPass"], "group of each dim")
@@ -231,7 +246,7 @@ ATTENTION_OP = _node("attention_op", "channels", "NodeAttention", "AnalyzeChanne
 KEYS: tuple[StateKey, ...] = (
     EXAMPLE_INPUTS, PARENT_CLASS, PARENT_CONFIG, PARENT_LAYER_COUNT, LAYERS, CHANNEL_GRAPH, ATTENTION,
     UNKNOWN_OPS, SCORES, SCORE_SOURCE, LAYER_RATIOS, TARGET, KEEP, SIZES, SIZE_CHANGES, DROP, DUPLICATE,
-    RESCALE, CHANNELS, LITERALS, REDUCES, SLICE_PARTS, ATTENTION_OP,
+    RESCALE, TENSOR_ORIGINS, CHANNELS, LITERALS, REDUCES, SLICE_PARTS, ATTENTION_OP,
 )
 
 
@@ -265,3 +280,20 @@ def channel_groups(node: fx.Node) -> tuple[int, ...]:
     reading and tests — passes use ``CHANNELS.of(node, graph)``, which checks the graph."""
     value = CHANNELS.get(node)
     return () if value is None else value.groups
+
+
+def track_origin(gm: fx.GraphModule, old, new, cuts=(), scale: float | None = None) -> None:
+    """Record in ``TENSOR_ORIGINS`` that ``new`` is ``old`` with ``cuts`` ((dim, kept indices),
+    ...) then times ``scale``. A no-op unless the graph tracks origins (a weightless streamed
+    parent sets the key); the record keeps the tensor so that its ``id`` stays its own, and the
+    mapping is replaced whole, never mutated."""
+    origins = TENSOR_ORIGINS.get(gm) if hasattr(gm, "meta") else None
+    if origins is None or id(old) not in origins:
+        return
+    origin = origins[id(old)][1]
+    index = list(origin.index) or [None] * old.dim()
+    for dim, kept in cuts:
+        kept = kept.detach().to("cpu").long()
+        index[dim] = kept if index[dim] is None else index[dim][kept]
+    scales = origin.scales + ((scale,) if scale is not None else ())
+    TENSOR_ORIGINS.set(gm, {**origins, id(new): (new, TensorOrigin(origin.name, tuple(index), scales))})

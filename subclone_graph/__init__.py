@@ -4,6 +4,7 @@
     child = sg.subclone(model, example_inputs, sg.Target(hidden=..., layers=..., heads=...,
                         kv_heads=..., ffn=...), calibration=batches)
     sg.export_onnx(child, example_inputs, "child.onnx")
+    sg.subclone_checkpoint("parent_hf/", "child_hf/", sg.Target(...), calibration=batches)  # streamed
 """
 from subclone_graph.passes import (AnalyzeChannelsPass, ChooseKeepPass, DropBlocksPass, DuplicateLayersPass,
                                    FindResidualBlocksPass, KeepChannelsPass, MoveToDevicePass, PassError,
@@ -15,7 +16,9 @@ from subclone_graph.passes.rewrite.move_to_device import move_to_device
 from .api import count_parameters, run_passes, subclone, subclone_passes
 from .hf_export import HFExportError, save_hf
 from .io import load, save
+from .checkpoint import CheckpointError
 from .onnx_export import export_onnx
+from .streaming import StreamReport, subclone_checkpoint
 from .tracing import TraceError, trace
 
 __all__ = [
@@ -25,5 +28,5 @@ __all__ = [
     "PostconditionError", "StaleStateError", "TraceError",
     "FindResidualBlocksPass", "AnalyzeChannelsPass", "ScoreChannelsPass", "ChooseKeepPass",
     "DropBlocksPass", "DuplicateLayersPass", "KeepChannelsPass", "RescaleResidualPass",
-    "MoveToDevicePass",
+    "MoveToDevicePass", "subclone_checkpoint", "StreamReport", "CheckpointError",
 ]

@@ -31,6 +31,7 @@ from .passes import state
 from .passes.analysis.choose_keep import DEPTHS, SELECTIONS
 from .passes.errors import PassError
 from .passes.target import Target
+from .stream_cli import run_streamed, streams
 from .tracing import TraceError
 
 __all__ = ["main", "build_parser", "USER_ERRORS"]
@@ -99,6 +100,8 @@ def cmd_run(args) -> int:
     formats = _formats(args)
     names = {OUTPUT_NAMES[f]: f == "hf" for f in formats}
     outputs.check_outputs(args.out, names, overwrite=args.overwrite, option="--overwrite")
+    if streams(args):              # a safetensors folder: never loaded whole
+        return run_streamed(args, target, {f: Path(args.out) / OUTPUT_NAMES[f] for f in formats})
     steps = report.Steps()
     loaded, calibration, inputs = _load_all(args, steps)
     with steps("subclone"):
@@ -194,6 +197,8 @@ def _add_run_arguments(parser) -> None:
                         help="how channels are picked (default: by score)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs an earlier run wrote (never other files)")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="load a safetensors folder whole instead of streaming it layer by layer")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,7 +65,7 @@ from subclone_graph.passes.fx_utils import attribute_path, container_item, conta
 from .outputs import check_destination, staging_folder, write_manifest
 from .tolerance import max_difference, model_dtype, tolerance_for
 
-__all__ = ["save_hf", "child_config", "child_state_dict", "HFExportError"]
+__all__ = ["save_hf", "child_config", "child_state_dict", "hf_names", "HFExportError"]
 
 _MAX_ROUNDS = 8
 
@@ -131,16 +131,22 @@ def _renamed(name: str, renames: dict[str, str]) -> str:
     return name
 
 
+def hf_names(child: fx.GraphModule) -> dict[str, str]:
+    """Each state-dict name of the child -> its name in a parent-class model with contiguous layers."""
+    renames = _layer_renames(_meta(child, pass_state.LAYERS))
+    names = {}
+    for name in child.state_dict(keep_vars=True):
+        new = _renamed(name, renames)
+        if new in names.values():
+            raise HFExportError(f"two child tensors map to {new!r} after renumbering the layers")
+        names[name] = new
+    return names
+
+
 def child_state_dict(child: fx.GraphModule) -> dict[str, torch.Tensor]:
     """The child's tensors under the names a parent-class model with contiguous layers uses."""
-    renames = _layer_renames(_meta(child, pass_state.LAYERS))
-    state = {}
-    for name, tensor in child.state_dict(keep_vars=False).items():
-        new = _renamed(name, renames)
-        if new in state:
-            raise HFExportError(f"two child tensors map to {new!r} after renumbering the layers")
-        state[new] = tensor.detach()
-    return state
+    names = hf_names(child)
+    return {names[name]: tensor.detach() for name, tensor in child.state_dict(keep_vars=False).items()}
 
 
 def _tied_names(model: torch.nn.Module) -> list[list[str]]:
@@ -289,18 +295,24 @@ def _scaled_floats(candidates: _Candidates, child: fx.GraphModule) -> dict:
 
 
 def _needed_changes(candidates: _Candidates, changes: dict, state: dict, child: fx.GraphModule,
-                    found: set = frozenset()) -> dict:
+                    found: set = frozenset(), distance=None) -> dict:
     """Keep a change the shapes do not need only if it brings the outputs closer to the child's
     (``n_head`` following the width stays; a token id that equals a width goes back). A change
-    in ``found`` (read off the child's graph) stays unless reverting it is strictly closer."""
-    inputs = _inputs(child)
-    expected = _outputs(child, inputs)
+    in ``found`` (read off the child's graph) stays unless reverting it is strictly closer.
+    ``distance(config)``: max |difference| between the child and the class built from ``config``."""
+    expected = {}
 
-    def distance(trial: dict) -> float:
+    def in_memory_distance(config) -> float:
+        inputs = _inputs(child)
+        if not expected:
+            expected.update(_outputs(child, inputs))
         with _quiet():
-            model = candidates.build(trial)
+            model = candidates.cls(config).eval()
             model.load_state_dict(_fitted(model, state)[0], strict=True)
         return _max_diff(expected, _outputs(model, inputs))
+
+    measure = distance or in_memory_distance
+    distance = lambda trial: measure(candidates.config(trial))  # noqa: E731
 
     current = None
     for name in list(changes):
@@ -314,13 +326,17 @@ def _needed_changes(candidates: _Candidates, changes: dict, state: dict, child: 
     return changes
 
 
-def child_config(child: fx.GraphModule, state: dict | None = None):
-    """The parent's config with every size the child changed (see module docstring, step 2)."""
+def child_config(child: fx.GraphModule, state: dict | None = None, distance=None):
+    """The parent's config with every size the child changed (see module docstring, step 2).
+
+    ``state`` may hold shape-only tensors when ``distance(config)`` is given: the max |difference|
+    between the child's outputs and those of the class built from ``config`` (a streamed child
+    measures it from its written weights)."""
     state = child_state_dict(child) if state is None else state
     candidates = _Candidates(child, state)
     floats = _scaled_floats(candidates, child)
     changes = {**_shape_changes(candidates, child), **floats}
-    return candidates.config(_needed_changes(candidates, changes, state, child, set(floats)))
+    return candidates.config(_needed_changes(candidates, changes, state, child, set(floats), distance))
 
 
 # ----- checking -----------------------------------------------------------------------------

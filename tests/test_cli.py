@@ -171,8 +171,10 @@ def test_run_on_an_image_model_with_an_image_folder(tmp_path, capsys):
         pixels = torch.randint(0, 256, (20, 24, 3), dtype=torch.uint8, generator=generator)
         Image.fromarray(pixels.numpy()).save(images / f"{index}.png")
     out = tmp_path / "out"
+    # --no-stream: this child (4 heads of 16 on a width of 32) is no ViTForImageClassification,
+    # and the streamed path writes the child as its parent's class first
     code = main(["run", str(tmp_path / "vit"), "--hidden", "32", "--ffn", "48", "--calib", str(images),
-                 "--out", str(out)])
+                 "--out", str(out), "--no-stream"])
     assert code == 0, capsys.readouterr().err
     assert "calibration: 2 batches" in capsys.readouterr().out
     child = io.load(out / "child.pt2")
@@ -297,3 +299,23 @@ def test_demo_subcloned_child_beats_the_baselines(tmp_path, capsys):
     assert results["parameters"]["child"] < 0.5 * results["parameters"]["parent"]
     assert results["files"] == {} and not (tmp_path / "demo").exists()
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_run_streams_a_safetensors_folder_and_no_stream_loads_it(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    _save_hf_folder(tmp_path / "parent")
+    out = tmp_path / "out"
+    code = main(["run", str(tmp_path / "parent"), *TARGET_ARGS, "--format", "hf", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "streaming" in printed.out and "calibrate" in printed.out and "read " in printed.out
+    streamed = AutoModelForCausalLM.from_pretrained(out / "hf", local_files_only=True).eval()
+    code = main(["run", str(tmp_path / "parent"), *TARGET_ARGS, "--format", "hf", "--out", str(tmp_path / "whole"),
+                 "--no-stream"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "streaming" not in printed.out
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "hf", local_files_only=True).eval()
+    for (name, a), (_, b) in zip(streamed.state_dict().items(), whole.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -30,7 +30,8 @@ from ..fx_utils import get_attribute, tensor_shape
 from ..infra import SubclonePass, log
 from .channel_graph import ChannelGraph
 
-__all__ = ["ScoreChannelsPass", "project", "flat_inputs"]
+__all__ = ["ScoreChannelsPass", "ActivationStatistics", "watch_list", "combine_profiles", "weight_profiles",
+           "project", "flat_inputs", "SCORED_KINDS"]
 
 SCORED_KINDS = ("residual", "ffn", "heads")
 
@@ -88,37 +89,70 @@ def flat_inputs(gm: fx.GraphModule, inputs, index: int) -> list:
     return flat
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm, watch, layers):
-        super().__init__(gm)
+class ActivationStatistics:
+    """The running sums of the calibration statistics (module docstring, 1–3), fed value by value.
+
+    ``record(name, value)`` after each node runs; ``record_layer(index, input, output)`` at each
+    layer's output. Sums accumulate in float64 in the order values arrive, so feeding the same
+    values in the same per-node order gives the same bits, whichever way the graph is run."""
+
+    def __init__(self, watch: dict[str, list[int]], layers) -> None:
         self.watch, self.sums, self.counts = watch, defaultdict(float), defaultdict(int)
         self.layer_in = {layer.input: layer.index for layer in layers}
         self.layer_out = {layer.output: layer.index for layer in layers}
-        self.stash, self.ratios = {}, defaultdict(list)
+        self.ratios = defaultdict(list)
+
+    def record(self, name: str, value) -> None:
+        for dim in self.watch.get(name, ()):
+            x = value.detach().abs().to(torch.float64)
+            self.sums[(name, dim)] = self.sums[(name, dim)] + x.mean(dim=[d for d in range(x.dim()) if d != dim])
+            self.counts[(name, dim)] += 1
+
+    def record_layer(self, index: int, layer_input: torch.Tensor, layer_output: torch.Tensor) -> None:
+        out = layer_output.detach().to(torch.float64)
+        change = (out - layer_input.detach().to(torch.float64)).norm()
+        self.ratios[index].append(float(change / out.norm().clamp_min(1e-30)))
+
+    def layer_ratios(self) -> list[float]:
+        return [sum(r) / len(r) for _, r in sorted(self.ratios.items())]
+
+    def profiles(self, gm: fx.GraphModule) -> list[tuple[int, torch.Tensor]]:
+        """(group id, mean |activation| per index) of every watched (node, dim)."""
+        nodes = {n.name: n for n in gm.graph.nodes}
+        graph = state.CHANNEL_GRAPH.need(gm)
+        return [(state.CHANNELS.of(nodes[name], graph).groups[dim], total / self.counts[(name, dim)])
+                for (name, dim), total in self.sums.items()]
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm, statistics: ActivationStatistics):
+        super().__init__(gm)
+        self.statistics, self.stash = statistics, {}
 
     def run_node(self, n):
         result = super().run_node(n)
-        for dim in self.watch.get(n.name, ()):
-            x = result.detach().abs().to(torch.float64)
-            self.sums[(n.name, dim)] = self.sums[(n.name, dim)] + x.mean(dim=[d for d in range(x.dim()) if d != dim])
-            self.counts[(n.name, dim)] += 1
-        if n.name in self.layer_in:
-            self.stash[self.layer_in[n.name]] = result.detach()
-        if n.name in self.layer_out:
-            index = self.layer_out[n.name]
-            out = result.detach().to(torch.float64)
-            change = (out - self.stash[index].to(torch.float64)).norm()
-            self.ratios[index].append(float(change / out.norm().clamp_min(1e-30)))
+        stats = self.statistics
+        stats.record(n.name, result)
+        if n.name in stats.layer_in:
+            self.stash[stats.layer_in[n.name]] = result.detach()
+        if n.name in stats.layer_out:
+            index = stats.layer_out[n.name]
+            stats.record_layer(index, self.stash[index], result)
         return result
 
 
-def _watch_list(gm, graph: ChannelGraph, layers) -> dict[str, list[int]]:
+def _groups(node: fx.Node, graph: ChannelGraph) -> tuple[int, ...]:
+    channels = state.CHANNELS.of(node, graph)
+    return () if channels is None else channels.groups
+
+
+def watch_list(gm, graph: ChannelGraph, layers) -> dict[str, list[int]]:
+    """The (node name -> dims) whose mean |activation| the scores are made of (module docstring)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     watch: dict[str, set] = defaultdict(set)
     stream = {b.add for layer in layers for b in layer.blocks} | {b.skip for layer in layers for b in layer.blocks}
     for name in stream:
-        channels = state.CHANNELS.of(nodes[name], graph)
-        for d, g in enumerate(channels.groups if channels is not None else ()):
+        for d, g in enumerate(_groups(nodes[name], graph)):
             if graph.groups[g].kind == "residual":
                 watch[name].add(d)
     for v in graph.contracted:
@@ -126,6 +160,40 @@ def _watch_list(gm, graph: ChannelGraph, layers) -> dict[str, list[int]]:
         if name in nodes and nodes[name].op != "get_attr":
             watch[name].add(dim)
     return {k: sorted(v) for k, v in watch.items()}
+
+
+def combine_profiles(graph: ChannelGraph, profiles) -> dict[int, torch.Tensor]:
+    """Scores of every scored group: the sum of the profiles projected onto it."""
+    scores = {}
+    for target in (g.id for g in graph.groups.values() if g.kind in SCORED_KINDS):
+        reach = {target} | graph.composites_containing(target)
+        total = torch.zeros(graph.groups[target].size, dtype=torch.float64)
+        for source, vec in profiles:
+            if source in reach:
+                piece = project(graph, vec, source, target)
+                total += piece if piece is not None else 0
+        scores[target] = total
+    return scores
+
+
+def weight_profiles(gm: fx.GraphModule, graph: ChannelGraph, tensor_of=None) -> list[tuple[int, torch.Tensor]]:
+    """Each weight's mean |weight| per index of every static group it spans, normalised to mean 1.
+    ``tensor_of(node)`` gives a get_attr node's tensor (default: the module's own)."""
+    tensor_of = tensor_of or (lambda node: get_attribute(gm, node.target))
+    profiles = []
+    for node in gm.graph.nodes:
+        shape = tensor_shape(node)
+        if node.op != "get_attr" or shape is None or not shape:
+            continue
+        groups = [(d, g) for d, g in enumerate(_groups(node, graph))
+                  if graph.groups[g].static and graph.groups[g].size > 1]
+        if not groups:
+            continue
+        x = tensor_of(node).detach().abs().to(torch.float64)
+        for d, g in groups:
+            vec = x.mean(dim=[i for i in range(x.dim()) if i != d]) if x.dim() > 1 else x
+            profiles.append((g, vec / vec.mean().clamp_min(1e-30)))
+    return profiles
 
 
 class ScoreChannelsPass(SubclonePass):
@@ -139,47 +207,20 @@ class ScoreChannelsPass(SubclonePass):
 
     def run(self, gm: fx.GraphModule) -> bool:
         graph = state.CHANNEL_GRAPH.need(gm)
-        targets = [g.id for g in graph.groups.values() if g.kind in SCORED_KINDS]
         if self.calibration is None:
             log.info("no calibration data: scoring channels by weight magnitude")
-            profiles = self._weight_profiles(gm, graph)
+            profiles = weight_profiles(gm, graph)
             state.SCORE_SOURCE.set(gm, "weight magnitude (no calibration data)")
         else:
             profiles = self._activation_profiles(gm, graph)
             state.SCORE_SOURCE.set(gm, "mean |activation| on calibration data")
-        state.SCORES.set(gm, self._combine(graph, profiles, targets))
+        state.SCORES.set(gm, combine_profiles(graph, profiles))
         return False
-
-    def _combine(self, graph, profiles, targets) -> dict[int, torch.Tensor]:
-        scores = {}
-        for target in targets:
-            reach = {target} | graph.composites_containing(target)
-            total = torch.zeros(graph.groups[target].size, dtype=torch.float64)
-            for source, vec in profiles:
-                if source in reach:
-                    piece = project(graph, vec, source, target)
-                    total += piece if piece is not None else 0
-            scores[target] = total
-        return scores
-
-    def _weight_profiles(self, gm, graph):
-        profiles = []
-        for node in gm.graph.nodes:
-            shape = tensor_shape(node)
-            if node.op != "get_attr" or shape is None or not shape:
-                continue
-            tensor = get_attribute(gm, node.target)
-            channels = state.CHANNELS.of(node, graph)
-            for d, g in enumerate(channels.groups if channels is not None else ()):
-                if graph.groups[g].static and graph.groups[g].size > 1:
-                    x = tensor.detach().abs().to(torch.float64)
-                    vec = x.mean(dim=[i for i in range(x.dim()) if i != d]) if x.dim() > 1 else x
-                    profiles.append((g, vec / vec.mean().clamp_min(1e-30)))
-        return profiles
 
     def _activation_profiles(self, gm, graph):
         layers = state.LAYERS.need(gm)
-        recorder = _Recorder(gm, _watch_list(gm, graph, layers), layers)
+        statistics = ActivationStatistics(watch_list(gm, graph, layers), layers)
+        recorder = _Recorder(gm, statistics)
         batches = self.calibration if self.progress is None else self.progress(self.calibration)
         seen = 0
         with torch.no_grad():
@@ -188,7 +229,5 @@ class ScoreChannelsPass(SubclonePass):
                 seen += 1
         if seen == 0:
             raise ValueError("calibration: no batches given (pass None to score by weight magnitude)")
-        state.LAYER_RATIOS.set(gm, tuple(sum(r) / len(r) for _, r in sorted(recorder.ratios.items())))
-        nodes = {n.name: n for n in gm.graph.nodes}
-        return [(state.CHANNELS.of(nodes[name], graph).groups[dim], total / recorder.counts[(name, dim)])
-                for (name, dim), total in recorder.sums.items()]
+        state.LAYER_RATIOS.set(gm, tuple(statistics.layer_ratios()))
+        return statistics.profiles(gm)

@@ -132,6 +132,7 @@ class _Copier:
             else:
                 target = f"{self.new_attr}.{node.target.replace('.', '_')}"
             value = _clone(tensor) if isinstance(tensor, torch.Tensor) else tensor
+            state.track_origin(self.gm, tensor, value)
             _register(self.gm, target, node.target, value)
             self.targets[id(tensor)] = target
         with self.gm.graph.inserting_after(node):

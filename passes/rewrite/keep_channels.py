@@ -51,6 +51,7 @@ def _slice_attributes(gm: fx.GraphModule, graph, keep) -> int:
                 if g in keep and len(keep[g]) < graph.groups[g].size and old.shape[d] == graph.groups[g].size]
         if cuts and id(old) not in replaced:
             replaced[id(old)] = _sliced(old, cuts)
+            state.track_origin(gm, old, replaced[id(old)], cuts=cuts)
     replace_tensors(gm, replaced)
     return len(replaced)
 

@@ -180,6 +180,7 @@ class RescaleResidualPass(SubclonePass):
         with torch.no_grad():
             new = tensor.detach() * factor
         new = same_kind(tensor, new)
+        state.track_origin(gm, tensor, new, scale=factor)
         replace_tensors(gm, {id(tensor): new})
         scaled.add(id(new))
 

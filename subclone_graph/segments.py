@@ -1,0 +1,194 @@
+"""Run a traced graph segment by segment: every batch through one segment before the next.
+
+The segments are cut at the layer boundaries ``FindResidualBlocksPass`` found (no per-family
+code): the nodes up to the first layer's stream input, then each layer up to its stream
+output, then the rest. Nodes keep graph order, so each segment only reads values computed in
+itself or in earlier ones. A segment's attributes (``get_attr`` targets) are fetched just
+before it runs and dropped after; the values a later segment reads — the stream, rotary
+tables, masks, the inputs, and each layer's input (for the ‖f(x)‖/‖x+f(x)‖ ratio at its
+output) — are kept per batch in a ``BoundaryStore``, in memory up to a byte budget and on disk
+past it. Within a segment a value is freed after its last use, as ``fx.Interpreter`` does.
+
+The invariant: every node computes exactly what ``fx.Interpreter`` computes for it (same
+target, same arguments), so statistics gathered node by node are bit-identical to an
+in-memory run; only the order across batches differs, never the per-node order of batches.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.fx.node import map_arg
+
+from subclone_graph.passes import state
+from subclone_graph.passes.errors import PassError
+
+__all__ = ["Segment", "plan_segments", "BoundaryStore", "run_segments", "carried_bytes"]
+
+
+@dataclass
+class Segment:
+    nodes: list[fx.Node]
+    attributes: list[str]                          # get_attr targets the nodes read
+    keep: list[str] = field(default_factory=list)  # values later segments read
+    free: dict[str, list[str]] = field(default_factory=dict)   # node -> values dead after it
+
+
+def _segment_of(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    layers = state.LAYERS.get(gm) or []
+    nodes = {n.name: n for n in gm.graph.nodes}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    # a child's layer may name an input a dropped layer's removal erased: cut at outputs then
+    first = [order[nodes[layers[0].input]]] if layers and layers[0].input in nodes else []
+    cuts = first + [order[nodes[layer.output]] for layer in layers]
+    if any(b <= a for a, b in zip(cuts, cuts[1:])):
+        raise PassError("the layers' stream inputs and outputs are not in graph order: cannot cut the graph "
+                        "into segments")
+    return {n: bisect.bisect_left(cuts, order[n]) for n in gm.graph.nodes if n.op != "get_attr"}
+
+
+def plan_segments(gm: fx.GraphModule) -> list[Segment]:
+    """The segments of ``gm`` (see module docstring)."""
+    segment_of = _segment_of(gm)
+    count = max(segment_of.values()) + 1
+    segments = [Segment([], []) for _ in range(count)]
+    last_use: dict[str, int] = {}
+    for node, k in segment_of.items():
+        segments[k].nodes.append(node)
+        for used in node.all_input_nodes:
+            if used.op != "get_attr":
+                last_use[used.name] = max(last_use.get(used.name, -1), k)
+    names = {n.name for n in gm.graph.nodes}
+    extra = {layer.output: layer.input for layer in state.LAYERS.get(gm) or [] if layer.input in names}
+    for node, k in segment_of.items():                        # read again at the layer's output
+        if node.name in extra:
+            last_use[extra[node.name]] = max(last_use.get(extra[node.name], -1), k)
+    home = {n.name: k for n, k in segment_of.items()}
+    for k, segment in enumerate(segments):
+        segment.attributes = sorted({a.target for n in segment.nodes for a in n.all_input_nodes if a.op == "get_attr"})
+        segment.keep = [name for name, last in last_use.items() if home[name] <= k < last]
+        segment.free = _frees(segment, set(segment.keep) | {n for n, last in last_use.items() if last > k}, extra)
+    return segments
+
+
+def _frees(segment: Segment, kept: set[str], extra: dict[str, str]) -> dict[str, list[str]]:
+    last: dict[str, str] = {}
+    for node in segment.nodes:
+        for used in node.all_input_nodes:
+            if used.op != "get_attr":
+                last[used.name] = node.name
+        if node.name in extra:
+            last[extra[node.name]] = node.name
+    frees: dict[str, list[str]] = {}
+    for value, node in last.items():
+        if value not in kept:
+            frees.setdefault(node, []).append(value)
+    return frees
+
+
+def carried_bytes(values: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in pytree.tree_leaves(values) if isinstance(v, torch.Tensor))
+
+
+class BoundaryStore:
+    """Per-batch boundary values: in memory while their bytes fit ``budget``, else on disk."""
+
+    def __init__(self, budget: int, spill_dir=None) -> None:
+        self.budget, self.spill_root = budget, spill_dir
+        self.memory: dict[int, tuple[dict, int]] = {}
+        self.files: dict[int, Path] = {}
+        self.used = self.peak = self.spilled = 0
+        self._dir: Path | None = None
+
+    def put(self, batch: int, values: dict) -> None:
+        size = carried_bytes(values)
+        if self.used + size <= self.budget:
+            self.memory[batch] = (values, size)
+            self.used += size
+            self.peak = max(self.peak, self.used)
+            return
+        if self._dir is None:
+            root = self.spill_root
+            if root is not None:
+                os.makedirs(root, exist_ok=True)
+            self._dir = Path(tempfile.mkdtemp(prefix="subclone-spill-", dir=root))
+        path = self._dir / f"batch-{batch}.pt"
+        torch.save(values, path)
+        self.files[batch] = path
+        self.spilled += size
+
+    def take(self, batch: int) -> dict:
+        if batch in self.memory:
+            values, size = self.memory.pop(batch)
+            self.used -= size
+            return values
+        path = self.files.pop(batch)
+        values = torch.load(path, weights_only=False)
+        path.unlink()
+        return values
+
+    def close(self) -> None:
+        self.memory.clear()
+        self.files.clear()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict, attributes: dict):
+    def value(arg: fx.Node):
+        return attributes[arg.target] if arg.op == "get_attr" else env[arg.name]
+
+    args, kwargs = map_arg(node.args, value), map_arg(node.kwargs, value)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "output":
+        return args[0]
+    raise PassError(f"cannot run node {node.name} ({node.op}) segment by segment")
+
+
+def run_segments(gm: fx.GraphModule, batches: list[list], fetch, store: BoundaryStore,
+                 observe=None, tick=None) -> list:
+    """Run every flat input list of ``batches`` through ``gm``, segment by segment.
+
+    ``fetch(targets)`` returns {target: tensor} for a segment's attributes; ``observe(node,
+    value, env)`` sees each computed value; ``tick()`` is called after each segment × batch.
+    Returns the flat outputs of each batch."""
+    segments = plan_segments(gm)
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    outputs: list = [None] * len(batches)
+    try:
+        for segment in segments:
+            attributes = fetch(segment.attributes)
+            for b, flat in enumerate(batches):
+                env = dict(zip(placeholders, flat)) if segment is segments[0] else store.take(b)
+                for node in segment.nodes:
+                    if node.op != "placeholder":
+                        env[node.name] = _run_node(gm, node, env, attributes)
+                    if node.op == "output":
+                        outputs[b] = env.pop(node.name)
+                        continue
+                    if observe is not None:
+                        observe(node, env[node.name], env)
+                    for dead in segment.free.get(node.name, ()):
+                        env.pop(dead, None)
+                if segment is not segments[-1]:
+                    store.put(b, {name: env[name] for name in segment.keep})
+                del env
+                if tick is not None:
+                    tick()
+            del attributes
+    finally:
+        store.close()
+    return outputs

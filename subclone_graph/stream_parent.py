@@ -1,0 +1,144 @@
+"""The parent of a streamed subcloning: its class traced with no real weights.
+
+The class named by ``config.json`` (``architectures[0]``, a ``transformers`` class) is built
+under ``accelerate.init_empty_weights(include_buffers=False)``: parameters on the meta device,
+buffers real (rotary ``inv_freq``, position ids: computed, not stored). Every parameter is then
+swapped for a fake CPU tensor (no storage) with the checkpoint's dtype and shape, after checking
+that shape against the checkpoint's header; a buffer the checkpoint stores is read from it.
+Tied parameters (an output head tied to the embedding) stay one tensor, found in the
+checkpoint under whichever of their names it was saved.
+
+Why fake CPU tensors and not meta ones: ``torch.export`` fakifies the example inputs as CPU
+tensors, and an op mixing them with meta parameters (``embedding(weight, ids)``) fails fake
+device propagation; a fake CPU parameter has the inputs' device and no bytes. ``export``
+detects the parameters' ``FakeTensorMode`` and traces in it.
+
+Returns the traced ``GraphModule`` (its parameters fake) and, for every parameter and buffer
+name, the checkpoint key that holds it.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+from .checkpoint import CheckpointError, CheckpointReader
+from .tracing import trace
+
+__all__ = ["weightless_parent", "is_fake", "parent_class"]
+
+
+def is_fake(value) -> bool:
+    return isinstance(value, FakeTensor)
+
+
+def parent_class(folder: Path):
+    """The config and the ``transformers`` class its ``architectures`` names."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{folder / 'config.json'}: {str(error).splitlines()[0]}") from None
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise CheckpointError(f"{folder / 'config.json'}: architectures {names} names no transformers class")
+    return config, cls
+
+
+def _empty_model(folder: Path):
+    from accelerate import init_empty_weights
+    from transformers.utils import logging as hf_logging
+
+    config, cls = parent_class(folder)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = cls(config)
+        if hasattr(model, "tie_weights"):
+            # as from_pretrained does (outside the context, whose register_parameter re-wraps)
+            model.tie_weights()
+    finally:
+        hf_logging.set_verbosity(level)
+    return model.eval()
+
+
+def _tied_groups(model: torch.nn.Module) -> list[tuple[list[str], torch.Tensor, bool]]:
+    groups: dict[int, tuple[list[str], torch.Tensor, bool]] = {}
+    parameters = model.named_parameters(remove_duplicate=False)
+    buffers = model.named_buffers(remove_duplicate=False)
+    for (name, tensor), is_parameter in itertools.chain(((p, True) for p in parameters), ((b, False) for b in buffers)):
+        groups.setdefault(id(tensor), ([], tensor, is_parameter))[0].append(name)
+    return list(groups.values())
+
+
+def _saved_names(model: torch.nn.Module) -> tuple[dict[str, str], set[str]]:
+    """{model name: the name ``save_pretrained`` writes it under} for tensors it only renames,
+    and the names it converts (splits, fuses: MoE experts), which cannot be read as slices."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return {}, set()
+    named = dict(itertools.chain(model.named_parameters(remove_duplicate=False),
+                                 model.named_buffers(remove_duplicate=False)))
+    try:
+        saved = revert_weight_conversion(model, dict(named))
+    except Exception:              # no conversion this transformers knows how to revert
+        return {}, set()
+    by_id = {id(v): k for k, v in saved.items()}
+    renamed = {name: by_id[id(t)] for name, t in named.items() if id(t) in by_id}
+    return renamed, {name for name in named if name not in renamed}
+
+
+def _set(model: torch.nn.Module, name: str, value: torch.Tensor, is_parameter: bool) -> None:
+    prefix, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(prefix) if prefix else model
+    (owner._parameters if is_parameter else owner._buffers)[leaf] = value
+
+
+def _swap_in_fakes(model: torch.nn.Module, reader: CheckpointReader, folder: Path) -> dict[str, str]:
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    keys: dict[str, str] = {}
+    saved, converted = _saved_names(model)
+    for names, tensor, is_parameter in _tied_groups(model):
+        key = next((k for n in names for k in (saved.get(n), n) if k is not None and k in reader), None)
+        if key is None and is_parameter and converted.intersection(names):
+            raise CheckpointError(f"{folder}: tensor {names[0]} of {type(model).__name__} is stored converted "
+                                  "(split or fused by transformers' weight conversion): streaming reads tensors as "
+                                  "stored and cannot slice it; use --no-stream (the whole model in memory)")
+        if key is None:
+            if is_parameter:
+                raise CheckpointError(f"{folder}: tensor {names[0]} (a parameter of config.json's "
+                                      f"{type(model).__name__}) is not in the checkpoint")
+            continue                             # a computed buffer: stays as built
+        info = reader.info(key)
+        if tuple(info.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{info.file}: tensor {key} has shape {tuple(info.shape)}, but config.json's "
+                                  f"{type(model).__name__} expects {tuple(tensor.shape)}")
+        if is_parameter:
+            with mode:
+                value = torch.empty(info.shape, dtype=info.dtype)
+            value = torch.nn.Parameter(value, requires_grad=tensor.requires_grad)
+        else:
+            value = reader.read(key)
+        for name in names:
+            _set(model, name, value, is_parameter)
+            keys[name] = key
+    return keys
+
+
+def weightless_parent(folder: Path, reader: CheckpointReader, example_inputs) -> tuple[fx.GraphModule, dict]:
+    """The traced parent with fake parameters, and {parameter/buffer name: checkpoint key}."""
+    model = _empty_model(folder)
+    keys = _swap_in_fakes(model, reader, folder)
+    gm = trace(model, example_inputs)
+    for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if is_fake(tensor) and name not in keys:
+            raise CheckpointError(f"{folder}: the traced graph reads {name}, which no checkpoint tensor holds")
+    return gm, keys

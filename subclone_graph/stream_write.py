@@ -1,0 +1,160 @@
+"""Write a streamed child (a weightless graph with tensor origins) as a checked HF folder.
+
+Weights: every tensor of the child's state dict, under the name a parent-class model with
+contiguous layers uses (``hf_export.hf_names``), is made from its ``TensorOrigin`` — the
+parent tensor read as its kept slice, cut, then multiplied by each recorded factor in the
+parent's dtype (the in-memory passes' own ops, hence their bits) — and streamed into shards.
+A real (non-fake) tensor of the child, a computed buffer, is written as it is.
+
+Config: ``hf_export.child_config`` with a ``distance`` that builds the class from a candidate
+config, loads the *written* weights and compares its outputs with the reference.
+
+Reference and check: the child graph run segment by segment on the example inputs with the
+written weights is the reference; the folder loaded with ``from_pretrained`` (the parent's
+dtype) must match it within the dtype's tolerance, relative to the outputs' scale (float32:
+1e-4; bfloat16 / float16: 16 units of the dtype's epsilon). We do not hold the full-size
+in-memory child to compare with: the reference is what the graph computes with these weights,
+and the bit-identity of those weights with the in-memory path is what the tests show.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from subclone_graph.passes import state
+from subclone_graph.passes.errors import PassError
+from subclone_graph.passes.fx_utils import get_attribute
+from subclone_graph.passes.analysis.score_channels import flat_inputs
+
+from .checkpoint import CheckpointReader, write_shards
+from .hf_export import HFExportError, child_config, child_state_dict, hf_names
+from .segments import BoundaryStore, run_segments
+from .stream_parent import is_fake
+
+__all__ = ["write_child", "check_written", "tolerance"]
+
+
+def tolerance(dtype: torch.dtype, scale: float) -> float:
+    """The largest |difference| two computations of one function in ``dtype`` may show."""
+    if dtype in (torch.float32, torch.float64):
+        return 1e-4 * max(1.0, scale)
+    return 16 * torch.finfo(dtype).eps * max(1.0, scale)
+
+
+def _producer(gm: fx.GraphModule, reader: CheckpointReader, sources: dict):
+    origins = state.TENSOR_ORIGINS.need(gm)
+
+    def produce(name: str) -> torch.Tensor:
+        tensor = sources[name]
+        if id(tensor) in origins:
+            origin = origins[id(tensor)][1]
+            value = reader.read(origin.name, origin.index)
+            with torch.no_grad():
+                for factor in origin.scales:
+                    value = value * factor
+            return value
+        if is_fake(tensor):
+            raise PassError(f"child tensor {name} has no recorded origin in the parent")
+        return tensor.detach().contiguous()
+    return produce
+
+
+def _tensor_outputs(out) -> dict:
+    if isinstance(out, dict):
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    return dict(enumerate(x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)))
+
+
+def _max_diff(expected: dict, got: dict) -> float:
+    if not expected or any(k not in got or got[k].shape != v.shape for k, v in expected.items()):
+        return float("inf")
+    return max(float((got[k].float() - v.float()).abs().max()) for k, v in expected.items())
+
+
+def _inputs(gm: fx.GraphModule) -> tuple:
+    inputs = state.EXAMPLE_INPUTS.need(gm)
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
+def _reference(gm: fx.GraphModule, written: CheckpointReader, names: dict) -> dict:
+    def fetch(targets):
+        values = {}
+        for target in targets:
+            value = get_attribute(gm, target)
+            values[target] = written.read(names[target]) if is_fake(value) else value
+        return values
+
+    flat = flat_inputs(gm, _inputs(gm), 0)
+    with torch.no_grad():
+        outputs = run_segments(gm, [flat], fetch, BoundaryStore(2**62))[0]
+    return _tensor_outputs(gm.graph._codegen.process_outputs(outputs))
+
+
+def _load(cls, config, written: CheckpointReader) -> torch.nn.Module:
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = cls(config)
+    state = {name: written.read(name) for name in written.tensors}
+    model.load_state_dict(state, strict=False, assign=True)
+    return model.eval()
+
+
+def _distance(gm: fx.GraphModule, written: CheckpointReader, expected: dict):
+    cls = state.PARENT_CLASS.need(gm)
+
+    def distance(config) -> float:
+        try:
+            model = _load(cls, config, written)
+            if any(p.is_meta for p in model.parameters()):
+                return float("inf")
+            with torch.no_grad():
+                return _max_diff(expected, _tensor_outputs(model(*_inputs(gm))))
+        except Exception:          # a config the class cannot run with these weights
+            return float("inf")
+    return distance
+
+
+def write_child(gm: fx.GraphModule, reader: CheckpointReader, staging: Path, shard_size: int):
+    """Write the child's weights and config.json into ``staging``; return (config, reference outputs)."""
+    names = hf_names(gm)
+    state = gm.state_dict(keep_vars=True)
+    sources = {names[n]: t for n, t in state.items()}
+    entries = [(names[n], tuple(t.shape), t.dtype) for n, t in state.items()]
+    with torch.no_grad():
+        write_shards(staging, entries, _producer(gm, reader, sources), shard_size)
+    written = CheckpointReader(staging)
+    expected = _reference(gm, written, names)
+    config = child_config(gm, child_state_dict(gm), distance=_distance(gm, written, expected))
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    if dtype is not None:
+        config.dtype = dtype
+    config.save_pretrained(staging)
+    return config, expected
+
+
+def check_written(gm: fx.GraphModule, staging: Path, expected: dict, out_dir: Path) -> float:
+    """Load ``staging`` with ``from_pretrained`` and compare it with the reference outputs."""
+    from transformers.utils import logging as hf_logging
+
+    cls = state.PARENT_CLASS.need(gm)
+    dtype = next((t.dtype for t in gm.state_dict(keep_vars=True).values() if t.is_floating_point()), None)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        loaded = cls.from_pretrained(staging, dtype=dtype).eval()
+    finally:
+        hf_logging.set_verbosity(level)
+    with torch.no_grad():
+        got = _tensor_outputs(loaded(*_inputs(gm)))
+    diff = _max_diff(expected, got)
+    scale = max((float(v.float().abs().max()) for v in expected.values()), default=1.0)
+    allowed = tolerance(dtype or torch.float32, scale)
+    if not (math.isfinite(diff) and diff <= allowed):
+        raise HFExportError(f"the written {cls.__name__} differs from the child graph by {diff:.3g} (> {allowed:.3g}); "
+                            f"nothing written to {out_dir}")
+    return diff
