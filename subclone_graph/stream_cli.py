@@ -18,7 +18,7 @@ import subclone_graph as sg
 
 from . import io
 from .checkpoint import INDEX_NAME, SINGLE_NAME
-from .cli import Loaded, example_inputs, load_calibration
+from .loading import Loaded, example_inputs, load_calibration
 from .hf_export import HFExportError
 from .stream_parent import parent_class
 from .streaming import subclone_checkpoint
@@ -65,7 +65,7 @@ def _other_formats(files: dict, hf_dir: Path, inputs: tuple, overwrite: bool) ->
     if "pt2" in files:
         print(f"wrote {io.save(child, files['pt2'], overwrite=overwrite)}")
     if "onnx" in files:
-        diff = sg.export_onnx(child, inputs, files["onnx"])
+        diff = sg.export_onnx(child, inputs, files["onnx"], overwrite=overwrite)
         print(f"wrote {files['onnx']} (onnxruntime max |difference| {diff:.3g})")
 
 

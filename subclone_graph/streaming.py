@@ -28,8 +28,6 @@ calibration state (module ``segments``):
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,22 +35,18 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from subclone_graph.passes.analysis import AnalyzeChannelsPass
-from subclone_graph.passes.analysis.choose_keep import ChooseKeepPass
-from subclone_graph.passes.target import Target
-from subclone_graph.passes.rewrite import DropBlocksPass
-from subclone_graph.passes.rewrite import DuplicateLayersPass
-from subclone_graph.passes.analysis.find_blocks import FindResidualBlocksPass
 from subclone_graph.passes import state
+from subclone_graph.passes.analysis import AnalyzeChannelsPass, ChooseKeepPass, FindResidualBlocksPass
 from subclone_graph.passes.fx_utils import get_attribute
+from subclone_graph.passes.rewrite import DropBlocksPass, DuplicateLayersPass, KeepChannelsPass, RescaleResidualPass
 from subclone_graph.passes.state import TensorOrigin
-from subclone_graph.passes.rewrite import KeepChannelsPass
-from subclone_graph.passes.rewrite import RescaleResidualPass
+from subclone_graph.passes.target import Target
 from subclone_graph.passes.analysis.score_channels import (ActivationStatistics, combine_profiles, flat_inputs,
                                                   watch_list, weight_profiles)
 
 from .api import run_passes
 from .checkpoint import CheckpointError, CheckpointReader
+from .outputs import check_destination, staging_folder, write_manifest
 from .segments import BoundaryStore, run_segments
 from .stream_parent import is_fake, weightless_parent
 from .stream_write import check_written, write_child
@@ -163,9 +157,7 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
         raise ValueError("give either Target.layers or drop_layers, not both")
     if depth == "measured" and calibration is None:
         raise ValueError('depth="measured" needs calibration data: it measures each layer\'s ||f(x)||/||x+f(x)||')
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    out_dir = check_destination(out_dir, overwrite=overwrite, folder=True)
     calibration = None if calibration is None else list(calibration)
     if example_inputs is None:
         if not calibration:
@@ -198,19 +190,20 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     report.child_parameters = _parameter_count(gm)
     report.seconds["calibrate"], clock = time.perf_counter() - clock, time.perf_counter()
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        _, expected = write_child(gm, reader, staging, shard_size)
+    # the same output rules as save_hf (outputs.py): staged, checked, moved into place whole, and
+    # an overwrite replaces only a folder this package wrote
+    with staging_folder(out_dir.parent) as staging:
+        staged = staging / out_dir.name
+        staged.mkdir()
+        _, expected = write_child(gm, reader, staged, shard_size)
         report.bytes_read = reader.bytes_read
         report.seconds["write"], clock = time.perf_counter() - clock, time.perf_counter()
-        report.max_difference = check_written(gm, staging, expected, out_dir)
+        report.max_difference = check_written(gm, staged, expected, out_dir)
         report.seconds["check"] = time.perf_counter() - clock
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_manifest(staged)
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            os.replace(out_dir, staging / "old")
+        elif out_dir.is_dir():
+            out_dir.rmdir()
+        os.replace(staged, out_dir)
     return report
