@@ -58,14 +58,14 @@ def _read_header(path: Path, first_tensor: str | None) -> tuple[dict, int]:
     with open(path, "rb") as handle:
         raw = handle.read(8)
         if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated before its header{what}")
+            raise CheckpointError(f"{path}: truncated or not a safetensors file (its header does not fit){what}")
         length = struct.unpack("<Q", raw)[0]
         if length > size - 8:
             raise CheckpointError(f"{path}: truncated inside its header{what}")
         try:
             header = json.loads(handle.read(length))
         except ValueError as error:
-            raise CheckpointError(f"{path}: header is not JSON ({error}){what}") from None
+            raise CheckpointError(f"{path}: corrupt safetensors header, not JSON ({error}){what}") from None
     return header, 8 + length
 
 

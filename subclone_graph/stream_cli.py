@@ -10,6 +10,7 @@ calibrate / write / check) and the bytes read from the parent against the checkp
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -18,8 +19,9 @@ import subclone_graph as sg
 
 from . import io
 from .checkpoint import INDEX_NAME, SINGLE_NAME
-from .loading import Loaded, example_inputs, load_calibration
 from .hf_export import HFExportError
+from .loading import Loaded, example_inputs, load_calibration
+from .outputs import write_all
 from .stream_parent import parent_class
 from .streaming import subclone_checkpoint
 
@@ -56,22 +58,15 @@ def _gib(count: int) -> str:
     return f"{count / 2**30:.2f} GiB"
 
 
-def _other_formats(files: dict, hf_dir: Path, inputs: tuple, overwrite: bool) -> None:
-    if not set(files) - {"hf"}:
-        return
-    config, cls = parent_class(hf_dir)
-    model = cls.from_pretrained(hf_dir).eval()
-    child = sg.trace(model, inputs)
-    if "pt2" in files:
-        print(f"wrote {io.save(child, files['pt2'], overwrite=overwrite)}")
-    if "onnx" in files:
-        diff = sg.export_onnx(child, inputs, files["onnx"], overwrite=overwrite)
-        print(f"wrote {files['onnx']} (onnxruntime max |difference| {diff:.3g})")
+def _traced_child(hf_dir: Path, inputs: tuple):
+    _, cls = parent_class(hf_dir)
+    return sg.trace(cls.from_pretrained(hf_dir).eval(), inputs)
 
 
 def run_streamed(args, target, files: dict) -> int:
-    """Stream the checkpoint folder ``args.model`` into ``files`` (see module docstring)."""
-    folder = Path(args.model)
+    """Stream the checkpoint folder ``args.model`` into ``files`` (format -> path under ``--out``),
+    all of them staged and moved into place together (``outputs.write_all``)."""
+    folder, out = Path(args.model), Path(args.out)
     started = time.perf_counter()
     config, _ = parent_class(folder)
     loaded = Loaded(types.SimpleNamespace(config=config), tokenizer=_tokenizer(folder))
@@ -79,22 +74,43 @@ def run_streamed(args, target, files: dict) -> int:
     print("no --calib: scoring channels by weight magnitude" if calibration is None
           else f"calibration: {len(calibration)} batches from {args.calib}")
     inputs = example_inputs(loaded, calibration)
-    hf_dir = files.get("hf", Path(args.out) / "hf")
     print(f"streaming {folder} (the parent is read segment by segment, never loaded whole)")
-    try:
-        report = subclone_checkpoint(folder, hf_dir, target, calibration, example_inputs=inputs, depth=args.depth,
-                                     selection=args.selection, overwrite=args.overwrite,
-                                     progress=_bar if calibration else None)
-    except HFExportError as error:
-        if "hf" in files:
-            raise
-        raise ValueError(f"{_first_line(error)} — streaming writes the child as its parent's class first; "
-                         "--no-stream subclones it in memory instead") from error
-    if loaded.tokenizer is not None:
-        loaded.tokenizer.save_pretrained(hf_dir)
-    print(f"wrote a Hugging Face checkpoint to {hf_dir} (from_pretrained loads it; max |difference| "
+    made: dict = {}
+
+    def hf(path: Path) -> None:
+        try:
+            made["report"] = subclone_checkpoint(folder, path, target, calibration, example_inputs=inputs,
+                                                 depth=args.depth, selection=args.selection,
+                                                 progress=_bar if calibration else None)
+        except HFExportError as error:
+            if "hf" in files:
+                raise
+            raise ValueError(f"{_first_line(error)} — streaming writes the child as its parent's class first; "
+                             "--no-stream subclones it in memory instead") from error
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(path)
+        made["child"] = _traced_child(path, inputs)
+
+    def child_graph(path: Path):
+        if "child" not in made:          # no hf/ asked for: make it beside, use it, remove it
+            with tempfile.TemporaryDirectory(prefix=".hf-", dir=path.parent) as scratch:
+                hf(Path(scratch) / "hf")
+        return made["child"]
+
+    def pt2(path: Path) -> None:
+        io.save(child_graph(path), path)
+
+    def onnx(path: Path) -> None:
+        diff = sg.export_onnx(child_graph(path), inputs, path)
+        print(f"    onnxruntime max |difference| from the child: {diff:.3g}")
+
+    every = {"hf": hf, "pt2": pt2, "onnx": onnx}
+    writers = {files[f].name: every[f] for f in ("hf", "pt2", "onnx") if f in files}
+    write_all(out, writers, overwrite=args.overwrite, folders={files["hf"].name} if "hf" in files else set(),
+              option="--overwrite")
+    report = made["report"]
+    print(f"wrote {', '.join(str(files[f]) for f in files)} (max |difference| of the written child "
           f"from the child graph {report.max_difference:.3g})")
-    _other_formats(files, hf_dir, inputs, args.overwrite)
     parent, child = report.parent_parameters, report.child_parameters
     print(f"parent: {parent:,} parameters")
     print(f"child:  {child:,} parameters ({child / parent:.2f} of the parent)")
