@@ -17,12 +17,14 @@ from .api import count_parameters, run_passes, subclone, subclone_passes
 from .hf_export import HFExportError, save_hf
 from .io import load, save
 from .checkpoint import CheckpointError
-from .onnx_export import export_onnx
+from .onnx_export import OnnxExportError, OnnxMismatchError, export_onnx
 from .streaming import StreamReport, subclone_checkpoint
+from .tolerance import tolerance_for
 from .tracing import TraceError, trace
 
 __all__ = [
     "subclone", "Target", "trace", "export_onnx", "save", "load", "save_hf", "HFExportError",
+    "OnnxExportError", "OnnxMismatchError", "tolerance_for",
     "count_parameters", "subclone_passes", "move_to_device",
     "run_passes", "analyze_channels", "ChannelGraph", "ChannelGroup", "PassError", "PreconditionError",
     "PostconditionError", "StaleStateError", "TraceError",

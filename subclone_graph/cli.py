@@ -19,6 +19,7 @@ nothing is left half-written. Any other exception is a bug and propagates.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -233,6 +234,13 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _in_option_words(message: str) -> str:
+    """The API's names (``Target.kv_heads=3``, ``depth="measured"``) as the options the user typed."""
+    message = re.sub(r"\bTarget\.(hidden|layers|heads|kv_heads|ffn)=(\S+)",
+                     lambda m: f"--{m[1].replace('_', '-')} {m[2]}", message)
+    return re.sub(r'\b(depth|selection)="(\w+)"', r"--\1 \2", message)
+
+
 def main(argv=None) -> int:
     """Run the command line; return the exit status (0, 2 for a user error, 130 on Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -251,7 +259,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as error:
         if args.traceback:
             raise
-        print(f"subclone: error: {_first_line(error)}", file=sys.stderr)
+        print(f"subclone: error: {_in_option_words(_first_line(error))}", file=sys.stderr)
         return 2
 
 

@@ -17,10 +17,11 @@ every decision is made by building the parent class and looking at it:
    residual / ffn / heads / kv_heads / head_dim group, or to the parent's layer count, is a
    candidate for the matching child size. A ``quantization_config`` is dropped: the child's
    weights are plain floating tensors (a GGUF parent is dequantised when loaded), so the saved
-   checkpoint loads as an ordinary, trainable float model. ``dtype`` is the child's. Which candidates change is decided by building the
-   class on the meta device and comparing its parameter shapes with the child's (a
-   coordinate search over the candidates; an integer left ``None`` in the parent, like a
-   width derived from another, may be set too when shapes need it). A change that leaves the
+   checkpoint loads as an ordinary, trainable float model; ``dtype`` is the child's. Which
+   candidates change is decided by building the class on the meta device and comparing its
+   parameter shapes with the child's (a coordinate search over the candidates; an integer
+   left ``None`` in the parent, like a width derived from another, may be set too when shapes
+   need it). A change that leaves the
    shapes alone is kept only if it brings the outputs closer to the child's (``n_head`` must
    follow the width; a token id that happens to equal a width must not). A float field whose
    value times ``state.RESCALE``'s ε scale is a literal of the child's graph (the ε of a

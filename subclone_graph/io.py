@@ -16,7 +16,8 @@ Guarantees:
 4. ``load(path)`` works in a fresh interpreter: the modules defining the child's output types
    (a Hugging Face ``CausalLMOutputWithPast``, registered with torch's pytree when its module is
    imported) are recorded in the archive (``extra/subclone.json``) and imported before the
-   program is deserialized;
+   program is deserialized (only names of installed modules are imported; nothing is
+   unpickled — but, as with any checkpoint, load files you trust);
 5. ``load(path)`` returns a module whose outputs equal the saved child's, whose parameters
    keep their names and require gradients, so it can be trained; tied weights (an embedding
    shared with the output head) are one ``Parameter`` again, as in the child.

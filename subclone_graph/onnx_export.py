@@ -163,8 +163,9 @@ def export_onnx(child: torch.nn.Module, example_inputs, path, *, example_kwargs:
     """Write ``child`` as ONNX at ``path``; return the max |difference| found in onnxruntime.
 
     ``rtol`` defaults to ``tolerance_for(child's dtype)``; ``dtype`` chooses the graph's dtype
-    (see module doc); ``opset`` the ONNX opset (None: the exporter's default). Raises ``FileExistsError`` for an existing ``path`` without ``overwrite``,
-    ``OnnxMismatchError`` / ``OnnxExportError`` (nothing written) when the check fails.
+    (see module doc); ``opset`` the ONNX opset (None: the exporter's default). Raises
+    ``FileExistsError`` for an existing ``path`` without ``overwrite``, ``OnnxMismatchError`` /
+    ``OnnxExportError`` (nothing written) when the check fails.
     """
     path = check_destination(path, overwrite=overwrite)
     args = as_input_tuple(example_inputs)

@@ -155,6 +155,10 @@ def _seq_len_zero(tmp_path):
     return ["inspect", "{factory}:build", "--seq-len", "0"]
 
 
+def _kv_heads_too_many(tmp_path):
+    return ["run", "{factory}:build", "--kv-heads", "3", "--out", "{out}"]
+
+
 def _latin1_text(tmp_path):
     (tmp_path / "corpus.txt").write_bytes("café au lait ".encode("latin-1") * 50)
     return ["run", "{factory}:build", "--calib", str(tmp_path / "corpus.txt"), "--out", "{out}"]
@@ -181,6 +185,7 @@ BAD_INPUTS = {
     "HFExportError (child the class cannot express)": (_hf_export_error, ["GPT2LMHeadModel"]),
     "--calib-batches 0": (_calib_batches_zero, ["--calib-batches 0"]),
     "--seq-len 0": (_seq_len_zero, ["--seq-len 0"]),
+    "--kv-heads above the parent's": (_kv_heads_too_many, ["--kv-heads 3", "larger than the parent"]),
     "non-UTF-8 text": (_latin1_text, ["corpus.txt", "UTF-8"]),
     "garbage .pt2 as MODEL": (_garbage_pt2, ["junk.pt2", ".pt2"]),
 }
