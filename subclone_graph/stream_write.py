@@ -10,9 +10,12 @@ Config: ``hf_export.child_config`` with a ``distance`` that builds the class fro
 config, loads the *written* weights and compares its outputs with the reference.
 
 Reference and check: the child graph run segment by segment on the example inputs with the
-written weights is the reference; the folder loaded with ``from_pretrained`` (the parent's
-dtype) must match it within the dtype's tolerance, relative to the outputs' scale (float32:
-1e-4; bfloat16 / float16: 16 units of the dtype's epsilon). We do not hold the full-size
+written weights is the reference; the folder loaded as the parent's class — its config.json
+read back, the class built on the meta device, every written tensor assigned (strict: none
+missing, none unexpected), read with ``readinto`` rather than ``from_pretrained``'s memory map,
+whose mapped pages would double the resident size — must match it within the dtype's
+tolerance, relative to the outputs' scale (float32: 1e-4; bfloat16 / float16: 16 units of the
+dtype's epsilon). The tests also reload children with ``from_pretrained``. We do not hold the full-size
 in-memory child to compare with: the reference is what the graph computes with these weights,
 and the bit-identity of those weights with the in-memory path is what the tests show.
 """
@@ -95,12 +98,20 @@ def _reference(gm: fx.GraphModule, written: CheckpointReader, names: dict) -> di
 
 
 def _load(cls, config, written: CheckpointReader) -> torch.nn.Module:
+    """The class built from ``config`` with the written weights, read without a memory map
+    (``from_pretrained`` maps the files, and the mapped pages double the resident size)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
         model = cls(config)
     state = {name: written.read(name) for name in written.tensors}
-    model.load_state_dict(state, strict=False, assign=True)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing or result.unexpected_keys:
+        raise HFExportError(f"{written.folder}: the written tensors do not fit {cls.__name__} "
+                            f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
     return model.eval()
 
 
@@ -110,8 +121,6 @@ def _distance(gm: fx.GraphModule, written: CheckpointReader, expected: dict):
     def distance(config) -> float:
         try:
             model = _load(cls, config, written)
-            if any(p.is_meta for p in model.parameters()):
-                return float("inf")
             with torch.no_grad():
                 return _max_diff(expected, _tensor_outputs(model(*_inputs(gm))))
         except Exception:          # a config the class cannot run with these weights
@@ -138,7 +147,8 @@ def write_child(gm: fx.GraphModule, reader: CheckpointReader, staging: Path, sha
 
 
 def check_written(gm: fx.GraphModule, staging: Path, expected: dict, out_dir: Path) -> float:
-    """Load ``staging`` with ``from_pretrained`` and compare it with the reference outputs."""
+    """Load ``staging`` (its config.json and tensors, as the parent's class) and compare it with
+    the reference outputs."""
     from transformers.utils import logging as hf_logging
 
     cls = state.PARENT_CLASS.need(gm)
@@ -146,7 +156,8 @@ def check_written(gm: fx.GraphModule, staging: Path, expected: dict, out_dir: Pa
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        loaded = cls.from_pretrained(staging, dtype=dtype).eval()
+        config = type(gm.meta["subclone.parent_config"]).from_pretrained(staging)
+        loaded = _load(cls, config, CheckpointReader(staging))
     finally:
         hf_logging.set_verbosity(level)
     with torch.no_grad():
