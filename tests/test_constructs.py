@@ -40,3 +40,15 @@ def test_merged_batch_and_einsum_attention_shrink_heads_exactly(attention, kv, r
 
 def test_merged_batch_attention_with_alibi_bias_per_head():
     _dead_heads_go_exactly(Spec(attention="bmm", kv="gqa", positions="alibi"))
+
+
+@pytest.mark.parametrize("mixer,mlp,op", [("mlp_cumsum", "plain", "aten.cumsum.default"),
+                                          ("mlp_sort", "gated", "aten.sort.default"),
+                                          ("mlp_fft", "fused", "aten.fft_rfft.default")])
+def test_a_channel_mixing_op_in_the_mlp_is_named_in_the_refusal(mixer, mlp, op):
+    model, example = build(Spec(mixer=mixer, mlp=mlp, layers=1)), inputs()
+    with pytest.raises(ValueError) as raised:
+        sg.subclone(model, example, sg.Target(ffn=24))
+    message = str(raised.value)
+    assert "Target.ffn=24" in message and op in message and "layers.0.mlp" in message
+    assert "\n" not in message
