@@ -81,10 +81,10 @@ def _classify(gm: fx.GraphModule, graph: ChannelGraph, layers) -> list[dict]:
         op = state.ATTENTION_OP.of(node, graph)
         if op is None:
             continue
-        heads = graph.group_of(op.heads).id
-        if any(seen.heads == heads for seen in attention):
-            continue        # eager attention: q·kᵀ and p·v are one site
-        kv, rep = _kv_and_rep(gm, graph, heads, graph.group_of(op.kv_heads).id)
+        heads, kv = _static_heads(graph, op.heads), _static_heads(graph, op.kv_heads)
+        if heads is None or kv is None or any(seen.heads == heads for seen in attention):
+            continue        # no static heads; or eager attention: q·kᵀ and p·v are one site
+        kv, rep = _kv_and_rep(gm, graph, heads, kv)
         head_dim = graph.group_of(op.head_dim).id
         attention.append(AttentionSite(node.name, heads, kv, rep, head_dim, layer_of_node(node, layer_of_key)))
         head_structure |= {heads, kv, head_dim} | ({rep} if rep is not None else set())
@@ -109,6 +109,18 @@ def _classify(gm: fx.GraphModule, graph: ChannelGraph, layers) -> list[dict]:
         if group.reason is not None and group.kind in ("residual", "heads", "kv_heads", "ffn"):
             group.kind = "frozen"
     return attention
+
+
+def _static_heads(graph: ChannelGraph, vertex: int) -> int | None:
+    """The group of the heads at ``vertex``: its own when static; when the heads were merged
+    into the batch (``(b, h, s, d) → (b·h, s, d)``, a dynamic size), the one static factor of
+    that merge; None when there is no such single factor."""
+    group = graph.group_of(vertex)
+    if group.static:
+        return group.id
+    static_parts = {p for rel in graph.relations_of(group.id, "factor")
+                    for p in graph.part_groups(rel) if graph.groups[p].static}
+    return static_parts.pop() if len(static_parts) == 1 else None
 
 
 def _kv_and_rep(gm: fx.GraphModule, graph: ChannelGraph, heads: int, kv: int):

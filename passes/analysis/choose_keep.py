@@ -65,6 +65,20 @@ def _not_frozen(graph: ChannelGraph, gid: int, name: str) -> None:
         raise ValueError(f"Target.{name} cannot shrink this model: {reason}")
 
 
+def _frozen_candidate(graph: ChannelGraph) -> str:
+    """Why a width a weight produces or contracts inside a layer is not a group to shrink: the
+    reason of the first such frozen group (it names the op and module that froze it), or ''."""
+    weighted = graph.produced | graph.contracted
+    for group in sorted(graph.groups.values(), key=lambda g: (g.layer if g.layer is not None else -1, g.id)):
+        if (not group.static or group.reason is None or group.layer is None or group.size < 2
+                or group.kind in ("heads", "kv_heads", "head_dim")):
+            continue
+        related = [group.id, *graph.composites_containing(group.id)]     # a fused gate/up's half
+        if any(v in weighted for g in related for v in graph.groups[g].vertices):
+            return f"; a layer's width is frozen by {group.reason}"
+    return ""
+
+
 def _choose_heads(graph, site, target, scores, keep, sizes, selection) -> None:
     hq, kv, rep = site.heads, site.kv_heads, site.rep
     n_heads, n_kv = graph.groups[hq].size, graph.groups[kv].size
@@ -107,7 +121,8 @@ def choose(graph: ChannelGraph, attention, target: Target, scores, selection: st
         if value is None:
             continue
         if not groups:
-            raise ValueError(f"Target.{what}={value}: this model has no {kind} channel group to shrink")
+            raise ValueError(f"Target.{what}={value}: this model has no {kind} channel group to shrink"
+                             + _frozen_candidate(graph))
         for group in groups:
             _check(what, value, group.size, f"{kind} width")
             if value < group.size:

@@ -11,7 +11,8 @@ Cases:
 2. one tensor reachable under several names (tied weights) becomes one new tensor, set under
    every name, so the child stays tied;
 3. literals: an entry that is ``-1`` or computed from the input (a symbolic size) is left
-   alone; slices get ``start``/``end`` from the new sizes of the parts before and inside them.
+   alone; slices get ``start``/``end`` from the new sizes of the parts before and inside them;
+   a constant consecutive index (a slice in disguise) becomes that slice.
 
 Reads ``state.KEEP`` / ``state.SIZES`` (ChooseKeepPass), the channel graph and the node keys
 ``CHANNELS`` / ``LITERALS`` / ``SLICE_PARTS``. ``ensures()`` checks the invariant on the result:
@@ -30,6 +31,8 @@ from ..fx_utils import get_attribute, replace_tensors, same_kind
 from ..infra import SubclonePass, refresh_meta
 
 __all__ = ["KeepChannelsPass", "keep_channels"]
+
+aten = torch.ops.aten
 
 
 def _sliced(tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
@@ -80,6 +83,15 @@ def _new_size_expression(value: fx.Node, vertex, graph, sizes):
         return value.graph.call_function(operator.mul, args)
 
 
+def _as_slice(node: fx.Node) -> list:
+    """A constant consecutive index (a slice in disguise, see ``rules.index``) becomes the
+    slice it is: ``x[..., [i, …]]`` → ``aten.slice(x, dim, start, end)``; the caller sets the bounds."""
+    x, indices = node.args[0], list(node.args[1])
+    dim = next(i for i, idx in enumerate(indices) if idx is not None)
+    node.target = aten.slice.Tensor
+    return [x, dim, 0, 0]
+
+
 def _rewrite_literals(gm: fx.GraphModule, graph, sizes) -> int:
     changed = 0
     for node in gm.graph.nodes:
@@ -96,6 +108,8 @@ def _rewrite_literals(gm: fx.GraphModule, graph, sizes) -> int:
         parts = state.SLICE_PARTS.of(node, graph)
         if parts is not None:
             before, inside = sizes[graph.find(parts.before)], sizes[graph.find(parts.inside)]
+            if node.target is not aten.slice.Tensor:
+                args = _as_slice(node)
             args += [0, 0, 0, 0][len(args):]
             args[2], args[3] = before, before + inside
         if tuple(args) != node.args:

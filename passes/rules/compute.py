@@ -205,13 +205,13 @@ def _note_eager_attention(ctx, a, b, batch_out, out_index) -> None:
     """Attention written as two matmuls (q·kᵀ, then p·v) over (…, heads, positions, dim):
     the last batch dim holds the heads, b's holds the kv heads, and the head dim is the
     static one of the contracted dim (q·kᵀ) or the output's last dim (p·v). A heads dim
-    merged with the batch (``(b·h, s, d)``) has no static size and is not noted."""
+    merged with the batch (``(b·h, s, d)``, a dynamic size) is noted too: the analysis takes
+    its static factor ``h`` once the graph is solved (``AnalyzeChannelsPass``)."""
     heads, kv_heads = ctx.out(batch_out - 1, out_index), ctx.v(b, len(ctx.shape(b)) - 3)
     contracted = ctx.shape(a)[-1]
     head_dim = ctx.v(a, -1) if isinstance(contracted, int) else ctx.out(-1, out_index)
-    sizes = (ctx.out_shape(out_index)[batch_out - 1], ctx.shape(b)[-3],
-             contracted if isinstance(contracted, int) else ctx.out_shape(out_index)[-1])
-    if all(isinstance(s, int) for s in sizes):
+    head_dim_size = contracted if isinstance(contracted, int) else ctx.out_shape(out_index)[-1]
+    if isinstance(head_dim_size, int):
         ctx.attention_op(heads, kv_heads, head_dim)
 
 
@@ -278,6 +278,8 @@ def _einsum(ctx):
     for d, letter in enumerate(output):
         ctx.eq(seen[letter], ctx.out(d))
     weights = [x for x in operands if is_weight(x)]
+    if not weights and len(operands) == 2:
+        _note_einsum_attention(ctx, terms, output, operands, seen)
     if len(weights) == 1 and len(operands) == 2:
         for letter in set(terms[0]) & set(terms[1]) - set(output):
             ctx.graph.contracted.add(seen[letter])
@@ -285,6 +287,27 @@ def _einsum(ctx):
         for d, letter in enumerate(output):
             if letter in w_term and not all(letter in t for t in terms):
                 ctx.produce(ctx.out(d))
+
+
+def _note_einsum_attention(ctx, terms, output, operands, seen) -> None:
+    """Attention written as einsums (``bqhd,bkhd->bhqk``, then ``bhqk,bkhd->bqhd``), read as the
+    two matmuls it is: the heads are the last letter both operands and the output share, the
+    head dim the one contracted letter when static (q·kᵀ), else the second operand's one free
+    letter (p·v)."""
+    a, b = terms
+    batch = [letter for letter in output if letter in a and letter in b]
+    contracted = [letter for letter in a if letter in b and letter not in output]
+    free_b = [letter for letter in b if letter not in a]
+    if not batch or len(contracted) != 1:
+        return
+    head_dim = contracted[0]
+    if not isinstance(ctx.graph.sizes[seen[head_dim]], int):
+        if len(free_b) != 1:
+            return
+        head_dim = free_b[0]
+    if isinstance(ctx.graph.sizes[seen[head_dim]], int):
+        heads = batch[-1]
+        ctx.attention_op(seen[heads], ctx.v(operands[1], b.index(heads)), seen[head_dim])
 
 
 @register(aten.embedding.default)

@@ -1,15 +1,21 @@
 """Rules for picking values by index: select, index_select, gather/scatter, advanced indexing
 (``x[idx]``, ``index_put``, ``index_add``) and padding. What an index picks along a dim is data,
-so an indexed dim is frozen; every other dim flows through (see ``op_rules``)."""
+so an indexed dim is frozen; every other dim flows through (see ``op_rules``). One exception:
+a constant index that is consecutive (``qkv[..., [-2]]``, ``x[:, [3, 4, 5]]``) is a slice in
+disguise and is related like ``slice`` (``concat(before, picked, after)``); the rewrite turns it
+into that slice with the child's bounds."""
 from __future__ import annotations
 
 import torch
 from torch import fx
 
-from ..fx_utils import plain_size, same_size
+from ..fx_utils import CASTS, get_attribute, plain_size, same_size
 from .registry import register
 
+__all__ = ["constant_values", "consecutive_run"]
+
 aten = torch.ops.aten
+_CONSTANT_PASS = CASTS | {aten.lift_fresh_copy.default}
 
 
 @register(aten.select.int)
@@ -97,9 +103,55 @@ def _relate_indexed(ctx, x, layout, result_vertex, why):
                 ctx.eq(ctx.v(idx, d), result_vertex(first + offset + d))
 
 
+def constant_values(node) -> torch.Tensor | None:
+    """The values of an index that is a constant of the module (a lifted list like ``[-2]``)."""
+    seen = 0
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CONSTANT_PASS and seen < 4:
+        node, seen = node.args[0], seen + 1
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or node.graph.owning_module is None:
+        return None
+    value = get_attribute(node.graph.owning_module, node.target)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def consecutive_run(values: torch.Tensor | None, n) -> int | None:
+    """The start of ``values`` when they are ``start, start+1, …`` inside ``0..n`` (negative
+    indices counted from the end): a slice in disguise. Else None."""
+    if values is None or values.dim() != 1 or not isinstance(n, int) or values.dtype.is_floating_point:
+        return None
+    wrapped = [int(v) + n if int(v) < 0 else int(v) for v in values.tolist()]
+    if not wrapped or not all(0 <= v < n for v in wrapped):
+        return None
+    if wrapped != list(range(wrapped[0], wrapped[0] + len(wrapped))):
+        return None
+    return wrapped[0]
+
+
+def _index_as_slice(ctx, x, indices) -> bool:
+    """``x[..., [i, i+1, …], …]`` with a constant index: the slice it is (see ``_slice``)."""
+    positions = [i for i, idx in enumerate(indices) if idx is not None]
+    if len(positions) != 1:
+        return False
+    dim, index = positions[0], indices[positions[0]]
+    n = plain_size(ctx.shape(x)[dim])
+    start = consecutive_run(constant_values(index), n)
+    if start is None:
+        return False
+    kept = plain_size(ctx.out_shape()[dim])
+    for d in range(len(ctx.shape(x))):
+        if d != dim:
+            ctx.eq(ctx.v(x, d), ctx.out(d))
+    before, after = ctx.fresh(start, "before"), ctx.fresh(n - start - kept, "after")
+    ctx.slice_of(before, ctx.out(dim), after)
+    ctx.concat(ctx.v(x, dim), [before, ctx.out(dim), after])
+    return True
+
+
 @register(aten.index.Tensor, aten._unsafe_index.Tensor)
 def _index(ctx):
     x, indices = ctx.arg(0, "self"), list(ctx.arg(1, "indices"))
+    if _index_as_slice(ctx, x, indices):
+        return
     layout = _index_layout(ctx, indices)
     if layout is None:
         ctx.freeze_all("picks elements by a mask or by index tensors that move dims")
