@@ -5,7 +5,9 @@
 - ``heads`` / ``kv_heads``: query heads and key/value heads per attention op. ``heads=None``
   keeps the parent's query heads per kv head; ``kv_heads=None`` keeps the parent's kv heads.
   ``heads`` must be ``kv_heads × k`` with ``k`` at most the parent's query heads per kv head;
-- ``ffn``: every MLP's inner width.
+- ``ffn``: every MLP's inner width (dense, shared and routed experts alike);
+- ``latent``: every low-rank bottleneck that a norm averages over (latent attention's query and
+  key/value ranks); the √(D/d) correction of that norm is ``RescaleResidualPass``'s.
 
 Every field is either an absolute count (an integer of any integral type, stored as ``int``)
 or a fraction in (0, 1): keep that share of *every* group of that kind, each rounded on its
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 __all__ = ["Target", "TARGET_FIELDS", "relative_size", "is_fraction"]
 
-TARGET_FIELDS = ("hidden", "layers", "heads", "kv_heads", "ffn")
+TARGET_FIELDS = ("hidden", "layers", "heads", "kv_heads", "ffn", "latent")
 
 
 def is_fraction(value) -> bool:
@@ -49,6 +51,7 @@ class Target:
     heads: int | float | None = None
     kv_heads: int | float | None = None
     ffn: int | float | None = None
+    latent: int | float | None = None
 
     def __post_init__(self):
         for name in TARGET_FIELDS:

@@ -13,7 +13,7 @@ every decision is made by building the parent class and looking at it:
    index of where it runs); a name the class ties to another (an output head tied to the
    embedding) takes the one tensor the child has under either name;
 2. config: a copy of the parent's. Each top-level integer equal to the parent size of a
-   residual / ffn / heads / kv_heads / head_dim group, or to the parent's layer count, is a
+   residual / ffn / latent / heads / kv_heads / head_dim group, or to the parent's layer count, is a
    candidate for the matching child size. Which candidates change is decided by building the
    class on the meta device and comparing its parameter shapes with the child's (a
    coordinate search over the candidates; an integer left ``None`` in the parent, like a

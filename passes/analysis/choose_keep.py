@@ -4,7 +4,7 @@ Decisions (the paper's recipe, ties broken by the lower index, kept indices in o
 0. a fraction in the target is resolved per group (``Target.size_of``, ``target.relative_size``);
    an absolute count on groups of one kind that differ in width is refused;
 1. residual: the ``hidden`` best channels by score (one order for the whole network);
-2. ffn: per layer, the ``ffn`` best neurons;
+2. ffn / latent: per group, the ``ffn`` / ``latent`` best neurons;
 3. heads: per attention op, the ``kv_heads`` best kv groups (a group scores the sum of its query
    heads), then in each kept group its ``heads / kv_heads`` best query heads (query head ``r`` of
    kv group ``g`` is head ``g · (parent's heads per group) + r``);
@@ -129,7 +129,8 @@ def _choose_heads(graph, site, target, scores, keep, sizes, selection) -> None:
 def choose(graph: ChannelGraph, attention, target: Target, scores, selection: str = "score") -> tuple[dict, dict]:
     keep: dict[int, torch.Tensor] = {}
     sizes: dict[int, int] = {}
-    for kind, value, what in (("residual", target.hidden, "hidden"), ("ffn", target.ffn, "ffn")):
+    for kind, value, what in (("residual", target.hidden, "hidden"), ("ffn", target.ffn, "ffn"),
+                              ("latent", target.latent, "latent")):
         groups = [g for g in graph.groups.values() if g.role == kind and g.static]
         if value is None:
             continue
@@ -154,7 +155,7 @@ def choose(graph: ChannelGraph, attention, target: Target, scores, selection: st
 
 def size_changes(graph: ChannelGraph, sizes: dict) -> tuple[SizeChange, ...]:
     """Parent and child size of every group of a target kind (what a config's fields describe)."""
-    kinds = ("residual", "ffn", "heads", "kv_heads", "head_dim")
+    kinds = ("residual", "ffn", "latent", "heads", "kv_heads", "head_dim")
     return tuple(SizeChange(g.kind, g.id, g.layer, g.size, sizes[g.id]) for g in graph.groups.values()
                  if g.kind in kinds and g.static)
 
@@ -194,7 +195,7 @@ class ChooseKeepPass(SubclonePass):
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
         graph, sizes = state.CHANNEL_GRAPH.need(graph_module), state.SIZES.need(graph_module)
-        wanted = {"residual": "hidden", "ffn": "ffn"}
+        wanted = {"residual": "hidden", "ffn": "ffn", "latent": "latent"}
         for group in graph.groups.values():
             want = self.target.size_of(wanted[group.kind], group.size) if group.kind in wanted else None
             if want is not None and sizes[group.id] != want:

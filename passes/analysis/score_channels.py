@@ -32,7 +32,7 @@ from .channel_graph import ChannelGraph
 
 __all__ = ["ScoreChannelsPass", "project", "flat_inputs"]
 
-SCORED_KINDS = ("residual", "ffn", "heads")
+SCORED_KINDS = ("residual", "ffn", "latent", "heads")
 
 
 def project(graph: ChannelGraph, vec: torch.Tensor, source: int, target: int) -> torch.Tensor | None:
