@@ -4,7 +4,7 @@ checks of ``tests/test_families.py``: what the analysis must handle beyond the c
 Each entry: ``FAMILIES[name] = Family(build, gqa, rms, target, note)``; ``build(seed)`` returns
 an eval-mode model; inputs come from ``hf_zoo.example_inputs``. Sizes follow ``hf_zoo``
 (hidden 64, 4 heads, head_dim 16, 3 layers, MLP 128, vocab 97). ``target`` is a real reduction
-the family supports; ``rms``: its stream norms are RMSNorms (dead residual channels are then
+the family supports (a fraction where its groups of one kind differ in width); ``rms``: its stream norms are RMSNorms (dead residual channels are then
 removable exactly); ``fixed_seq``: the family's code specialises the sequence length.
 """
 from __future__ import annotations
@@ -115,7 +115,26 @@ FAMILIES = {
     "qwen2_moe": Family(_family(T.Qwen2MoeForCausalLM, T.Qwen2MoeConfig,
                                 _decoder(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                                          shared_expert_intermediate_size=128, decoder_sparse_step=1)),
-                        True, True, {**GQA_TARGET, "ffn": 32}, "routed experts and a gated shared expert"),
+                        True, True, {**GQA_TARGET, "ffn": 0.5}, "routed experts and a gated shared expert"),
+    "qwen3_moe": Family(_family(T.Qwen3MoeForCausalLM, T.Qwen3MoeConfig,
+                                _decoder(head_dim=HEAD_DIM, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[0])),
+                        True, True, {**GQA_TARGET, "ffn": 0.5},
+                        "a dense first MLP (128), routed experts (32), QK-norm"),
+    "deepseek_v3": Family(_family(T.DeepseekV3ForCausalLM, T.DeepseekV3Config,
+                                  _decoder(num_key_value_heads=HEADS, moe_intermediate_size=32, n_routed_experts=4,
+                                           num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+                                           first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48,
+                                           qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)),
+                          False, True, {**MHA_TARGET, "heads": 2, "ffn": 0.5},
+                          "latent attention (MLA: low-rank q and kv, a shared rope key written by copy_), "
+                          "a dense first MLP, sigmoid-routed experts with a score correction, a shared expert"),
+    "glm4_moe": Family(_family(T.Glm4MoeForCausalLM, T.Glm4MoeConfig,
+                               _decoder(head_dim=HEAD_DIM, moe_intermediate_size=32, n_routed_experts=4,
+                                        num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+                                        first_k_dense_replace=1)),
+                       True, True, {**GQA_TARGET, "ffn": 0.5},
+                       "an MoE with a shared expert beside its routed ones, a dense first MLP, partial rotary"),
     "gpt2_eager": Family(_family(T.GPT2LMHeadModel, T.GPT2Config,
                                  {"vocab_size": VOCAB, "n_embd": HIDDEN, "n_head": HEADS, "n_layer": LAYERS,
                                   "n_positions": 64, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
@@ -144,7 +163,7 @@ FAMILIES = {
                                 "depths": [2, 2], "image_size": 32, "drop_path_rate": 0.0, "num_labels": 10,
                                 # the default 1e-6 would hide every MLP branch from the dead-structure checks
                                 "layer_scale_init_value": 1.0}, "eager"),
-                       False, False, {"hidden": 24, "ffn": 64, "layers": 3}, "a CNN: depthwise convolutions, no attention"),
+                       False, False, {"hidden": 0.75, "ffn": 0.5, "layers": 3}, "a CNN: depthwise convolutions, no attention"),
     "mamba": Family(_family(T.MambaForCausalLM, T.MambaConfig,
                             {"vocab_size": VOCAB, "hidden_size": HIDDEN, "state_size": 8, "num_hidden_layers": LAYERS,
                              "expand": 2, "conv_kernel": 4, "use_mambapy": False, **_TOKENS}, "eager"),

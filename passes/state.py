@@ -208,7 +208,7 @@ ATTENTION = _graph("attention", "channels", "tuple[AttentionSite, ...]", "Analyz
 UNKNOWN_OPS = _graph("unknown_ops", "channels", "tuple[str, ...]", "AnalyzeChannelsPass", ["subclone inspect"],
                      "ops without a rule (their dims are frozen)")
 SCORES = _graph("scores", "scores", "dict[int, Tensor]", "ScoreChannelsPass", ["ChooseKeepPass"],
-                "per-channel score of every residual, ffn and heads group (float64)")
+                "per-channel score of every residual, ffn, latent and heads group (float64)")
 SCORE_SOURCE = _graph("score_source", "scores", "str", "ScoreChannelsPass", ["subclone inspect"],
                       "calibration activations or weight magnitude")
 LAYER_RATIOS = _graph("layer_ratios", "scores", "tuple[float, ...]", "ScoreChannelsPass",
@@ -220,7 +220,7 @@ KEEP = _graph("keep", "choice", "dict[int, LongTensor]", "ChooseKeepPass", ["Kee
 SIZES = _graph("sizes", "choice", "dict[int, int]", "ChooseKeepPass",
                ["KeepChannelsPass", "RescaleResidualPass", "save_hf"], "the child's size of every static group")
 SIZE_CHANGES = _graph("size_changes", "choice", "tuple[SizeChange, ...]", "ChooseKeepPass", ["save_hf"],
-                      "parent → child size of every residual / ffn / heads / kv_heads / head_dim group")
+                      "parent → child size of every residual / ffn / latent / heads / kv_heads / head_dim group")
 DROP = _graph("drop", "choice", "tuple[int, ...]", "ChooseKeepPass", ["DropBlocksPass"],
               "layer indices to remove (emptied once removed)")
 DUPLICATE = _graph("duplicate", "choice", "tuple[int, ...]", "ChooseKeepPass", ["DuplicateLayersPass"],

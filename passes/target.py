@@ -5,37 +5,76 @@
 - ``heads`` / ``kv_heads``: query heads and key/value heads per attention op. ``heads=None``
   keeps the parent's query heads per kv head; ``kv_heads=None`` keeps the parent's kv heads.
   ``heads`` must be ``kv_heads × k`` with ``k`` at most the parent's query heads per kv head;
-- ``ffn``: every MLP's inner width.
+- ``ffn``: every MLP's inner width (dense, shared and routed experts alike);
+- ``latent``: every low-rank bottleneck that a norm averages over (latent attention's query and
+  key/value ranks); the √(D/d) correction of that norm is ``RescaleResidualPass``'s.
 
-Integers of any integral type (``numpy.int64`` too) are accepted and stored as ``int``.
+Every field is either an absolute count (an integer of any integral type, stored as ``int``)
+or a fraction in (0, 1): keep that share of *every* group of that kind, each rounded on its
+own (``relative_size``: the nearest whole size, halves round up, at least 1). For heads the
+child's kv heads are ``kv_heads × parent kv heads`` rounded so; its query heads are
+``heads × parent query heads`` rounded to the nearest multiple of the child's kv heads between
+``1`` and the parent's query heads per kv head per group (whole kv groups, whole query heads
+per group). ``layers`` as a fraction keeps that share of the parent's residual layers.
+An absolute count on a model whose groups of that kind differ in width is refused (the error
+lists the widths and suggests the fraction).
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
-__all__ = ["Target", "TARGET_FIELDS"]
+__all__ = ["Target", "TARGET_FIELDS", "relative_size", "is_fraction"]
 
-TARGET_FIELDS = ("hidden", "layers", "heads", "kv_heads", "ffn")
+TARGET_FIELDS = ("hidden", "layers", "heads", "kv_heads", "ffn", "latent")
+
+
+def is_fraction(value) -> bool:
+    """A relative target (a float in (0, 1)), as opposed to an absolute count."""
+    return isinstance(value, float)
+
+
+def relative_size(fraction: float, size: int, multiple: int = 1) -> int:
+    """``fraction × size`` rounded to the nearest multiple of ``multiple`` (halves up), at least
+    ``multiple`` and at most ``size``."""
+    units = math.floor(fraction * size / multiple + 0.5)
+    return min(size, max(1, units) * multiple)
 
 
 @dataclass(frozen=True)
 class Target:
-    """The child's size. ``None`` keeps the parent's."""
+    """The child's size. ``None`` keeps the parent's; a float in (0, 1) keeps that share."""
 
-    hidden: int | None = None
-    layers: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    ffn: int | None = None
+    hidden: int | float | None = None
+    layers: int | float | None = None
+    heads: int | float | None = None
+    kv_heads: int | float | None = None
+    ffn: int | float | None = None
+    latent: int | float | None = None
 
     def __post_init__(self):
         for name in TARGET_FIELDS:
             value = getattr(self, name)
             if value is None:
                 continue
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+                if not 0.0 < float(value) < 1.0:
+                    raise ValueError(f"Target.{name}={value}: a fraction must lie in (0, 1) "
+                                     "(or give an absolute count, or None to keep the parent's)")
+                object.__setattr__(self, name, float(value))
+                continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"Target.{name} must be an int or None, got {type(value).__name__}")
+                raise TypeError(f"Target.{name} must be an int, a fraction in (0, 1) or None, "
+                                f"got {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"Target.{name}={value}: must be at least 1 (or None to keep the parent's)")
             object.__setattr__(self, name, int(value))
+
+    def size_of(self, name: str, parent_size: int) -> int | None:
+        """The child's size of one group of kind ``name`` whose parent size is ``parent_size``
+        (``None``: keep it); an absolute count is returned as given."""
+        value = getattr(self, name)
+        if value is None or not is_fraction(value):
+            return value
+        return relative_size(value, parent_size)

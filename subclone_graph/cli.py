@@ -180,12 +180,28 @@ def _add_model_arguments(parser) -> None:
     _add_common(parser)
 
 
+def _size_argument(text: str) -> int | float:
+    """A target size on the command line: a count (``64``) or a fraction in (0, 1) (``0.5``)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a fraction in (0, 1)") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a fraction must lie in (0, 1)")
+    return value
+
+
 def _add_run_arguments(parser) -> None:
     _add_model_arguments(parser)
     for name, what in (("hidden", "residual width"), ("layers", "number of layers"),
                        ("heads", "query heads per attention"), ("kv-heads", "key/value heads"),
                        ("ffn", "MLP width")):
-        parser.add_argument(f"--{name}", type=int, metavar="N", help=f"child's {what} (default: the parent's)")
+        parser.add_argument(f"--{name}", type=_size_argument, metavar="N",
+                            help=f"child's {what}: a count, or a fraction in (0, 1) of each group's (default: the parent's)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=["pt2"],
                         help="what to write: child.pt2 (default), child.onnx, and/or a Hugging Face "

@@ -14,7 +14,7 @@ every decision is made by building the parent class and looking at it:
    index of where it runs); a name the class ties to another (an output head tied to the
    embedding) takes the one tensor the child has under either name;
 2. config: a copy of the parent's. Each top-level integer equal to the parent size of a
-   residual / ffn / heads / kv_heads / head_dim group, or to the parent's layer count, is a
+   residual / ffn / latent / heads / kv_heads / head_dim group, or to the parent's layer count, is a
    candidate for the matching child size. A ``quantization_config`` is dropped: the child's
    weights are plain floating tensors (a GGUF parent is dequantised when loaded), so the saved
    checkpoint loads as an ordinary, trainable float model; ``dtype`` is the child's. Which

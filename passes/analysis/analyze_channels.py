@@ -8,7 +8,10 @@ each group a kind:
 2. ``heads`` / ``kv_heads`` / ``head_dim`` — the head dims of an attention op (query heads,
    kv heads when GQA/MQA makes them a different group, the per-head dim).
 3. ``ffn`` — a static dim that one weight produces and another contracts inside a layer (an
-   MLP's hidden width, a fused gate/up's half), not part of the attention heads.
+   MLP's hidden width, a fused gate/up's half), not part of the attention heads;
+   ``latent`` — such a dim that a normalisation averages over (a low-rank bottleneck with its
+   own norm, as latent attention's query and key/value ranks): no MLP width, so ``Target.ffn``
+   leaves it whole.
 4. ``frozen`` — any of the above, or another static group, that an op forbids slicing; the
    reason names the op and module.
 5. ``fixed`` (other static dims: vocabulary, tokens, classes) and ``dynamic`` (batch, seq).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import torch
 import torch.fx as fx
 
 from .. import state
@@ -34,6 +38,8 @@ from .channel_graph import ChannelGraph
 from .find_blocks import FindResidualBlocksPass, layer_of_node
 
 __all__ = ["AnalyzeChannelsPass", "analyze_channels"]
+
+aten = torch.ops.aten
 
 
 def _attribute_vertices(gm: fx.GraphModule, graph: ChannelGraph) -> None:
@@ -91,6 +97,7 @@ def _classify(gm: fx.GraphModule, graph: ChannelGraph, layers) -> list[dict]:
     derived = set()
     for g in head_structure:
         derived |= graph.composites_containing(g)
+    normalised = _normalised_groups(gm, graph)
     for group in graph.groups.values():
         group.layer = _layer_of(graph, group, nodes, layer_of_key)
         group.tensors = [(nodes[graph.labels[v][0]].target, graph.labels[v][2]) for v in group.vertices
@@ -104,9 +111,9 @@ def _classify(gm: fx.GraphModule, graph: ChannelGraph, layers) -> list[dict]:
                               if any(getattr(site, k) == group.id for site in attention))
             group.kind = "fixed" if group.kind == "rep" else group.kind
         elif group.id not in derived and _is_hidden_width(graph, group) and group.layer is not None:
-            group.kind = "ffn"
+            group.kind = "latent" if group.id in normalised else "ffn"
         group.role = group.kind
-        if group.reason is not None and group.kind in ("residual", "heads", "kv_heads", "ffn"):
+        if group.reason is not None and group.kind in ("residual", "heads", "kv_heads", "ffn", "latent"):
             group.kind = "frozen"
     return attention
 
@@ -138,6 +145,22 @@ def _kv_and_rep(gm: fx.GraphModule, graph: ChannelGraph, heads: int, kv: int):
     if heads != kv:
         graph.groups[heads].reason = graph.groups[heads].reason or "query heads are not kv heads × a repeat"
     return kv, None
+
+
+# reductions that compute a normalisation's statistic (a sum or a max over a width is no norm)
+_NORM_STATISTICS = {aten.mean.dim, aten.mean.default, aten.var.correction, aten.var.dim, aten.std.correction,
+                    aten.std.dim, aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default,
+                    aten.linalg_vector_norm.default, aten.norm.ScalarOpt_dim}
+
+
+def _normalised_groups(gm: fx.GraphModule, graph: ChannelGraph) -> set[int]:
+    """Groups some normalisation averages over."""
+    groups = set()
+    for node in gm.graph.nodes:
+        reduces = state.REDUCES.of(node, graph)
+        if reduces is not None and node.target in _NORM_STATISTICS:
+            groups |= {graph.find(v) for v in reduces.vertices}
+    return groups
 
 
 def _is_hidden_width(graph: ChannelGraph, group) -> bool:

@@ -46,7 +46,7 @@ class ChannelGroup:
     id: int
     size: object                      # int, or a sympy expression for a dynamic axis
     vertices: list[int]
-    kind: str = "fixed"               # residual | ffn | heads | kv_heads | head_dim | fixed | dynamic | frozen
+    kind: str = "fixed"               # residual | ffn | latent | heads | kv_heads | head_dim | fixed | dynamic | frozen
     role: str | None = None           # what a frozen group would have been (residual, ffn, ...)
     reason: str | None = None         # why it is frozen
     layer: int | None = None
@@ -278,7 +278,7 @@ class ChannelGraph:
         rows = [("group", "kind", "size", "layer", "tensors", "example / reason")]
         shown = [g for g in self.groups.values() if g.static and g.size > 1 and
                  (all_groups or g.tensors or g.kind not in ("fixed", "dynamic"))]
-        order = {"residual": 0, "heads": 1, "kv_heads": 2, "head_dim": 3, "ffn": 4, "frozen": 5, "fixed": 6}
+        order = {"residual": 0, "heads": 1, "kv_heads": 2, "head_dim": 3, "ffn": 4, "latent": 4, "frozen": 5, "fixed": 6}
         for g in sorted(shown, key=lambda g: (order.get(g.kind, 9), -1 if g.layer is None else g.layer, g.id)):
             example = g.reason or (f"{g.tensors[0][0]} dim {g.tensors[0][1]}" if g.tensors else "")
             layer = "-" if g.layer is None else str(g.layer)

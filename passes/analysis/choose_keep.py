@@ -1,8 +1,10 @@
 """Choose which channels, heads and layers the child keeps; derive every group's keep-set.
 
 Decisions (the paper's recipe, ties broken by the lower index, kept indices in order):
+0. a fraction in the target is resolved per group (``Target.size_of``, ``target.relative_size``);
+   an absolute count on groups of one kind that differ in width is refused;
 1. residual: the ``hidden`` best channels by score (one order for the whole network);
-2. ffn: per layer, the ``ffn`` best neurons;
+2. ffn / latent: per group, the ``ffn`` / ``latent`` best neurons;
 3. heads: per attention op, the ``kv_heads`` best kv groups (a group scores the sum of its query
    heads), then in each kept group its ``heads / kv_heads`` best query heads (query head ``r`` of
    kv group ``g`` is head ``g · (parent's heads per group) + r``);
@@ -26,7 +28,7 @@ from .. import state
 from ..errors import PassError, PostconditionError, PreconditionError
 from ..infra import SubclonePass
 from ..state import SizeChange
-from ..target import Target
+from ..target import Target, is_fraction
 from .channel_graph import ChannelGraph
 from .keep_sets import derive_keep
 
@@ -59,6 +61,31 @@ def _check(name: str, value: int | None, limit: int, what: str) -> None:
         raise ValueError(f"Target.{name}={value} is larger than the parent's {what} ({limit}); allowed: 1..{limit}")
 
 
+def _same_widths(name: str, value, widths, kind: str) -> None:
+    """An absolute count needs every group of its kind to have one parent width."""
+    widths = sorted(set(widths))
+    if value is not None and not is_fraction(value) and len(widths) > 1:
+        raise ValueError(f"Target.{name}={value} is an absolute count, but this model's {kind} groups differ in "
+                         f"width ({', '.join(map(str, widths))}); give a fraction such as Target({name}=0.5) "
+                         "to keep that share of each")
+
+
+def _head_counts(target: Target, n_heads: int, n_kv: int, grouped: bool) -> tuple:
+    """(heads, kv_heads) of one attention op with fractions resolved (module docstring of target.py):
+    kv heads round on their own; query heads to a multiple of the child's kv heads."""
+    heads, kv_heads = target.heads, target.kv_heads
+    if is_fraction(kv_heads):
+        kv_heads = target.size_of("kv_heads", n_kv)
+    if is_fraction(heads):
+        per_group = n_heads // n_kv
+        if not grouped:
+            heads = target.size_of("heads", n_heads)
+        else:
+            child_kv = kv_heads or n_kv
+            heads = child_kv * min(per_group, max(1, int(heads * n_heads / child_kv + 0.5)))
+    return heads, kv_heads
+
+
 def _not_frozen(graph: ChannelGraph, gid: int, name: str) -> None:
     reason = graph.groups[gid].reason
     if reason is not None:
@@ -83,9 +110,9 @@ def _choose_heads(graph, site, target, scores, keep, sizes, selection) -> None:
     hq, kv, rep = site.heads, site.kv_heads, site.rep
     n_heads, n_kv = graph.groups[hq].size, graph.groups[kv].size
     per_group = n_heads // n_kv
-    _check("heads", target.heads, n_heads, "query heads per layer")
-    _check("kv_heads", target.kv_heads, n_kv, "kv heads per layer")
-    heads, kv_heads = target.heads, target.kv_heads
+    heads, kv_heads = _head_counts(target, n_heads, n_kv, rep is not None)
+    _check("heads", heads, n_heads, "query heads per layer")
+    _check("kv_heads", kv_heads, n_kv, "kv heads per layer")
     if rep is None and heads is not None and kv_heads is not None and heads != kv_heads:
         raise ValueError(f"Target.kv_heads={kv_heads} must equal Target.heads={heads}: this model's "
                          "attention has no kv grouping (every query head has its own key and value)")
@@ -116,20 +143,25 @@ def _choose_heads(graph, site, target, scores, keep, sizes, selection) -> None:
 def choose(graph: ChannelGraph, attention, target: Target, scores, selection: str = "score") -> tuple[dict, dict]:
     keep: dict[int, torch.Tensor] = {}
     sizes: dict[int, int] = {}
-    for kind, value, what in (("residual", target.hidden, "hidden"), ("ffn", target.ffn, "ffn")):
+    for kind, value, what in (("residual", target.hidden, "hidden"), ("ffn", target.ffn, "ffn"),
+                              ("latent", target.latent, "latent")):
         groups = [g for g in graph.groups.values() if g.role == kind and g.static]
         if value is None:
             continue
         if not groups:
             raise ValueError(f"Target.{what}={value}: this model has no {kind} channel group to shrink"
                              + _frozen_candidate(graph))
+        _same_widths(what, value, [g.size for g in groups], kind)
         for group in groups:
-            _check(what, value, group.size, f"{kind} width")
-            if value < group.size:
+            size = target.size_of(what, group.size)
+            _check(what, size, group.size, f"{kind} width")
+            if size < group.size:
                 _not_frozen(graph, group.id, what)
-                keep[group.id] = pick(scores[group.id], value, selection)
+                keep[group.id] = pick(scores[group.id], size, selection)
     if (target.heads or target.kv_heads) and not attention:
         raise ValueError("Target.heads: this model has no attention op whose heads could be removed")
+    _same_widths("heads", target.heads, [graph.groups[s.heads].size for s in attention], "attention heads")
+    _same_widths("kv_heads", target.kv_heads, [graph.groups[s.kv_heads].size for s in attention], "kv heads")
     for site in attention:
         if target.heads is not None or target.kv_heads is not None:
             _choose_heads(graph, site, target, scores, keep, sizes, selection)
@@ -138,7 +170,7 @@ def choose(graph: ChannelGraph, attention, target: Target, scores, selection: st
 
 def size_changes(graph: ChannelGraph, sizes: dict) -> tuple[SizeChange, ...]:
     """Parent and child size of every group of a target kind (what a config's fields describe)."""
-    kinds = ("residual", "ffn", "heads", "kv_heads", "head_dim")
+    kinds = ("residual", "ffn", "latent", "heads", "kv_heads", "head_dim")
     return tuple(SizeChange(g.kind, g.id, g.layer, g.size, sizes[g.id]) for g in graph.groups.values()
                  if g.kind in kinds and g.static)
 
@@ -178,21 +210,27 @@ class ChooseKeepPass(SubclonePass):
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
         graph, sizes = state.CHANNEL_GRAPH.need(graph_module), state.SIZES.need(graph_module)
-        wanted = {"residual": self.target.hidden, "ffn": self.target.ffn}
+        wanted = {"residual": "hidden", "ffn": "ffn", "latent": "latent"}
         for group in graph.groups.values():
-            want = wanted.get(group.kind)
+            want = self.target.size_of(wanted[group.kind], group.size) if group.kind in wanted else None
             if want is not None and sizes[group.id] != want:
                 raise PostconditionError(f"ChooseKeepPass: {group.kind} group {group.id} gets {sizes[group.id]} "
                                          f"channels, the target is {want}")
         count = len(state.LAYERS.need(graph_module))
         child = count - len(state.DROP.need(graph_module)) + len(state.DUPLICATE.need(graph_module))
-        if self.target.layers is not None and self.drop_layers is None and child != self.target.layers:
+        wanted_layers = self._wanted_layers(count)
+        if wanted_layers is not None and self.drop_layers is None and child != wanted_layers:
             raise PostconditionError(f"ChooseKeepPass: the child would have {child} layers, "
-                                     f"the target is {self.target.layers}")
+                                     f"the target is {wanted_layers}")
+
+    def _wanted_layers(self, count: int) -> int | None:
+        """Target.layers with a fraction resolved against the parent's ``count`` layers."""
+        return self.target.size_of("layers", count) if count else self.target.layers
 
     def _duplicates(self, gm: fx.GraphModule) -> list[int]:
         """Layers to repeat for a deeper child: the middle ones, each right after itself."""
-        count, wanted = len(state.LAYERS.need(gm)), self.target.layers
+        count = len(state.LAYERS.need(gm))
+        wanted = self._wanted_layers(count)
         if count == 0 and (wanted is not None or self.drop_layers):
             raise PassError("the model has no residual layers (no x + f(x) whose branch reads a weight): "
                             "its depth cannot change; leave Target.layers and drop_layers unset")
@@ -214,7 +252,7 @@ class ChooseKeepPass(SubclonePass):
             if len(set(self.drop_layers)) >= count:
                 raise ValueError(f"drop_layers={list(self.drop_layers)} removes all {count} layers; keep at least one")
             return sorted(set(self.drop_layers))
-        wanted = self.target.layers
+        wanted = self._wanted_layers(count)
         if wanted is None or wanted >= count:
             return []
         if self.depth == "measured":

@@ -33,7 +33,7 @@ from .channel_graph import ChannelGraph
 __all__ = ["ScoreChannelsPass", "ActivationStatistics", "watch_list", "combine_profiles", "weight_profiles",
            "project", "flat_inputs", "SCORED_KINDS"]
 
-SCORED_KINDS = ("residual", "ffn", "heads")
+SCORED_KINDS = ("residual", "ffn", "latent", "heads")
 
 
 def project(graph: ChannelGraph, vec: torch.Tensor, source: int, target: int) -> torch.Tensor | None:

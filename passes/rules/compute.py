@@ -60,6 +60,9 @@ _BINARY = [
     aten.clamp.Tensor,
     # in place: the result is ``self``, dims flow as for the out-of-place op
     aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Tensor,
+    # self.copy_(src): the result is ``self``; src broadcasts to self's shape (right-aligned),
+    # so its dims are self's (latent attention fills a new key tensor's slices this way)
+    aten.copy_.default, aten.copy.default,
 ]
 
 
