@@ -18,6 +18,7 @@ import subclone_graph as sg
 
 from . import io
 from .checkpoint import INDEX_NAME, SINGLE_NAME
+from .distributed import summary_line
 from .loading import Loaded, example_inputs, load_calibration
 from .hf_export import HFExportError
 from .stream_parent import parent_class
@@ -84,12 +85,15 @@ def run_streamed(args, target, files: dict) -> int:
     try:
         report = subclone_checkpoint(folder, hf_dir, target, calibration, example_inputs=inputs, depth=args.depth,
                                      selection=args.selection, overwrite=args.overwrite,
-                                     progress=_bar if calibration else None)
+                                     device=getattr(args, "device", "cpu"), progress=_bar if calibration else None)
     except HFExportError as error:
         if "hf" in files:
             raise
         raise ValueError(f"{_first_line(error)} — streaming writes the child as its parent's class first; "
                          "--no-stream subclones it in memory instead") from error
+    line = None if calibration is None else summary_line(report.calibration_tokens, report.seconds["calibrate"])
+    if report.out_dir is None:      # not rank 0: rank 0 writes the outputs
+        return 0
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(hf_dir)
     print(f"wrote a Hugging Face checkpoint to {hf_dir} (from_pretrained loads it; max |difference| "
@@ -104,4 +108,6 @@ def run_streamed(args, target, files: dict) -> int:
           f"({_gib(report.calibration_read)} calibrating, the rest writing the child); "
           f"calibration state peaked at {_gib(report.calibration_bytes)} in memory, "
           f"{_gib(report.spilled_bytes)} spilled to disk")
+    if line is not None:
+        print(line)
     return 0
