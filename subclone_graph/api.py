@@ -20,7 +20,7 @@ from subclone_graph.passes.rewrite import DropBlocksPass, DuplicateLayersPass, K
 from subclone_graph.passes.target import Target
 
 from .device import resolve_device
-from .distributed import DistributedError, Shard
+from .distributed import DistributedError
 from .tracing import trace
 
 __all__ = ["subclone", "subclone_passes", "run_passes", "Target"]
@@ -98,8 +98,8 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     """
     target = Target() if target is None else target
     _check_arguments(target, drop_layers, depth, calibration)
-    if calibration is not None and not isinstance(calibration, (list, tuple, Shard)):
-        calibration = list(calibration)     # a Shard streams its batches (subclone_graph.distributed)
+    if calibration is not None and iter(calibration) is calibration:
+        calibration = list(calibration)     # a one-shot iterator; a re-iterable (a Shard, a TokenStream) streams
     resolve_device(device)                  # an unavailable device fails before tracing
     passes = subclone_passes(target, calibration, drop_layers, depth, rescale, progress, selection, device)
     if isinstance(model, fx.GraphModule):

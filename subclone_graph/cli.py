@@ -52,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _load_all(args, steps) -> tuple[loading.Loaded, list | None, tuple]:
-    loading.check_calibration_options(args.calib_batches, args.batch_size, args.seq_len)
+    loading.check_calibration_options(args.calib_batches, args.batch_size, args.seq_len, args.calib_tokens)
     with steps(f"load {args.model}"):
         loaded = loading.load_model(args.model)
     if args.calib is None:
@@ -61,8 +61,8 @@ def _load_all(args, steps) -> tuple[loading.Loaded, list | None, tuple]:
     else:
         with steps(f"read calibration data {args.calib}"):
             calibration = loading.load_calibration(args.calib, loaded, args.calib_batches, args.batch_size,
-                                                   args.seq_len)
-        print(f"calibration: {len(calibration)} batches from {args.calib}")
+                                                   args.seq_len, args.calib_tokens)
+        print(report.calibration_source(calibration, args.calib))
     return loaded, calibration, loading.example_inputs(loaded, calibration)
 
 
@@ -194,8 +194,10 @@ def _add_model_arguments(parser) -> None:
     parser.add_argument("--calib", metavar="PATH",
                         help="calibration data: a text file or folder, a .pt tensor file, or an image "
                              "folder (default: score channels by weight magnitude)")
-    parser.add_argument("--calib-batches", type=int, default=4, metavar="N",
-                        help="use at most N calibration batches (default 4)")
+    parser.add_argument("--calib-batches", type=int, default=None, metavar="N",
+                        help="use at most N calibration batches (default 4; no cap with --calib-tokens)")
+    parser.add_argument("--calib-tokens", type=int, default=None, metavar="N",
+                        help="stream calibration from disk (never all in memory), at most N tokens")
     parser.add_argument("--batch-size", type=int, default=4, metavar="N",
                         help="windows or images per calibration batch (default 4)")
     parser.add_argument("--seq-len", type=int, default=128, metavar="N",

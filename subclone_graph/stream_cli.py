@@ -19,6 +19,7 @@ import subclone_graph as sg
 from . import io
 from .checkpoint import INDEX_NAME, SINGLE_NAME
 from .distributed import summary_line
+from .report import calibration_source
 from .loading import Loaded, example_inputs, load_calibration
 from .hf_export import HFExportError
 from .stream_parent import parent_class
@@ -76,9 +77,10 @@ def run_streamed(args, target, files: dict) -> int:
     started = time.perf_counter()
     config, _ = parent_class(folder)
     loaded = Loaded(types.SimpleNamespace(config=config), tokenizer=_tokenizer(folder))
-    calibration = load_calibration(args.calib, loaded, args.calib_batches, args.batch_size, args.seq_len)
+    calibration = load_calibration(args.calib, loaded, args.calib_batches, args.batch_size, args.seq_len,
+                                   getattr(args, "calib_tokens", None))
     print("no --calib: scoring channels by weight magnitude" if calibration is None
-          else f"calibration: {len(calibration)} batches from {args.calib}")
+          else calibration_source(calibration, args.calib))
     inputs = example_inputs(loaded, calibration)
     hf_dir = files.get("hf", Path(args.out) / "hf")
     print(f"streaming {folder} (the parent is read segment by segment, never loaded whole)")
