@@ -19,17 +19,19 @@ from subclone_graph.passes.infra import log
 from subclone_graph.passes.rewrite import DropBlocksPass, DuplicateLayersPass, KeepChannelsPass, RescaleResidualPass
 from subclone_graph.passes.target import Target
 
+from .device import resolve_device
+from .distributed import DistributedError
 from .tracing import trace
 
 __all__ = ["subclone", "subclone_passes", "run_passes", "Target"]
 
 def subclone_passes(target: Target, calibration=None, drop_layers=None, depth: str = "middle",
-                    rescale: bool = True, progress=None, selection: str = "score") -> list:
+                    rescale: bool = True, progress=None, selection: str = "score", device=None) -> list:
     """The subcloning pipeline as a flat list of passes (each ``call(gm) -> PassResult``)."""
     passes = [
         FindResidualBlocksPass(),
         AnalyzeChannelsPass(),
-        ScoreChannelsPass(calibration, progress=progress),
+        ScoreChannelsPass(calibration, progress=progress, device=device),
         ChooseKeepPass(target, drop_layers=drop_layers, depth=depth, selection=selection),
         DropBlocksPass(),
         DuplicateLayersPass(),
@@ -41,7 +43,7 @@ def subclone_passes(target: Target, calibration=None, drop_layers=None, depth: s
 
 
 # errors whose type tells the caller what went wrong: re-raised as the same type, the pass named
-_KEPT_TYPES = (ValueError, TypeError, PassError)
+_KEPT_TYPES = (ValueError, TypeError, PassError, DistributedError)
 
 
 def run_passes(gm: fx.GraphModule, passes: list) -> fx.GraphModule:
@@ -80,7 +82,7 @@ def _check_arguments(target, drop_layers, depth, calibration) -> None:
 
 def subclone(model, example_inputs, target: Target | None = None, calibration=None, drop_layers=None, *,
              depth: str = "middle", rescale: bool = True, selection: str = "score",
-             example_kwargs: dict | None = None, progress=None) -> fx.GraphModule:
+             example_kwargs: dict | None = None, progress=None, device=None) -> fx.GraphModule:
     """Initialise a smaller child from ``model`` (weight subcloning, arXiv 2312.09299).
 
     ``calibration`` is an iterable of input tuples like ``example_inputs``; without it, channels
@@ -88,14 +90,18 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     smallest ‖f(x)‖/‖x+f(x)‖ on the calibration data —, or ``first`` layers kept); a
     ``Target.layers`` above the parent's duplicates middle layers. ``selection="first"`` or
     ``"uniform"`` picks channels without scores (ablation / weight-selection baselines);
-    ``rescale=False`` skips the √(D/d) factor. Returns a ``torch.fx.GraphModule`` with real
+    ``rescale=False`` skips the √(D/d) factor. ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``):
+    where calibration runs, on a moved copy of the traced graph; the child stays on the CPU.
+    Under ``torch.distributed`` each rank calibrates on its share of the batches and the
+    statistics are summed before anything is chosen (``subclone_graph.distributed``). Returns a ``torch.fx.GraphModule`` with real
     parameters that returns outputs of the parent's structure at any batch and sequence size.
     """
     target = Target() if target is None else target
     _check_arguments(target, drop_layers, depth, calibration)
-    if calibration is not None and not isinstance(calibration, (list, tuple)):
-        calibration = list(calibration)
-    passes = subclone_passes(target, calibration, drop_layers, depth, rescale, progress, selection)
+    if calibration is not None and iter(calibration) is calibration:
+        calibration = list(calibration)     # a one-shot iterator; a re-iterable (a Shard, a TokenStream) streams
+    resolve_device(device)                  # an unavailable device fails before tracing
+    passes = subclone_passes(target, calibration, drop_layers, depth, rescale, progress, selection, device)
     if isinstance(model, fx.GraphModule):
         with warnings.catch_warnings():     # torch's own pytree deprecation, raised by its deepcopy
             warnings.simplefilter("ignore", FutureWarning)

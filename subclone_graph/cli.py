@@ -25,7 +25,8 @@ from pathlib import Path
 
 import subclone_graph as sg
 
-from . import io, loading, outputs, report
+from . import distributed, io, loading, outputs, report
+from .device import resolve_device
 from .hf_export import HFExportError
 from .onnx_export import OnnxExportError
 from .passes import state
@@ -38,7 +39,8 @@ from .tracing import TraceError
 __all__ = ["main", "build_parser", "USER_ERRORS"]
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
-               ImportError, PassError, TraceError, HFExportError, OnnxExportError, io.RoundTripError)
+               ImportError, PassError, TraceError, HFExportError, OnnxExportError, io.RoundTripError,
+               distributed.DistributedError)
 FORMATS = ("pt2", "onnx", "hf")
 OUTPUT_NAMES = {"pt2": "child.pt2", "onnx": "child.onnx", "hf": "hf"}
 
@@ -51,7 +53,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _load_all(args, steps) -> tuple[loading.Loaded, list | None, tuple]:
-    loading.check_calibration_options(args.calib_batches, args.batch_size, args.seq_len)
+    loading.check_calibration_options(args.calib_batches, args.batch_size, args.seq_len, args.calib_tokens)
     with steps(f"load {args.model}"):
         loaded = loading.load_model(args.model)
     if args.calib is None:
@@ -60,8 +62,8 @@ def _load_all(args, steps) -> tuple[loading.Loaded, list | None, tuple]:
     else:
         with steps(f"read calibration data {args.calib}"):
             calibration = loading.load_calibration(args.calib, loaded, args.calib_batches, args.batch_size,
-                                                   args.seq_len)
-        print(f"calibration: {len(calibration)} batches from {args.calib}")
+                                                   args.seq_len, args.calib_tokens)
+        print(report.calibration_source(calibration, args.calib))
     return loaded, calibration, loading.example_inputs(loaded, calibration)
 
 
@@ -97,17 +99,37 @@ def _writers(child, inputs: tuple, formats: list[str], tokenizer, steps) -> dict
 
 
 def cmd_run(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1) every rank calibrates on its share and chooses the same
+    child; rank 0 alone writes, the others wait for it in ``distributed.finish`` and exit 0."""
     target = Target(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, ffn=args.ffn)
     formats = _formats(args)
     names = {OUTPUT_NAMES[f]: f == "hf" for f in formats}
     outputs.check_outputs(args.out, names, overwrite=args.overwrite, option="--overwrite")
-    if streams(args):              # a safetensors folder: never loaded whole
-        return run_streamed(args, target, {f: Path(args.out) / OUTPUT_NAMES[f] for f in formats})
+    device = resolve_device(args.device)
+    launched = distributed.launch(device)
+    try:
+        if streams(args):              # a safetensors folder: never loaded whole
+            status = run_streamed(args, target, {f: Path(args.out) / OUTPUT_NAMES[f] for f in formats})
+        else:
+            status = _run_in_memory(args, target, formats, names, device)
+    except BaseException:
+        distributed.abandon()
+        raise
+    if launched and not distributed.finish(True):
+        return 1
+    return status
+
+
+def _run_in_memory(args, target, formats, names, device) -> int:
     steps = report.Steps()
     loaded, calibration, inputs = _load_all(args, steps)
+    own = None if calibration is None else distributed.shard(calibration)
     with steps("subclone"):
-        child = sg.subclone(loaded.model, inputs, target, calibration=calibration, depth=args.depth,
+        child = sg.subclone(loaded.model, inputs, target, calibration=own, depth=args.depth, device=device,
                             selection=args.selection, progress=report.progress_bar if calibration else None)
+    line = None if own is None else distributed.summary_line(own.tokens, own.seconds)
+    if distributed.rank() != 0:
+        return 0
     parent_count, child_count = sg.count_parameters(loaded.model), sg.count_parameters(child)
     print(f"parent: {parent_count:,} parameters")
     print(f"child:  {child_count:,} parameters ({child_count / parent_count:.2f} of the parent)")
@@ -116,6 +138,8 @@ def cmd_run(args) -> int:
     print(f"wrote {', '.join(str(Path(args.out) / n) for n in names)}"
           + (" (from_pretrained loads hf/)" if "hf" in formats else ""))
     print(steps.summary())
+    if line is not None:
+        print(line)
     return 0
 
 
@@ -171,8 +195,10 @@ def _add_model_arguments(parser) -> None:
     parser.add_argument("--calib", metavar="PATH",
                         help="calibration data: a text file or folder, a .pt tensor file, or an image "
                              "folder (default: score channels by weight magnitude)")
-    parser.add_argument("--calib-batches", type=int, default=4, metavar="N",
-                        help="use at most N calibration batches (default 4)")
+    parser.add_argument("--calib-batches", type=int, default=None, metavar="N",
+                        help="use at most N calibration batches (default 4; no cap with --calib-tokens)")
+    parser.add_argument("--calib-tokens", type=int, default=None, metavar="N",
+                        help="stream calibration from disk (never all in memory), at most N tokens")
     parser.add_argument("--batch-size", type=int, default=4, metavar="N",
                         help="windows or images per calibration batch (default 4)")
     parser.add_argument("--seq-len", type=int, default=128, metavar="N",
@@ -214,6 +240,9 @@ def _add_run_arguments(parser) -> None:
                         help="how channels are picked (default: by score)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs an earlier run wrote (never other files)")
+    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help="where calibration runs: cpu (default), cuda, cuda:N, or auto (cuda when "
+                             "available); the child comes back on the CPU")
     parser.add_argument("--no-stream", action="store_true",
                         help="load a safetensors folder whole instead of streaming it layer by layer")
 

@@ -42,6 +42,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "TEXT_SUFFIXES",
     "calibration_batches",
+    "encode",
     "english_corpus",
     "held_out_loss",
     "image_folder_batches",
@@ -90,6 +91,11 @@ def _encode(text: str, tokenizer: Any) -> list[int]:
     if isinstance(ids, torch.Tensor):
         return ids.reshape(-1).tolist()
     return [int(i) for i in ids]
+
+
+def encode(text: str, tokenizer: Any) -> list[int]:
+    """Token ids of ``text`` under the tokenizer protocol (see module doc)."""
+    return _encode(text, tokenizer)
 
 
 def text_windows(

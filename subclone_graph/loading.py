@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import data, io
+from .data_stream import TokenStream, is_token_folder
 
 __all__ = ["Loaded", "load_model", "load_calibration", "example_inputs", "check_token_ids",
            "check_calibration_options", "check_safetensors"]
@@ -199,21 +200,29 @@ def _as_loaded(made, spec: str) -> Loaded:
 
 
 # ----- calibration --------------------------------------------------------------------------
-def check_calibration_options(batches: int, batch_size: int, seq_len: int) -> None:
-    """The command line's numbers, named as the user typed them."""
-    for option, value in (("--calib-batches", batches), ("--batch-size", batch_size), ("--seq-len", seq_len)):
-        if value < 1:
+def check_calibration_options(batches: int | None, batch_size: int, seq_len: int, tokens: int | None = None) -> None:
+    """The command line's numbers, named as the user typed them (None: not given)."""
+    for option, value in (("--calib-batches", batches), ("--batch-size", batch_size), ("--seq-len", seq_len),
+                          ("--calib-tokens", tokens)):
+        if value is not None and value < 1:
             raise ValueError(f"{option} {value}: must be at least 1")
 
 
-def load_calibration(path, loaded: Loaded, batches: int = 4, batch_size: int = 4, seq_len: int = 128):
-    """At most ``batches`` calibration batches from a ``.pt`` file, an image folder or text."""
+def load_calibration(path, loaded: Loaded, batches: int | None = 4, batch_size: int = 4, seq_len: int = 128,
+                     tokens: int | None = None):
+    """At most ``batches`` calibration batches from a ``.pt`` file, an image folder or text — a
+    list; or, with a token cap ``tokens`` or a folder of token files, a ``data_stream.TokenStream``
+    read lazily from disk (``batches`` None: no batch cap)."""
     if path is None:
         return None
-    check_calibration_options(batches, batch_size, seq_len)
+    check_calibration_options(batches, batch_size, seq_len, tokens)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"calibration data not found: {path}")
+    if tokens is not None or is_token_folder(path) or path.suffix == ".safetensors":
+        return TokenStream(path, loaded.tokenizer, seq_len, batch_size, max_tokens=tokens, max_batches=batches,
+                           vocab=_vocabulary_size(loaded.model))
+    batches = 4 if batches is None else batches
     if path.suffix == ".pt":
         calibration = data.load_tensor_file(path, batch_size)[:batches]
         check_token_ids(calibration, loaded.model, path)
@@ -277,8 +286,10 @@ def example_inputs(loaded: Loaded, calibration) -> tuple:
     """The factory's inputs, else the first calibration batch, else inputs made from the config."""
     if loaded.inputs is not None:
         return loaded.inputs
-    if calibration:
-        return tuple(calibration[0])
+    first = calibration[0] if isinstance(calibration, (list, tuple)) and calibration else \
+        next(iter(calibration), None) if calibration is not None else None
+    if first is not None:
+        return tuple(first)
     config = getattr(loaded.model, "config", None)
     generator = torch.Generator().manual_seed(0)
     if getattr(config, "vocab_size", None):

@@ -16,7 +16,8 @@ import torch
 
 from .passes import state
 
-__all__ = ["Steps", "group_table", "layer_table", "score_tables", "display_kind", "progress_bar"]
+__all__ = ["Steps", "group_table", "layer_table", "score_tables", "display_kind", "progress_bar",
+           "calibration_source"]
 
 TARGET_KINDS = ("residual", "ffn", "heads", "kv_heads", "head_dim")
 
@@ -117,6 +118,15 @@ def score_tables(gm) -> str:
         layer = "-" if group.layer is None else group.layer
         lines.append(f"{gid:>6}  {group.kind:<9} layer {layer:<4} size {len(scores):<6} {picks}")
     return "\n".join(lines)
+
+
+def calibration_source(calibration, path) -> str:
+    """'calibration: 4 batches from X', or for a stream read lazily, what it reads at most."""
+    if isinstance(calibration, (list, tuple)):
+        return f"calibration: {len(calibration)} batches from {path}"
+    cap = getattr(calibration, "max_tokens", None)
+    return (f"calibration: streaming windows of {getattr(calibration, 'window', '?')} tokens from {path}"
+            + (f" (at most {cap:,} tokens)" if cap else ""))
 
 
 def progress_bar(iterable):

@@ -142,11 +142,13 @@ class BoundaryStore:
             self._dir = None
 
 
-def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict, attributes: dict):
+def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict, attributes: dict, device=None):
     def value(arg: fx.Node):
         return attributes[arg.target] if arg.op == "get_attr" else env[arg.name]
 
     args, kwargs = map_arg(node.args, value), map_arg(node.kwargs, value)
+    if device is not None:      # the device literals torch.export wrote (arange(device=cpu), ...)
+        args, kwargs = pytree.tree_map_only(torch.device, lambda _: device, (args, kwargs))
     if node.op == "call_function":
         return node.target(*args, **kwargs)
     if node.op == "call_method":
@@ -159,12 +161,13 @@ def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict, attributes: dict):
 
 
 def run_segments(gm: fx.GraphModule, batches: list[list], fetch, store: BoundaryStore,
-                 observe=None, tick=None) -> list:
+                 observe=None, tick=None, device=None) -> list:
     """Run every flat input list of ``batches`` through ``gm``, segment by segment.
 
     ``fetch(targets)`` returns {target: tensor} for a segment's attributes; ``observe(node,
     value, env)`` sees each computed value; ``tick()`` is called after each segment × batch.
-    Returns the flat outputs of each batch."""
+    ``device``: where the nodes run (``fetch`` and ``batches`` give tensors there; the graph's
+    device literals are read as it). Returns the flat outputs of each batch."""
     segments = plan_segments(gm)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     outputs: list = [None] * len(batches)
@@ -175,7 +178,7 @@ def run_segments(gm: fx.GraphModule, batches: list[list], fetch, store: Boundary
                 env = dict(zip(placeholders, flat)) if segment is segments[0] else store.take(b)
                 for node in segment.nodes:
                     if node.op != "placeholder":
-                        env[node.name] = _run_node(gm, node, env, attributes)
+                        env[node.name] = _run_node(gm, node, env, attributes, device)
                     if node.op == "output":
                         outputs[b] = env.pop(node.name)
                         continue

@@ -19,6 +19,8 @@ import subclone_graph as sg
 
 from . import io
 from .checkpoint import INDEX_NAME, SINGLE_NAME
+from .distributed import rank, summary_line
+from .report import calibration_source
 from .hf_export import HFExportError
 from .loading import Loaded, example_inputs, load_calibration
 from .outputs import write_all
@@ -70,18 +72,30 @@ def run_streamed(args, target, files: dict) -> int:
     started = time.perf_counter()
     config, _ = parent_class(folder)
     loaded = Loaded(types.SimpleNamespace(config=config), tokenizer=_tokenizer(folder))
-    calibration = load_calibration(args.calib, loaded, args.calib_batches, args.batch_size, args.seq_len)
+    calibration = load_calibration(args.calib, loaded, args.calib_batches, args.batch_size, args.seq_len,
+                                   getattr(args, "calib_tokens", None))
     print("no --calib: scoring channels by weight magnitude" if calibration is None
-          else f"calibration: {len(calibration)} batches from {args.calib}")
+          else calibration_source(calibration, args.calib))
     inputs = example_inputs(loaded, calibration)
     print(f"streaming {folder} (the parent is read segment by segment, never loaded whole)")
     made: dict = {}
 
+    def stream(path: Path):
+        report = subclone_checkpoint(folder, path, target, calibration, example_inputs=inputs, depth=args.depth,
+                                     selection=args.selection, overwrite=args.overwrite,
+                                     device=getattr(args, "device", "cpu"), progress=_bar if calibration else None)
+        # every rank's tokens (a collective: each rank reaches it right after its calibration)
+        made["line"] = None if calibration is None else summary_line(report.calibration_tokens,
+                                                                     report.seconds["calibrate"])
+        return report
+
+    if rank() != 0:                  # torchrun: every rank calibrates its share, rank 0 alone writes
+        stream(files.get("hf", out / "hf"))
+        return 0
+
     def hf(path: Path) -> None:
         try:
-            made["report"] = subclone_checkpoint(folder, path, target, calibration, example_inputs=inputs,
-                                                 depth=args.depth, selection=args.selection,
-                                                 progress=_bar if calibration else None)
+            made["report"] = stream(path)
         except HFExportError as error:
             if "hf" in files:
                 raise
@@ -120,4 +134,6 @@ def run_streamed(args, target, files: dict) -> int:
           f"({_gib(report.calibration_read)} calibrating, the rest writing the child); "
           f"calibration state peaked at {_gib(report.calibration_bytes)} in memory, "
           f"{_gib(report.spilled_bytes)} spilled to disk")
+    if made.get("line") is not None:
+        print(made["line"])
     return 0

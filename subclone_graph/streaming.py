@@ -45,7 +45,9 @@ from subclone_graph.passes.analysis.score_channels import (ActivationStatistics,
                                                   watch_list, weight_profiles)
 
 from .api import run_passes
+from . import distributed
 from .checkpoint import CheckpointError, CheckpointReader
+from .device import resolve_device, to_device
 from .outputs import check_destination, staging_folder, write_manifest
 from .segments import BoundaryStore, run_segments
 from .stream_parent import is_fake, weightless_parent
@@ -70,24 +72,28 @@ class StreamReport:
     calibration_bytes: int = 0                      # peak boundary state kept in memory
     spilled_bytes: int = 0
     max_difference: float = 0.0
+    calibration_tokens: int = 0                     # tokens this rank calibrated on
     scores: dict = field(default_factory=dict)
 
 
-def _fetcher(gm: fx.GraphModule, read):
-    """``fetch(targets)`` for ``run_segments``: real attributes as they are, fake ones read."""
+def _fetcher(gm: fx.GraphModule, read, device=None):
+    """``fetch(targets)`` for ``run_segments``: real attributes as they are, fake ones read
+    (either moved to ``device`` when given)."""
     def fetch(targets):
         values = {}
         for target in targets:
             value = get_attribute(gm, target)
-            values[target] = read(target) if is_fake(value) else value
+            value = read(target) if is_fake(value) else value
+            values[target] = value if device is None else value.to(device)
         return values
     return fetch
 
 
-def _calibrate(gm, reader, keys, calibration, store, tick) -> None:
+def _calibrate(gm, reader, keys, calibration, store, tick, device) -> None:
     graph, layers = state.CHANNEL_GRAPH.need(gm), state.LAYERS.need(gm)
-    batches = [flat_inputs(gm, batch, i) for i, batch in enumerate(calibration)]
-    if not batches:
+    moved = None if device.type == "cpu" else device
+    batches = [to_device(flat_inputs(gm, batch, i), device) for i, batch in enumerate(calibration)]
+    if sum(distributed.gather_counts(len(batches))) == 0:
         raise ValueError("calibration: no batches given (pass None to score by weight magnitude)")
     statistics = ActivationStatistics(watch_list(gm, graph, layers), layers)
     inputs = {layer.output: layer for layer in layers}
@@ -99,7 +105,8 @@ def _calibrate(gm, reader, keys, calibration, store, tick) -> None:
             statistics.record_layer(layer.index, env[layer.input], value)
 
     with torch.no_grad():
-        run_segments(gm, batches, _fetcher(gm, lambda t: reader.read(keys[t])), store, observe, tick)
+        run_segments(gm, batches, _fetcher(gm, lambda t: reader.read(keys[t]), moved), store, observe, tick, moved)
+    statistics.all_reduce()        # data-parallel calibration: every rank's share summed before choosing
     state.LAYER_RATIOS.set(gm, statistics.layer_ratios())
     state.SCORES.set(gm, combine_profiles(graph, statistics.profiles(gm)))
     state.SCORE_SOURCE.set(gm, "mean |activation| on calibration data")
@@ -150,20 +157,23 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     calibration batch). ``memory_budget``: bytes of boundary values kept in memory before
     spilling to ``spill_dir`` (default: a temporary folder). ``progress(iterable)`` wraps the
     segments × batches steps (e.g. ``tqdm``). Returns a ``StreamReport``."""
-    if torch.device(device).type != "cpu":
-        raise ValueError(f"device {device!r}: streamed subcloning runs on the CPU only for now")
+    device = resolve_device(device)
     target = Target() if target is None else target
     if drop_layers is not None and target.layers is not None:
         raise ValueError("give either Target.layers or drop_layers, not both")
     if depth == "measured" and calibration is None:
         raise ValueError('depth="measured" needs calibration data: it measures each layer\'s ||f(x)||/||x+f(x)||')
     out_dir = check_destination(out_dir, overwrite=overwrite, folder=True)
-    calibration = None if calibration is None else list(calibration)
     if example_inputs is None:
+        calibration = None if calibration is None else list(calibration)
         if not calibration:
             raise ValueError("give example_inputs (or calibration data, whose first batch is used)")
         example_inputs = calibration[0]
+    # this rank's share (all of it in one process), listed: every segment runs every batch
+    own = None if calibration is None else distributed.shard(calibration)
+    calibration = None if own is None else list(own)
     report, clock = StreamReport(out_dir), time.perf_counter()
+    report.calibration_tokens = 0 if own is None else own.tokens
     reader = CheckpointReader(folder)
     report.checkpoint_bytes = sum(f.stat().st_size for f in reader.files)
     gm, keys = weightless_parent(Path(folder), reader, example_inputs)
@@ -177,7 +187,7 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     if calibration is None:
         _score_by_weights(gm, reader, keys)
     else:
-        _calibrate(gm, reader, keys, calibration, store, tick)
+        _calibrate(gm, reader, keys, calibration, store, tick, device)
     if bar is not None and hasattr(bar, "close"):
         bar.close()
     report.calibration_bytes, report.spilled_bytes = store.peak, store.spilled
@@ -189,6 +199,9 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     run_passes(gm, passes + ([RescaleResidualPass()] if rescale else []))
     report.child_parameters = _parameter_count(gm)
     report.seconds["calibrate"], clock = time.perf_counter() - clock, time.perf_counter()
+    if distributed.rank() != 0:     # rank 0 alone writes; the command line's finish() waits for it
+        report.out_dir = None
+        return report
 
     # the same output rules as save_hf (outputs.py): staged, checked, moved into place whole, and
     # an overwrite replaces only a folder this package wrote

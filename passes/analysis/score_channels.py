@@ -120,8 +120,14 @@ class ActivationStatistics:
         """(group id, mean |activation| per index) of every watched (node, dim)."""
         nodes = {n.name: n for n in gm.graph.nodes}
         graph = state.CHANNEL_GRAPH.need(gm)
-        return [(state.CHANNELS.of(nodes[name], graph).groups[dim], total / self.counts[(name, dim)])
-                for (name, dim), total in self.sums.items()]
+        return [(state.CHANNELS.of(nodes[name], graph).groups[dim], (total / self.counts[(name, dim)]).cpu())
+                for (name, dim), total in self.sums.items() if self.counts[(name, dim)]]
+
+    def all_reduce(self) -> None:
+        """Sum these statistics over every rank of ``torch.distributed``'s default group, in place
+        (a no-op in one process): data-parallel calibration, ``subclone_graph.distributed``."""
+        from subclone_graph.distributed import all_reduce_statistics
+        all_reduce_statistics(self)
 
 
 class _Recorder(fx.Interpreter):
@@ -202,8 +208,8 @@ class ScoreChannelsPass(SubclonePass):
     requires_keys = (state.CHANNEL_GRAPH, state.LAYERS)
     clears = "scores"
 
-    def __init__(self, calibration=None, progress=None) -> None:
-        self.calibration, self.progress = calibration, progress
+    def __init__(self, calibration=None, progress=None, device=None) -> None:
+        self.calibration, self.progress, self.device = calibration, progress, device
 
     def run(self, gm: fx.GraphModule) -> bool:
         graph = state.CHANNEL_GRAPH.need(gm)
@@ -218,16 +224,20 @@ class ScoreChannelsPass(SubclonePass):
         return False
 
     def _activation_profiles(self, gm, graph):
+        from subclone_graph import distributed
+        from subclone_graph.device import calibration_copy, to_device
+
         layers = state.LAYERS.need(gm)
         statistics = ActivationStatistics(watch_list(gm, graph, layers), layers)
-        recorder = _Recorder(gm, statistics)
-        batches = self.calibration if self.progress is None else self.progress(self.calibration)
-        seen = 0
+        runner, device = calibration_copy(gm, self.device)     # gm itself when no device is asked
+        recorder = _Recorder(runner, statistics)
+        own = distributed.shard(self.calibration)       # this rank's batches (all of them in one process)
+        batches = own if self.progress is None else self.progress(own)
         with torch.no_grad():
             for index, batch in enumerate(batches):
-                recorder.run(*flat_inputs(gm, batch, index))
-                seen += 1
-        if seen == 0:
+                recorder.run(*to_device(flat_inputs(gm, batch, index), device))
+        statistics.all_reduce()
+        if sum(distributed.gather_counts(own.count)) == 0:
             raise ValueError("calibration: no batches given (pass None to score by weight magnitude)")
         state.LAYER_RATIOS.set(gm, tuple(statistics.layer_ratios()))
         return statistics.profiles(gm)
