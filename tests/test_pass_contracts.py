@@ -132,7 +132,8 @@ def test_drop_blocks_ensures_catches_a_left_node_and_a_stale_site():
     with pytest.raises(PostconditionError, match="attention site erased_node"):
         drop.ensures(gm)
     state.ATTENTION.set(gm, sites)
-    kept = next(n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("nn_module_stack"))
+    kept = next(n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("nn_module_stack")
+                and isinstance(n.meta.get("val"), torch.Tensor))
     stack = dict(kept.meta["nn_module_stack"])
     stack["dropped"] = (dropped, object)
     kept.meta = {**kept.meta, "nn_module_stack": stack}
