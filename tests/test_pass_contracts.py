@@ -183,3 +183,14 @@ def test_passes_run_in_torchs_pass_manager_with_the_same_guarantees():
     reference = sg.subclone(model, inputs, TARGET, calibration(model))
     assert torch.equal(run(child, inputs), run(reference, inputs))
     assert copy.deepcopy(child) is not child
+
+
+def test_move_to_device_ensures_catches_a_left_device_literal():
+    model, inputs = models.build("llama_like")
+    gm = sg.trace(model, inputs)
+    move = sg.MoveToDevicePass("meta")
+    move(gm)
+    node = next(n for n in gm.graph.nodes if isinstance(n.kwargs.get("device"), torch.device))
+    node.kwargs = {**node.kwargs, "device": torch.device("cpu")}
+    with pytest.raises(PostconditionError, match="MoveToDevicePass: node .* still names"):
+        move.ensures(gm)
