@@ -7,7 +7,8 @@
    written into a new tensor by ``copy_``) → ``Target(heads=…)`` removes exactly them;
 3. a dead channel in every latent → ``Target(latent=…)`` removes it, outputs unchanged (the
    norm over the shrunk latent corrected by √(D/d));
-4. the children of 1–3 saved with ``save_hf`` reload as the parent's class and match.
+4. the children of 1–3 saved with ``save_hf`` reload as the parent's class and match; a
+   reduced child's ONNX export is a known gap (xfail: no ONNX function for grouped matmuls).
 """
 from __future__ import annotations
 
@@ -92,3 +93,20 @@ def test_a_dead_latent_channel_is_removed_exactly(tmp_path):
     unchanged(child, gm, model)
     config = reloads(child, model, tmp_path / "hf")
     assert (config.q_lora_rank, config.kv_lora_rank) == (47, 31)
+
+
+@pytest.mark.xfail(strict=True, reason="torch.onnx has no ONNX function for the grouped expert matmul "
+                   "(transformers::grouped_mm_fallback): MoE children do not export to ONNX yet")
+@pytest.mark.parametrize("name", ["deepseek_v3", "qwen3_moe"])
+def test_onnx_matches_a_reduced_child(name, tmp_path):
+    from subclone_graph.onnx_export import run_onnx
+    import numpy as np
+
+    model, example, gm = parent(name)
+    target = sg.Target(hidden=48, heads=2, ffn=0.5, layers=2, latent=0.5 if name == "deepseek_v3" else None)
+    child = sg.subclone(gm, example, target)
+    path = tmp_path / "child.onnx"
+    assert sg.export_onnx(child, example, path) <= 1e-4
+    x = hf_zoo.example_inputs(model, 3, 11, 21)
+    got = run_onnx(path, list(x))[0]
+    assert np.abs(got - run(child, x).numpy()).max() < 1e-4
