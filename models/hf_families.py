@@ -107,7 +107,8 @@ FAMILIES = {
                             {"vocab_size": VOCAB, "hidden_size": HIDDEN, "n_head": HEADS, "n_layer": LAYERS,
                              "hidden_dropout": 0.0, "attention_dropout": 0.0, **_TOKENS}, "eager"),
                     False, False, {"hidden": 48, "ffn": 64, "layers": 2},
-                    "no attention site: heads merged with the batch (b·h, s, d), ALiBi"),
+                    "no attention heads to shrink: heads merged with the batch (b·h, s, d), "
+                    "ALiBi slopes from an arange over the heads"),
     "mixtral": Family(_family(T.MixtralForCausalLM, T.MixtralConfig,
                               _decoder(head_dim=HEAD_DIM, num_local_experts=4, num_experts_per_tok=2,
                                        sliding_window=None)),

@@ -6,7 +6,8 @@ each group a kind:
 
 1. ``residual`` — a static dim of a residual add's output that a weight contracts: the stream.
 2. ``heads`` / ``kv_heads`` / ``head_dim`` — the head dims of an attention op (query heads,
-   kv heads when GQA/MQA makes them a different group, the per-head dim).
+   kv heads when GQA/MQA makes them a different group, the per-head dim). Heads merged into
+   the batch (``(b, h, s, d) → (b·h, s, d)`` before ``bmm``) are the static factor of that dim.
 3. ``ffn`` — a static dim that one weight produces and another contracts inside a layer (an
    MLP's hidden width, a fused gate/up's half), not part of the attention heads;
    ``latent`` — such a dim that a normalisation averages over (a low-rank bottleneck with its

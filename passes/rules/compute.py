@@ -9,7 +9,9 @@ Identities each rule states:
 - layer_norm / rms_norm: out equals in; weight and bias equal the normalised dims.
 - linear / addmm / mm / bmm / matmul / einsum: batch dims equal (broadcast), the contracted
   dims of both operands equal; with a weight operand its in-features are *contracted* and
-  its out-features *produced* (what makes an MLP width or a residual stream).
+  its out-features *produced* (what makes an MLP width or a residual stream). A matmul or an
+  einsum of two activations over (…, heads, positions, dim) is noted as an attention site; its
+  heads may be merged into the batch (``(b·h, s, d)``), resolved to ``h`` after solving.
 - embedding: out's last dim is the table's feature dim; the vocabulary dim is frozen.
 - conv: out channel = weight dim 0 = bias; in channel = weight dim 1 (groups=1) or
   out channel (depthwise); spatial dims are new.
