@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -99,10 +101,12 @@ def test_only_a_consecutive_constant_index_is_sliceable(picked, sliceable):
     assert relative_error(run(child, example), run(gm, example)) < 1e-5
 
 
-@pytest.mark.xfail(strict=True, raises=sg.PostconditionError,
-                   reason="open, found by the generator: DropBlocksPass leaves a post-norm layer's linear behind")
 def test_dropping_a_layer_of_a_post_norm_model():
+    # found by the generator: a decomposed post-norm reads the layer's last add twice, so the
+    # layer's output was taken at the add and the dropped layer's norm (and its MLP) stayed
     model, example = build(Spec(norm="gemma", residual="post", head_dim=4, layers=2)), inputs()
     child = sg.subclone(model, example, sg.Target(layers=1))
+    reference = copy.deepcopy(model)
+    reference.layers = torch.nn.ModuleList([reference.layers[0]])
     other = inputs(batch=3, seq=5, seed=1)
-    assert run(child, other).shape == (3, 5, 61)
+    assert torch.equal(run(child, other), run(reference, other))

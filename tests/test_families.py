@@ -169,7 +169,9 @@ def test_state_is_owned_analysis_repeats_and_a_grandchild_is_right(name):
     family = hf_families.FAMILIES[name]
     child = sg.subclone(gm, example, sg.Target(**family.target))
     code, tensors, meta = child.code, _tensors(child), _node_state(child)
-    smaller = {k: family.target[k] // 2 for k in ("hidden", "ffn") if k in family.target}
+    # half of the child's width again (a fraction stays a fraction: of the child's groups now)
+    smaller = {k: 0.5 if isinstance(family.target[k], float) else family.target[k] // 2
+               for k in ("hidden", "ffn") if k in family.target}
     grandchild = sg.subclone(child, example, sg.Target(**smaller))
     assert child.code == code and _same_tensors(_tensors(child), tensors) and _node_state(child) == meta
     clean = copy.deepcopy(child)

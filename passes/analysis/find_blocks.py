@@ -12,7 +12,8 @@ A layer has one stream input (the skip operand of its first block, followed back
 layer through casts and copies) and one stream output (its last add, followed forward through
 same-shape ops and views still inside the layer, to the last node with the input's shape: a
 post-norm layer ends in its norm, a layer that flattens the stream to (b·s, h) ends where it
-views it back). A skip operand that is a cast of the stream made beside the branch (a residual
+views it back; when the stream still goes on inside the layer after that — a decomposed
+post-norm reads the add twice — the one later node of the input's shape read outside the layer). A skip operand that is a cast of the stream made beside the branch (a residual
 kept in fp32) is followed back through the cast when looking for the branch. Removing the layer
 is replacing uses of its output by its input.
 
@@ -141,7 +142,22 @@ def _stream_output(node: fx.Node, key: str | None, input_shape) -> fx.Node:
         node, shape = user, user_shape
         if user_shape == input_shape:
             output = user
-    return output
+    return _leaving(output, key, input_shape)
+
+
+def _leaving(output: fx.Node, key: str | None, input_shape) -> fx.Node:
+    """A layer whose stream goes on inside it after ``output`` (a post-norm layer ending in a
+    decomposed norm, ``x · rsqrt(mean x²) · (1 + w)``, reads its last add more than once) leaves
+    through the one later node of the input's shape that is read outside the layer."""
+    if key is None or not any(in_module(u, key) for u in output.users):
+        return output
+    later, node = [], output.next
+    while node.op != "root":
+        if in_module(node, key) and tensor_shape(node) == input_shape and \
+                any(not in_module(u, key) for u in node.users):
+            later.append(node)
+        node = node.next
+    return later[0] if len(later) == 1 else output
 
 
 
