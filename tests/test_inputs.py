@@ -39,7 +39,7 @@ def test_zero_or_negative_sizes_are_refused(field):
     with pytest.raises(ValueError, match=rf"Target.{field}=0: must be at least 1") as error:
         sg.Target(**{field: 0})
     _one_line(error)
-    with pytest.raises(TypeError, match=rf"Target.{field} must be an int or None, got str"):
+    with pytest.raises(TypeError, match=rf"Target.{field} must be an int, a fraction in \(0, 1\) or None, got str"):
         sg.Target(**{field: "8"})
 
 
