@@ -1,4 +1,4 @@
-"""An embedding scale a class derives from its config (Gemma's √hidden), folded for ``save_hf``.
+"""An embedding scale a class derives from its config (√hidden), folded for ``save_hf``.
 
 A child whose hidden size shrank still multiplies its embedding by the parent's constant, but the
 class built from the child's config computes its own from the new size. The ratio is measured,

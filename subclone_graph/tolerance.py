@@ -7,7 +7,7 @@ Every output check (``save_hf``'s reload, ``export_onnx``'s onnxruntime run, ``s
 
 over every tensor output, where ``dtype`` is the child's (lowest-precision) floating dtype. A
 user never tunes a tolerance to get a half-precision child out. The numbers, measured on the
-tiny Llama, Qwen2, GPT-2 and BERT of ``models/`` (two layers, subcloned), as the largest
+four tiny Hugging Face fixtures of ``models/`` (two layers, subcloned), as the largest
 relative difference between the child in its dtype and the same weights run in float32 — the
 rounding noise any correct re-implementation of the child may show:
 
