@@ -426,8 +426,8 @@ def test_a_bug_in_the_class_is_not_read_as_a_rejection(hf_child, tmp_path):
 def test_target_accepts_numpy_integers():
     target = sg.Target(hidden=np.int64(32), layers=np.int32(2))
     assert target.hidden == 32 and type(target.hidden) is int and type(target.layers) is int
-    with pytest.raises(TypeError, match="Target.ffn must be an int"):
-        sg.Target(ffn=np.float64(2.0))
+    with pytest.raises(ValueError, match=r"Target.ffn=2.0: a fraction must lie in \(0, 1\)"):
+        sg.Target(ffn=np.float64(2.0))        # a float is a fraction now (relative targets)
 
 
 def test_demo_output_is_git_ignored():
