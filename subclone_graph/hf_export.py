@@ -67,7 +67,8 @@ from .hf_embedding_scale import fold_embedding_scale
 from .outputs import check_destination, staging_folder, write_manifest
 from .tolerance import max_difference, model_dtype, tolerance_for
 
-__all__ = ["save_hf", "child_config", "child_state_dict", "hf_names", "HFExportError"]
+__all__ = ["save_hf", "child_config", "child_state_dict", "hf_names", "HFExportError", "quiet_transformers",
+           "tensor_outputs", "max_output_difference"]
 
 _MAX_ROUNDS = 8
 
@@ -94,7 +95,7 @@ def _meta(child: fx.GraphModule, key: pass_state.StateKey):
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_transformers():
     """Silence transformers' load reports and progress bars while models are built and saved."""
     from transformers.utils import logging as hf_logging
 
@@ -226,7 +227,7 @@ class _Candidates:
         return type(self.parent).from_dict({**self.base, **changes})
 
     def build(self, changes: dict, device: str = "cpu") -> torch.nn.Module:
-        with _quiet(), torch.device(device):
+        with quiet_transformers(), torch.device(device):
             return self.cls(self.config(changes)).eval()
 
     def problems(self, changes: dict) -> list[str] | None:
@@ -308,10 +309,10 @@ def _needed_changes(candidates: _Candidates, changes: dict, state: dict, child: 
         inputs = _inputs(child)
         if not expected:
             expected.update(_outputs(child, inputs))
-        with _quiet():
+        with quiet_transformers():
             model = candidates.cls(config).eval()
             model.load_state_dict(_fitted(model, state)[0], strict=True)
-        return _max_diff(expected, _outputs(model, inputs))
+        return max_output_difference(expected, _outputs(model, inputs))
 
     measure = distance or in_memory_distance
     distance = lambda trial: measure(candidates.config(trial))  # noqa: E731
@@ -347,16 +348,19 @@ def _inputs(child: fx.GraphModule) -> tuple:
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
 
-def _outputs(module, inputs: tuple) -> dict:
+def tensor_outputs(out) -> dict:
     """Tensor outputs by key (a ModelOutput / dict), else by position."""
-    with torch.no_grad():
-        out = module(*inputs)
     if isinstance(out, dict):
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
     return dict(enumerate(x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)))
 
 
-def _max_diff(expected: dict, got: dict) -> float:
+def _outputs(module, inputs: tuple) -> dict:
+    with torch.no_grad():
+        return tensor_outputs(module(*inputs))
+
+
+def max_output_difference(expected: dict, got: dict) -> float:
     if not expected or any(k not in got or got[k].shape != v.shape for k, v in expected.items()):
         return float("inf")
     return max(float((got[k].float() - v.float()).abs().max()) for k, v in expected.items())
@@ -368,7 +372,7 @@ def _write(child: fx.GraphModule, staging: Path, tokenizer) -> None:
     config = child_config(child, state)
     config.dtype = model_dtype(child)          # config.json's dtype: the child's, not the parent's
     cls = _meta(child, pass_state.PARENT_CLASS)
-    with _quiet():
+    with quiet_transformers():
         model = cls(config).to(config.dtype).eval()
         model.load_state_dict(_fitted(model, state)[0], strict=True)
         fold_embedding_scale(child, model, _inputs(child))
@@ -380,7 +384,7 @@ def _write(child: fx.GraphModule, staging: Path, tokenizer) -> None:
 
 def _check(child: fx.GraphModule, staging: Path, rtol: float, out_dir: Path) -> float:
     cls, dtype = _meta(child, pass_state.PARENT_CLASS), model_dtype(child)
-    with _quiet():
+    with quiet_transformers():
         loaded = cls.from_pretrained(staging, dtype=dtype).eval()
     if type(loaded) is not cls:
         raise HFExportError(f"{staging} loads as {type(loaded).__name__}, not {cls.__name__}; nothing written to {out_dir}")

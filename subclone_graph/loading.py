@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import data, io
+from .hf_export import quiet_transformers
 from .data_stream import TokenStream, is_token_folder
 
 __all__ = ["Loaded", "load_model", "load_calibration", "example_inputs", "check_token_ids",
@@ -57,22 +58,6 @@ def _file_errors() -> tuple:
         from safetensors import SafetensorError
         errors.append(SafetensorError)
     return tuple(errors)
-
-
-@contextlib.contextmanager
-def _quiet_hf():
-    """No load reports or progress bars (GGUF dequantisation, weight loading) on the terminal."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 # ----- models -------------------------------------------------------------------------------
@@ -149,7 +134,7 @@ def _load_hf(folder: Path, **kwargs) -> Loaded:
     for weights in sorted(folder.glob("*.safetensors")) if "gguf_file" not in kwargs else []:
         check_safetensors(weights)
     try:
-        with _quiet_hf():
+        with quiet_transformers():
             model = _from_pretrained(folder, kwargs)
     except _file_errors() as error:
         raise ValueError(f"cannot load a Hugging Face model from {where}: "
@@ -167,7 +152,7 @@ def _load_tokenizer(folder: Path, kwargs: dict):
     if "gguf_file" not in kwargs and not any((folder / n).is_file() for n in names):
         return None
     try:
-        with _quiet_hf():
+        with quiet_transformers():
             return AutoTokenizer.from_pretrained(folder, **kwargs)
     except (*_file_errors(), ValueError, KeyError) as error:
         raise ValueError(f"{folder}: its tokenizer files cannot be loaded: {_first_line(error)}") from error

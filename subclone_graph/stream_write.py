@@ -34,7 +34,8 @@ from subclone_graph.passes.fx_utils import get_attribute
 from subclone_graph.passes.analysis.score_channels import flat_inputs
 
 from .checkpoint import CheckpointReader, write_shards
-from .hf_export import HFExportError, child_config, child_state_dict, hf_names
+from .hf_export import (HFExportError, child_config, child_state_dict, hf_names, max_output_difference,
+                        tensor_outputs)
 from .segments import BoundaryStore, run_segments
 from .stream_parent import is_fake
 
@@ -66,18 +67,6 @@ def _producer(gm: fx.GraphModule, reader: CheckpointReader, sources: dict):
     return produce
 
 
-def _tensor_outputs(out) -> dict:
-    if isinstance(out, dict):
-        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-    return dict(enumerate(x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)))
-
-
-def _max_diff(expected: dict, got: dict) -> float:
-    if not expected or any(k not in got or got[k].shape != v.shape for k, v in expected.items()):
-        return float("inf")
-    return max(float((got[k].float() - v.float()).abs().max()) for k, v in expected.items())
-
-
 def _inputs(gm: fx.GraphModule) -> tuple:
     inputs = state.EXAMPLE_INPUTS.need(gm)
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
@@ -94,7 +83,7 @@ def _reference(gm: fx.GraphModule, written: CheckpointReader, names: dict) -> di
     flat = flat_inputs(gm, _inputs(gm), 0)
     with torch.no_grad():
         outputs = run_segments(gm, [flat], fetch, BoundaryStore(2**62))[0]
-    return _tensor_outputs(gm.graph._codegen.process_outputs(outputs))
+    return tensor_outputs(gm.graph._codegen.process_outputs(outputs))
 
 
 def _load(cls, config, written: CheckpointReader) -> torch.nn.Module:
@@ -122,7 +111,7 @@ def _distance(gm: fx.GraphModule, written: CheckpointReader, expected: dict):
         try:
             model = _load(cls, config, written)
             with torch.no_grad():
-                return _max_diff(expected, _tensor_outputs(model(*_inputs(gm))))
+                return max_output_difference(expected, tensor_outputs(model(*_inputs(gm))))
         except Exception:          # a config the class cannot run with these weights
             return float("inf")
     return distance
@@ -161,8 +150,8 @@ def check_written(gm: fx.GraphModule, staging: Path, expected: dict, out_dir: Pa
     finally:
         hf_logging.set_verbosity(level)
     with torch.no_grad():
-        got = _tensor_outputs(loaded(*_inputs(gm)))
-    diff = _max_diff(expected, got)
+        got = tensor_outputs(loaded(*_inputs(gm)))
+    diff = max_output_difference(expected, got)
     scale = max((float(v.float().abs().max()) for v in expected.values()), default=1.0)
     allowed = tolerance(dtype or torch.float32, scale)
     if not (math.isfinite(diff) and diff <= allowed):
