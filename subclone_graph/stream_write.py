@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from subclone_graph.passes import state
 from subclone_graph.passes.errors import PassError
