@@ -267,16 +267,21 @@ def _image_size(loaded: Loaded):
     return size
 
 
-def example_inputs(loaded: Loaded, calibration) -> tuple:
-    """The factory's inputs, else the first calibration batch, else inputs made from the config."""
+def example_inputs(loaded: Loaded, calibration, small: bool = False) -> tuple:
+    """The factory's inputs, else the first calibration batch, else inputs made from the config.
+    ``small``: inputs made from the config (2 × 16 tokens) come before the calibration batch —
+    the streamed path traces and checks with them, and a check of a large child on a full
+    calibration batch would cost as much as calibrating it."""
     if loaded.inputs is not None:
         return loaded.inputs
+    config = getattr(loaded.model, "config", None)
+    generator = torch.Generator().manual_seed(0)
+    if small and getattr(config, "vocab_size", None):
+        return (torch.randint(0, config.vocab_size, (2, 16), generator=generator),)
     first = calibration[0] if isinstance(calibration, (list, tuple)) and calibration else \
         next(iter(calibration), None) if calibration is not None else None
     if first is not None:
         return tuple(first)
-    config = getattr(loaded.model, "config", None)
-    generator = torch.Generator().manual_seed(0)
     if getattr(config, "vocab_size", None):
         return (torch.randint(0, config.vocab_size, (2, 16), generator=generator),)
     if getattr(config, "image_size", None):

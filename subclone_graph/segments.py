@@ -12,6 +12,7 @@ past it. Within a segment a value is freed after its last use, as ``fx.Interpret
 The invariant: every node computes exactly what ``fx.Interpreter`` computes for it (same
 target, same arguments), so statistics gathered node by node are bit-identical to an
 in-memory run; only the order across batches differs, never the per-node order of batches.
+That holds in a wider compute dtype too: both paths call ``compute_dtype.call_widened``.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch.utils._pytree as pytree
 from torch.fx.node import map_arg
 
 from subclone_graph.passes import state
+from subclone_graph.passes.analysis.compute_dtype import call_widened, gather_only_attributes, widen
 from subclone_graph.passes.errors import PassError
 
 __all__ = ["Segment", "plan_segments", "BoundaryStore", "run_segments", "carried_bytes"]
@@ -54,9 +56,25 @@ def _segment_of(gm: fx.GraphModule) -> dict[fx.Node, int]:
     return {n: bisect.bisect_left(cuts, order[n]) for n in gm.graph.nodes if n.op != "get_attr"}
 
 
-def plan_segments(gm: fx.GraphModule) -> list[Segment]:
-    """The segments of ``gm`` (see module docstring)."""
+def _needed(gm: fx.GraphModule, wanted) -> set[fx.Node]:
+    """The nodes ``wanted`` names and every node they read, transitively."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    needed, todo = set(), [nodes[name] for name in wanted if name in nodes]
+    while todo:
+        node = todo.pop()
+        if node not in needed:
+            needed.add(node)
+            todo.extend(node.all_input_nodes)
+    return needed
+
+
+def plan_segments(gm: fx.GraphModule, wanted=None) -> list[Segment]:
+    """The segments of ``gm`` (see module docstring); with ``wanted`` (node names), only the
+    nodes those values need."""
     segment_of = _segment_of(gm)
+    if wanted is not None:
+        needed = _needed(gm, wanted)
+        segment_of = {n: k for n, k in segment_of.items() if n in needed or n.op == "placeholder"}
     count = max(segment_of.values()) + 1
     segments = [Segment([], []) for _ in range(count)]
     last_use: dict[str, int] = {}
@@ -142,7 +160,7 @@ class BoundaryStore:
             self._dir = None
 
 
-def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict, attributes: dict, device=None):
+def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict, attributes: dict, device=None, dtype=None):
     def value(arg: fx.Node):
         return attributes[arg.target] if arg.op == "get_attr" else env[arg.name]
 
@@ -150,7 +168,7 @@ def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict, attributes: dict, de
     if device is not None:      # the device literals torch.export wrote (arange(device=cpu), ...)
         args, kwargs = pytree.tree_map_only(torch.device, lambda _: device, (args, kwargs))
     if node.op == "call_function":
-        return node.target(*args, **kwargs)
+        return call_widened(node.target, node.target, args, kwargs, dtype)
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
     if node.op == "call_module":
@@ -161,24 +179,34 @@ def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict, attributes: dict, de
 
 
 def run_segments(gm: fx.GraphModule, batches: list[list], fetch, store: BoundaryStore,
-                 observe=None, tick=None, device=None) -> list:
+                 observe=None, tick=None, device=None, dtype=None, wanted=None) -> list:
     """Run every flat input list of ``batches`` through ``gm``, segment by segment.
 
     ``fetch(targets)`` returns {target: tensor} for a segment's attributes; ``observe(node,
     value, env)`` sees each computed value; ``tick()`` is called after each segment × batch.
     ``device``: where the nodes run (``fetch`` and ``batches`` give tensors there; the graph's
-    device literals are read as it). Returns the flat outputs of each batch."""
-    segments = plan_segments(gm)
+    device literals are read as it). ``dtype``: what half-precision ops compute in
+    (``compute_dtype``; each segment's non-gather weights are widened once, as fetched).
+    ``wanted``: node names whose values are needed; only they and what they read run (the
+    outputs then are None). Returns the flat outputs of each batch."""
+    segments = plan_segments(gm, wanted)
+    live = None if wanted is None else {n.name for s in segments for n in s.nodes}
+    narrow = gather_only_attributes(gm, live) if dtype is not None else set()
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     outputs: list = [None] * len(batches)
     try:
         for segment in segments:
             attributes = fetch(segment.attributes)
+            if dtype is not None:
+                attributes = {t: v if t in narrow else widen(v, dtype) for t, v in attributes.items()}
             for b, flat in enumerate(batches):
-                env = dict(zip(placeholders, flat)) if segment is segments[0] else store.take(b)
+                if segment is segments[0]:
+                    env = dict(zip(placeholders, flat if dtype is None else widen(flat, dtype)))
+                else:
+                    env = store.take(b)
                 for node in segment.nodes:
                     if node.op != "placeholder":
-                        env[node.name] = _run_node(gm, node, env, attributes, device)
+                        env[node.name] = _run_node(gm, node, env, attributes, device, dtype)
                     if node.op == "output":
                         outputs[b] = env.pop(node.name)
                         continue

@@ -76,7 +76,7 @@ def run_streamed(args, target, files: dict) -> int:
                                    getattr(args, "calib_tokens", None))
     print("no --calib: scoring channels by weight magnitude" if calibration is None
           else calibration_source(calibration, args.calib))
-    inputs = example_inputs(loaded, calibration)
+    inputs = example_inputs(loaded, calibration, small=True)
     print(f"streaming {folder} (the parent is read segment by segment, never loaded whole)")
     made: dict = {}
 

@@ -41,8 +41,8 @@ from subclone_graph.passes.fx_utils import get_attribute
 from subclone_graph.passes.rewrite import DropBlocksPass, DuplicateLayersPass, KeepChannelsPass, RescaleResidualPass
 from subclone_graph.passes.state import TensorOrigin
 from subclone_graph.passes.target import Target
-from subclone_graph.passes.analysis.score_channels import (ActivationStatistics, combine_profiles, flat_inputs,
-                                                  watch_list, weight_profiles)
+from subclone_graph.passes.analysis.score_channels import (ActivationStatistics, calibration_dtype, combine_profiles,
+                                                           flat_inputs, watch_list, weight_profiles)
 
 from .api import run_passes
 from . import distributed
@@ -89,7 +89,7 @@ def _fetcher(gm: fx.GraphModule, read, device=None):
     return fetch
 
 
-def _calibrate(gm, reader, keys, calibration, store, tick, device) -> None:
+def _calibrate(gm, reader, keys, calibration, store, tick, device, compute_dtype) -> None:
     graph, layers = state.CHANNEL_GRAPH.need(gm), state.LAYERS.need(gm)
     moved = None if device.type == "cpu" else device
     batches = [to_device(flat_inputs(gm, batch, i), device) for i, batch in enumerate(calibration)]
@@ -104,8 +104,11 @@ def _calibrate(gm, reader, keys, calibration, store, tick, device) -> None:
             layer = inputs[node.name]
             statistics.record_layer(layer.index, env[layer.input], value)
 
+    # only what the statistics read runs: not the output head's logits, for one
+    wanted = set(statistics.watch) | set(inputs) | {layer.input for layer in layers}
+    fetch = _fetcher(gm, lambda t: reader.read(keys[t]), moved)
     with torch.no_grad():
-        run_segments(gm, batches, _fetcher(gm, lambda t: reader.read(keys[t]), moved), store, observe, tick, moved)
+        run_segments(gm, batches, fetch, store, observe, tick, moved, calibration_dtype(gm, compute_dtype), wanted)
     statistics.all_reduce()        # data-parallel calibration: every rank's share summed before choosing
     state.LAYER_RATIOS.set(gm, statistics.layer_ratios())
     state.SCORES.set(gm, combine_profiles(graph, statistics.profiles(gm)))
@@ -148,7 +151,8 @@ def _parameter_count(gm: fx.GraphModule) -> int:
 def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibration=None, *, example_inputs=None,
                         drop_layers=None, depth: str = "middle", selection: str = "score", rescale: bool = True,
                         shard_size: int = DEFAULT_SHARD_SIZE, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                        spill_dir=None, device="cpu", overwrite: bool = False, progress=None) -> StreamReport:
+                        spill_dir=None, device="cpu", overwrite: bool = False, progress=None,
+                        compute_dtype=torch.float32) -> StreamReport:
     """Subclone the Hugging Face safetensors checkpoint in ``folder`` into ``out_dir`` (a
     ``from_pretrained`` folder of the parent's class), streaming the parent (module docstring).
 
@@ -156,7 +160,9 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     ``example_inputs``: the inputs the trace and the final check use (default: the first
     calibration batch). ``memory_budget``: bytes of boundary values kept in memory before
     spilling to ``spill_dir`` (default: a temporary folder). ``progress(iterable)`` wraps the
-    segments × batches steps (e.g. ``tqdm``). Returns a ``StreamReport``."""
+    segments × batches steps (e.g. ``tqdm``). ``compute_dtype``: what a half-precision parent's
+    calibration computes in (None: its own dtype; ``passes.analysis.compute_dtype``). Returns a
+    ``StreamReport``."""
     device = resolve_device(device)
     target = Target() if target is None else target
     if drop_layers is not None and target.layers is not None:
@@ -187,7 +193,7 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     if calibration is None:
         _score_by_weights(gm, reader, keys)
     else:
-        _calibrate(gm, reader, keys, calibration, store, tick, device)
+        _calibrate(gm, reader, keys, calibration, store, tick, device, compute_dtype)
     if bar is not None and hasattr(bar, "close"):
         bar.close()
     report.calibration_bytes, report.spilled_bytes = store.peak, store.spilled

@@ -13,6 +13,8 @@ With calibration inputs, the traced graph runs in an ``fx.Interpreter`` that wat
 Without calibration data, a group scores the mean |weight| of every weight slicing it
 (each weight's profile normalised to mean 1), and ``state.SCORE_SOURCE`` says so.
 
+A half-precision model is calibrated in float32 (``compute_dtype``, whose docstring says why).
+
 Writes ``state.SCORES`` ({group id: 1-D float64 tensor}), ``state.SCORE_SOURCE`` and, with
 calibration, ``state.LAYER_RATIOS``; modifies nothing. Statistics accumulate in float64 whatever
 the model's dtype.
@@ -29,9 +31,10 @@ from .. import state
 from ..fx_utils import get_attribute, tensor_shape
 from ..infra import SubclonePass, log
 from .channel_graph import ChannelGraph
+from .compute_dtype import HALF_DTYPES, call_widened, widen
 
 __all__ = ["ScoreChannelsPass", "ActivationStatistics", "watch_list", "combine_profiles", "weight_profiles",
-           "project", "flat_inputs", "SCORED_KINDS"]
+           "project", "flat_inputs", "SCORED_KINDS", "calibration_dtype"]
 
 SCORED_KINDS = ("residual", "ffn", "latent", "heads")
 
@@ -131,9 +134,16 @@ class ActivationStatistics:
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm, statistics: ActivationStatistics):
+    def __init__(self, gm, statistics: ActivationStatistics, dtype: torch.dtype | None = None):
         super().__init__(gm)
-        self.statistics, self.stash = statistics, {}
+        self.statistics, self.stash, self.dtype = statistics, {}, dtype
+
+    def call_function(self, target, args, kwargs):
+        return call_widened(target, target, args, kwargs, self.dtype)
+
+    def placeholder(self, target, args, kwargs):
+        value = super().placeholder(target, args, kwargs)
+        return value if self.dtype is None else widen(value, self.dtype)
 
     def run_node(self, n):
         result = super().run_node(n)
@@ -145,6 +155,13 @@ class _Recorder(fx.Interpreter):
             index = stats.layer_out[n.name]
             stats.record_layer(index, self.stash[index], result)
         return result
+
+
+def calibration_dtype(gm: fx.GraphModule, wide: torch.dtype | None) -> torch.dtype | None:
+    """The dtype calibration computes in: ``wide`` when ``gm`` holds half-precision floating
+    weights (``compute_dtype``'s module docstring), else None (as the model is)."""
+    tensors = [*gm.parameters(), *gm.buffers()]
+    return wide if wide is not None and any(t.dtype in HALF_DTYPES for t in tensors) else None
 
 
 def _groups(node: fx.Node, graph: ChannelGraph) -> tuple[int, ...]:
@@ -208,8 +225,11 @@ class ScoreChannelsPass(SubclonePass):
     requires_keys = (state.CHANNEL_GRAPH, state.LAYERS)
     clears = "scores"
 
-    def __init__(self, calibration=None, progress=None, device=None) -> None:
+    def __init__(self, calibration=None, progress=None, device=None, compute_dtype=torch.float32) -> None:
+        """``compute_dtype``: what a half-precision model's calibration computes in (None: its own
+        dtype); statistics accumulate in float64 either way."""
         self.calibration, self.progress, self.device = calibration, progress, device
+        self.compute_dtype = compute_dtype
 
     def run(self, gm: fx.GraphModule) -> bool:
         graph = state.CHANNEL_GRAPH.need(gm)
@@ -230,7 +250,7 @@ class ScoreChannelsPass(SubclonePass):
         layers = state.LAYERS.need(gm)
         statistics = ActivationStatistics(watch_list(gm, graph, layers), layers)
         runner, device = calibration_copy(gm, self.device)     # gm itself when no device is asked
-        recorder = _Recorder(runner, statistics)
+        recorder = _Recorder(runner, statistics, calibration_dtype(gm, self.compute_dtype))
         own = distributed.shard(self.calibration)       # this rank's batches (all of them in one process)
         batches = own if self.progress is None else self.progress(own)
         with torch.no_grad():
