@@ -149,3 +149,20 @@ def test_dead_code_keeps_writes_into_a_view_that_is_read():
     assert "aten.mul_.Tensor" not in targets(gm) and "aten.clone.default" not in targets(gm)
     other = torch.randn(3, 7, 8)
     assert torch.equal(gm(other), module(other))
+
+
+def test_a_bfloat16_expert_child_exports_as_float32(tmp_path):
+    """A bfloat16 parent traces its experts to ``aten._grouped_mm``, which only traces in
+    bfloat16; ``export_onnx`` widens the child to a float32 graph and still exports it."""
+    import onnx
+
+    model, gm = traced(torch.bfloat16)
+    example = hf_zoo.example_inputs(model, 2, 8, 0)
+    child = sg.subclone(gm, example, sg.Target(ffn=0.5, layers=2))
+    assert "aten._grouped_mm.default" in targets(child)
+    path = tmp_path / "child.onnx"
+    assert sg.export_onnx(child, example, path) <= 3e-2
+    graph = onnx.load(str(path)).graph
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    x = hf_zoo.example_inputs(model, 3, 11, 21)
+    assert relative_error(torch.from_numpy(run_onnx(path, list(x))[0]), run(child, x).float()) < 3e-2
