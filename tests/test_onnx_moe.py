@@ -166,3 +166,8 @@ def test_a_bfloat16_expert_child_exports_as_float32(tmp_path):
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     x = hf_zoo.example_inputs(model, 3, 11, 21)
     assert relative_error(torch.from_numpy(run_onnx(path, list(x))[0]), run(child, x).float()) < 3e-2
+
+
+def test_a_graph_without_grouped_matmuls_is_returned_as_it_is():
+    gm = sg.trace(AssembledKey().eval(), (torch.randn(2, 5, 8),))
+    assert onnx_moe.portable_grouped_mm(gm) is gm
