@@ -3,7 +3,8 @@
 The file appears at ``path`` only after ``onnx.checker`` passed and onnxruntime (CPU provider)
 reproduced the child's outputs on ``example_inputs`` within the child's dtype tolerance
 (``tolerance.tolerance_for``: max |a − b| ≤ tol·max(1, max |a|)); otherwise nothing is written.
-Batch and sequence axes stay dynamic. Weights go to an external data file beside the model
+Batch and sequence axes stay dynamic. Mixture-of-experts (grouped) matmuls export through
+``onnx_moe`` (an exact per-expert translation). Weights go to an external data file beside the model
 when they exceed protobuf's 2 GB limit. The destination is checked before exporting
 (``outputs.check_destination``); an existing file is replaced only with ``overwrite=True``.
 
@@ -32,6 +33,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .onnx_moe import portable_grouped_mm, translation_table
 from .outputs import check_destination, staging_folder
 from .passes.fx_utils import as_input_tuple, eval_mode
 from .tolerance import max_difference, model_dtype, tolerance_for
@@ -131,10 +133,13 @@ def _export_and_run(module, args: tuple, kwargs: dict, staged: Path, opset: int 
     import onnx
 
     size = sum(p.numel() * p.element_size() for p in module.parameters())
+    if isinstance(module, fx.GraphModule):
+        module = portable_grouped_mm(module)      # a new graph when it has expert matmuls (onnx_moe)
     with torch.no_grad(), eval_mode(module), _quiet_export():
         try:
             torch.onnx.export(module, args, str(staged), kwargs=kwargs, dynamo=True, opset_version=opset,
                               dynamic_shapes=dynamic_shapes_for(module, args, kwargs),
+                              custom_translation_table=translation_table(),
                               external_data=size > _TWO_GB, verbose=False)
         except Exception as error:   # the exporter wraps every failure in its own types
             raise OnnxExportError(f"torch.onnx.export failed: {type(error).__name__}: "

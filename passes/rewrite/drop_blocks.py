@@ -14,6 +14,7 @@ node of a dropped layer remains, and every layer and attention site names a live
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 import torch.fx as fx
@@ -47,18 +48,56 @@ def _has_side_effects(node: fx.Node) -> bool:
 def _writes_only_unread_intermediates(node: fx.Node, schema) -> bool:
     """An in-place op (``x.add_(y)``, ``w /= w.sum()``) whose written tensors are computed in the
     graph and read by nothing after it: its effect is invisible, it is as dead as its
-    out-of-place twin."""
+    out-of-place twin. A write into a view writes its base and every other view of it
+    (``key = x.new_empty(...); key[..., :d].copy_(k)`` is read through ``key``)."""
     written = [node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
                for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
-    if not written or not all(isinstance(w, fx.Node) and w.op == "call_function" for w in written):
+    if not written or not all(isinstance(w, fx.Node) for w in written):
         return False
-    readers = {u for w in written for u in w.users if u is not node}
+    aliases = set().union(*(_aliases(w) for w in written))
+    if not all(a.op == "call_function" for a in aliases):
+        return False                                    # writes a graph input or a weight
+    readers = {u for a in aliases for u in a.users if u is not node and u not in aliases}
     later = node.next
     while later.op != "root" and readers:
         if later in readers:
             return False
         later = later.next
     return True
+
+
+def _view_base(node: fx.Node) -> fx.Node | None:
+    """The tensor ``node`` is a view of (its schema's returned alias set), else None."""
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        return node.args[0] if _view_base(node.args[0]) is not None else None     # split(...)[i]
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or schema.is_mutable:
+        return None
+    returned = [r.alias_info for r in schema.returns if r.alias_info is not None]
+    if not returned:
+        return None
+    for i, argument in enumerate(schema.arguments):
+        info = argument.alias_info
+        if info is not None and not info.is_write and info.before_set & returned[0].before_set:
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
+            return value if isinstance(value, fx.Node) else None
+    return None
+
+
+def _aliases(node: fx.Node) -> set[fx.Node]:
+    """Every node sharing ``node``'s storage through views: its base and all views of the base."""
+    root = node
+    while (base := _view_base(root)) is not None:
+        root = base
+    found, frontier = {root}, [root]
+    while frontier:
+        for user in frontier.pop().users:
+            if user not in found and _view_base(user) is not None and user.args and user.args[0] in found:
+                found.add(user)
+                frontier.append(user)
+    return found
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> int:
