@@ -51,6 +51,7 @@ class ChannelGroup:
     reason: str | None = None         # why it is frozen
     layer: int | None = None
     tensors: list[tuple[str, int]] = field(default_factory=list)   # (attribute FQN, dim) touching it
+    experts: int | None = None        # the expert dim's group, when each expert keeps its own order
 
     @property
     def static(self) -> bool:

@@ -4,7 +4,8 @@ Decisions (the paper's recipe, ties broken by the lower index, kept indices in o
 0. a fraction in the target is resolved per group (``Target.size_of``, ``target.relative_size``);
    an absolute count on groups of one kind that differ in width is refused;
 1. residual: the ``hidden`` best channels by score (one order for the whole network);
-2. ffn / latent: per group, the ``ffn`` / ``latent`` best neurons;
+2. ffn / latent: per group, the ``ffn`` / ``latent`` best neurons; a group with one order per
+   expert (``ChannelGroup.experts``) keeps each expert's own best ones (a ``(experts, k)`` keep);
 3. heads: per attention op, the ``kv_heads`` best kv groups (a group scores the sum of its query
    heads), then in each kept group its ``heads / kv_heads`` best query heads (query head ``r`` of
    kv group ``g`` is head ``g · (parent's heads per group) + r``);
@@ -47,7 +48,10 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def pick(scores: torch.Tensor, k: int, selection: str = "score") -> torch.Tensor:
-    """k indices out of len(scores): best scores, the first k, or k evenly spaced."""
+    """k indices out of len(scores): best scores, the first k, or k evenly spaced; for a
+    (experts, channels) score, k per expert, row by row."""
+    if scores.dim() == 2:
+        return torch.stack([pick(row, k, selection) for row in scores])
     n = len(scores)
     if selection == "first" or k >= n:
         return torch.arange(min(k, n))

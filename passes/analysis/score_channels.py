@@ -8,10 +8,15 @@ With calibration inputs, the traced graph runs in an ``fx.Interpreter`` that wat
 2. MLP widths and attention heads: the input of the weight that contracts them (an MLP's
    ``down`` input; the attention output before the output projection), projected onto the
    group: a heads × head_dim input is averaged over head_dim, a fused gate/up half is summed;
-3. per layer, ‖f(x)‖/‖x+f(x)‖ = ‖out − in‖/‖out‖ (the paper's depth criterion).
+3. per layer, ‖f(x)‖/‖x+f(x)‖ = ‖out − in‖/‖out‖ (the paper's depth criterion);
+4. an MLP width with one order per expert (``expert_orders``): the input of its grouped matmul,
+   each row counted for the expert that processed it (mean over that expert's rows); the score
+   is ``(experts, inner)``. An expert no calibration row reached scores its rows pooled over all
+   experts.
 
 Without calibration data, a group scores the mean |weight| of every weight slicing it
-(each weight's profile normalised to mean 1), and ``state.SCORE_SOURCE`` says so.
+(each weight's profile normalised to mean 1; per expert for a width with one order per expert),
+and ``state.SCORE_SOURCE`` says so.
 
 Writes ``state.SCORES`` ({group id: 1-D float64 tensor}), ``state.SCORE_SOURCE`` and, with
 calibration, ``state.LAYER_RATIOS``; modifies nothing. Statistics accumulate in float64 whatever
@@ -29,9 +34,10 @@ from .. import state
 from ..fx_utils import get_attribute, tensor_shape
 from ..infra import SubclonePass, log
 from .channel_graph import ChannelGraph
+from .expert_orders import expert_dim, expert_row_sums, row_watch_list
 
-__all__ = ["ScoreChannelsPass", "ActivationStatistics", "watch_list", "combine_profiles", "weight_profiles",
-           "project", "flat_inputs", "SCORED_KINDS"]
+__all__ = ["ScoreChannelsPass", "ActivationStatistics", "watch_list", "row_watch_list", "combine_profiles",
+           "weight_profiles", "project", "flat_inputs", "SCORED_KINDS"]
 
 SCORED_KINDS = ("residual", "ffn", "latent", "heads")
 
@@ -92,12 +98,15 @@ def flat_inputs(gm: fx.GraphModule, inputs, index: int) -> list:
 class ActivationStatistics:
     """The running sums of the calibration statistics (module docstring, 1–3), fed value by value.
 
-    ``record(name, value)`` after each node runs; ``record_layer(index, input, output)`` at each
-    layer's output. Sums accumulate in float64 in the order values arrive, so feeding the same
-    values in the same per-node order gives the same bits, whichever way the graph is run."""
+    ``record(name, value)`` after each node runs; ``record_rows(name, value_of)`` too, for the
+    grouped matmuls of ``rows`` (``row_watch_list``; ``value_of(node name)`` gives a computed value);
+    ``record_layer(index, input, output)`` at each layer's output. Sums accumulate in float64 in
+    the order values arrive, so feeding the same values in the same per-node order gives the
+    same bits, whichever way the graph is run."""
 
-    def __init__(self, watch: dict[str, list[int]], layers) -> None:
+    def __init__(self, watch: dict[str, list[int]], layers, rows: dict | None = None) -> None:
         self.watch, self.sums, self.counts = watch, defaultdict(float), defaultdict(int)
+        self.rows = rows or {}
         self.layer_in = {layer.input: layer.index for layer in layers}
         self.layer_out = {layer.output: layer.index for layer in layers}
         self.ratios = defaultdict(list)
@@ -107,6 +116,15 @@ class ActivationStatistics:
             x = value.detach().abs().to(torch.float64)
             self.sums[(name, dim)] = self.sums[(name, dim)] + x.mean(dim=[d for d in range(x.dim()) if d != dim])
             self.counts[(name, dim)] += 1
+
+    def record_rows(self, name: str, value_of) -> None:
+        if name not in self.rows:
+            return
+        source, dim, offsets = self.rows[name]
+        sums, counts = expert_row_sums(value_of(source), dim, value_of(offsets))
+        self.sums[(name, dim, "experts")] = self.sums[(name, dim, "experts")] + sums
+        self.sums[(name, dim, "expert rows")] = self.sums[(name, dim, "expert rows")] + counts
+        self.counts[(name, dim, "experts")] += 1
 
     def record_layer(self, index: int, layer_input: torch.Tensor, layer_output: torch.Tensor) -> None:
         out = layer_output.detach().to(torch.float64)
@@ -120,8 +138,16 @@ class ActivationStatistics:
         """(group id, mean |activation| per index) of every watched (node, dim)."""
         nodes = {n.name: n for n in gm.graph.nodes}
         graph = state.CHANNEL_GRAPH.need(gm)
-        return [(state.CHANNELS.of(nodes[name], graph).groups[dim], (total / self.counts[(name, dim)]).cpu())
-                for (name, dim), total in self.sums.items() if self.counts[(name, dim)]]
+        found = []
+        for key, total in self.sums.items():
+            name, dim = key[:2]
+            if len(key) == 2 and self.counts[key]:
+                found.append((state.CHANNELS.of(nodes[name], graph).groups[dim], (total / self.counts[key]).cpu()))
+            elif key[2:] == ("experts",) and self.counts[key]:
+                group = state.CHANNELS.of(nodes[self.rows[name][0]], graph).groups[dim]
+                found.append((group, _per_expert_mean(total.reshape(-1, graph.groups[group].size),
+                                                      self.sums[(name, dim, "expert rows")])))
+        return found
 
     def all_reduce(self) -> None:
         """Sum these statistics over every rank of ``torch.distributed``'s default group, in place
@@ -130,15 +156,26 @@ class ActivationStatistics:
         all_reduce_statistics(self)
 
 
+def _per_expert_mean(sums: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean over each expert's rows; an expert without rows gets the mean over all rows (case 4)."""
+    rows = rows.reshape(-1).to(torch.float64).cpu()
+    means = sums.cpu() / rows.clamp_min(1)[:, None]
+    pooled = sums.cpu().sum(0) / rows.sum().clamp_min(1)
+    means[rows == 0] = pooled
+    return means
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, gm, statistics: ActivationStatistics):
         super().__init__(gm)
         self.statistics, self.stash = statistics, {}
+        self.nodes = {n.name: n for n in gm.graph.nodes}
 
     def run_node(self, n):
         result = super().run_node(n)
         stats = self.statistics
         stats.record(n.name, result)
+        stats.record_rows(n.name, lambda name: self.env[self.nodes[name]])
         if n.name in stats.layer_in:
             self.stash[stats.layer_in[n.name]] = result.detach()
         if n.name in stats.layer_out:
@@ -163,7 +200,8 @@ def watch_list(gm, graph: ChannelGraph, layers) -> dict[str, list[int]]:
                 watch[name].add(d)
     for v in graph.contracted:
         name, _, dim = graph.labels[v]
-        if name in nodes and nodes[name].op != "get_attr":
+        # a width with one order per expert is watched per expert (row_watch_list) instead
+        if name in nodes and nodes[name].op != "get_attr" and graph.group_of(v).experts is None:
             watch[name].add(dim)
     return {k: sorted(v) for k, v in watch.items()}
 
@@ -173,11 +211,17 @@ def combine_profiles(graph: ChannelGraph, profiles) -> dict[int, torch.Tensor]:
     scores = {}
     for target in (g.id for g in graph.groups.values() if g.kind in SCORED_KINDS):
         reach = {target} | graph.composites_containing(target)
-        total = torch.zeros(graph.groups[target].size, dtype=torch.float64)
+        experts = graph.groups[target].experts
+        shape = (graph.groups[experts].size,) if experts is not None else ()
+        total = torch.zeros(*shape, graph.groups[target].size, dtype=torch.float64)
         for source, vec in profiles:
             if source in reach:
-                piece = project(graph, vec, source, target)
-                total += piece if piece is not None else 0
+                if vec.dim() == 2 and experts is None:
+                    vec = vec.mean(0)
+                rows = vec if vec.dim() == 2 else [vec]
+                pieces = [project(graph, row, source, target) for row in rows]
+                if all(piece is not None for piece in pieces):
+                    total += torch.stack(pieces) if vec.dim() == 2 else pieces[0]
         scores[target] = total
     return scores
 
@@ -196,8 +240,14 @@ def weight_profiles(gm: fx.GraphModule, graph: ChannelGraph, tensor_of=None) -> 
         if not groups:
             continue
         x = tensor_of(node).detach().abs().to(torch.float64)
+        channels = _groups(node, graph)
         for d, g in groups:
-            vec = x.mean(dim=[i for i in range(x.dim()) if i != d]) if x.dim() > 1 else x
+            experts = expert_dim(graph, g, channels)
+            if experts is not None:       # one profile per expert: (experts, channels)
+                moved = x.movedim((experts, d), (0, 1))
+                vec = moved.mean(dim=list(range(2, moved.dim()))) if moved.dim() > 2 else moved
+            else:
+                vec = x.mean(dim=[i for i in range(x.dim()) if i != d]) if x.dim() > 1 else x
             profiles.append((g, vec / vec.mean().clamp_min(1e-30)))
     return profiles
 
@@ -228,7 +278,7 @@ class ScoreChannelsPass(SubclonePass):
         from subclone_graph.device import calibration_copy, to_device
 
         layers = state.LAYERS.need(gm)
-        statistics = ActivationStatistics(watch_list(gm, graph, layers), layers)
+        statistics = ActivationStatistics(watch_list(gm, graph, layers), layers, row_watch_list(gm, graph))
         runner, device = calibration_copy(gm, self.device)     # gm itself when no device is asked
         recorder = _Recorder(runner, statistics)
         own = distributed.shard(self.calibration)       # this rank's batches (all of them in one process)

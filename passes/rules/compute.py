@@ -238,21 +238,6 @@ def _mm(ctx):
     _matmul_dims(ctx, ctx.arg(0, "self"), ctx.arg(1, "mat2"))
 
 
-@register(aten._grouped_mm.default, "transformers::grouped_mm_fallback.default")
-def _grouped_mm(ctx):
-    """Mixture-of-experts matmul: (tokens sorted by expert, in) × (experts, in, out) → (tokens, out).
-    Every expert's matrix shares the in and out channels; the expert dim is not a channel."""
-    x, w = ctx.arg(0, "self" if ctx.node.target is aten._grouped_mm.default else "input"), ctx.arg(1, "mat2")
-    if x is None or w is None or len(ctx.shape(x)) != 2 or len(ctx.shape(w)) != 3 or not is_weight(w):
-        ctx.freeze_all("grouped matmul of a form the rule does not know")
-        return
-    ctx.contract(ctx.v(x, 1), ctx.v(w, 1))
-    ctx.eq(ctx.v(w, 2), ctx.out(1))
-    ctx.produce(ctx.out(1))
-    ctx.eq(ctx.v(x, 0), ctx.out(0))
-    ctx.freeze(ctx.v(w, 0), "the experts of a grouped matmul")
-
-
 @register(aten.addmm.default, aten.baddbmm.default, aten.addbmm.default)
 def _addmm(ctx):
     bias = ctx.arg(0, "self")

@@ -75,6 +75,7 @@ class RuleContext:
         self.reduced: list[int] = []
         self.slice_parts: tuple[int, int, int] | None = None
         self.attention: tuple[int, int, int] | None = None
+        self.expert_rows: tuple | None = None
 
     # arguments
     def arg(self, index: int, name: str, default=None):
@@ -149,6 +150,12 @@ class RuleContext:
         """The node is an attention op over these vertices (query heads, kv heads, head dim)."""
         self.attention = (heads, kv_heads, head_dim)
 
+    def rows_by_expert(self, x: fx.Node, offsets: fx.Node, experts: int, channels: list[int]) -> None:
+        """The rows of ``x`` are sorted by expert (``offsets[e]`` ends expert ``e``'s rows) and each
+        is multiplied by its expert's matrix, whose dim ``experts`` picks the expert: the
+        ``channels`` of that matrix may keep another order in each expert."""
+        self.expert_rows = (x.name, offsets.name, experts, self.v(x, 0), tuple(channels))
+
     def commit(self) -> None:
         token = self.graph.token
         if self.literals:
@@ -159,6 +166,8 @@ class RuleContext:
             state.SLICE_PARTS.set(self.node, state.NodeSliceParts(token, *self.slice_parts))
         if self.attention is not None:
             state.ATTENTION_OP.set(self.node, state.NodeAttention(token, *self.attention))
+        if self.expert_rows is not None:
+            state.EXPERT_ROWS.set(self.node, state.NodeExpertRows(token, *self.expert_rows))
 
     def freeze_all(self, why: str) -> None:
         for x in self.tensor_args():
