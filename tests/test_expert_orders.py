@@ -15,7 +15,10 @@
    neuron shared by all experts, spliced into the graph) keeps one order for all experts —
    never a per-expert order the shared tensor could not follow — and its planted dead neurons
    still go exactly;
-5. the row statistics: ``expert_row_sums`` counts each row for the expert whose offsets hold it.
+5. bfloat16: the same per-expert removal on a bfloat16 Qwen3-MoE (calibrated; statistics in
+   float64) keeps exactly the alive neurons, stays bfloat16 and matches at bfloat16's tolerance,
+   also reloaded from ``save_hf``;
+6. the row statistics: ``expert_row_sums`` counts each row for the expert whose offsets hold it.
 """
 from __future__ import annotations
 
@@ -137,6 +140,24 @@ def test_a_width_shared_across_experts_keeps_one_order():
     assert all(torch.equal(keep[g.id], torch.arange(0, 32, 2)) for g in routed)
     x = hf_zoo.example_inputs(model, 3, 13, 7)
     assert relative_error(run(child, x), run(gm, x)) < 1e-4
+
+
+def test_bfloat16_experts_keep_their_own_alive_neurons(tmp_path):
+    from subclone_graph.tolerance import tolerance_for
+
+    model = hf_families.build("qwen3_moe").to(torch.bfloat16)
+    example = hf_zoo.example_inputs(model, 2, 8, 0)
+    gm = analysed(model, example)
+    routed = plant(gm)
+    calibration = [hf_zoo.example_inputs(model, 2, 16, 40 + s) for s in range(3)]
+    child = sg.subclone(gm, example, sg.Target(ffn=0.5), calibration=calibration)
+    keep = child.meta["subclone.keep"]
+    assert all(torch.equal(keep[g.id], torch.stack([torch.arange(e % 2, 32, 2) for e in range(4)])) for g in routed)
+    assert {p.dtype for p in child.parameters()} == {torch.bfloat16}
+    x = hf_zoo.example_inputs(model, 3, 13, 7)
+    assert relative_error(run(child, x).float(), run(gm, x).float()) < tolerance_for(torch.bfloat16)
+    loaded = type(model).from_pretrained(sg.save_hf(child, tmp_path / "hf"), dtype=torch.bfloat16).eval()
+    assert relative_error(run(loaded, x).float(), run(child, x).float()) < tolerance_for(torch.bfloat16)
 
 
 def test_expert_row_sums_count_each_row_for_its_expert():
