@@ -28,7 +28,7 @@ from .errors import PreconditionError, StaleStateError
 __all__ = [
     "StateKey", "STAGES", "KEYS", "clear_from", "pipeline_table", "channel_groups",
     "Layer", "ResidualBlock", "AttentionSite", "Rescale", "SizeChange", "TensorOrigin", "track_origin",
-    "NodeChannels", "NodeLiterals", "NodeReduces", "NodeSliceParts", "NodeAttention", "NodeExpertRows",
+    "SizeOffset", "NodeChannels", "NodeLiterals", "NodeReduces", "NodeSliceParts", "NodeAttention", "NodeExpertRows",
     "EXAMPLE_INPUTS", "PARENT_CLASS", "PARENT_CONFIG", "PARENT_LAYER_COUNT", "LAYERS", "CHANNEL_GRAPH",
     "ATTENTION", "UNKNOWN_OPS", "SCORES", "SCORE_SOURCE", "LAYER_RATIOS", "TARGET", "KEEP", "SIZES",
     "SIZE_CHANGES", "DROP", "DUPLICATE", "RESCALE", "TENSOR_ORIGINS",
@@ -107,9 +107,17 @@ class NodeChannels:
 
 
 @dataclass(frozen=True)
+class SizeOffset:
+    """A literal that is a group's size plus ``offset`` (``-1``: its last index)."""
+
+    vertex: int
+    offset: int
+
+
+@dataclass(frozen=True)
 class NodeLiterals:
     token: int
-    vertices: Mapping[int, Any]  # argument index -> vertex (or tuple of vertices) whose size it holds
+    vertices: Mapping[int, Any]  # argument index -> vertex (or tuple of vertices, or SizeOffset) whose size it holds
 
 
 @dataclass(frozen=True)

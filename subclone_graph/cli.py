@@ -210,7 +210,8 @@ def _add_model_arguments(parser) -> None:
 # what each Target field is, for --help (a test checks every field has an entry)
 TARGET_HELP = {"hidden": "residual width", "layers": "number of layers", "heads": "query heads per attention",
                "kv_heads": "key/value heads", "ffn": "MLP width (dense, shared and each routed expert)",
-               "latent": "low-rank latent width (a bottleneck a norm averages over, as MLA's q/kv ranks)"}
+               "latent": "low-rank latent width (a bottleneck a norm averages over, as MLA's q/kv ranks)",
+               "experts": "routed experts per mixture-of-experts layer (the best by router-weighted output)"}
 
 
 def _size_argument(text: str) -> int | float:

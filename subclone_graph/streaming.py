@@ -42,7 +42,8 @@ from subclone_graph.passes.rewrite import DropBlocksPass, DuplicateLayersPass, K
 from subclone_graph.passes.state import TensorOrigin
 from subclone_graph.passes.target import Target
 from subclone_graph.passes.analysis.score_channels import (ActivationStatistics, combine_profiles, flat_inputs,
-                                                  row_watch_list, watch_list, weight_profiles)
+                                                  output_watch_list, row_watch_list, watch_list,
+                                                  weight_profiles)
 
 from .api import run_passes
 from . import distributed
@@ -95,12 +96,12 @@ def _calibrate(gm, reader, keys, calibration, store, tick, device) -> None:
     batches = [to_device(flat_inputs(gm, batch, i), device) for i, batch in enumerate(calibration)]
     if sum(distributed.gather_counts(len(batches))) == 0:
         raise ValueError("calibration: no batches given (pass None to score by weight magnitude)")
-    statistics = ActivationStatistics(watch_list(gm, graph, layers), layers, row_watch_list(gm, graph))
+    statistics = ActivationStatistics(watch_list(gm, graph, layers), layers, row_watch_list(gm, graph),
+                                      output_watch_list(gm, graph))
     inputs = {layer.output: layer for layer in layers}
 
     def observe(node, value, env):
         statistics.record(node.name, value)
-        statistics.record_rows(node.name, env.__getitem__)
         if node.name in inputs:
             layer = inputs[node.name]
             statistics.record_layer(layer.index, env[layer.input], value)

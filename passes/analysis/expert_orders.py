@@ -5,6 +5,9 @@ per expert; every expert sees other tokens, so each keeps its own best ``inner``
 rule of a grouped matmul (``rules.experts``) states that its weight's expert dim indexes
 independent channel orders and which rows belong to which expert (``state.EXPERT_ROWS``).
 
+0. ``mark_expert_orders``: the expert dim of a grouped matmul's weight — one group with the
+   router's output rows and any per-expert bias, linked through the routing (``rules.experts``) —
+   is of kind ``experts`` (``Target.experts``), or ``frozen`` with the reason of the op that forbids it;
 1. ``mark_expert_orders``: an ``ffn`` group of such a weight gets one order per expert
    (``ChannelGroup.experts`` = the expert dim's group, set on it and on every composite built
    from it, like a fused gate/up) when every grouped matmul it meets shares one expert dim and
@@ -14,6 +17,8 @@ independent channel orders and which rows belong to which expert (``state.EXPERT
    the group keeps one order for all experts, as a dense MLP does.
 2. Scores: row ``r`` of a grouped matmul's input counts for the expert whose offsets range holds
    it (``expert_row_sums``); a group's score is then ``(experts, inner)``, and its keep-set too.
+   An expert scores the mean over its rows of ‖router weight × its output‖ (REAP;
+   ``output_watch_list``); an expert no calibration token reached scores 0.
 3. Slicing: ``gather_per_expert`` keeps, in expert ``e``, the indices of row ``e`` of the keep-set.
 """
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch.fx as fx
 from .. import state
 from .channel_graph import ChannelGraph
 
-__all__ = ["mark_expert_orders", "row_watch_list", "expert_row_sums", "gather_per_expert", "expert_dim"]
+__all__ = ["mark_expert_orders", "row_watch_list", "output_watch_list", "expert_row_sums", "gather_per_expert", "expert_dim"]
 
 
 def _candidates(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, set]:
@@ -54,7 +59,14 @@ def _keeps_expert_structure(gm: fx.GraphModule, graph: ChannelGraph, involved: s
 
 
 def mark_expert_orders(gm: fx.GraphModule, graph: ChannelGraph) -> None:
-    """Set ``ChannelGroup.experts`` on every MLP width that may keep one order per expert (case 1)."""
+    """Name the expert dims (kind ``experts``, case 0) and set ``ChannelGroup.experts`` on every
+    MLP width that may keep one order per expert (case 1)."""
+    for node in gm.graph.nodes:
+        rows = state.EXPERT_ROWS.of(node, graph)
+        group = graph.group_of(rows.experts) if rows is not None else None
+        if group is not None and group.static and group.kind in ("fixed", "frozen"):
+            group.role = "experts"
+            group.kind = "frozen" if group.reason is not None else "experts"
     for gid, uses in _candidates(gm, graph).items():
         if len(uses) != 1:
             continue          # grouped matmuls with different expert dims or offsets: one order
@@ -77,6 +89,28 @@ def row_watch_list(gm: fx.GraphModule, graph: ChannelGraph) -> dict[str, tuple[s
         channels = state.CHANNELS.of(nodes[rows.input], graph)
         if channels is not None and graph.groups[channels.groups[1]].experts is not None:
             watch[node.name] = (rows.input, 1, rows.offsets)
+    return watch
+
+
+def output_watch_list(gm: fx.GraphModule, graph: ChannelGraph) -> dict[str, tuple[str, str]]:
+    """{node: (node, offsets node)} whose rows are the router-weighted outputs of each expert (the
+    REAP criterion, case 2): per offsets, the last grouped matmul's output, or the product of it
+    with a per-row weight (rows, 1) when that is its one use."""
+    last: dict[str, fx.Node] = {}
+    for node in gm.graph.nodes:
+        rows = state.EXPERT_ROWS.of(node, graph)
+        if rows is not None and graph.group_of(rows.experts).kind == "experts":
+            last[rows.offsets] = node
+    watch = {}
+    for offsets, node in last.items():
+        value = node
+        users = list(node.users)
+        if len(users) == 1 and users[0].target is torch.ops.aten.mul.Tensor:
+            other = [a for a in users[0].args if a is not node]
+            shape = other[0].meta.get("val").shape if other and isinstance(other[0], fx.Node) else None
+            if shape is not None and len(shape) == 2 and shape[1] == 1:
+                value = users[0]
+        watch[value.name] = (value.name, offsets)
     return watch
 
 

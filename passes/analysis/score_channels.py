@@ -9,7 +9,9 @@ With calibration inputs, the traced graph runs in an ``fx.Interpreter`` that wat
    ``down`` input; the attention output before the output projection), projected onto the
    group: a heads × head_dim input is averaged over head_dim, a fused gate/up half is summed;
 3. per layer, ‖f(x)‖/‖x+f(x)‖ = ‖out − in‖/‖out‖ (the paper's depth criterion);
-4. an MLP width with one order per expert (``expert_orders``): the input of its grouped matmul,
+4. experts (REAP): per expert, the mean over the rows routed to it of ‖router weight × expert
+   output‖ (``expert_orders.output_watch_list``; 0 for an expert no row reached);
+5. an MLP width with one order per expert (``expert_orders``): the input of its grouped matmul,
    each row counted for the expert that processed it (mean over that expert's rows); the score
    is ``(experts, inner)``. An expert no calibration row reached scores its rows pooled over all
    experts.
@@ -34,12 +36,13 @@ from .. import state
 from ..fx_utils import get_attribute, tensor_shape
 from ..infra import SubclonePass, log
 from .channel_graph import ChannelGraph
-from .expert_orders import expert_dim, expert_row_sums, row_watch_list
+from .expert_orders import expert_dim, expert_row_sums, output_watch_list, row_watch_list
 
-__all__ = ["ScoreChannelsPass", "ActivationStatistics", "watch_list", "row_watch_list", "combine_profiles",
+__all__ = ["ScoreChannelsPass", "ActivationStatistics", "watch_list", "row_watch_list", "output_watch_list",
+           "combine_profiles",
            "weight_profiles", "project", "flat_inputs", "SCORED_KINDS"]
 
-SCORED_KINDS = ("residual", "ffn", "latent", "heads")
+SCORED_KINDS = ("residual", "ffn", "latent", "heads", "experts")
 
 
 def project(graph: ChannelGraph, vec: torch.Tensor, source: int, target: int) -> torch.Tensor | None:
@@ -98,33 +101,49 @@ def flat_inputs(gm: fx.GraphModule, inputs, index: int) -> list:
 class ActivationStatistics:
     """The running sums of the calibration statistics (module docstring, 1–3), fed value by value.
 
-    ``record(name, value)`` after each node runs; ``record_rows(name, value_of)`` too, for the
-    grouped matmuls of ``rows`` (``row_watch_list``; ``value_of(node name)`` gives a computed value);
+    ``record(name, value)`` after each node runs (per-expert statistics, ``rows`` and ``outputs``
+    from ``row_watch_list`` / ``output_watch_list``, keep the values they read until they run);
     ``record_layer(index, input, output)`` at each layer's output. Sums accumulate in float64 in
     the order values arrive, so feeding the same values in the same per-node order gives the
     same bits, whichever way the graph is run."""
 
-    def __init__(self, watch: dict[str, list[int]], layers, rows: dict | None = None) -> None:
+    def __init__(self, watch: dict[str, list[int]], layers, rows: dict | None = None,
+                 outputs: dict | None = None) -> None:
         self.watch, self.sums, self.counts = watch, defaultdict(float), defaultdict(int)
-        self.rows = rows or {}
+        self.rows, self.outputs = rows or {}, outputs or {}
+        # the values a per-expert statistic reads (inputs and offsets), kept from when they ran
+        self.needed = {n for source, _, offsets in self.rows.values() for n in (source, offsets)}
+        self.needed |= {n for source, offsets in self.outputs.values() for n in (source, offsets)}
+        self.kept: dict = {}
         self.layer_in = {layer.input: layer.index for layer in layers}
         self.layer_out = {layer.output: layer.index for layer in layers}
         self.ratios = defaultdict(list)
 
     def record(self, name: str, value) -> None:
+        self._record_rows(name, value)
         for dim in self.watch.get(name, ()):
             x = value.detach().abs().to(torch.float64)
             self.sums[(name, dim)] = self.sums[(name, dim)] + x.mean(dim=[d for d in range(x.dim()) if d != dim])
             self.counts[(name, dim)] += 1
 
-    def record_rows(self, name: str, value_of) -> None:
-        if name not in self.rows:
-            return
-        source, dim, offsets = self.rows[name]
-        sums, counts = expert_row_sums(value_of(source), dim, value_of(offsets))
-        self.sums[(name, dim, "experts")] = self.sums[(name, dim, "experts")] + sums
-        self.sums[(name, dim, "expert rows")] = self.sums[(name, dim, "expert rows")] + counts
-        self.counts[(name, dim, "experts")] += 1
+    def _record_rows(self, name: str, value) -> None:
+        if name in self.needed:
+            self.kept[name] = value.detach()
+        value_of = self.kept.__getitem__
+        if name in self.rows:
+            source, dim, offsets = self.rows[name]
+            sums, counts = expert_row_sums(value_of(source), dim, value_of(offsets))
+            self._add_rows((name, dim), sums, counts, "experts")
+        if name in self.outputs:
+            source, offsets = self.outputs[name]
+            norms = value_of(source).detach().to(torch.float64).norm(dim=-1, keepdim=True)
+            sums, counts = expert_row_sums(norms, 1, value_of(offsets))
+            self._add_rows((name, -1), sums, counts, "expert outputs")
+
+    def _add_rows(self, key, sums, counts, kind) -> None:
+        self.sums[(*key, kind)] = self.sums[(*key, kind)] + sums
+        self.sums[(*key, kind + " rows")] = self.sums[(*key, kind + " rows")] + counts
+        self.counts[(*key, kind)] += 1
 
     def record_layer(self, index: int, layer_input: torch.Tensor, layer_output: torch.Tensor) -> None:
         out = layer_output.detach().to(torch.float64)
@@ -146,7 +165,11 @@ class ActivationStatistics:
             elif key[2:] == ("experts",) and self.counts[key]:
                 group = state.CHANNELS.of(nodes[self.rows[name][0]], graph).groups[dim]
                 found.append((group, _per_expert_mean(total.reshape(-1, graph.groups[group].size),
-                                                      self.sums[(name, dim, "expert rows")])))
+                                                      self.sums[(name, dim, "experts rows")])))
+            elif key[2:] == ("expert outputs",) and self.counts[key]:
+                group = state.CHANNELS.of(nodes[self.outputs[name][1]], graph).groups[0]
+                rows = self.sums[(name, dim, "expert outputs rows")].reshape(-1).cpu()
+                found.append((group, total.reshape(-1).cpu() / rows.clamp_min(1)))
         return found
 
     def all_reduce(self) -> None:
@@ -169,13 +192,11 @@ class _Recorder(fx.Interpreter):
     def __init__(self, gm, statistics: ActivationStatistics):
         super().__init__(gm)
         self.statistics, self.stash = statistics, {}
-        self.nodes = {n.name: n for n in gm.graph.nodes}
 
     def run_node(self, n):
         result = super().run_node(n)
         stats = self.statistics
         stats.record(n.name, result)
-        stats.record_rows(n.name, lambda name: self.env[self.nodes[name]])
         if n.name in stats.layer_in:
             self.stash[stats.layer_in[n.name]] = result.detach()
         if n.name in stats.layer_out:
@@ -278,7 +299,8 @@ class ScoreChannelsPass(SubclonePass):
         from subclone_graph.device import calibration_copy, to_device
 
         layers = state.LAYERS.need(gm)
-        statistics = ActivationStatistics(watch_list(gm, graph, layers), layers, row_watch_list(gm, graph))
+        statistics = ActivationStatistics(watch_list(gm, graph, layers), layers, row_watch_list(gm, graph),
+                                          output_watch_list(gm, graph))
         runner, device = calibration_copy(gm, self.device)     # gm itself when no device is asked
         recorder = _Recorder(runner, statistics)
         own = distributed.shard(self.calibration)       # this rank's batches (all of them in one process)
