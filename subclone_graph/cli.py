@@ -177,7 +177,7 @@ RUN_EPILOG = """examples:
   subclone run model.gguf --hidden 432 --layers 20 --out child --format pt2 hf
   subclone run mypkg.models:build --hidden 256 --calib batches.pt --out child
   subclone run child/child.pt2 --layers 8 --out grandchild
-  subclone run ./latent-attention-moe --ffn 0.5 --latent 0.5 --calib corpus.txt --out child --format hf
+  subclone run ./latent-attention-moe --ffn 0.5 --latent 0.5 --experts 0.5 --calib corpus.txt --out child --format hf
 
 Omitted sizes keep the parent's. Load the child with subclone_graph.io.load("child/child.pt2"),
 or (--format hf) with from_pretrained("child/hf")."""

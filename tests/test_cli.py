@@ -121,14 +121,19 @@ def test_bare_factory_takes_example_inputs_from_calibration(factory, token_file,
     _one_line_error(capsys, code, "cannot make example inputs")
 
 
-def test_latent_and_fractions_on_a_latent_attention_mixture_of_experts(factory, tmp_path, capsys):
-    """--latent and --ffn take fractions: DeepSeek-V3's q/kv ranks (48, 32) and every MLP halve."""
+def test_latent_experts_and_fractions_on_a_latent_attention_mixture_of_experts(factory, tmp_path, capsys):
+    """--latent, --ffn and --experts take fractions: DeepSeek-V3's q/kv ranks (48, 32), every MLP and
+    the routed experts (4) halve; fewer experts than the router's top-k is one line."""
     out = tmp_path / "out"
-    code = main(["run", f"{factory}:deepseek", "--latent", "0.5", "--ffn", "0.5", "--format", "hf", "--out", str(out)])
+    code = main(["run", f"{factory}:deepseek", "--latent", "0.5", "--ffn", "0.5", "--experts", "0.5", "--format", "hf",
+                 "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     config = json.loads((out / "hf" / "config.json").read_text())
     assert (config["q_lora_rank"], config["kv_lora_rank"]) == (24, 16)
     assert (config["intermediate_size"], config["moe_intermediate_size"]) == (64, 16)
+    assert (config["n_routed_experts"], config["num_experts_per_tok"]) == (2, 2)
+    code = main(["run", f"{factory}:deepseek", "--experts", "1", "--out", str(tmp_path / "o")])
+    assert "--experts 1" in _one_line_error(capsys, code, "keep at least 2")
 
 
 def test_every_target_field_is_an_option(factory, tmp_path, capsys):
