@@ -28,11 +28,11 @@ from .errors import PreconditionError, StaleStateError
 __all__ = [
     "StateKey", "STAGES", "KEYS", "clear_from", "pipeline_table", "channel_groups",
     "Layer", "ResidualBlock", "AttentionSite", "Rescale", "SizeChange", "TensorOrigin", "track_origin",
-    "NodeChannels", "NodeLiterals", "NodeReduces", "NodeSliceParts", "NodeAttention",
+    "SizeOffset", "NodeChannels", "NodeLiterals", "NodeReduces", "NodeSliceParts", "NodeAttention", "NodeExpertRows",
     "EXAMPLE_INPUTS", "PARENT_CLASS", "PARENT_CONFIG", "PARENT_LAYER_COUNT", "LAYERS", "CHANNEL_GRAPH",
     "ATTENTION", "UNKNOWN_OPS", "SCORES", "SCORE_SOURCE", "LAYER_RATIOS", "TARGET", "KEEP", "SIZES",
     "SIZE_CHANGES", "DROP", "DUPLICATE", "RESCALE", "TENSOR_ORIGINS",
-    "CHANNELS", "LITERALS", "REDUCES", "SLICE_PARTS", "ATTENTION_OP",
+    "CHANNELS", "LITERALS", "REDUCES", "SLICE_PARTS", "ATTENTION_OP", "EXPERT_ROWS",
 ]
 
 T = TypeVar("T")
@@ -107,9 +107,17 @@ class NodeChannels:
 
 
 @dataclass(frozen=True)
+class SizeOffset:
+    """A literal that is a group's size plus ``offset`` (``-1``: its last index)."""
+
+    vertex: int
+    offset: int
+
+
+@dataclass(frozen=True)
 class NodeLiterals:
     token: int
-    vertices: Mapping[int, Any]  # argument index -> vertex (or tuple of vertices) whose size it holds
+    vertices: Mapping[int, Any]  # argument index -> vertex (or tuple of vertices, or SizeOffset) whose size it holds
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,21 @@ class NodeAttention:
     heads: int
     kv_heads: int
     head_dim: int
+
+
+@dataclass(frozen=True)
+class NodeExpertRows:
+    """A grouped (mixture-of-experts) matmul: the rows of ``input`` are sorted by expert, expert
+    ``e`` owning rows ``offsets[e-1]:offsets[e]``; ``experts`` is the vertex of the weight's expert
+    dim, ``rows`` the input's row dim, ``channels`` the weight's in and out dims (whose order may
+    differ per expert)."""
+
+    token: int
+    input: str
+    offsets: str
+    experts: int
+    rows: int
+    channels: tuple[int, ...]
 
 
 # ----- keys -------------------------------------------------------------------------------------
@@ -208,7 +231,8 @@ ATTENTION = _graph("attention", "channels", "tuple[AttentionSite, ...]", "Analyz
 UNKNOWN_OPS = _graph("unknown_ops", "channels", "tuple[str, ...]", "AnalyzeChannelsPass", ["subclone inspect"],
                      "ops without a rule (their dims are frozen)")
 SCORES = _graph("scores", "scores", "dict[int, Tensor]", "ScoreChannelsPass", ["ChooseKeepPass"],
-                "per-channel score of every residual, ffn, latent and heads group (float64)")
+                "per-channel score of every residual, ffn, latent and heads group (float64); "
+                "(experts, channels) for a group with one order per expert")
 SCORE_SOURCE = _graph("score_source", "scores", "str", "ScoreChannelsPass", ["subclone inspect"],
                       "calibration activations or weight magnitude")
 LAYER_RATIOS = _graph("layer_ratios", "scores", "tuple[float, ...]", "ScoreChannelsPass",
@@ -216,7 +240,7 @@ LAYER_RATIOS = _graph("layer_ratios", "scores", "tuple[float, ...]", "ScoreChann
 TARGET = _graph("target", "choice", "Target", "ChooseKeepPass", ["ChooseKeepPass.ensures", "save_hf"],
                 "the target the child was made for")
 KEEP = _graph("keep", "choice", "dict[int, LongTensor]", "ChooseKeepPass", ["KeepChannelsPass"],
-              "kept indices of every group that shrinks")
+              "kept indices of every group that shrinks; (experts, kept) for one order per expert")
 SIZES = _graph("sizes", "choice", "dict[int, int]", "ChooseKeepPass",
                ["KeepChannelsPass", "RescaleResidualPass", "save_hf"], "the child's size of every static group")
 SIZE_CHANGES = _graph("size_changes", "choice", "tuple[SizeChange, ...]", "ChooseKeepPass", ["save_hf"],
@@ -243,10 +267,13 @@ SLICE_PARTS = _node("slice_parts", "channels", "NodeSliceParts", "AnalyzeChannel
 ATTENTION_OP = _node("attention_op", "channels", "NodeAttention", "AnalyzeChannelsPass (op rules)",
                      ["AnalyzeChannelsPass"], "an attention op's heads / kv heads / head dim vertices")
 
+EXPERT_ROWS = _node("expert_rows", "channels", "NodeExpertRows", "AnalyzeChannelsPass (op rules)",
+                    ["AnalyzeChannelsPass", "ScoreChannelsPass"], "a grouped matmul's expert-sorted rows and offsets")
+
 KEYS: tuple[StateKey, ...] = (
     EXAMPLE_INPUTS, PARENT_CLASS, PARENT_CONFIG, PARENT_LAYER_COUNT, LAYERS, CHANNEL_GRAPH, ATTENTION,
     UNKNOWN_OPS, SCORES, SCORE_SOURCE, LAYER_RATIOS, TARGET, KEEP, SIZES, SIZE_CHANGES, DROP, DUPLICATE,
-    RESCALE, TENSOR_ORIGINS, CHANNELS, LITERALS, REDUCES, SLICE_PARTS, ATTENTION_OP,
+    RESCALE, TENSOR_ORIGINS, CHANNELS, LITERALS, REDUCES, SLICE_PARTS, ATTENTION_OP, EXPERT_ROWS,
 )
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 __all__ = ["Target", "TARGET_FIELDS", "relative_size", "is_fraction"]
 
-TARGET_FIELDS = ("hidden", "layers", "heads", "kv_heads", "ffn", "latent")
+TARGET_FIELDS = ("hidden", "layers", "heads", "kv_heads", "ffn", "latent", "experts")
 
 
 def is_fraction(value) -> bool:
@@ -52,6 +52,7 @@ class Target:
     kv_heads: int | float | None = None
     ffn: int | float | None = None
     latent: int | float | None = None
+    experts: int | float | None = None
 
     def __post_init__(self):
         for name in TARGET_FIELDS:

@@ -2,7 +2,7 @@
 
     subclone demo [--out DIR]
     subclone run MODEL --hidden 432 --layers 20 --heads 6 --kv-heads 2 --ffn 1024 \\
-                 --calib corpus.txt --out child/ [--format pt2 onnx hf]
+                 [--latent 0.5] --calib corpus.txt --out child/ [--format pt2 onnx hf]
     subclone inspect MODEL [--calib PATH]
 
 MODEL and ``--calib`` are described in ``loading``. ``run`` checks ``--out`` before loading
@@ -32,7 +32,7 @@ from .onnx_export import OnnxExportError
 from .passes import state
 from .passes.analysis.choose_keep import DEPTHS, SELECTIONS
 from .passes.errors import PassError
-from .passes.target import Target
+from .passes.target import TARGET_FIELDS, Target
 from .stream_cli import run_streamed, streams
 from .tracing import TraceError
 
@@ -101,7 +101,7 @@ def _writers(child, inputs: tuple, formats: list[str], tokenizer, steps) -> dict
 def cmd_run(args) -> int:
     """Under torchrun (WORLD_SIZE > 1) every rank calibrates on its share and chooses the same
     child; rank 0 alone writes, the others wait for it in ``distributed.finish`` and exit 0."""
-    target = Target(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, ffn=args.ffn)
+    target = Target(**{name: getattr(args, name) for name in TARGET_FIELDS})
     formats = _formats(args)
     names = {OUTPUT_NAMES[f]: f == "hf" for f in formats}
     outputs.check_outputs(args.out, names, overwrite=args.overwrite, option="--overwrite")
@@ -177,6 +177,7 @@ RUN_EPILOG = """examples:
   subclone run model.gguf --hidden 432 --layers 20 --out child --format pt2 hf
   subclone run mypkg.models:build --hidden 256 --calib batches.pt --out child
   subclone run child/child.pt2 --layers 8 --out grandchild
+  subclone run ./latent-attention-moe --ffn 0.5 --latent 0.5 --experts 0.5 --calib corpus.txt --out child --format hf
 
 Omitted sizes keep the parent's. Load the child with subclone_graph.io.load("child/child.pt2"),
 or (--format hf) with from_pretrained("child/hf")."""
@@ -206,6 +207,13 @@ def _add_model_arguments(parser) -> None:
     _add_common(parser)
 
 
+# what each Target field is, for --help (a test checks every field has an entry)
+TARGET_HELP = {"hidden": "residual width", "layers": "number of layers", "heads": "query heads per attention",
+               "kv_heads": "key/value heads", "ffn": "MLP width (dense, shared and each routed expert)",
+               "latent": "low-rank latent width (a bottleneck a norm averages over, as MLA's q/kv ranks)",
+               "experts": "routed experts per mixture-of-experts layer (the best by router-weighted output)"}
+
+
 def _size_argument(text: str) -> int | float:
     """A target size on the command line: a count (``64``) or a fraction in (0, 1) (``0.5``)."""
     try:
@@ -223,11 +231,10 @@ def _size_argument(text: str) -> int | float:
 
 def _add_run_arguments(parser) -> None:
     _add_model_arguments(parser)
-    for name, what in (("hidden", "residual width"), ("layers", "number of layers"),
-                       ("heads", "query heads per attention"), ("kv-heads", "key/value heads"),
-                       ("ffn", "MLP width")):
-        parser.add_argument(f"--{name}", type=_size_argument, metavar="N",
-                            help=f"child's {what}: a count, or a fraction in (0, 1) of each group's (default: the parent's)")
+    for name in TARGET_FIELDS:        # one option per Target field: --hidden, --kv-heads, --latent, ...
+        parser.add_argument(f"--{name.replace('_', '-')}", type=_size_argument, metavar="N",
+                            help=f"child's {TARGET_HELP[name]}: a count, or a fraction in (0, 1) of each "
+                                 "group's (default: the parent's)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=["pt2"],
                         help="what to write: child.pt2 (default), child.onnx, and/or a Hugging Face "
@@ -281,7 +288,7 @@ def _first_line(error: BaseException) -> str:
 
 def _in_option_words(message: str) -> str:
     """The API's names (``Target.kv_heads=3``, ``depth="measured"``) as the options the user typed."""
-    message = re.sub(r"\bTarget\.(hidden|layers|heads|kv_heads|ffn)=(\S+)",
+    message = re.sub(rf"\bTarget\.({'|'.join(TARGET_FIELDS)})=(\S+)",
                      lambda m: f"--{m[1].replace('_', '-')} {m[2]}", message)
     return re.sub(r'\b(depth|selection)="(\w+)"', r"--\1 \2", message)
 

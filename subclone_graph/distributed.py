@@ -22,6 +22,7 @@ Without an initialised group every function is the single-process identity.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import time
 from collections import defaultdict
@@ -140,9 +141,10 @@ def all_reduce_statistics(statistics) -> None:
     """Sum an ``ActivationStatistics`` over every rank, in place (module docstring, 2)."""
     if not active():
         return
-    sizes: dict = {}
-    for part in _gather({key: int(total.numel()) for key, total in statistics.sums.items()}, "agreeing on statistics"):
-        sizes.update(part)
+    shapes: dict = {}
+    for part in _gather({key: tuple(total.shape) for key, total in statistics.sums.items()}, "agreeing on statistics"):
+        shapes.update(part)
+    sizes = {key: math.prod(shape) for key, shape in shapes.items()}
     keys = sorted(sizes)
     flat = [statistics.sums[k].reshape(-1).cpu() if k in statistics.sums else torch.zeros(sizes[k], dtype=torch.float64)
             for k in keys]
@@ -155,7 +157,7 @@ def all_reduce_statistics(statistics) -> None:
     ratio_sums, ratio_counts = _reduce(ratio_sums, "reducing layer ratios"), _reduce(ratio_counts, "reducing layer ratios")
     sums, offset = defaultdict(float), 0
     for key in keys:
-        sums[key], offset = joined[offset: offset + sizes[key]], offset + sizes[key]
+        sums[key], offset = joined[offset: offset + sizes[key]].reshape(shapes[key]), offset + sizes[key]
     statistics.sums = sums
     statistics.counts = defaultdict(int, {k: int(c) for k, c in zip(keys, counts.tolist()) if c > 0})
     # one entry per layer holding the mean over every rank's batches: layer_ratios() is sum/len

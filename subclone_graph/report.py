@@ -113,6 +113,7 @@ def score_tables(gm) -> str:
     lines += ["", f"top-5 channels of each score (index: score; {state.SCORE_SOURCE.need(gm)})"]
     for gid, scores in state.SCORES.need(gm).items():
         group = graph.groups[gid]
+        scores = scores.mean(0) if scores.dim() == 2 else scores      # one order per expert: their mean
         top = torch.topk(scores, min(5, len(scores)))
         picks = ", ".join(f"{i}: {v:.3g}" for v, i in zip(top.values.tolist(), top.indices.tolist()))
         layer = "-" if group.layer is None else group.layer

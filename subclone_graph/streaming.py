@@ -42,7 +42,8 @@ from subclone_graph.passes.rewrite import DropBlocksPass, DuplicateLayersPass, K
 from subclone_graph.passes.state import TensorOrigin
 from subclone_graph.passes.target import Target
 from subclone_graph.passes.analysis.score_channels import (ActivationStatistics, calibration_dtype, combine_profiles,
-                                                           flat_inputs, watch_list, weight_profiles)
+                                                           flat_inputs, output_watch_list, row_watch_list, watch_list,
+                                                           weight_profiles)
 
 from .api import run_passes
 from . import distributed
@@ -95,7 +96,8 @@ def _calibrate(gm, reader, keys, calibration, store, tick, device, compute_dtype
     batches = [to_device(flat_inputs(gm, batch, i), device) for i, batch in enumerate(calibration)]
     if sum(distributed.gather_counts(len(batches))) == 0:
         raise ValueError("calibration: no batches given (pass None to score by weight magnitude)")
-    statistics = ActivationStatistics(watch_list(gm, graph, layers), layers)
+    statistics = ActivationStatistics(watch_list(gm, graph, layers), layers, row_watch_list(gm, graph),
+                                      output_watch_list(gm, graph))
     inputs = {layer.output: layer for layer in layers}
 
     def observe(node, value, env):
@@ -105,7 +107,7 @@ def _calibrate(gm, reader, keys, calibration, store, tick, device, compute_dtype
             statistics.record_layer(layer.index, env[layer.input], value)
 
     # only what the statistics read runs: not the output head's logits, for one
-    wanted = set(statistics.watch) | set(inputs) | {layer.input for layer in layers}
+    wanted = statistics.names()
     fetch = _fetcher(gm, lambda t: reader.read(keys[t]), moved)
     with torch.no_grad():
         run_segments(gm, batches, fetch, store, observe, tick, moved, calibration_dtype(gm, compute_dtype), wanted)

@@ -87,6 +87,31 @@ def plant_dead(gm, dead: dict[int, list[int]], sizes: dict[int, int] | None = No
                     tensor[tuple(index)] = 0
 
 
+def plant_dead_per_expert(gm, dead: dict[int, list[list[int]]]) -> None:
+    """Zero, in the traced ``gm``, the dead neurons of each expert: ``dead[group][e]`` are expert
+    ``e``'s dead indices of a group with one order per expert (every expert as many)."""
+    from subclone_graph.passes.analysis.expert_orders import expert_dim
+
+    graph = gm.meta["subclone.channel_graph"]
+    keep = {g: torch.tensor([[i for i in range(graph.groups[g].size) if i not in set(row)] for row in rows])
+            for g, rows in dead.items()}
+    keep, _ = derive_keep(graph, keep, {})
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            tensor, channels = get_attribute(gm, node.target), channel_groups(node)
+            for d, g in enumerate(channels):
+                if g not in keep or keep[g].dim() != 2:
+                    continue
+                experts = expert_dim(graph, g, channels)
+                moved = tensor.movedim((experts, d), (0, 1))
+                for e, kept in enumerate(keep[g]):
+                    mask = torch.ones(moved.shape[1], dtype=torch.bool)
+                    mask[kept] = False
+                    moved[e, mask] = 0
+
+
 def plant_dead_heads(gm, per_site: int = 1) -> tuple[int, int]:
     """Kill the last ``per_site`` kv groups (GQA) or query heads (MHA) in every attention op.
 

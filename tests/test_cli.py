@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import string
 import subprocess
@@ -35,6 +36,11 @@ FACTORY = textwrap.dedent('''
 
     def not_a_model():
         return 42
+
+    def deepseek():
+        from subclone_graph.models import hf_families, hf_zoo
+        model = hf_families.build("deepseek_v3")
+        return model, hf_zoo.example_inputs(model, 2, 8, 0)
 
     def broken():
         raise RuntimeError("a bug inside the factory")
@@ -113,6 +119,30 @@ def test_bare_factory_takes_example_inputs_from_calibration(factory, token_file,
     capsys.readouterr()
     code = main(["run", f"{factory}:bare", "--ffn", "64", "--out", str(tmp_path / "other")])
     _one_line_error(capsys, code, "cannot make example inputs")
+
+
+def test_latent_experts_and_fractions_on_a_latent_attention_mixture_of_experts(factory, tmp_path, capsys):
+    """--latent, --ffn and --experts take fractions: DeepSeek-V3's q/kv ranks (48, 32), every MLP and
+    the routed experts (4) halve; fewer experts than the router's top-k is one line."""
+    out = tmp_path / "out"
+    code = main(["run", f"{factory}:deepseek", "--latent", "0.5", "--ffn", "0.5", "--experts", "0.5", "--format", "hf",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((out / "hf" / "config.json").read_text())
+    assert (config["q_lora_rank"], config["kv_lora_rank"]) == (24, 16)
+    assert (config["intermediate_size"], config["moe_intermediate_size"]) == (64, 16)
+    assert (config["n_routed_experts"], config["num_experts_per_tok"]) == (2, 2)
+    code = main(["run", f"{factory}:deepseek", "--experts", "1", "--out", str(tmp_path / "o")])
+    assert "--experts 1" in _one_line_error(capsys, code, "keep at least 2")
+
+
+def test_every_target_field_is_an_option(factory, tmp_path, capsys):
+    from subclone_graph.cli import TARGET_HELP
+    from subclone_graph.passes.target import TARGET_FIELDS
+
+    assert sorted(TARGET_HELP) == sorted(TARGET_FIELDS)
+    code = main(["run", f"{factory}:build", "--latent", "4", "--out", str(tmp_path / "o")])
+    assert "--latent 4" in _one_line_error(capsys, code, "no latent channel group")
 
 
 def test_overwrite_replaces_an_existing_child(factory, tmp_path, capsys):

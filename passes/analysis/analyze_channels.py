@@ -12,7 +12,8 @@ each group a kind:
    MLP's hidden width, a fused gate/up's half), not part of the attention heads;
    ``latent`` — such a dim that a normalisation averages over (a low-rank bottleneck with its
    own norm, as latent attention's query and key/value ranks): no MLP width, so ``Target.ffn``
-   leaves it whole.
+   leaves it whole. An MLP width of a mixture of experts may keep one order per expert
+   (``expert_orders.mark_expert_orders``: ``ChannelGroup.experts``).
 4. ``frozen`` — any of the above, or another static group, that an op forbids slicing; the
    reason names the op and module.
 5. ``fixed`` (other static dims: vocabulary, tokens, classes) and ``dynamic`` (batch, seq).
@@ -36,6 +37,7 @@ from ..infra import SubclonePass
 from ..rules import apply_rule
 from ..state import AttentionSite
 from .channel_graph import ChannelGraph
+from .expert_orders import mark_expert_orders
 from .find_blocks import FindResidualBlocksPass, layer_of_node
 
 __all__ = ["AnalyzeChannelsPass", "analyze_channels"]
@@ -200,6 +202,7 @@ class AnalyzeChannelsPass(SubclonePass):
             if shapes is not None:
                 groups = tuple(graph.find(graph.vertex((node.name, 0, d), s)) for d, s in enumerate(shapes))
                 state.CHANNELS.set(node, state.NodeChannels(graph.token, groups))
+        mark_expert_orders(gm, graph)
         state.CHANNEL_GRAPH.set(gm, graph)
         state.ATTENTION.set(gm, tuple(attention))
         state.UNKNOWN_OPS.set(gm, tuple(unknown))

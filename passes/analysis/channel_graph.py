@@ -46,11 +46,12 @@ class ChannelGroup:
     id: int
     size: object                      # int, or a sympy expression for a dynamic axis
     vertices: list[int]
-    kind: str = "fixed"               # residual | ffn | latent | heads | kv_heads | head_dim | fixed | dynamic | frozen
+    kind: str = "fixed"               # residual | ffn | latent | heads | kv_heads | head_dim | experts | fixed | dynamic | frozen
     role: str | None = None           # what a frozen group would have been (residual, ffn, ...)
     reason: str | None = None         # why it is frozen
     layer: int | None = None
     tensors: list[tuple[str, int]] = field(default_factory=list)   # (attribute FQN, dim) touching it
+    experts: int | None = None        # the expert dim's group, when each expert keeps its own order
 
     @property
     def static(self) -> bool:
@@ -80,6 +81,10 @@ class ChannelGraph:
         self.produced: set[int] = set()        # out-features of a weight contraction
         self.groups: dict[int, ChannelGroup] = {}
         self._atoms: dict[tuple, int] = {}
+        # values that are indices into a dim: (node name, output index) -> that dim's vertex
+        self.pointers: dict[tuple[str, int], int] = {}
+        self.histograms: set[str] = set()      # nodes counting, per index of a dim, the values pointing at it
+        self.picks: list[tuple[int, int, str]] = []    # (vertex, k, origin): an op picks k indices of the dim
 
     # ----- building -------------------------------------------------------------------
     def vertex(self, key: tuple, size) -> int:
@@ -278,7 +283,8 @@ class ChannelGraph:
         rows = [("group", "kind", "size", "layer", "tensors", "example / reason")]
         shown = [g for g in self.groups.values() if g.static and g.size > 1 and
                  (all_groups or g.tensors or g.kind not in ("fixed", "dynamic"))]
-        order = {"residual": 0, "heads": 1, "kv_heads": 2, "head_dim": 3, "ffn": 4, "latent": 4, "frozen": 5, "fixed": 6}
+        order = {"residual": 0, "heads": 1, "kv_heads": 2, "head_dim": 3, "ffn": 4, "latent": 4, "experts": 4,
+                 "frozen": 5, "fixed": 6}
         for g in sorted(shown, key=lambda g: (order.get(g.kind, 9), -1 if g.layer is None else g.layer, g.id)):
             example = g.reason or (f"{g.tensors[0][0]} dim {g.tensors[0][1]}" if g.tensors else "")
             layer = "-" if g.layer is None else str(g.layer)

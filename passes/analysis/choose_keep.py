@@ -4,11 +4,14 @@ Decisions (the paper's recipe, ties broken by the lower index, kept indices in o
 0. a fraction in the target is resolved per group (``Target.size_of``, ``target.relative_size``);
    an absolute count on groups of one kind that differ in width is refused;
 1. residual: the ``hidden`` best channels by score (one order for the whole network);
-2. ffn / latent: per group, the ``ffn`` / ``latent`` best neurons;
-3. heads: per attention op, the ``kv_heads`` best kv groups (a group scores the sum of its query
+2. ffn / latent: per group, the ``ffn`` / ``latent`` best neurons; a group with one order per
+   expert (``ChannelGroup.experts``) keeps each expert's own best ones (a ``(experts, k)`` keep);
+3. experts: per mixture-of-experts layer, the ``experts`` best by router-weighted output; at least
+   the k its router's top-k picks per token (else a one-line error);
+4. heads: per attention op, the ``kv_heads`` best kv groups (a group scores the sum of its query
    heads), then in each kept group its ``heads / kv_heads`` best query heads (query head ``r`` of
    kv group ``g`` is head ``g · (parent's heads per group) + r``);
-4. layers: ``drop_layers`` as given, else ``depth="middle"`` drops the middle ones and
+5. layers: ``drop_layers`` as given, else ``depth="middle"`` drops the middle ones and
    ``depth="measured"`` the ones with the smallest ‖f(x)‖/‖x+f(x)‖ (needs calibration).
 
 Every other group follows (``keep_sets.derive_keep``). A frozen group that would lose an index is
@@ -47,7 +50,10 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def pick(scores: torch.Tensor, k: int, selection: str = "score") -> torch.Tensor:
-    """k indices out of len(scores): best scores, the first k, or k evenly spaced."""
+    """k indices out of len(scores): best scores, the first k, or k evenly spaced; for a
+    (experts, channels) score, k per expert, row by row."""
+    if scores.dim() == 2:
+        return torch.stack([pick(row, k, selection) for row in scores])
     n = len(scores)
     if selection == "first" or k >= n:
         return torch.arange(min(k, n))
@@ -144,7 +150,7 @@ def choose(graph: ChannelGraph, attention, target: Target, scores, selection: st
     keep: dict[int, torch.Tensor] = {}
     sizes: dict[int, int] = {}
     for kind, value, what in (("residual", target.hidden, "hidden"), ("ffn", target.ffn, "ffn"),
-                              ("latent", target.latent, "latent")):
+                              ("latent", target.latent, "latent"), ("experts", target.experts, "experts")):
         groups = [g for g in graph.groups.values() if g.role == kind and g.static]
         if value is None:
             continue
@@ -168,9 +174,19 @@ def choose(graph: ChannelGraph, attention, target: Target, scores, selection: st
     return keep, sizes
 
 
+def _enough_to_pick(graph: ChannelGraph, sizes: dict, target: Target) -> None:
+    """A top-k over a dim needs at least k of its indices (a router picking k experts per token)."""
+    for vertex, k, origin in graph.picks:
+        group = graph.group_of(vertex)
+        if isinstance(k, int) and group.static and sizes.get(group.id, group.size) < k:
+            what = f"Target.experts={target.experts}" if group.role == "experts" else "the target"
+            raise ValueError(f"{what} keeps {sizes[group.id]} of {group.size} indices, but {origin} picks "
+                             f"the top {k} of them for each token; keep at least {k}")
+
+
 def size_changes(graph: ChannelGraph, sizes: dict) -> tuple[SizeChange, ...]:
     """Parent and child size of every group of a target kind (what a config's fields describe)."""
-    kinds = ("residual", "ffn", "latent", "heads", "kv_heads", "head_dim")
+    kinds = ("residual", "ffn", "latent", "heads", "kv_heads", "head_dim", "experts")
     return tuple(SizeChange(g.kind, g.id, g.layer, g.size, sizes[g.id]) for g in graph.groups.values()
                  if g.kind in kinds and g.static)
 
@@ -200,6 +216,7 @@ class ChooseKeepPass(SubclonePass):
         graph = state.CHANNEL_GRAPH.need(gm)
         keep, sizes = choose(graph, state.ATTENTION.need(gm), self.target, state.SCORES.need(gm), self.selection)
         keep, new_sizes = derive_keep(graph, keep, sizes)
+        _enough_to_pick(graph, new_sizes, self.target)
         state.TARGET.set(gm, self.target)
         state.KEEP.set(gm, keep)
         state.SIZES.set(gm, new_sizes)
@@ -210,7 +227,7 @@ class ChooseKeepPass(SubclonePass):
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
         graph, sizes = state.CHANNEL_GRAPH.need(graph_module), state.SIZES.need(graph_module)
-        wanted = {"residual": "hidden", "ffn": "ffn", "latent": "latent"}
+        wanted = {"residual": "hidden", "ffn": "ffn", "latent": "latent", "experts": "experts"}
         for group in graph.groups.values():
             want = self.target.size_of(wanted[group.kind], group.size) if group.kind in wanted else None
             if want is not None and sizes[group.id] != want:

@@ -14,7 +14,9 @@ Cases (``derive_keep``):
 2. a decided concatenation passes each undecided part the indices in its range (a fused qkv kept
    per head gives its ``cat(q_bias, k_bias, v_bias)`` parts their heads);
 3. afterwards every relation must agree with the keep-sets (``check_relations``), else
-   ``PassError``; a frozen group that would lose an index is an error naming the op that froze it.
+   ``PassError``; a frozen group that would lose an index is an error naming the op that froze it;
+4. a group with one order per expert keeps a ``(experts, kept)`` tensor, row ``e`` for expert ``e``;
+   a composite of it composes row by row (a part kept alike in every expert is repeated per row).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def derive_keep(graph: ChannelGraph, keep: dict, sizes: dict) -> tuple[dict, dic
                     # a part decided to stay whole (a GQA repeat kept at full size) keeps every index
                     if p not in keep and sizes.get(p) == graph.groups[p].size:
                         keep[p] = full(p)
-                carries_decision = any(p in keep and len(keep[p]) < graph.groups[p].size for p in parts)
+                carries_decision = any(p in keep and keep[p].shape[-1] < graph.groups[p].size for p in parts)
                 if (phase == 2 or phase == 1 and carries_decision) and any(p not in keep and p not in sizes
                                                                             for p in parts):
                     for p in parts:
@@ -55,7 +57,7 @@ def derive_keep(graph: ChannelGraph, keep: dict, sizes: dict) -> tuple[dict, dic
                     keep[w] = compose(rel.kind, [keep[p] for p in parts], [graph.groups[p].size for p in parts])
                     changed = True
     check_relations(graph, keep, sizes)
-    new_sizes = {g: len(k) for g, k in keep.items()}
+    new_sizes = {g: k.shape[-1] for g, k in keep.items()}
     new_sizes.update(sizes)
     for gid, group in graph.groups.items():
         if group.static and gid not in new_sizes:
@@ -71,8 +73,11 @@ def _split_down(graph: ChannelGraph, keep: dict, sizes: dict, whole: int, parts:
     for p in parts:
         size = graph.groups[p].size
         if p not in keep and p not in sizes and graph.groups[p].static:
-            inside = keep[whole][(keep[whole] >= offset) & (keep[whole] < offset + size)]
-            keep[p] = inside - offset
+            rows = keep[whole].reshape(-1, keep[whole].shape[-1])
+            inside = [row[(row >= offset) & (row < offset + size)] - offset for row in rows]
+            if len({len(row) for row in inside}) > 1:
+                raise PassError(f"channel group {p} would keep a different number of channels in each expert")
+            keep[p] = torch.stack(inside) if keep[whole].dim() == 2 else inside[0]
             changed = True
         offset += size
     return changed
@@ -119,6 +124,13 @@ def _agrees_per_parent(whole: torch.Tensor, leading: list[torch.Tensor], sizes: 
 
 
 def compose(kind: str, keeps: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+    """The composite's keep-set; with one order per expert (a 2-D part), row by row (case 4)."""
+    rows = {k.shape[0] for k in keeps if k.dim() == 2}
+    if rows:
+        if len(rows) > 1:
+            raise PassError("parts of one composite keep orders for different numbers of experts")
+        expert_rows = [[k[e] if k.dim() == 2 else k for k in keeps] for e in range(rows.pop())]
+        return torch.stack([compose(kind, row, sizes) for row in expert_rows])
     if kind == "concat":
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         return torch.cat([k + o for k, o in zip(keeps, offsets)])

@@ -8,10 +8,17 @@ With calibration inputs, the traced graph runs in an ``fx.Interpreter`` that wat
 2. MLP widths and attention heads: the input of the weight that contracts them (an MLP's
    ``down`` input; the attention output before the output projection), projected onto the
    group: a heads × head_dim input is averaged over head_dim, a fused gate/up half is summed;
-3. per layer, ‖f(x)‖/‖x+f(x)‖ = ‖out − in‖/‖out‖ (the paper's depth criterion).
+3. per layer, ‖f(x)‖/‖x+f(x)‖ = ‖out − in‖/‖out‖ (the paper's depth criterion);
+4. experts (REAP): per expert, the mean over the rows routed to it of ‖router weight × expert
+   output‖ (``expert_orders.output_watch_list``; 0 for an expert no row reached);
+5. an MLP width with one order per expert (``expert_orders``): the input of its grouped matmul,
+   each row counted for the expert that processed it (mean over that expert's rows); the score
+   is ``(experts, inner)``. An expert no calibration row reached scores its rows pooled over all
+   experts.
 
 Without calibration data, a group scores the mean |weight| of every weight slicing it
-(each weight's profile normalised to mean 1), and ``state.SCORE_SOURCE`` says so.
+(each weight's profile normalised to mean 1; per expert for a width with one order per expert),
+and ``state.SCORE_SOURCE`` says so.
 
 A half-precision model is calibrated in float32 (``compute_dtype``, whose docstring says why).
 
@@ -32,11 +39,12 @@ from ..fx_utils import get_attribute, tensor_shape
 from ..infra import SubclonePass, log
 from .channel_graph import ChannelGraph
 from .compute_dtype import HALF_DTYPES, call_widened, widen
+from .expert_orders import expert_dim, expert_row_sums, output_watch_list, row_watch_list
 
-__all__ = ["ScoreChannelsPass", "ActivationStatistics", "watch_list", "combine_profiles", "weight_profiles",
-           "project", "flat_inputs", "SCORED_KINDS", "calibration_dtype"]
+__all__ = ["ScoreChannelsPass", "ActivationStatistics", "watch_list", "row_watch_list", "output_watch_list",
+           "combine_profiles", "weight_profiles", "project", "flat_inputs", "SCORED_KINDS", "calibration_dtype"]
 
-SCORED_KINDS = ("residual", "ffn", "latent", "heads")
+SCORED_KINDS = ("residual", "ffn", "latent", "heads", "experts")
 
 
 def project(graph: ChannelGraph, vec: torch.Tensor, source: int, target: int) -> torch.Tensor | None:
@@ -95,21 +103,53 @@ def flat_inputs(gm: fx.GraphModule, inputs, index: int) -> list:
 class ActivationStatistics:
     """The running sums of the calibration statistics (module docstring, 1–3), fed value by value.
 
-    ``record(name, value)`` after each node runs; ``record_layer(index, input, output)`` at each
-    layer's output. Sums accumulate in float64 in the order values arrive, so feeding the same
-    values in the same per-node order gives the same bits, whichever way the graph is run."""
+    ``record(name, value)`` after each node runs (per-expert statistics, ``rows`` and ``outputs``
+    from ``row_watch_list`` / ``output_watch_list``, keep the values they read until they run);
+    ``record_layer(index, input, output)`` at each layer's output. Sums accumulate in float64 in
+    the order values arrive, so feeding the same values in the same per-node order gives the
+    same bits, whichever way the graph is run."""
 
-    def __init__(self, watch: dict[str, list[int]], layers) -> None:
+    def __init__(self, watch: dict[str, list[int]], layers, rows: dict | None = None,
+                 outputs: dict | None = None) -> None:
         self.watch, self.sums, self.counts = watch, defaultdict(float), defaultdict(int)
+        self.rows, self.outputs = rows or {}, outputs or {}
+        # the values a per-expert statistic reads (inputs and offsets), kept from when they ran
+        self.needed = {n for source, _, offsets in self.rows.values() for n in (source, offsets)}
+        self.needed |= {n for source, offsets in self.outputs.values() for n in (source, offsets)}
+        self.kept: dict = {}
         self.layer_in = {layer.input: layer.index for layer in layers}
         self.layer_out = {layer.output: layer.index for layer in layers}
         self.ratios = defaultdict(list)
 
+    def names(self) -> set[str]:
+        """Every node whose value these statistics read (a runner may skip the rest)."""
+        return {*self.watch, *self.rows, *self.outputs, *self.needed, *self.layer_in, *self.layer_out}
+
     def record(self, name: str, value) -> None:
+        self._record_rows(name, value)
         for dim in self.watch.get(name, ()):
             x = value.detach().abs().to(torch.float64)
             self.sums[(name, dim)] = self.sums[(name, dim)] + x.mean(dim=[d for d in range(x.dim()) if d != dim])
             self.counts[(name, dim)] += 1
+
+    def _record_rows(self, name: str, value) -> None:
+        if name in self.needed:
+            self.kept[name] = value.detach()
+        value_of = self.kept.__getitem__
+        if name in self.rows:
+            source, dim, offsets = self.rows[name]
+            sums, counts = expert_row_sums(value_of(source), dim, value_of(offsets))
+            self._add_rows((name, dim), sums, counts, "experts")
+        if name in self.outputs:
+            source, offsets = self.outputs[name]
+            norms = value_of(source).detach().to(torch.float64).norm(dim=-1, keepdim=True)
+            sums, counts = expert_row_sums(norms, 1, value_of(offsets))
+            self._add_rows((name, -1), sums, counts, "expert outputs")
+
+    def _add_rows(self, key, sums, counts, kind) -> None:
+        self.sums[(*key, kind)] = self.sums[(*key, kind)] + sums
+        self.sums[(*key, kind + " rows")] = self.sums[(*key, kind + " rows")] + counts
+        self.counts[(*key, kind)] += 1
 
     def record_layer(self, index: int, layer_input: torch.Tensor, layer_output: torch.Tensor) -> None:
         out = layer_output.detach().to(torch.float64)
@@ -123,14 +163,35 @@ class ActivationStatistics:
         """(group id, mean |activation| per index) of every watched (node, dim)."""
         nodes = {n.name: n for n in gm.graph.nodes}
         graph = state.CHANNEL_GRAPH.need(gm)
-        return [(state.CHANNELS.of(nodes[name], graph).groups[dim], (total / self.counts[(name, dim)]).cpu())
-                for (name, dim), total in self.sums.items() if self.counts[(name, dim)]]
+        found = []
+        for key, total in self.sums.items():
+            name, dim = key[:2]
+            if len(key) == 2 and self.counts[key]:
+                found.append((state.CHANNELS.of(nodes[name], graph).groups[dim], (total / self.counts[key]).cpu()))
+            elif key[2:] == ("experts",) and self.counts[key]:
+                group = state.CHANNELS.of(nodes[self.rows[name][0]], graph).groups[dim]
+                found.append((group, _per_expert_mean(total.reshape(-1, graph.groups[group].size),
+                                                      self.sums[(name, dim, "experts rows")])))
+            elif key[2:] == ("expert outputs",) and self.counts[key]:
+                group = state.CHANNELS.of(nodes[self.outputs[name][1]], graph).groups[0]
+                rows = self.sums[(name, dim, "expert outputs rows")].reshape(-1).cpu()
+                found.append((group, total.reshape(-1).cpu() / rows.clamp_min(1)))
+        return found
 
     def all_reduce(self) -> None:
         """Sum these statistics over every rank of ``torch.distributed``'s default group, in place
         (a no-op in one process): data-parallel calibration, ``subclone_graph.distributed``."""
         from subclone_graph.distributed import all_reduce_statistics
         all_reduce_statistics(self)
+
+
+def _per_expert_mean(sums: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean over each expert's rows; an expert without rows gets the mean over all rows (case 4)."""
+    rows = rows.reshape(-1).to(torch.float64).cpu()
+    means = sums.cpu() / rows.clamp_min(1)[:, None]
+    pooled = sums.cpu().sum(0) / rows.sum().clamp_min(1)
+    means[rows == 0] = pooled
+    return means
 
 
 class _Recorder(fx.Interpreter):
@@ -180,7 +241,8 @@ def watch_list(gm, graph: ChannelGraph, layers) -> dict[str, list[int]]:
                 watch[name].add(d)
     for v in graph.contracted:
         name, _, dim = graph.labels[v]
-        if name in nodes and nodes[name].op != "get_attr":
+        # a width with one order per expert is watched per expert (row_watch_list) instead
+        if name in nodes and nodes[name].op != "get_attr" and graph.group_of(v).experts is None:
             watch[name].add(dim)
     return {k: sorted(v) for k, v in watch.items()}
 
@@ -190,11 +252,17 @@ def combine_profiles(graph: ChannelGraph, profiles) -> dict[int, torch.Tensor]:
     scores = {}
     for target in (g.id for g in graph.groups.values() if g.kind in SCORED_KINDS):
         reach = {target} | graph.composites_containing(target)
-        total = torch.zeros(graph.groups[target].size, dtype=torch.float64)
+        experts = graph.groups[target].experts
+        shape = (graph.groups[experts].size,) if experts is not None else ()
+        total = torch.zeros(*shape, graph.groups[target].size, dtype=torch.float64)
         for source, vec in profiles:
             if source in reach:
-                piece = project(graph, vec, source, target)
-                total += piece if piece is not None else 0
+                if vec.dim() == 2 and experts is None:
+                    vec = vec.mean(0)
+                rows = vec if vec.dim() == 2 else [vec]
+                pieces = [project(graph, row, source, target) for row in rows]
+                if all(piece is not None for piece in pieces):
+                    total += torch.stack(pieces) if vec.dim() == 2 else pieces[0]
         scores[target] = total
     return scores
 
@@ -213,8 +281,14 @@ def weight_profiles(gm: fx.GraphModule, graph: ChannelGraph, tensor_of=None) -> 
         if not groups:
             continue
         x = tensor_of(node).detach().abs().to(torch.float64)
+        channels = _groups(node, graph)
         for d, g in groups:
-            vec = x.mean(dim=[i for i in range(x.dim()) if i != d]) if x.dim() > 1 else x
+            experts = expert_dim(graph, g, channels)
+            if experts is not None:       # one profile per expert: (experts, channels)
+                moved = x.movedim((experts, d), (0, 1))
+                vec = moved.mean(dim=list(range(2, moved.dim()))) if moved.dim() > 2 else moved
+            else:
+                vec = x.mean(dim=[i for i in range(x.dim()) if i != d]) if x.dim() > 1 else x
             profiles.append((g, vec / vec.mean().clamp_min(1e-30)))
     return profiles
 
@@ -248,7 +322,8 @@ class ScoreChannelsPass(SubclonePass):
         from subclone_graph.device import calibration_copy, to_device
 
         layers = state.LAYERS.need(gm)
-        statistics = ActivationStatistics(watch_list(gm, graph, layers), layers)
+        statistics = ActivationStatistics(watch_list(gm, graph, layers), layers, row_watch_list(gm, graph),
+                                          output_watch_list(gm, graph))
         runner, device = calibration_copy(gm, self.device)     # gm itself when no device is asked
         recorder = _Recorder(runner, statistics, calibration_dtype(gm, self.compute_dtype))
         own = distributed.shard(self.calibration)       # this rank's batches (all of them in one process)

@@ -10,7 +10,11 @@ Cases:
    buffer stays a buffer; a plain tensor attribute stays one;
 2. one tensor reachable under several names (tied weights) becomes one new tensor, set under
    every name, so the child stays tied;
-3. literals: an entry that is ``-1`` or computed from the input (a symbolic size) is left
+3. a literal that is a group's last index (``SizeOffset``: a histogram's ``max``) follows its size;
+   a group with one order per expert (a ``(experts, kept)`` keep-set) is gathered per expert
+   along the tensor's expert dim (``expert_orders.gather_per_expert``), before any cut of the
+   expert dim itself: still one fused tensor;
+4. literals: an entry that is ``-1`` or computed from the input (a symbolic size) is left
    alone; slices get ``start``/``end`` from the new sizes of the parts before and inside them;
    a constant consecutive index (a slice in disguise) becomes that slice.
 
@@ -26,7 +30,8 @@ import torch
 import torch.fx as fx
 
 from .. import state
-from ..errors import PostconditionError
+from ..analysis.expert_orders import expert_dim, gather_per_expert
+from ..errors import PassError, PostconditionError
 from ..fx_utils import get_attribute, replace_tensors, same_kind
 from ..infra import SubclonePass, refresh_meta
 
@@ -35,11 +40,35 @@ __all__ = ["KeepChannelsPass", "keep_channels"]
 aten = torch.ops.aten
 
 
-def _sliced(tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+def _sliced(tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor]], per_expert) -> torch.Tensor:
     new = tensor.detach()
+    for dim, index, experts_dim in per_expert:
+        new = gather_per_expert(new, dim, experts_dim, index)
     for dim, index in cuts:
         new = new.index_select(dim, index.to(new.device))
     return same_kind(tensor, new.clone().contiguous())
+
+
+def _cuts(gm, graph, keep, node, old):
+    """(plain cuts [(dim, kept)], per-expert cuts [(dim, (experts, kept), expert dim)]) of one attribute."""
+    channels = state.CHANNELS.of(node, graph)
+    cuts, per_expert = [], []
+    for d, g in enumerate(channels.groups):
+        # a dim already at its kept size was sliced by an earlier run: the pass is idempotent
+        if g not in keep or keep[g].shape[-1] >= graph.groups[g].size or old.shape[d] != graph.groups[g].size:
+            continue
+        if keep[g].dim() == 1:
+            cuts.append((d, keep[g]))
+            continue
+        experts_dim = expert_dim(graph, g, channels.groups)
+        if experts_dim is None:
+            raise PassError(f"KeepChannelsPass: {node.target} dim {d} keeps one order per expert, "
+                            "but the tensor has no expert dim")
+        per_expert.append((d, keep[g], experts_dim))
+    if per_expert and state.TENSOR_ORIGINS.has(gm):
+        raise PassError(f"KeepChannelsPass: {node.target} keeps one neuron order per expert, which a streamed "
+                        "checkpoint cannot read as a slice; subclone it in memory (--no-stream)")
+    return cuts, per_expert
 
 
 def _slice_attributes(gm: fx.GraphModule, graph, keep) -> int:
@@ -49,17 +78,18 @@ def _slice_attributes(gm: fx.GraphModule, graph, keep) -> int:
         if channels is None:
             continue
         old = get_attribute(gm, node.target)
-        # a dim already at its kept size was sliced by an earlier run: the pass is idempotent
-        cuts = [(d, keep[g]) for d, g in enumerate(channels.groups)
-                if g in keep and len(keep[g]) < graph.groups[g].size and old.shape[d] == graph.groups[g].size]
-        if cuts and id(old) not in replaced:
-            replaced[id(old)] = _sliced(old, cuts)
+        cuts, per_expert = _cuts(gm, graph, keep, node, old)
+        if (cuts or per_expert) and id(old) not in replaced:
+            replaced[id(old)] = _sliced(old, cuts, per_expert)
             state.track_origin(gm, old, replaced[id(old)], cuts=cuts)
     replace_tensors(gm, replaced)
     return len(replaced)
 
 
 def _new_literal(value, vertex, graph, sizes):
+    if isinstance(vertex, state.SizeOffset):        # a last index: the group's size − 1
+        new = sizes.get(graph.find(vertex.vertex))
+        return value if new is None or isinstance(value, (fx.Node, bool)) else type(value)(new + vertex.offset)
     if isinstance(value, fx.Node):
         return _new_size_expression(value, vertex, graph, sizes)
     if not isinstance(value, int) or isinstance(value, bool) or value == -1 or vertex is None:
@@ -155,9 +185,13 @@ def _check_literal(node: fx.Node, index: int, vertices, graph, sizes) -> None:
     if not isinstance(values, (list, tuple)):
         return
     for value, vertex in zip(values, vertices):
-        if vertex is None or not isinstance(value, int) or isinstance(value, bool) or value == -1:
+        offset = vertex.offset if isinstance(vertex, state.SizeOffset) else 0
+        vertex = vertex.vertex if isinstance(vertex, state.SizeOffset) else vertex
+        number = isinstance(value, int) or offset and isinstance(value, float)
+        if vertex is None or not number or isinstance(value, bool) or value == -1 and not offset:
             continue
         want = sizes.get(graph.find(vertex))
+        want = want if want is None else want + offset
         if want is not None and value != want:
             raise PostconditionError(f"KeepChannelsPass: {node.name} holds the size {value} where its "
                                      f"channel group has {want}")

@@ -82,17 +82,20 @@ def _elementwise(ctx):
 
 
 @register(aten.cumsum.default, aten.cumprod.default, aten.diff.default, aten.flip.default,
-          aten.roll.default, aten.sort.default, aten.argsort.default, aten.topk.default)
+          aten.roll.default, aten.sort.default, aten.argsort.default)
 def _order_dependent(ctx):
     # The result at index i depends on the order of indices along the dim: freeze it.
     x = ctx.arg(0, "self")
     rank = len(ctx.shape(x))
+    if ctx.node.target is aten.cumsum.default and x.name in ctx.graph.histograms and rank == 1:
+        # running totals of a histogram over a dim's indices (where each index's rows end, as
+        # grouped matmul offsets): index i stays index i, an index no value points at adds nothing
+        ctx.eq(ctx.v(x, 0), ctx.out(0))
+        return
     dims = ctx.arg(1, "dims", -1)
     dims = dims if isinstance(dims, (list, tuple)) else [dims]
     if ctx.node.target in (aten.diff.default, aten.sort.default, aten.argsort.default):
         dims = [ctx.arg(1, "dim", -1)]
-    if ctx.node.target is aten.topk.default:
-        dims = [ctx.arg(2, "dim", -1)]
     dims = [d % rank for d in dims if isinstance(d, int)]
     for d in range(rank):
         if d in dims:
@@ -236,21 +239,6 @@ def _linear(ctx):
 @register(aten.mm.default, aten.bmm.default, aten.matmul.default)
 def _mm(ctx):
     _matmul_dims(ctx, ctx.arg(0, "self"), ctx.arg(1, "mat2"))
-
-
-@register(aten._grouped_mm.default, "transformers::grouped_mm_fallback.default")
-def _grouped_mm(ctx):
-    """Mixture-of-experts matmul: (tokens sorted by expert, in) × (experts, in, out) → (tokens, out).
-    Every expert's matrix shares the in and out channels; the expert dim is not a channel."""
-    x, w = ctx.arg(0, "self" if ctx.node.target is aten._grouped_mm.default else "input"), ctx.arg(1, "mat2")
-    if x is None or w is None or len(ctx.shape(x)) != 2 or len(ctx.shape(w)) != 3 or not is_weight(w):
-        ctx.freeze_all("grouped matmul of a form the rule does not know")
-        return
-    ctx.contract(ctx.v(x, 1), ctx.v(w, 1))
-    ctx.eq(ctx.v(w, 2), ctx.out(1))
-    ctx.produce(ctx.out(1))
-    ctx.eq(ctx.v(x, 0), ctx.out(0))
-    ctx.freeze(ctx.v(w, 0), "the experts of a grouped matmul")
 
 
 @register(aten.addmm.default, aten.baddbmm.default, aten.addbmm.default)

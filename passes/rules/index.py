@@ -43,8 +43,26 @@ def _index_select(ctx):
 @register(aten.gather.default, aten.scatter.src, aten.scatter.value,
           aten.take_along_dim.default, aten.masked_select.default, aten.nonzero.default)
 def _pick_values(ctx):
-    # Which index lands where depends on the index values: nothing may be sliced.
+    # Which index lands where depends on the index values: nothing may be sliced, unless the
+    # indices are those of the dim gathered along (a top-k's picks): then index i is still i.
+    if ctx.node.target is aten.gather.default and _gather_own_indices(ctx):
+        return
     ctx.freeze_all("picks elements by computed indices")
+
+
+def _gather_own_indices(ctx) -> bool:
+    x, dim, index = ctx.arg(0, "self"), ctx.arg(1, "dim"), ctx.arg(2, "index")
+    pointed = ctx.pointer(index)
+    if pointed is None or len(ctx.shape(x)) != len(ctx.shape(index)):
+        return False
+    dim %= len(ctx.shape(x))
+    ctx.read_pointer(index)
+    ctx.eq(ctx.v(x, dim), pointed)
+    for d, size in enumerate(ctx.shape(index)):
+        ctx.eq(ctx.v(index, d), ctx.out(d))
+        if d != dim and size == ctx.shape(x)[d]:
+            ctx.eq(ctx.v(x, d), ctx.v(index, d))
+    return True
 
 
 def _broadcast_shape(shapes):

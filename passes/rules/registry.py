@@ -10,9 +10,16 @@ vertex whose size it is (``literal``), so the rewrite can set every literal from
 
 An op without a rule freezes every dimension it touches, naming the op and its module; it is
 never treated as elementwise by default.
+
+Index values. An op whose output holds indices into a dim (``topk``'s second output) says so
+(``point``); ops that keep values (views, casts, ``sort``'s values, ``getitem``) pass that on; an
+op that reads them knowing what they index (a histogram over that dim, a ``gather`` along it)
+says so (``read_pointer``). Any other op reading them freezes the dim they index: its indices
+would be read as plain numbers, which slicing the dim would silently change.
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
@@ -75,6 +82,8 @@ class RuleContext:
         self.reduced: list[int] = []
         self.slice_parts: tuple[int, int, int] | None = None
         self.attention: tuple[int, int, int] | None = None
+        self.expert_rows: tuple | None = None
+        self.pointers_read: set[str] = set()
 
     # arguments
     def arg(self, index: int, name: str, default=None):
@@ -149,6 +158,24 @@ class RuleContext:
         """The node is an attention op over these vertices (query heads, kv heads, head dim)."""
         self.attention = (heads, kv_heads, head_dim)
 
+    def point(self, out_index: int, vertex: int) -> None:
+        """Output ``out_index`` holds indices into the dim ``vertex``."""
+        self.graph.pointers[(self.node.name, out_index)] = vertex
+
+    def pointer(self, x) -> int | None:
+        """The dim whose indices the values of ``x`` are, if they are."""
+        return self.graph.pointers.get((x.name, 0)) if isinstance(x, fx.Node) else None
+
+    def read_pointer(self, x: fx.Node) -> None:
+        """The rule reads the index values of ``x`` as indices into their dim."""
+        self.pointers_read.add(x.name)
+
+    def rows_by_expert(self, x: fx.Node, offsets: fx.Node, experts: int, channels: list[int]) -> None:
+        """The rows of ``x`` are sorted by expert (``offsets[e]`` ends expert ``e``'s rows) and each
+        is multiplied by its expert's matrix, whose dim ``experts`` picks the expert: the
+        ``channels`` of that matrix may keep another order in each expert."""
+        self.expert_rows = (x.name, offsets.name, experts, self.v(x, 0), tuple(channels))
+
     def commit(self) -> None:
         token = self.graph.token
         if self.literals:
@@ -159,6 +186,8 @@ class RuleContext:
             state.SLICE_PARTS.set(self.node, state.NodeSliceParts(token, *self.slice_parts))
         if self.attention is not None:
             state.ATTENTION_OP.set(self.node, state.NodeAttention(token, *self.attention))
+        if self.expert_rows is not None:
+            state.EXPERT_ROWS.set(self.node, state.NodeExpertRows(token, *self.expert_rows))
 
     def freeze_all(self, why: str) -> None:
         for x in self.tensor_args():
@@ -192,8 +221,38 @@ def apply_rule(node: fx.Node, graph: ChannelGraph) -> str | None:
     if rule is not None:
         rule(ctx)
         ctx.commit()
+        _follow_pointers(ctx)
         return None
     if not ctx.tensor_args() and not ctx.output_shapes():
         return None      # arithmetic on sizes: touches no channel
     ctx.freeze_all("no rule for this op")
+    _follow_pointers(ctx)
     return _op_name(node.target)
+
+
+# ops whose output holds the values of their first argument (moved, cast or sorted, output 0)
+VALUE_KEEPING = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.to.dtype,
+                 aten._to_copy.default, aten.clone.default, aten.alias.default, aten.contiguous.default,
+                 aten.sort.default, aten.flatten.using_ints}
+# ops that look at a tensor's metadata only
+METADATA_ONLY = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
+
+
+def _follow_pointers(ctx: RuleContext) -> None:
+    """Pass index values on through value-keeping ops; freeze the dim indexed by values any other
+    op reads without saying so (module docstring, index values)."""
+    node, graph = ctx.node, ctx.graph
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        source = graph.pointers.get((node.args[0].name, node.args[1]))
+        if source is not None:
+            graph.pointers[(node.name, 0)] = source
+        return
+    first = node.args[0] if node.args else None
+    if node.target in VALUE_KEEPING and ctx.pointer(first) is not None:
+        graph.pointers[(node.name, 0)] = ctx.pointer(first)
+        return
+    if node.target in METADATA_ONLY:
+        return
+    for x in ctx.tensor_args():
+        if ctx.pointer(x) is not None and x.name not in ctx.pointers_read:
+            graph.freeze(ctx.pointer(x), f"{ctx.origin}: reads indices into this dim as plain values")
