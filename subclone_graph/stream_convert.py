@@ -56,6 +56,12 @@ def _first_key(node) -> str:
     return node.key if isinstance(node, Stored) else _first_key(node.parts[0])
 
 
+def _described(node) -> str:
+    if isinstance(node, Stored):
+        return f"{node.key} {tuple(node.shape)} {node.dtype}"
+    return f"{len(node.parts)} tensors from {_first_key(node)} on, joined {tuple(node.shape)} {node.dtype}"
+
+
 def _join(how: str, dim: int, parts: list, reader: CheckpointReader, name: str) -> Joined:
     first = parts[0]
     for part in parts[1:]:
@@ -63,9 +69,8 @@ def _join(how: str, dim: int, parts: list, reader: CheckpointReader, name: str) 
             len(part.shape) == len(first.shape) and all(a == b for d, (a, b) in
                                                         enumerate(zip(part.shape, first.shape)) if d != dim))
         if not same or part.dtype != first.dtype:
-            key = _first_key(part)
-            raise CheckpointError(f"{reader.info(key).file}: tensor {key} ({tuple(part.shape)} {part.dtype}) cannot be "
-                                  f"joined with {_first_key(first)} ({tuple(first.shape)} {first.dtype}) into {name}")
+            raise CheckpointError(f"{reader.info(_first_key(part)).file}: tensor {name} cannot be built from the "
+                                  f"stored tensors: {_described(part)} does not fit {_described(first)}")
     shape = list(first.shape)
     if how == "stack":
         shape.insert(dim, len(parts))
