@@ -24,14 +24,13 @@ index of dim 0): per-expert neuron orders of a fused expert tensor. Such a read 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from .checkpoint import CheckpointError, CheckpointReader, TensorInfo
 
-__all__ = ["Stored", "Joined", "ConvertingReader", "conversion_plans", "stored_bytes"]
+__all__ = ["Stored", "Joined", "ConvertingReader", "conversion_plans"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,7 @@ def _described(node) -> str:
 
 def _join(how: str, dim: int, parts: list, reader: CheckpointReader, name: str) -> Joined:
     first = parts[0]
+    dim %= len(first.shape) + (how == "stack")          # as torch reads a negative dim
     for part in parts[1:]:
         same = part.shape == first.shape if how == "stack" else (
             len(part.shape) == len(first.shape) and all(a == b for d, (a, b) in
@@ -225,9 +225,3 @@ class ConvertingReader:
             return torch.empty(shape, dtype=node.dtype)
         return torch.cat(pieces, dim=0)
 
-
-def stored_bytes(node) -> int:
-    """Bytes the stored tensors behind ``node`` hold (a whole read reads this many)."""
-    if isinstance(node, Stored):
-        return math.prod(node.shape) * node.dtype.itemsize
-    return sum(stored_bytes(p) for p in node.parts)
