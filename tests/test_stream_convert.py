@@ -4,7 +4,8 @@
    (per-expert tensors fused at load time), every converted parameter read whole equals the one
    ``from_pretrained`` builds, bit for bit, and read cut to per-dim kept indices (unsorted, with
    duplicates) equals that parameter cut the same way; a per-expert (experts, k) index on the
-   inner dim equals each kept expert cut to its own rows;
+   inner dim equals each kept expert cut to its own rows; also with 12 experts (loading's natural
+   order of expert numbers is not the sorted order) and in bfloat16;
 2. a fused (experts, 2·inner, hidden) tensor cut to kept experts and kept inner rows reads only
    the kept rows of the kept experts' gate and up tensors: the reads asked of the checkpoint are
    exactly those, and the bytes read are exactly their size;
@@ -30,12 +31,13 @@ from subclone_graph.stream_parent import parent_class
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe"]
 
 
-def _saved(name: str, folder: Path, shard: str = "20KB", experts: int | None = None):
+def _saved(name: str, folder: Path, shard: str = "20KB", experts: int | None = None, dtype=torch.float32):
     model = hf_families.FAMILIES[name].build(0)
     if experts is not None:         # more than 10: loading's natural key order differs from sorted order
         model.config.num_experts = experts
         torch.manual_seed(1)
         model = type(model)(model.config).eval()
+    model = model.to(dtype)
     model.save_pretrained(folder, max_shard_size=shard)
     return model
 
@@ -66,10 +68,13 @@ def _cut(tensor: torch.Tensor, index: tuple) -> torch.Tensor:
     return tensor
 
 
-@pytest.mark.parametrize("name, experts", [*((n, None) for n in MOE), ("qwen3_moe", 12)])
-def test_converted_parameters_read_as_from_pretrained_builds_them(name, experts, tmp_path):
-    _saved(name, tmp_path, experts=experts)
+@pytest.mark.parametrize("name, experts, dtype", [*((n, None, torch.float32) for n in MOE),
+                                                   ("qwen3_moe", 12, torch.float32), ("mixtral", None, torch.bfloat16)],
+                         ids=lambda v: str(v).removeprefix("torch."))
+def test_converted_parameters_read_as_from_pretrained_builds_them(name, experts, dtype, tmp_path):
+    _saved(name, tmp_path, experts=experts, dtype=dtype)
     loaded, reader = _loaded(tmp_path), _converting_reader(tmp_path)
+    assert {p.dtype for p in reader.plans.values()} == {dtype}
     assert reader.plans and all(isinstance(p, Joined) for p in reader.plans.values())
     assert all(n not in reader.tensors for n in reader.plans)        # only what is not stored as is
     assert any("gate_up" in n for n in reader.plans) and any("down" in n for n in reader.plans)
@@ -77,7 +82,7 @@ def test_converted_parameters_read_as_from_pretrained_builds_them(name, experts,
     for pname, plan in reader.plans.items():
         parameter = loaded[pname].detach()
         assert reader.info(pname).shape == tuple(parameter.shape)
-        assert torch.equal(reader.read(pname), parameter), pname
+        assert parameter.dtype == dtype and torch.equal(reader.read(pname), parameter), pname
         index = tuple(torch.randint(0, size, (max(1, size // 2) + 1,), generator=generator)
                       for size in parameter.shape)          # unsorted, may repeat, every dim cut
         assert torch.equal(reader.read(pname, index), _cut(parameter, index)), pname
