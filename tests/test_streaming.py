@@ -36,7 +36,10 @@ MHA = {"hidden": 32, "ffn": 64, "heads": 2, "layers": 2}
 MHA_ZOO = {"gpt2", "bert", "vit"}
 # known differences from the in-memory path
 NOT_WRITABLE = {"mamba": "streamed scores agree with the in-memory ones to ~1e-8 relative, not bit for bit "
-                          "(its sequential scan; cause not found yet)"}
+                          "(its sequential scan; cause not found yet)",
+                **dict.fromkeys(("gemma", "gemma2", "gemma3"),
+                                "the rescale=False child: save_hf folds the class's √hidden embedding scale "
+                                "(hf_embedding_scale), the streamed writer does not, so its check refuses")}
 SLOW = {"mamba", "gemma2", "gemma3", "convnext", "deit", "granite", "starcoder2", "stablelm", "gptj", "distilbert",
         "vit", "phi3", "mistral", "qwen3", "olmo2", "cohere", "falcon", "bloom", "opt", "phi", "gpt_neox",
         "roberta", "gpt2_eager", "llama_eager", "mixtral", "qwen2_moe"}
