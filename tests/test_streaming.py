@@ -38,8 +38,9 @@ MHA_ZOO = {"gpt2", "bert", "vit"}
 NOT_WRITABLE = {"mamba": "streamed scores agree with the in-memory ones to ~1e-8 relative, not bit for bit "
                           "(its sequential scan; cause not found yet)",
                 **dict.fromkeys(("gemma", "gemma2", "gemma3"),
-                                "the rescale=False child: save_hf folds the class's √hidden embedding scale "
-                                "(hf_embedding_scale), the streamed writer does not, so its check refuses")}
+                                "the rescale=False child, which save_hf writes, is refused by the streamed check "
+                                "(seen on gemma: save_hf folds the class's √hidden embedding scale, "
+                                "hf_embedding_scale; the streamed writer does not)")}
 SLOW = {"mamba", "gemma2", "gemma3", "convnext", "deit", "granite", "starcoder2", "stablelm", "gptj", "distilbert",
         "vit", "phi3", "mistral", "qwen3", "olmo2", "cohere", "falcon", "bloom", "opt", "phi", "gpt_neox",
         "roberta", "gpt2_eager", "llama_eager", "mixtral", "qwen2_moe"}
