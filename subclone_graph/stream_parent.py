@@ -6,7 +6,9 @@ buffers real (rotary ``inv_freq``, position ids: computed, not stored). Every pa
 swapped for a fake CPU tensor (no storage) with the checkpoint's dtype and shape, after checking
 that shape against the checkpoint's header; a buffer the checkpoint stores is read from it.
 Tied parameters (an output head tied to the embedding) stay one tensor, found in the
-checkpoint under whichever of their names it was saved.
+checkpoint under whichever of their names it was saved. A parameter the checkpoint stores
+converted (per-expert tensors that loading fuses) is read under its own name through
+``stream_convert.ConvertingReader``, which replays ``transformers``' conversion on slices.
 
 Why fake CPU tensors and not meta ones: ``torch.export`` fakifies the example inputs as CPU
 tensors, and an op mixing them with meta parameters (``embedding(weight, ids)``) fails fake
@@ -26,7 +28,8 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from .checkpoint import CheckpointError, CheckpointReader
+from .checkpoint import CheckpointError
+from .stream_convert import ConvertingReader
 from .tracing import trace
 
 __all__ = ["weightless_parent", "is_fake", "parent_class"]
@@ -80,7 +83,7 @@ def _tied_groups(model: torch.nn.Module) -> list[tuple[list[str], torch.Tensor, 
 
 def _saved_names(model: torch.nn.Module) -> tuple[dict[str, str], set[str]]:
     """{model name: the name ``save_pretrained`` writes it under} for tensors it only renames,
-    and the names it converts (splits, fuses: MoE experts), which cannot be read as slices."""
+    and the names it converts (splits, fuses: MoE experts), read through ``stream_convert``."""
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:
@@ -102,16 +105,13 @@ def _set(model: torch.nn.Module, name: str, value: torch.Tensor, is_parameter: b
     (owner._parameters if is_parameter else owner._buffers)[leaf] = value
 
 
-def _swap_in_fakes(model: torch.nn.Module, reader: CheckpointReader, folder: Path) -> dict[str, str]:
+def _swap_in_fakes(model: torch.nn.Module, reader: ConvertingReader, folder: Path) -> dict[str, str]:
     mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
     keys: dict[str, str] = {}
     saved, converted = _saved_names(model)
+    reader.learn(model, converted)      # those built by transformers' conversion: read through it
     for names, tensor, is_parameter in _tied_groups(model):
         key = next((k for n in names for k in (saved.get(n), n) if k is not None and k in reader), None)
-        if key is None and is_parameter and converted.intersection(names):
-            raise CheckpointError(f"{folder}: tensor {names[0]} of {type(model).__name__} is stored converted "
-                                  "(split or fused by transformers' weight conversion): streaming reads tensors as "
-                                  "stored and cannot slice it; use --no-stream (the whole model in memory)")
         if key is None:
             if is_parameter:
                 raise CheckpointError(f"{folder}: tensor {names[0]} (a parameter of config.json's "
@@ -133,7 +133,7 @@ def _swap_in_fakes(model: torch.nn.Module, reader: CheckpointReader, folder: Pat
     return keys
 
 
-def weightless_parent(folder: Path, reader: CheckpointReader, example_inputs) -> tuple[fx.GraphModule, dict]:
+def weightless_parent(folder: Path, reader: ConvertingReader, example_inputs) -> tuple[fx.GraphModule, dict]:
     """The traced parent with fake parameters, and {parameter/buffer name: checkpoint key}."""
     model = _empty_model(folder)
     keys = _swap_in_fakes(model, reader, folder)

@@ -51,6 +51,7 @@ from .checkpoint import CheckpointError, CheckpointReader
 from .device import resolve_device, to_device
 from .outputs import check_destination, staging_folder, write_manifest
 from .segments import BoundaryStore, run_segments
+from .stream_convert import ConvertingReader
 from .stream_parent import is_fake, weightless_parent
 from .stream_write import check_written, write_child
 
@@ -182,7 +183,7 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     calibration = None if own is None else list(own)
     report, clock = StreamReport(out_dir), time.perf_counter()
     report.calibration_tokens = 0 if own is None else own.tokens
-    reader = CheckpointReader(folder)
+    reader = ConvertingReader(CheckpointReader(folder))
     report.checkpoint_bytes = sum(f.stat().st_size for f in reader.files)
     gm, keys = weightless_parent(Path(folder), reader, example_inputs)
     run_passes(gm, [FindResidualBlocksPass(), AnalyzeChannelsPass()])

@@ -5,7 +5,10 @@
    tensors equal ``sg.subclone``'s child's bit for bit (float32), under the same names and no
    others. Where ``save_hf`` cannot write the in-memory child as its parent's class (a √(D/d)
    ``mul`` after a norm without its own weight: Gemma's ``1 + w`` gain), the streamed path
-   refuses the same way and writes nothing;
+   refuses the same way and writes nothing, and the child without rescaling is compared instead;
+   where the class cannot hold that child either (its shapes, or ops it cannot express), the
+   streamed weights are compared with the class checks skipped. The MoE families, whose
+   checkpoints store experts converted (one tensor per expert, fused at load time), are included;
 2. a bfloat16 parent gives a bfloat16 child whose reloaded outputs match the child graph;
 3. the calibration state spilled to disk (a zero budget) gives the same child bit for bit;
 4. several output shards with an index when the shard size is small;
@@ -33,10 +36,11 @@ MHA = {"hidden": 32, "ffn": 64, "heads": 2, "layers": 2}
 MHA_ZOO = {"gpt2", "bert", "vit"}
 # known differences from the in-memory path
 NOT_WRITABLE = {"mamba": "streamed scores agree with the in-memory ones to ~1e-8 relative, not bit for bit "
-                          "(its sequential scan; cause not found yet)"}
-# stored by transformers' weight conversion (experts split per expert on disk, fused in the class):
-# a stored tensor is not a slice of a class tensor, so streaming refuses with one line
-CONVERTED = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe"}
+                          "(its sequential scan; cause not found yet)",
+                **dict.fromkeys(("gemma", "gemma2", "gemma3"),
+                                "the rescale=False child, which save_hf writes, is refused by the streamed check "
+                                "(seen on gemma: save_hf folds the class's √hidden embedding scale, "
+                                "hf_embedding_scale; the streamed writer does not)")}
 SLOW = {"mamba", "gemma2", "gemma3", "convnext", "deit", "granite", "starcoder2", "stablelm", "gptj", "distilbert",
         "vit", "phi3", "mistral", "qwen3", "olmo2", "cohere", "falcon", "bloom", "opt", "phi", "gpt_neox",
         "roberta", "gpt2_eager", "llama_eager", "mixtral", "qwen2_moe"}
@@ -87,36 +91,69 @@ def _assert_same_child(reference, folder: Path) -> None:
         assert torch.equal(written[name], tensor), name
 
 
+def _compared(model, parent, target, calibration, inputs, folder: Path, rescale: bool) -> bool:
+    """Subclone in memory and streamed; False when both refuse to write the child as the class."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = sg.subclone(model, inputs, sg.Target(**target), calibration=calibration, rescale=rescale)
+    try:
+        sg.save_hf(reference, folder / "in-memory")
+    except sg.HFExportError:
+        with pytest.raises(sg.HFExportError):
+            sg.subclone_checkpoint(parent, folder / "child", sg.Target(**target), calibration,
+                                   example_inputs=inputs, rescale=rescale)
+        assert not (folder / "child").exists()
+        return False
+    report = sg.subclone_checkpoint(parent, folder / "child", sg.Target(**target), calibration,
+                                    example_inputs=inputs, rescale=rescale)
+    scores = state.SCORES.need(reference)
+    assert set(report.scores) == set(scores)
+    assert all(torch.equal(report.scores[g], scores[g]) for g in scores)
+    _assert_same_child(reference, folder / "child")
+    assert report.max_difference <= 1e-4
+    assert (folder / "child" / "config.json").is_file()
+    return True
+
+
 @pytest.mark.parametrize("name", [_param(n) for n in NAMES])
-def test_streamed_child_equals_the_in_memory_child(name, tmp_path):
+def test_streamed_child_equals_the_in_memory_child(name, tmp_path, monkeypatch):
     model, target = _family(name)
     parent = _saved(model, tmp_path / "parent")
     assert len(list(parent.glob("model-*.safetensors"))) > 1          # really sharded
     calibration, inputs = _batches(model), hf_zoo.example_inputs(model, 2, 8)
-    if name in CONVERTED:
-        with pytest.raises(sg.CheckpointError, match="stored converted"):
-            sg.subclone_checkpoint(parent, tmp_path / "child", sg.Target(**target), calibration)
-        assert not (tmp_path / "child").exists()
-        return
     model = _reloaded(model, parent)
+    if _compared(model, parent, target, calibration, inputs, tmp_path / "rescaled", True):
+        return
+    # the class cannot express the √(D/d) multiply: the child without it is compared
+    if _compared(model, parent, target, calibration, inputs, tmp_path / "plain", False):
+        return
+    # nor the child at all (its shapes or ops): the streamed weights are still the in-memory child's
+    _compare_weights_only(model, parent, target, calibration, inputs, tmp_path / "weights", monkeypatch)
+
+
+def _compare_weights_only(model, parent, target, calibration, inputs, folder: Path, monkeypatch):
+    """The streamed child's weights and scores with the class checks (config, reload) skipped."""
+    import subclone_graph.streaming as streaming
+
+    real_write = streaming.write_child
+
+    def write_weights(gm, reader, staging, shard_size):
+        try:
+            return real_write(gm, reader, staging, shard_size)
+        except sg.HFExportError:          # raised after the shards are written: no config fits
+            return None, {}
+
+    monkeypatch.setattr(streaming, "write_child", write_weights)
+    monkeypatch.setattr(streaming, "check_written", lambda *args: 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = sg.subclone(model, inputs, sg.Target(**target), calibration=calibration)
-    try:
-        sg.save_hf(reference, tmp_path / "in-memory")
-    except sg.HFExportError:
-        with pytest.raises(sg.HFExportError):
-            sg.subclone_checkpoint(parent, tmp_path / "child", sg.Target(**target), calibration, example_inputs=inputs)
-        assert not (tmp_path / "child").exists()
-        return
-    report = sg.subclone_checkpoint(parent, tmp_path / "child", sg.Target(**target), calibration,
+    report = sg.subclone_checkpoint(parent, folder / "child", sg.Target(**target), calibration,
                                     example_inputs=inputs)
     scores = state.SCORES.need(reference)
     assert set(report.scores) == set(scores)
     assert all(torch.equal(report.scores[g], scores[g]) for g in scores)
-    _assert_same_child(reference, tmp_path / "child")
-    assert report.max_difference <= 1e-4
-    assert (tmp_path / "child" / "config.json").is_file()
+    _assert_same_child(reference, folder / "child")
 
 
 def test_bfloat16_parent_gives_a_bfloat16_child(tmp_path):
