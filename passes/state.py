@@ -309,18 +309,30 @@ def channel_groups(node: fx.Node) -> tuple[int, ...]:
     return () if value is None else value.groups
 
 
-def track_origin(gm: fx.GraphModule, old, new, cuts=(), scale: float | None = None) -> None:
-    """Record in ``TENSOR_ORIGINS`` that ``new`` is ``old`` with ``cuts`` ((dim, kept indices),
-    ...) then times ``scale``. A no-op unless the graph tracks origins (a weightless streamed
-    parent sets the key); the record keeps the tensor so that its ``id`` stays its own, and the
-    mapping is replaced whole, never mutated."""
+def track_origin(gm: fx.GraphModule, old, new, cuts=(), scale: float | None = None, per_expert=()) -> None:
+    """Record in ``TENSOR_ORIGINS`` that ``new`` is ``old`` with ``per_expert`` ((dim, (experts,
+    kept) indices, experts dim), ...) gathered, then ``cuts`` ((dim, kept indices), ...), then
+    times ``scale``. A no-op unless the graph tracks origins (a weightless streamed parent sets
+    the key); the record keeps the tensor so that its ``id`` stays its own, and the mapping is
+    replaced whole, never mutated. A per-expert index is 2-D, one row per entry of dim 0 (the
+    experts dim, the only one a streamed read can cut per row)."""
     origins = TENSOR_ORIGINS.get(gm) if hasattr(gm, "meta") else None
     if origins is None or id(old) not in origins:
         return
     origin = origins[id(old)][1]
     index = list(origin.index) or [None] * old.dim()
+    for dim, kept, experts_dim in per_expert:
+        if experts_dim != 0:
+            raise ValueError(f"{origin.name}: one order per expert along dim {dim} with the experts on dim "
+                             f"{experts_dim}: a streamed read cuts per row of dim 0 only (use --no-stream)")
+        kept = kept.detach().to("cpu").long()
+        before = index[dim]
+        index[dim] = kept if before is None else before[kept] if before.dim() == 1 else before.gather(1, kept)
     for dim, kept in cuts:
         kept = kept.detach().to("cpu").long()
-        index[dim] = kept if index[dim] is None else index[dim][kept]
+        before = index[dim]
+        index[dim] = kept if before is None else before[kept] if before.dim() == 1 else before[:, kept]
+        if dim == 0:            # fewer experts: each per-expert index keeps the kept experts' rows
+            index = [i if d == 0 or i is None or i.dim() == 1 else i[kept] for d, i in enumerate(index)]
     scales = origin.scales + ((scale,) if scale is not None else ())
     TENSOR_ORIGINS.set(gm, {**origins, id(new): (new, TensorOrigin(origin.name, tuple(index), scales))})

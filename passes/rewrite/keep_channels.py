@@ -65,9 +65,6 @@ def _cuts(gm, graph, keep, node, old):
             raise PassError(f"KeepChannelsPass: {node.target} dim {d} keeps one order per expert, "
                             "but the tensor has no expert dim")
         per_expert.append((d, keep[g], experts_dim))
-    if per_expert and state.TENSOR_ORIGINS.has(gm):
-        raise PassError(f"KeepChannelsPass: {node.target} keeps one neuron order per expert, which a streamed "
-                        "checkpoint cannot read as a slice; subclone it in memory (--no-stream)")
     return cuts, per_expert
 
 
@@ -81,7 +78,7 @@ def _slice_attributes(gm: fx.GraphModule, graph, keep) -> int:
         cuts, per_expert = _cuts(gm, graph, keep, node, old)
         if (cuts or per_expert) and id(old) not in replaced:
             replaced[id(old)] = _sliced(old, cuts, per_expert)
-            state.track_origin(gm, old, replaced[id(old)], cuts=cuts)
+            state.track_origin(gm, old, replaced[id(old)], cuts=cuts, per_expert=per_expert)
     replace_tensors(gm, replaced)
     return len(replaced)
 
