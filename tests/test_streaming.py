@@ -34,6 +34,10 @@ MHA_ZOO = {"gpt2", "bert", "vit"}
 # known differences from the in-memory path
 NOT_WRITABLE = {"mamba": "streamed scores agree with the in-memory ones to ~1e-8 relative, not bit for bit "
                           "(its sequential scan; cause not found yet)"}
+# save_hf folds an embedding scale the class derives from the hidden size (√hidden) into the
+# written weights; the streamed writer does not, so with the hidden size reduced it refuses
+# (one line, nothing written) where save_hf of the in-memory child succeeds
+NO_EMBEDDING_FOLD = {"gemma", "gemma2", "gemma3"}
 # stored by transformers' weight conversion (experts split per expert on disk, fused in the class):
 # a stored tensor is not a slice of a class tensor, so streaming refuses with one line
 CONVERTED = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe"}
@@ -102,6 +106,11 @@ def test_streamed_child_equals_the_in_memory_child(name, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = sg.subclone(model, inputs, sg.Target(**target), calibration=calibration)
+    if name in NO_EMBEDDING_FOLD:
+        with pytest.raises(sg.HFExportError, match="differs from the child graph"):
+            sg.subclone_checkpoint(parent, tmp_path / "child", sg.Target(**target), calibration, example_inputs=inputs)
+        assert not (tmp_path / "child").exists()
+        return
     try:
         sg.save_hf(reference, tmp_path / "in-memory")
     except sg.HFExportError:
