@@ -93,11 +93,13 @@ class SizeChange:
 class TensorOrigin:
     """Where a child tensor comes from, for a graph whose tensors are placeholders (a streamed
     parent): parent tensor ``name``, the kept parent indices along each dim (``None``: all), then
-    multiplied by each factor of ``scales`` in turn."""
+    multiplied by each factor of ``scales`` in turn, each product plus the matching entry of
+    ``offsets`` (missing entries: 0; a ``(c + w)`` gain's rescale shifts its weight)."""
 
     name: str
     index: tuple = ()
     scales: tuple = ()
+    offsets: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -309,13 +311,14 @@ def channel_groups(node: fx.Node) -> tuple[int, ...]:
     return () if value is None else value.groups
 
 
-def track_origin(gm: fx.GraphModule, old, new, cuts=(), scale: float | None = None, per_expert=()) -> None:
+def track_origin(gm: fx.GraphModule, old, new, cuts=(), scale: float | None = None, per_expert=(),
+                 offset: float = 0.0) -> None:
     """Record in ``TENSOR_ORIGINS`` that ``new`` is ``old`` with ``per_expert`` ((dim, (experts,
     kept) indices, experts dim), ...) gathered, then ``cuts`` ((dim, kept indices), ...), then
-    times ``scale``. A no-op unless the graph tracks origins (a weightless streamed parent sets
-    the key); the record keeps the tensor so that its ``id`` stays its own, and the mapping is
-    replaced whole, never mutated. A per-expert index is 2-D, one row per entry of dim 0 (the
-    experts dim, the only one a streamed read can cut per row)."""
+    times ``scale`` plus ``offset``. A no-op unless the graph tracks origins (a weightless
+    streamed parent sets the key); the record keeps the tensor so that its ``id`` stays its own,
+    and the mapping is replaced whole, never mutated. A per-expert index is 2-D, one row per
+    entry of dim 0 (the experts dim, the only one a streamed read can cut per row)."""
     origins = TENSOR_ORIGINS.get(gm) if hasattr(gm, "meta") else None
     if origins is None or id(old) not in origins:
         return
@@ -335,4 +338,6 @@ def track_origin(gm: fx.GraphModule, old, new, cuts=(), scale: float | None = No
         if dim == 0:            # fewer experts: each per-expert index keeps the kept experts' rows
             index = [i if d == 0 or i is None or i.dim() == 1 else i[kept] for d, i in enumerate(index)]
     scales = origin.scales + ((scale,) if scale is not None else ())
-    TENSOR_ORIGINS.set(gm, {**origins, id(new): (new, TensorOrigin(origin.name, tuple(index), scales))})
+    offsets = origin.offsets + (0.0,) * (len(origin.scales) - len(origin.offsets)) + ((offset,) if scale is not None else ())
+    origin = TensorOrigin(origin.name, tuple(index), scales, offsets if any(offsets) else ())
+    TENSOR_ORIGINS.set(gm, {**origins, id(new): (new, origin)})

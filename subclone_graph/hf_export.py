@@ -312,6 +312,7 @@ def _needed_changes(candidates: _Candidates, changes: dict, state: dict, child: 
         with quiet_transformers():
             model = candidates.cls(config).eval()
             model.load_state_dict(_fitted(model, state)[0], strict=True)
+            fold_embedding_scale(child, model, inputs)     # as _write will: measure what is saved
         return max_output_difference(expected, _outputs(model, inputs))
 
     measure = distance or in_memory_distance

@@ -129,7 +129,7 @@ def _cast_inputs(args: tuple, kwargs: dict, source: torch.dtype, target: torch.d
     return pytree.tree_map(cast, args), pytree.tree_map(cast, kwargs)
 
 
-def _export_and_run(module, args: tuple, kwargs: dict, staged: Path, opset: int | None) -> list:
+def _export_and_run(module, args: tuple, kwargs: dict, staged: Path, opset: int | None, optimize: bool) -> list:
     import onnx
 
     size = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -137,7 +137,7 @@ def _export_and_run(module, args: tuple, kwargs: dict, staged: Path, opset: int 
         module = portable_grouped_mm(module)      # a new graph when it has expert matmuls (onnx_moe)
     with torch.no_grad(), eval_mode(module), _quiet_export():
         try:
-            torch.onnx.export(module, args, str(staged), kwargs=kwargs, dynamo=True, opset_version=opset,
+            torch.onnx.export(module, args, str(staged), kwargs=kwargs, dynamo=True, opset_version=opset, optimize=optimize,
                               dynamic_shapes=dynamic_shapes_for(module, args, kwargs),
                               custom_translation_table=translation_table(),
                               external_data=size > _TWO_GB, verbose=False)
@@ -148,27 +148,28 @@ def _export_and_run(module, args: tuple, kwargs: dict, staged: Path, opset: int 
     return run_onnx(staged, [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)])
 
 
-def _exported(child, args, kwargs, staged: Path, dtype: torch.dtype, opset: int | None) -> list:
+def _exported(child, args, kwargs, staged: Path, dtype: torch.dtype, opset: int | None, optimize: bool) -> list:
     source = model_dtype(child)
     module = _as_dtype(child, dtype)
     margs, mkwargs = _cast_inputs(args, kwargs, source, dtype)
     try:
-        return _export_and_run(module, margs, mkwargs, staged, opset)
+        return _export_and_run(module, margs, mkwargs, staged, opset, optimize)
     except _ort_errors() as error:
         if dtype == torch.float16 and source == torch.float16:
             for file in staged.parent.iterdir():
                 file.unlink()
-            return _exported(child, args, kwargs, staged, torch.float32, opset)   # no float16 kernel: widen
+            return _exported(child, args, kwargs, staged, torch.float32, opset, optimize)   # no float16 kernel: widen
         raise OnnxExportError(f"onnxruntime cannot run the exported graph: {str(error).splitlines()[0]}") from error
 
 
 def export_onnx(child: torch.nn.Module, example_inputs, path, *, example_kwargs: dict | None = None,
                 rtol: float | None = None, overwrite: bool = False, opset: int | None = None,
-                dtype: torch.dtype | None = None) -> float:
+                dtype: torch.dtype | None = None, optimize: bool = True) -> float:
     """Write ``child`` as ONNX at ``path``; return the max |difference| found in onnxruntime.
 
     ``rtol`` defaults to ``tolerance_for(child's dtype)``; ``dtype`` chooses the graph's dtype
-    (see module doc); ``opset`` the ONNX opset (None: the exporter's default). Raises
+    (see module doc); ``opset`` the ONNX opset (None: the exporter's default); ``optimize=False``
+    skips the exporter's graph optimisation (faster; the parity check is the same). Raises
     ``FileExistsError`` for an existing ``path`` without ``overwrite``, ``OnnxMismatchError`` /
     ``OnnxExportError`` (nothing written) when the check fails.
     """
@@ -181,7 +182,7 @@ def export_onnx(child: torch.nn.Module, example_inputs, path, *, example_kwargs:
         expected = _tensors(child(*args, **kwargs))
     with staging_folder(path.parent) as staging:
         (staging / "graph").mkdir()
-        got = _exported(child, args, kwargs, staging / "graph" / path.name, target, opset)
+        got = _exported(child, args, kwargs, staging / "graph" / path.name, target, opset, optimize)
         diff, scale = max_difference(expected, got)
         if len(got) != len(expected) or not diff <= rtol * scale:
             raise OnnxMismatchError(f"onnxruntime output differs from the child by {diff:.3g} "

@@ -57,8 +57,10 @@ def _producer(gm: fx.GraphModule, reader: CheckpointReader, sources: dict):
             origin = origins[id(tensor)][1]
             value = reader.read(origin.name, origin.index)
             with torch.no_grad():
-                for factor in origin.scales:
+                for step, factor in enumerate(origin.scales):
                     value = value * factor
+                    if step < len(origin.offsets) and origin.offsets[step]:
+                        value = value + origin.offsets[step]      # a (c + w) gain's rescale
             return value
         if is_fake(tensor):
             raise PassError(f"child tensor {name} has no recorded origin in the parent")

@@ -16,7 +16,10 @@ Where the factor goes, for every reduction (``state.REDUCES``) over a shrunk gro
 1. ``layer_norm``/``rms_norm`` ops: into their weight (and bias) — the op's whole output scales;
 2. a decomposed norm (``mean`` … ``rsqrt`` … ``x * r``): the first ``mul``/``div`` that joins the
    reduced statistic back to a stream-wide tensor is the normalised value; a per-channel
-   weight that multiplies it next (through casts) takes the factor;
+   weight that multiplies it next (through casts) takes the factor; so does a gain written
+   ``c + w`` (an ``add`` of a constant to the weight, the ``(1 + w)`` RMSNorm): ``w`` becomes
+   ``factor·w + c·(factor − 1)``, so that ``c + w'`` is ``factor·(c + w)`` and the child keeps
+   the parent's graph (a class loading its weights computes the same);
 3. otherwise (no weight, or a weight also used elsewhere) a ``mul`` by the factor is inserted
    after the normalised value.
 A reduction that meets the stream only by subtraction (LayerNorm's centring) needs nothing.
@@ -46,6 +49,7 @@ aten = torch.ops.aten
 _NORM_OPS = {aten.layer_norm.default: ((2, 3), 4), aten.native_layer_norm.default: ((2, 3), 4),
              aten.rms_norm.default: ((2,), 3), aten._fused_rms_norm.default: ((2,), 3)}
 _JOINS = {aten.mul.Tensor, aten.div.Tensor}
+_ADDS = {aten.add.Tensor, aten.add.Scalar}
 
 
 def _has_group(node, groups) -> bool:
@@ -80,8 +84,9 @@ def _scale_epsilon(path: list[fx.Node], eps_scale: float) -> None:
             node.args = tuple(a * eps_scale if isinstance(a, float) else a for a in node.args)
 
 
-def _gain(node: fx.Node, groups: set[int]) -> tuple[fx.Node, fx.Node] | None:
-    """(weight get_attr, product node) when a per-channel weight multiplies ``node`` next."""
+def _gain(node: fx.Node, groups: set[int]) -> tuple[fx.Node, float] | None:
+    """(weight get_attr, offset c) when a per-channel gain multiplies ``node`` next: the weight
+    itself (c = 0) or ``c + weight`` for a constant c (a ``(1 + w)`` gain), through casts."""
     while True:
         users = [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
         if len(users) != 1:
@@ -92,9 +97,25 @@ def _gain(node: fx.Node, groups: set[int]) -> tuple[fx.Node, fx.Node] | None:
             continue
         if user.target is aten.mul.Tensor:
             other = user.args[0] if user.args[1] is node else user.args[1]
-            if isinstance(other, fx.Node) and other.op == "get_attr" and _has_group(other, groups):
-                return other, user
+            return _gain_weight(other, groups)
         return None
+
+
+def _gain_weight(other, groups: set[int]) -> tuple[fx.Node, float] | None:
+    offset = 0.0
+    if isinstance(other, fx.Node) and other.target in _ADDS and len(other.users) == 1 \
+            and other.kwargs.get("alpha", 1) == 1:
+        constants = [a for a in other.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        tensors = [a for a in other.args if isinstance(a, fx.Node)]
+        if len(constants) != 1 or len(tensors) != 1:
+            return None
+        offset, other = float(constants[0]), tensors[0]
+        # the weight's casts feed only this add: scaling before a cast is scaling after it
+        while isinstance(other, fx.Node) and other.target in CASTS and len(other.users) == 1:
+            other = other.args[0]
+    if isinstance(other, fx.Node) and other.op == "get_attr" and _has_group(other, groups):
+        return other, offset
+    return None
 
 
 class RescaleResidualPass(SubclonePass):
@@ -146,7 +167,9 @@ class RescaleResidualPass(SubclonePass):
         for node in gm.graph.nodes:
             if node.op == "get_attr":
                 key = id(get_attribute(gm, node.target))
-                counts[key] = counts.get(key, 0) + len(node.users)
+                # a metadata assert (a cast's dtype check) reads the tensor but computes nothing with it
+                uses = [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
+                counts[key] = counts.get(key, 0) + len(uses)
         return counts
 
     def _rescale_at(self, gm, node, groups, factor, scaled, use_count) -> bool:
@@ -168,19 +191,23 @@ class RescaleResidualPass(SubclonePass):
         _scale_epsilon(path, factor**2)
         gain = _gain(point, groups)
         if gain is not None and use_count[id(get_attribute(gm, gain[0].target))] == 1:
-            self._scale_attribute(gm, gain[0], factor, scaled)
+            self._scale_attribute(gm, gain[0], factor, scaled, offset=gain[1])
             return True
         return self._insert_mul(gm, point, factor)
 
     @staticmethod
-    def _scale_attribute(gm, node, factor, scaled) -> None:
+    def _scale_attribute(gm, node, factor, scaled, offset: float = 0.0) -> None:
+        """``c + w`` becomes ``factor · (c + w)``: ``w' = factor · w + c · (factor − 1)``."""
         tensor = get_attribute(gm, node.target)
         if id(tensor) in scaled:
             return
         with torch.no_grad():
-            new = tensor.detach() * factor
+            if offset:
+                new = (tensor.detach().float() * factor + offset * (factor - 1)).to(tensor.dtype)
+            else:
+                new = tensor.detach() * factor
         new = same_kind(tensor, new)
-        state.track_origin(gm, tensor, new, scale=factor)
+        state.track_origin(gm, tensor, new, scale=factor, offset=offset * (factor - 1))
         replace_tensors(gm, {id(tensor): new})
         scaled.add(id(new))
 
