@@ -8,7 +8,8 @@
    outputs unchanged (1e-4, float32); the histogram's bins and last index follow the new count;
 3. ``save_hf``: the parent's class reloads the child with the new expert count in its config and
    matches;
-4. keeping fewer experts than the router's top-k is refused with one line naming the top-k.
+4. keeping fewer experts than the router's top-k is refused with one line naming the top-k;
+5. ONNX: a child with fewer experts (and one neuron order per expert) matches it in onnxruntime.
 """
 from __future__ import annotations
 
@@ -100,3 +101,17 @@ def test_fewer_experts_than_the_top_k_is_refused():
         sg.subclone(gm, example, sg.Target(experts=1))
     message = str(error.value)
     assert "\n" not in message and "Target.experts=1" in message and "top 2" in message and "keep at least 2" in message
+
+
+def test_onnx_matches_a_child_with_fewer_experts(tmp_path):
+    import numpy as np
+
+    from subclone_graph.onnx_export import run_onnx
+
+    model, example, gm = parent("qwen3_moe")
+    child = sg.subclone(gm, example, sg.Target(experts=0.5, ffn=0.5))
+    assert all(p.shape[0] == 2 for n, p in child.named_parameters() if "mlp.experts." in n)
+    path = tmp_path / "child.onnx"
+    assert sg.export_onnx(child, example, path) <= 1e-4
+    x = hf_zoo.example_inputs(model, 3, 11, 21)
+    assert np.abs(run_onnx(path, list(x))[0] - run(child, x).numpy()).max() < 1e-4
