@@ -56,10 +56,18 @@ def _segment_of(gm: fx.GraphModule) -> dict[fx.Node, int]:
     return {n: bisect.bisect_left(cuts, order[n]) for n in gm.graph.nodes if n.op != "get_attr"}
 
 
+def _writes(node: fx.Node) -> bool:
+    arguments = getattr(getattr(node.target, "_schema", None), "arguments", ())
+    return node.op == "call_function" and any(a.alias_info is not None and a.alias_info.is_write for a in arguments)
+
+
 def _needed(gm: fx.GraphModule, wanted) -> set[fx.Node]:
-    """The nodes ``wanted`` names and every node they read, transitively."""
+    """The nodes ``wanted`` names and every node they read, transitively — and every in-place
+    write with what it reads: a value written into a view of a tensor (``new_empty`` then
+    ``copy_`` into slices) is read through the tensor, not through the write."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    needed, todo = set(), [nodes[name] for name in wanted if name in nodes]
+    todo = [nodes[name] for name in wanted if name in nodes] + [n for n in gm.graph.nodes if _writes(n)]
+    needed: set[fx.Node] = set()
     while todo:
         node = todo.pop()
         if node not in needed:
