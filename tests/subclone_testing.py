@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import torch
 import torch.utils._pytree as pytree
@@ -62,6 +63,23 @@ def traced(name: str):
     model and session; the GraphModule returned is a private copy to plant things in."""
     model, inputs, gm = _traced(name)
     return model, inputs, copy.deepcopy(gm)
+
+
+@functools.lru_cache(maxsize=None)
+def _family(name: str):
+    from subclone_graph.models import hf_families, hf_zoo
+
+    model = hf_families.build(name)
+    example = hf_zoo.example_inputs(model, 2, 8, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, example, analysed(model, example)
+
+
+def family(name: str):
+    """``traced`` for a family of ``models/hf_families.py`` (example inputs: 2 × 8 tokens)."""
+    model, example, gm = _family(name)
+    return model, example, copy.deepcopy(gm)
 
 
 def groups_of(gm, kind: str) -> list:

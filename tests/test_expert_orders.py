@@ -22,9 +22,6 @@
 """
 from __future__ import annotations
 
-import copy
-import functools
-import warnings
 
 import pytest
 import torch
@@ -33,23 +30,12 @@ import subclone_graph as sg
 from subclone_graph.models import hf_families, hf_zoo
 from subclone_graph.passes import state
 from subclone_graph.passes.analysis.expert_orders import expert_row_sums
-from subclone_testing import analysed, groups_of, plant_dead, plant_dead_per_expert, relative_error, run
+from subclone_testing import analysed, family, groups_of, plant_dead, plant_dead_per_expert, relative_error, run
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@functools.lru_cache(maxsize=None)
-def _parent(name):
-    model = hf_families.build(name)
-    example = hf_zoo.example_inputs(model, 2, 8, 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return model, example, analysed(model, example)
-
-
-def parent(name):
-    model, example, gm = _parent(name)
-    return model, example, copy.deepcopy(gm)
+parent = family     # (model, example, a private analysed copy), traced once per session
 
 
 def per_expert(gm):
