@@ -276,14 +276,16 @@ def example_inputs(loaded: Loaded, calibration, small: bool = False) -> tuple:
         return loaded.inputs
     config = getattr(loaded.model, "config", None)
     generator = torch.Generator().manual_seed(0)
-    if small and getattr(config, "vocab_size", None):
-        return (torch.randint(0, config.vocab_size, (2, 16), generator=generator),)
+    tokens = (torch.randint(0, config.vocab_size, (2, 16), generator=generator),) \
+        if getattr(config, "vocab_size", None) else None
+    if small and tokens is not None:
+        return tokens
     first = calibration[0] if isinstance(calibration, (list, tuple)) and calibration else \
         next(iter(calibration), None) if calibration is not None else None
     if first is not None:
         return tuple(first)
-    if getattr(config, "vocab_size", None):
-        return (torch.randint(0, config.vocab_size, (2, 16), generator=generator),)
+    if tokens is not None:
+        return tokens
     if getattr(config, "image_size", None):
         size, channels = config.image_size, getattr(config, "num_channels", 3)
         return (torch.randn(2, channels, size, size, generator=generator),)

@@ -176,7 +176,7 @@ def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict, attributes: dict, de
     if device is not None:      # the device literals torch.export wrote (arange(device=cpu), ...)
         args, kwargs = pytree.tree_map_only(torch.device, lambda _: device, (args, kwargs))
     if node.op == "call_function":
-        return call_widened(node.target, node.target, args, kwargs, dtype)
+        return call_widened(node.target, args, kwargs, dtype)
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
     if node.op == "call_module":

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -80,13 +79,13 @@ def test_the_model_given_is_unchanged():
 
 def test_in_place_ops_write_their_own_tensor_and_gathers_read_the_table():
     target = torch.zeros(3, dtype=torch.bfloat16)
-    call_widened(aten.copy_.default, aten.copy_.default, (target, torch.ones(3)), {}, torch.float32)
+    call_widened(aten.copy_.default, (target, torch.ones(3)), {}, torch.float32)
     assert target.dtype == torch.bfloat16 and torch.equal(target, torch.ones(3, dtype=torch.bfloat16))
     table = torch.randn(5, 4, dtype=torch.bfloat16)
-    rows = call_widened(aten.embedding.default, aten.embedding.default, (table, torch.tensor([4, 0])), {},
+    rows = call_widened(aten.embedding.default, (table, torch.tensor([4, 0])), {},
                         torch.float32)
     assert rows.dtype == torch.float32 and torch.equal(rows, table.float()[[4, 0]])
-    made = call_widened(aten.full.default, aten.full.default, ([2], 1.5), {"dtype": torch.bfloat16}, torch.float32)
+    made = call_widened(aten.full.default, ([2], 1.5), {"dtype": torch.bfloat16}, torch.float32)
     assert made.dtype == torch.float32
 
 

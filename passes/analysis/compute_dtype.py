@@ -43,19 +43,19 @@ def widen(tree, dtype: torch.dtype):
     return pytree.tree_map(one, tree)
 
 
-def call_widened(function, target, args, kwargs, dtype: torch.dtype | None):
-    """``function(*args, **kwargs)`` run in ``dtype`` (module docstring); ``target`` is the node's
-    ATen op. ``dtype=None`` runs it as it is."""
+def call_widened(target, args, kwargs, dtype: torch.dtype | None):
+    """A node's ATen op ``target(*args, **kwargs)`` run in ``dtype`` (module docstring);
+    ``dtype=None`` runs it as it is."""
     if dtype is None:
-        return function(*args, **kwargs)
+        return target(*args, **kwargs)
     if target in GATHERS:
         rest, kwargs = widen((args[1:], kwargs), dtype)
-        return widen(function(args[0], *rest, **kwargs), dtype)
+        return widen(target(args[0], *rest, **kwargs), dtype)
     if _writes_first(target):       # an in-place op must write into its tensor, not into a wide copy
         rest, kwargs = widen((args[1:], kwargs), dtype)
-        return function(args[0], *rest, **kwargs)
+        return target(args[0], *rest, **kwargs)
     args, kwargs = widen((args, kwargs), dtype)
-    return function(*args, **kwargs)
+    return target(*args, **kwargs)
 
 
 def _writes_first(target) -> bool:

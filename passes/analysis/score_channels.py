@@ -200,7 +200,7 @@ class _Recorder(fx.Interpreter):
         self.statistics, self.stash, self.dtype = statistics, {}, dtype
 
     def call_function(self, target, args, kwargs):
-        return call_widened(target, target, args, kwargs, self.dtype)
+        return call_widened(target, args, kwargs, self.dtype)
 
     def placeholder(self, target, args, kwargs):
         value = super().placeholder(target, args, kwargs)
