@@ -7,6 +7,8 @@ and the next value computed from it in the child's graph; the class's is the sam
 around its input embedding. Where they differ, ``fold_embedding_scale`` puts the ratio into the
 table, and, when the output head shares that table, takes it back out at the final norm's gain
 (its offset ``a`` in ``(a + w)`` measured on a probe, so ``1 + w`` gains work).
+``fold_scale`` takes the child's scale already measured: the streamed writer reads it off its
+segment-by-segment reference run (``embedding_lookups``, ``scale_after``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch.fx as fx
 
 from subclone_graph.passes.fx_utils import get_attribute
 
-__all__ = ["fold_embedding_scale"]
+__all__ = ["fold_embedding_scale", "fold_scale", "embedding_lookups", "scale_after"]
 
 
 def _constant_ratio(new: torch.Tensor, old: torch.Tensor) -> float | None:
@@ -28,11 +30,26 @@ def _constant_ratio(new: torch.Tensor, old: torch.Tensor) -> float | None:
     return ratio if torch.allclose(new.double(), ratio * old.double(), rtol=1e-4, atol=1e-6) else None
 
 
+def embedding_lookups(child: fx.GraphModule) -> list[fx.Node]:
+    """The token-table lookups of ``child``: ``aten.embedding`` of a stored table."""
+    return [n for n in child.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.embedding.default
+            and n.args[0].op == "get_attr"]
+
+
+def scale_after(lookup: fx.Node, values: dict) -> float | None:
+    """The constant the graph multiplies the rows ``lookup`` read by (1.0: none; None: not one
+    constant), from the values of ``lookup`` and of its users (``values[node]``)."""
+    embedded = values[lookup]
+    ratios = [_constant_ratio(v, embedded) for n, v in values.items()
+              if n in lookup.users and isinstance(v, torch.Tensor)]
+    scales = [r for r in ratios if r is not None and not math.isclose(r, 1.0, rel_tol=1e-6)]
+    return scales[0] if len(scales) == 1 else 1.0 if not scales else None
+
+
 def _child_embedding_scale(child: fx.GraphModule, table: torch.Tensor, inputs: tuple) -> float | None:
-    """The constant the child multiplies its token embedding by (1.0: none), measured by
-    running the child's graph: the embedding node whose table is ``table``, then its users."""
-    nodes = [n for n in child.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.embedding.default
-             and n.args[0].op == "get_attr" and torch.equal(get_attribute(child, n.args[0].target), table)]
+    """The constant the child multiplies its token embedding by, measured by running the
+    child's graph: the lookup whose table is ``table``, then its users."""
+    nodes = [n for n in embedding_lookups(child) if torch.equal(get_attribute(child, n.args[0].target), table)]
     if len(nodes) != 1:
         return None
     watched = {nodes[0], *nodes[0].users}
@@ -47,10 +64,7 @@ def _child_embedding_scale(child: fx.GraphModule, table: torch.Tensor, inputs: t
 
     with torch.no_grad():
         _Watch(child).run(*inputs)
-    embedded = values[nodes[0]]
-    ratios = [_constant_ratio(v, embedded) for n, v in values.items() if n is not nodes[0] and isinstance(v, torch.Tensor)]
-    scales = [r for r in ratios if r is not None and not math.isclose(r, 1.0, rel_tol=1e-6)]
-    return scales[0] if len(scales) == 1 else 1.0 if not scales else None
+    return scale_after(nodes[0], values)
 
 
 def _class_embedding_scale(model: torch.nn.Module, inputs: tuple) -> float | None:
@@ -127,19 +141,28 @@ def _final_norm(model: torch.nn.Module, inputs: tuple) -> torch.nn.Module | None
     return norm if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
 
 
-def fold_embedding_scale(child: fx.GraphModule, model: torch.nn.Module, inputs: tuple) -> None:
+def fold_embedding_scale(child: fx.GraphModule, model: torch.nn.Module, inputs: tuple) -> list[str]:
     """Make ``model`` (the class, built from the child's config, holding its weights) scale its
     token embedding as the child does, when the class derives that scale from a size the child
-    changed (√hidden): the ratio goes into the embedding table, and, when the output head shares
-    that table, back out of the final norm's gain (``a + w`` measured, so ``1 + w`` gains work).
-    Where no such fold exists the model is left alone and ``save_hf``'s check refuses with the
-    difference."""
+    changed (√hidden); ``fold_scale`` with the child's scale measured on its graph."""
     table = getattr(model.get_input_embeddings(), "weight", None)
     if not isinstance(table, torch.Tensor) or table.dim() != 2:
-        return                     # no token table (a patch embedding): nothing to fold
-    wanted, has = _child_embedding_scale(child, table.detach(), inputs), _class_embedding_scale(model, inputs)
+        return []                  # no token table (a patch embedding): nothing to fold
+    return fold_scale(model, inputs, _child_embedding_scale(child, table.detach(), inputs))
+
+
+def fold_scale(model: torch.nn.Module, inputs: tuple, wanted: float | None) -> list[str]:
+    """Make ``model`` multiply its token embedding by ``wanted`` (the child's scale): the ratio
+    to the class's own goes into the embedding table, and, when the output head shares that
+    table, back out of the final norm's gain (``a + w`` measured, so ``1 + w`` gains work).
+    Returns the names of the tensors it changed. Where no such fold exists the model is left
+    alone and the caller's check refuses with the difference."""
+    table = getattr(model.get_input_embeddings(), "weight", None)
+    if not isinstance(table, torch.Tensor) or table.dim() != 2:
+        return []
+    has = _class_embedding_scale(model, inputs)
     if wanted is None or not has or math.isclose(wanted, has, rel_tol=1e-7):
-        return
+        return []
     ratio = wanted / has
     head = model.get_output_embeddings()
     norm = None
@@ -147,10 +170,15 @@ def fold_embedding_scale(child: fx.GraphModule, model: torch.nn.Module, inputs: 
         norm = _final_norm(model, inputs)
         offset = _gain_offset(norm) if norm is not None else None
         if offset is None:
-            return
+            return []
+    changed = [table]
     with torch.no_grad():
         table.mul_(ratio)
         if norm is not None:
             norm.weight.copy_((offset + norm.weight) / ratio - offset)
+            changed.append(norm.weight)
             if isinstance(getattr(norm, "bias", None), torch.Tensor):
                 norm.bias.div_(ratio)
+                changed.append(norm.bias)
+    ids = {id(t) for t in changed}
+    return [name for name, t in model.state_dict(keep_vars=True).items() if id(t) in ids]

@@ -9,6 +9,12 @@ A real (non-fake) tensor of the child, a computed buffer, is written as it is.
 Config: ``hf_export.child_config`` with a ``distance`` that builds the class from a candidate
 config, loads the *written* weights and compares its outputs with the reference.
 
+Embedding scale: where the class derives its token embedding's scale from a size the child
+changed (Gemma's √hidden), the ratio is folded as ``save_hf`` folds it
+(``hf_embedding_scale.fold_scale``): the child's scale is read off the reference run (the
+lookup's value and its users'), the class's is measured on the class holding the written
+weights, and the changed tensors are written again (shards rewritten whole, same layout).
+
 Reference and check: the child graph run segment by segment on the example inputs with the
 written weights is the reference; the folder loaded as the parent's class — its config.json
 read back, the class built on the meta device, every written tensor assigned (strict: none
@@ -35,6 +41,7 @@ from subclone_graph.passes.analysis.score_channels import flat_inputs
 from .checkpoint import CheckpointReader, write_shards
 from .hf_export import (HFExportError, child_config, child_state_dict, hf_names, max_output_difference,
                         tensor_outputs)
+from .hf_embedding_scale import embedding_lookups, fold_scale, scale_after
 from .segments import BoundaryStore, run_segments
 from .stream_parent import is_fake
 
@@ -73,7 +80,9 @@ def _inputs(gm: fx.GraphModule) -> tuple:
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
 
-def _reference(gm: fx.GraphModule, written: CheckpointReader, names: dict) -> dict:
+def _reference(gm: fx.GraphModule, written: CheckpointReader, names: dict) -> tuple[dict, dict]:
+    """The child graph's outputs with the written weights, and the constant it multiplies each
+    token table's rows by ({written name: scale}, ``hf_embedding_scale.scale_after``)."""
     def fetch(targets):
         values = {}
         for target in targets:
@@ -81,10 +90,19 @@ def _reference(gm: fx.GraphModule, written: CheckpointReader, names: dict) -> di
             values[target] = written.read(names[target]) if is_fake(value) else value
         return values
 
+    lookups = embedding_lookups(gm)
+    watched = {node for lookup in lookups for node in (lookup, *lookup.users)}
+    seen: dict[fx.Node, torch.Tensor] = {}
+
+    def observe(node, value, env):
+        if node in watched:
+            seen[node] = value
+
     flat = flat_inputs(gm, _inputs(gm), 0)
     with torch.no_grad():
-        outputs = run_segments(gm, [flat], fetch, BoundaryStore(2**62))[0]
-    return tensor_outputs(gm.graph._codegen.process_outputs(outputs))
+        outputs = run_segments(gm, [flat], fetch, BoundaryStore(2**62), observe)[0]
+    scales = {names.get(lookup.args[0].target): scale_after(lookup, seen) for lookup in lookups if lookup in seen}
+    return tensor_outputs(gm.graph._codegen.process_outputs(outputs)), scales
 
 
 def _load(cls, config, written: CheckpointReader) -> torch.nn.Module:
@@ -105,17 +123,48 @@ def _load(cls, config, written: CheckpointReader) -> torch.nn.Module:
     return model.eval()
 
 
-def _distance(gm: fx.GraphModule, written: CheckpointReader, expected: dict):
+def _folded(model: torch.nn.Module, inputs: tuple, scales: dict) -> list[str]:
+    """``hf_embedding_scale.fold_scale`` with the child's scale of the class's token table (as
+    ``save_hf`` folds it); the names of the tensors it changed."""
+    table = getattr(model.get_input_embeddings(), "weight", None)
+    names = [n for n, t in model.state_dict(keep_vars=True).items() if t is table]
+    wanted = next((scales[n] for n in names if n in scales), None)
+    return fold_scale(model, inputs, wanted) if names else []
+
+
+def _distance(gm: fx.GraphModule, written: CheckpointReader, expected: dict, scales: dict):
     cls = state.PARENT_CLASS.need(gm)
 
     def distance(config) -> float:
         try:
             model = _load(cls, config, written)
+            _folded(model, _inputs(gm), scales)
             with torch.no_grad():
                 return max_output_difference(expected, tensor_outputs(model(*_inputs(gm))))
         except Exception:          # a config the class cannot run with these weights
             return float("inf")
     return distance
+
+
+def _refold(gm: fx.GraphModule, config, staging: Path, entries: list, shard_size: int, scales: dict) -> None:
+    """Rewrite the shards with the embedding scale folded, when the class built from ``config``
+    derives a different one (``save_hf`` does the same fold in memory)."""
+    written = CheckpointReader(staging)
+    model = _load(state.PARENT_CLASS.need(gm), config, written)
+    changed = _folded(model, _inputs(gm), scales)
+    if not changed:
+        return
+    tensors = model.state_dict(keep_vars=True)
+    folded = staging / "folded"
+    folded.mkdir()
+    with torch.no_grad():
+        write_shards(folded, entries, lambda name: tensors[name].detach() if name in changed else written.read(name),
+                     shard_size)
+    for path in staging.glob("model*.safetensors*"):
+        path.unlink()
+    for path in folded.iterdir():
+        path.rename(staging / path.name)
+    folded.rmdir()
 
 
 def write_child(gm: fx.GraphModule, reader: CheckpointReader, staging: Path, shard_size: int):
@@ -127,8 +176,9 @@ def write_child(gm: fx.GraphModule, reader: CheckpointReader, staging: Path, sha
     with torch.no_grad():
         write_shards(staging, entries, _producer(gm, reader, sources), shard_size)
     written = CheckpointReader(staging)
-    expected = _reference(gm, written, names)
-    config = child_config(gm, child_state_dict(gm), distance=_distance(gm, written, expected))
+    expected, scales = _reference(gm, written, names)
+    config = child_config(gm, child_state_dict(gm), distance=_distance(gm, written, expected, scales))
+    _refold(gm, config, staging, entries, shard_size, scales)
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
     if dtype is not None:
         config.dtype = dtype
