@@ -79,14 +79,18 @@ class StreamReport:
 
 
 def _fetcher(gm: fx.GraphModule, read, device=None):
-    """``fetch(targets)`` for ``run_segments``: real attributes as they are, fake ones read
-    (either moved to ``device`` when given)."""
+    """``fetch(targets)`` for ``run_segments``: real attributes as they are, fake ones read,
+    requiring grad as the parameter they stand for (either moved to ``device`` when given)."""
     def fetch(targets):
         values = {}
         for target in targets:
             value = get_attribute(gm, target)
+            grad = is_fake(value) and value.requires_grad and value.is_floating_point()
             value = read(target) if is_fake(value) else value
-            values[target] = value if device is None else value.to(device)
+            value = value if device is None else value.to(device)
+            # as the in-memory parameter: aten.matmul picks its algorithm (fold the batch or
+            # not) by whether an operand requires grad, even under no_grad — other bits
+            values[target] = value.requires_grad_() if grad else value
         return values
     return fetch
 

@@ -35,9 +35,6 @@ from subclone_graph.models import hf_families, hf_zoo
 GQA = {"hidden": 32, "ffn": 64, "heads": 2, "kv_heads": 1, "layers": 2}
 MHA = {"hidden": 32, "ffn": 64, "heads": 2, "layers": 2}
 MHA_ZOO = {"gpt2", "bert", "vit"}
-# known differences from the in-memory path
-NOT_WRITABLE = {"mamba": "streamed scores agree with the in-memory ones to ~1e-8 relative, not bit for bit "
-                          "(its sequential scan; cause not found yet)"}
 SLOW = {"mamba", "gemma2", "gemma3", "convnext", "deit", "granite", "starcoder2", "stablelm", "gptj", "distilbert",
         "vit", "phi3", "mistral", "qwen3", "olmo2", "cohere", "falcon", "bloom", "opt", "phi", "gpt_neox",
         "roberta", "gpt2_eager", "llama_eager", "mixtral", "qwen2_moe"}
@@ -46,8 +43,6 @@ NAMES = [*hf_zoo.HF_FACTORIES, *hf_families.FAMILIES]
 
 def _param(name):
     marks = [pytest.mark.slow] if name in SLOW else []
-    if name in NOT_WRITABLE:
-        marks.append(pytest.mark.xfail(reason=NOT_WRITABLE[name], strict=False))
     return pytest.param(name, marks=marks)
 
 
