@@ -27,7 +27,7 @@ import torch.fx as fx
 __all__ = ["module_paths", "module_path", "container_item", "layer_key", "in_module", "attribute_path",
            "plain_size", "same_size", "divides", "quotient", "tensor_shape", "CASTS", "VIEWS",
            "WEIGHT_PASS_THROUGH", "get_attribute", "set_attribute", "same_kind", "replace_tensors",
-           "eval_mode", "as_input_tuple"]
+           "eval_mode", "as_input_tuple", "written_arguments"]
 
 aten = torch.ops.aten
 
@@ -123,6 +123,14 @@ def tensor_shape(value) -> tuple | None:
     if isinstance(value, torch.Tensor):
         return tuple(plain_size(s) for s in value.shape)
     return None
+
+
+# ----- op schemas -------------------------------------------------------------------------------
+def written_arguments(target) -> list[tuple[int, str]]:
+    """(position, name) of each argument an op writes in place, read off its schema (``Tensor(a!)``):
+    ``add_`` writes its first, ``index_put_`` its first, an ``out=`` variant its ``out``."""
+    arguments = getattr(getattr(target, "_schema", None), "arguments", ())
+    return [(i, a.name) for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write]
 
 
 # ----- attribute tensors ------------------------------------------------------------------------

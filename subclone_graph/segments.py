@@ -31,6 +31,7 @@ from torch.fx.node import map_arg
 from subclone_graph.passes import state
 from subclone_graph.passes.analysis.compute_dtype import call_widened, gather_only_attributes, widen
 from subclone_graph.passes.errors import PassError
+from subclone_graph.passes.fx_utils import written_arguments
 
 __all__ = ["Segment", "plan_segments", "BoundaryStore", "run_segments", "carried_bytes"]
 
@@ -57,8 +58,7 @@ def _segment_of(gm: fx.GraphModule) -> dict[fx.Node, int]:
 
 
 def _writes(node: fx.Node) -> bool:
-    arguments = getattr(getattr(node.target, "_schema", None), "arguments", ())
-    return node.op == "call_function" and any(a.alias_info is not None and a.alias_info.is_write for a in arguments)
+    return node.op == "call_function" and bool(written_arguments(node.target))
 
 
 def _needed(gm: fx.GraphModule, wanted) -> set[fx.Node]:

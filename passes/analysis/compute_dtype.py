@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.utils._pytree as pytree
 
+from ..fx_utils import written_arguments
+
 __all__ = ["HALF_DTYPES", "GATHERS", "widen", "call_widened", "gather_only_attributes"]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -59,9 +61,7 @@ def call_widened(target, args, kwargs, dtype: torch.dtype | None):
 
 
 def _writes_first(target) -> bool:
-    arguments = getattr(getattr(target, "_schema", None), "arguments", ())
-    alias = arguments[0].alias_info if arguments else None
-    return alias is not None and alias.is_write
+    return any(position == 0 for position, _ in written_arguments(target))
 
 
 def gather_only_attributes(gm, live=None) -> set[str]:

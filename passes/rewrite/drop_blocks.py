@@ -23,7 +23,7 @@ from torch.fx.node import _side_effectful_functions
 from .. import state
 from ..analysis.find_blocks import layer_of_node
 from ..errors import PostconditionError
-from ..fx_utils import get_attribute, in_module
+from ..fx_utils import get_attribute, in_module, written_arguments
 from ..infra import SubclonePass
 
 __all__ = ["DropBlocksPass", "drop_blocks", "eliminate_dead_code", "renumber_attention_sites", "check_layer_state"]
@@ -40,18 +40,18 @@ def _has_side_effects(node: fx.Node) -> bool:
     if node.target in _CHECKS:
         return False
     schema = getattr(node.target, "_schema", None)
-    if schema is not None and schema.is_mutable and _writes_only_unread_intermediates(node, schema):
+    if schema is not None and schema.is_mutable and _writes_only_unread_intermediates(node):
         return False
     return node.target in _side_effectful_functions or bool(schema is not None and schema.is_mutable)
 
 
-def _writes_only_unread_intermediates(node: fx.Node, schema) -> bool:
+def _writes_only_unread_intermediates(node: fx.Node) -> bool:
     """An in-place op (``x.add_(y)``, ``w /= w.sum()``) whose written tensors are computed in the
     graph and read by nothing after it: its effect is invisible, it is as dead as its
     out-of-place twin. A write into a view writes its base and every other view of it
     (``key = x.new_empty(...); key[..., :d].copy_(k)`` is read through ``key``)."""
-    written = [node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
-               for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+    written = [node.args[i] if i < len(node.args) else node.kwargs.get(name)
+               for i, name in written_arguments(node.target)]
     if not written or not all(isinstance(w, fx.Node) for w in written):
         return False
     aliases = set().union(*(_aliases(w) for w in written))
