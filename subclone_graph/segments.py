@@ -186,6 +186,17 @@ def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict, attributes: dict, de
     raise PassError(f"cannot run node {node.name} ({node.op}) segment by segment")
 
 
+def _widened(fetched: dict, narrow: set, dtype: torch.dtype) -> dict:
+    """``fetched`` widened to ``dtype`` one tensor at a time, each stored tensor let go as its
+    wide copy is made (``fetched`` is emptied): a streamed segment is resident once as stored
+    and once widened only tensor by tensor, not whole. ``narrow``: only gathered, kept as stored."""
+    wide = {}
+    for target in list(fetched):
+        value = fetched.pop(target)
+        wide[target] = value if target in narrow else widen(value, dtype)
+    return wide
+
+
 def run_segments(gm: fx.GraphModule, batches: list[list], fetch, store: BoundaryStore,
                  observe=None, tick=None, device=None, dtype=None, wanted=None) -> list:
     """Run every flat input list of ``batches`` through ``gm``, segment by segment.
@@ -206,7 +217,7 @@ def run_segments(gm: fx.GraphModule, batches: list[list], fetch, store: Boundary
         for segment in segments:
             attributes = fetch(segment.attributes)
             if dtype is not None:
-                attributes = {t: v if t in narrow else widen(v, dtype) for t, v in attributes.items()}
+                attributes = _widened(attributes, narrow, dtype)
             for b, flat in enumerate(batches):
                 if segment is segments[0]:
                     env = dict(zip(placeholders, flat if dtype is None else widen(flat, dtype)))
