@@ -1,9 +1,9 @@
 """Calibration of half-precision parents in float32 (``passes.analysis.compute_dtype``).
 
-1. a bfloat16 model calibrated in float32 (the default) scores what a float64 calibration of
-   the same graph scores, to 1e-5; ``compute_dtype=None`` calibrates in bfloat16, over 100×
-   further off — the option is honoured;
-2. the streamed path calibrates a bfloat16 checkpoint in float32 too and gets the in-memory
+1. a bfloat16 or float16 model calibrated in float32 (the default) scores what a float64
+   calibration of the same graph scores, to 1e-5; ``compute_dtype=None`` calibrates in the
+   model's dtype, over 100× further off — the option is honoured;
+2. the streamed path calibrates a bfloat16 or float16 checkpoint in float32 too and gets the in-memory
    scores bit for bit, computing only what the statistics read (no output head);
 3. the model given is not changed (its weights stay bfloat16, none replaced);
 4. an in-place op writes into its own half-precision tensor, not into a wide copy; a gather
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 
 import subclone_graph as sg
@@ -31,13 +32,14 @@ def _scores(model, batches, **options):
     return state.SCORES.need(gm)
 
 
-def _model_and_batches():
-    model = hf_zoo.llama(0).to(torch.bfloat16).eval()
+def _model_and_batches(dtype=torch.bfloat16):
+    model = hf_zoo.llama(0).to(dtype).eval()
     return model, [hf_zoo.example_inputs(model, 2, 8, seed=s) for s in range(2)]
 
 
-def test_bfloat16_calibrated_in_float32_is_float64_accurate_and_none_keeps_bfloat16():
-    model, batches = _model_and_batches()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_calibrated_in_float32_is_float64_accurate_and_none_keeps_the_half_dtype(dtype):
+    model, batches = _model_and_batches(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wide = _scores(model, batches)
@@ -48,11 +50,12 @@ def test_bfloat16_calibrated_in_float32_is_float64_accurate_and_none_keeps_bfloa
         torch.testing.assert_close(wide[group], exact[group], rtol=1e-5, atol=1e-8)
     def error(scores):
         return max(float(((scores[g] - exact[g]).abs() / exact[g].abs().clamp_min(1e-12)).max()) for g in exact)
-    assert error(narrow) > 100 * error(wide), "compute_dtype=None must calibrate in bfloat16"
+    assert error(narrow) > 100 * error(wide), f"compute_dtype=None must calibrate in {dtype}"
 
 
-def test_streamed_bfloat16_scores_equal_the_in_memory_ones(tmp_path):
-    model, batches = _model_and_batches()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_streamed_half_scores_equal_the_in_memory_ones(dtype, tmp_path):
+    model, batches = _model_and_batches(dtype)
     model.save_pretrained(tmp_path / "parent", max_shard_size="20KB")
     target = sg.Target(hidden=32, ffn=64, heads=2, kv_heads=1, layers=2)
     with warnings.catch_warnings():
