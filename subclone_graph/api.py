@@ -26,12 +26,13 @@ from .tracing import trace
 __all__ = ["subclone", "subclone_passes", "run_passes", "Target"]
 
 def subclone_passes(target: Target, calibration=None, drop_layers=None, depth: str = "middle",
-                    rescale: bool = True, progress=None, selection: str = "score", device=None) -> list:
+                    rescale: bool = True, progress=None, selection: str = "score", device=None,
+                    compute_dtype=torch.float32) -> list:
     """The subcloning pipeline as a flat list of passes (each ``call(gm) -> PassResult``)."""
     passes = [
         FindResidualBlocksPass(),
         AnalyzeChannelsPass(),
-        ScoreChannelsPass(calibration, progress=progress, device=device),
+        ScoreChannelsPass(calibration, progress=progress, device=device, compute_dtype=compute_dtype),
         ChooseKeepPass(target, drop_layers=drop_layers, depth=depth, selection=selection),
         DropBlocksPass(),
         DuplicateLayersPass(),
@@ -82,7 +83,8 @@ def _check_arguments(target, drop_layers, depth, calibration) -> None:
 
 def subclone(model, example_inputs, target: Target | None = None, calibration=None, drop_layers=None, *,
              depth: str = "middle", rescale: bool = True, selection: str = "score",
-             example_kwargs: dict | None = None, progress=None, device=None) -> fx.GraphModule:
+             example_kwargs: dict | None = None, progress=None, device=None,
+             compute_dtype=torch.float32) -> fx.GraphModule:
     """Initialise a smaller child from ``model`` (weight subcloning, arXiv 2312.09299).
 
     ``calibration`` is an iterable of input tuples like ``example_inputs``; without it, channels
@@ -92,7 +94,8 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     ``"uniform"`` picks channels without scores (ablation / weight-selection baselines);
     ``rescale=False`` skips the √(D/d) factor. ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``):
     where calibration runs, on a moved copy of the traced graph; the child stays on the CPU.
-    Under ``torch.distributed`` each rank calibrates on its share of the batches and the
+    ``compute_dtype``: what a half-precision model's calibration computes in (None: its own
+    dtype; ``passes.analysis.compute_dtype``); the child keeps the model's dtype. Under ``torch.distributed`` each rank calibrates on its share of the batches and the
     statistics are summed before anything is chosen (``subclone_graph.distributed``). Returns a ``torch.fx.GraphModule`` with real
     parameters that returns outputs of the parent's structure at any batch and sequence size.
     """
@@ -101,7 +104,8 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     if calibration is not None and iter(calibration) is calibration:
         calibration = list(calibration)     # a one-shot iterator; a re-iterable (a Shard, a TokenStream) streams
     resolve_device(device)                  # an unavailable device fails before tracing
-    passes = subclone_passes(target, calibration, drop_layers, depth, rescale, progress, selection, device)
+    passes = subclone_passes(target, calibration, drop_layers, depth, rescale, progress, selection, device,
+                             compute_dtype)
     if isinstance(model, fx.GraphModule):
         with warnings.catch_warnings():     # torch's own pytree deprecation, raised by its deepcopy
             warnings.simplefilter("ignore", FutureWarning)

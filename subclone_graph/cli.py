@@ -31,6 +31,7 @@ from .hf_export import HFExportError
 from .onnx_export import OnnxExportError
 from .passes import state
 from .passes.analysis.choose_keep import DEPTHS, SELECTIONS
+from .passes.analysis.compute_dtype import COMPUTE_DTYPES
 from .passes.errors import PassError
 from .passes.target import TARGET_FIELDS, Target
 from .stream_cli import run_streamed, streams
@@ -126,7 +127,8 @@ def _run_in_memory(args, target, formats, names, device) -> int:
     own = None if calibration is None else distributed.shard(calibration)
     with steps("subclone"):
         child = sg.subclone(loaded.model, inputs, target, calibration=own, depth=args.depth, device=device,
-                            selection=args.selection, progress=report.progress_bar if calibration else None)
+                            selection=args.selection, progress=report.progress_bar if calibration else None,
+                            compute_dtype=COMPUTE_DTYPES[args.calib_dtype])
     line = None if own is None else distributed.summary_line(own.tokens, own.seconds)
     if distributed.rank() != 0:
         return 0
@@ -250,6 +252,9 @@ def _add_run_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", metavar="DEVICE",
                         help="where calibration runs: cpu (default), cuda, cuda:N, or auto (cuda when "
                              "available); the child comes back on the CPU")
+    parser.add_argument("--calib-dtype", choices=sorted(COMPUTE_DTYPES), default="float32",
+                        help="what a bfloat16/float16 parent's calibration computes in: float32 (default), "
+                             "float64, or model (the parent's own dtype); the child keeps the parent's dtype")
     parser.add_argument("--no-stream", action="store_true",
                         help="load a safetensors folder whole instead of streaming it layer by layer")
 

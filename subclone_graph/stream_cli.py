@@ -24,6 +24,7 @@ from .report import calibration_source
 from .hf_export import HFExportError
 from .loading import Loaded, example_inputs, load_calibration
 from .outputs import write_all
+from .passes.analysis.compute_dtype import COMPUTE_DTYPES
 from .stream_parent import parent_class
 from .streaming import subclone_checkpoint
 
@@ -83,7 +84,8 @@ def run_streamed(args, target, files: dict) -> int:
     def stream(path: Path):
         report = subclone_checkpoint(folder, path, target, calibration, example_inputs=inputs, depth=args.depth,
                                      selection=args.selection, overwrite=args.overwrite,
-                                     device=getattr(args, "device", "cpu"), progress=_bar if calibration else None)
+                                     device=getattr(args, "device", "cpu"), progress=_bar if calibration else None,
+                                     compute_dtype=COMPUTE_DTYPES[getattr(args, "calib_dtype", "float32")])
         # every rank's tokens (a collective: each rank reaches it right after its calibration)
         made["line"] = None if calibration is None else summary_line(report.calibration_tokens,
                                                                      report.seconds["calibrate"])

@@ -349,3 +349,21 @@ def test_run_streams_a_safetensors_folder_and_no_stream_loads_it(tmp_path, capsy
     whole = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "hf", local_files_only=True).eval()
     for (name, a), (_, b) in zip(streamed.state_dict().items(), whole.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_calib_dtype_reaches_the_streamed_and_the_in_memory_path(tmp_path, capsys, monkeypatch):
+    import subclone_graph.stream_cli as stream_cli
+
+    seen = []
+    streamed, in_memory = stream_cli.subclone_checkpoint, sg.subclone
+    monkeypatch.setattr(stream_cli, "subclone_checkpoint",
+                        lambda *a, **k: seen.append(("stream", k["compute_dtype"])) or streamed(*a, **k))
+    monkeypatch.setattr(sg, "subclone", lambda *a, **k: seen.append(("memory", k["compute_dtype"])) or in_memory(*a, **k))
+    _save_hf_folder(tmp_path / "parent")
+    for extra in ([], ["--no-stream"]):
+        code = main(["run", str(tmp_path / "parent"), *TARGET_ARGS, "--calib-dtype", "model", "--format", "hf",
+                     "--out", str(tmp_path / f"out{len(extra)}"), *extra])
+        assert code == 0, capsys.readouterr().err
+    assert seen == [("stream", None), ("memory", None)]
+    code = main(["run", str(tmp_path / "parent"), *TARGET_ARGS, "--calib-dtype", "int8", "--out", str(tmp_path / "bad")])
+    assert code == 2 and "--calib-dtype" in capsys.readouterr().err and not (tmp_path / "bad").exists()

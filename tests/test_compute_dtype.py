@@ -98,3 +98,15 @@ def test_a_table_only_gathered_is_never_widened():
     narrow = gather_only_attributes(gm)
     assert any(t.endswith("embed_tokens.weight") for t in narrow)
     assert not any(t.endswith(("q_proj.weight", "lm_head.weight")) for t in narrow)
+
+
+def test_subclone_passes_its_compute_dtype_to_the_scoring():
+    model, batches = _model_and_batches()
+    target = sg.Target(hidden=32, ffn=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for dtype in (None, torch.float64):
+            child = sg.subclone(model, batches[0], target, calibration=batches, compute_dtype=dtype)
+            expected = _scores(model, batches, compute_dtype=dtype)
+            assert all(torch.equal(state.SCORES.need(child)[g], expected[g]) for g in expected)
+            assert next(child.parameters()).dtype == torch.bfloat16       # the child keeps the model's dtype

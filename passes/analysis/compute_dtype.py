@@ -23,9 +23,11 @@ import torch.utils._pytree as pytree
 
 from ..fx_utils import written_arguments
 
-__all__ = ["HALF_DTYPES", "GATHERS", "widen", "call_widened", "gather_only_attributes"]
+__all__ = ["HALF_DTYPES", "GATHERS", "COMPUTE_DTYPES", "widen", "call_widened", "gather_only_attributes"]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+# the command line's --calib-dtype: a name -> compute_dtype ("model": the model's own dtype)
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "model": None}
 
 aten = torch.ops.aten
 # ops whose result is a copy of some of their first argument's entries: exact in any dtype
