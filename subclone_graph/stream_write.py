@@ -10,7 +10,7 @@ Config: ``hf_export.child_config`` with a ``distance`` that builds the class fro
 config, loads the *written* weights and compares its outputs with the reference.
 
 Embedding scale: where the class derives its token embedding's scale from a size the child
-changed (Gemma's √hidden), the ratio is folded as ``save_hf`` folds it
+changed (a √hidden), the ratio is folded as ``save_hf`` folds it
 (``hf_embedding_scale.fold_scale``): the child's scale is read off the reference run (the
 lookup's value and its users'), the class's is measured on the class holding the written
 weights, and the changed tensors are written again (shards rewritten whole, same layout).
