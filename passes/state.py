@@ -110,9 +110,10 @@ class NodeChannels:
 
 @dataclass(frozen=True)
 class SizeOffset:
-    """A literal that is a group's size plus ``offset`` (``-1``: its last index)."""
+    """A literal that is a group's size plus ``offset`` (``-1``: its last index), or the sizes of
+    several groups added up (a ``tensor_split`` boundary: the pieces before it)."""
 
-    vertex: int
+    vertex: int | tuple[int, ...]
     offset: int
 
 

@@ -10,7 +10,8 @@ Cases:
    buffer stays a buffer; a plain tensor attribute stays one;
 2. one tensor reachable under several names (tied weights) becomes one new tensor, set under
    every name, so the child stays tied;
-3. a literal that is a group's last index (``SizeOffset``: a histogram's ``max``) follows its size;
+3. a literal that is a group's last index (``SizeOffset``: a histogram's ``max``) or a sum of
+   groups' sizes (a ``tensor_split`` boundary) follows their sizes;
    a group with one order per expert (a ``(experts, kept)`` keep-set) is gathered per expert
    along the tensor's expert dim (``expert_orders.gather_per_expert``), before any cut of the
    expert dim itself: still one fused tensor;
@@ -83,10 +84,23 @@ def _slice_attributes(gm: fx.GraphModule, graph, keep) -> int:
     return len(replaced)
 
 
+def _offset_size(literal: state.SizeOffset, graph, sizes) -> int | None:
+    """The child's value of a ``SizeOffset`` literal; ``None`` where a size is symbolic."""
+    vertices = literal.vertex if isinstance(literal.vertex, tuple) else (literal.vertex,)
+    total = literal.offset
+    for vertex in vertices:
+        group = graph.find(vertex)
+        size = sizes.get(group, graph.groups[group].size)
+        if not isinstance(size, int):
+            return None
+        total += size
+    return total
+
+
 def _new_literal(value, vertex, graph, sizes):
-    if isinstance(vertex, state.SizeOffset):        # a last index: the group's size − 1
-        new = sizes.get(graph.find(vertex.vertex))
-        return value if new is None or isinstance(value, (fx.Node, bool)) else type(value)(new + vertex.offset)
+    if isinstance(vertex, state.SizeOffset):        # a last index, or a sum of sizes
+        new = _offset_size(vertex, graph, sizes)
+        return value if new is None or isinstance(value, (fx.Node, bool)) else type(value)(new)
     if isinstance(value, fx.Node):
         return _new_size_expression(value, vertex, graph, sizes)
     if not isinstance(value, int) or isinstance(value, bool) or value == -1 or vertex is None:
@@ -182,13 +196,14 @@ def _check_literal(node: fx.Node, index: int, vertices, graph, sizes) -> None:
     if not isinstance(values, (list, tuple)):
         return
     for value, vertex in zip(values, vertices):
-        offset = vertex.offset if isinstance(vertex, state.SizeOffset) else 0
-        vertex = vertex.vertex if isinstance(vertex, state.SizeOffset) else vertex
-        number = isinstance(value, int) or offset and isinstance(value, float)
-        if vertex is None or not number or isinstance(value, bool) or value == -1 and not offset:
-            continue
-        want = sizes.get(graph.find(vertex))
-        want = want if want is None else want + offset
+        if isinstance(vertex, state.SizeOffset):
+            want = _offset_size(vertex, graph, sizes)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+        else:
+            if vertex is None or not isinstance(value, int) or isinstance(value, bool) or value == -1:
+                continue
+            want = sizes.get(graph.find(vertex))
         if want is not None and value != want:
             raise PostconditionError(f"KeepChannelsPass: {node.name} holds the size {value} where its "
                                      f"channel group has {want}")

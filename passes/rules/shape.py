@@ -7,7 +7,8 @@ Identities each rule states:
   a permutation of equalities.
 - expand/broadcast_to: an expanded size-1 dim is a new group (the repeat of GQA); others are equal.
 - repeat / repeat_interleave: out = (copies × in) or (in × copies).
-- cat: out = concat(inputs); split/chunk: in = concat(outputs); slice: in = concat(before, out, after).
+- cat: out = concat(inputs); split/chunk: in = concat(outputs); slice: in = concat(before, out, after);
+  tensor_split at indices: in = concat(outputs), each index the sum of the pieces before it.
 - select/index/gather/pad: in ``rules_index``.
 - creation ops (zeros, ones, full, arange, ...): a literal size; arange's values depend on it,
   so its dim is frozen.
@@ -19,6 +20,7 @@ import operator
 import torch
 
 from ..fx_utils import divides, plain_size, quotient, same_size
+from ..state import SizeOffset
 from .registry import register
 
 __all__: list[str] = []
@@ -210,6 +212,23 @@ def _split(ctx):
         ctx.literal(1, pieces[0])
     elif ctx.node.target is not aten.chunk.default:
         ctx.literal(1, pieces)
+    for i, _ in outputs:
+        for d in range(rank):
+            if d != dim:
+                ctx.eq(ctx.v(x, d), ctx.out(d, i))
+
+
+@register(aten.tensor_split.indices)
+def _split_at_indices(ctx):
+    # tensor_split(x, [i₁, i₂, …], dim): the pieces laid end to end are x, and boundary k is
+    # the sizes of the pieces before it added up (a literal that follows them when they shrink)
+    x = ctx.arg(0, "self")
+    rank = len(ctx.shape(x))
+    dim = ctx.arg(2, "dim", 0) % rank
+    outputs = ctx.output_shapes()
+    pieces = [ctx.out(dim, i) for i, _ in outputs]
+    ctx.concat(ctx.v(x, dim), pieces)
+    ctx.literal(1, [SizeOffset(tuple(pieces[:k + 1]), 0) for k in range(len(pieces) - 1)])
     for i, _ in outputs:
         for d in range(rank):
             if d != dim:
