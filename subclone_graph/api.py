@@ -19,9 +19,9 @@ from subclone_graph.passes.infra import log
 from subclone_graph.passes.rewrite import DropBlocksPass, DuplicateLayersPass, KeepChannelsPass, RescaleResidualPass
 from subclone_graph.passes.target import Target
 
-from .device import resolve_device
-from .distributed import DistributedError
-from .tracing import trace
+from subclone_graph.runtime.device import resolve_device
+from subclone_graph.runtime.distributed import DistributedError
+from subclone_graph.tracing import trace
 
 __all__ = ["subclone", "subclone_passes", "run_passes", "Target"]
 
@@ -96,7 +96,7 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     where calibration runs, on a moved copy of the traced graph; the child stays on the CPU.
     ``compute_dtype``: what a half-precision model's calibration computes in (None: its own
     dtype; ``passes.analysis.compute_dtype``); the child keeps the model's dtype. Under ``torch.distributed`` each rank calibrates on its share of the batches and the
-    statistics are summed before anything is chosen (``subclone_graph.distributed``). Returns a ``torch.fx.GraphModule`` with real
+    statistics are summed before anything is chosen (``subclone_graph.runtime.distributed``). Returns a ``torch.fx.GraphModule`` with real
     parameters that returns outputs of the parent's structure at any batch and sequence size.
     """
     target = Target() if target is None else target
@@ -122,7 +122,7 @@ def _child_becomes_parent(gm: fx.GraphModule) -> None:
     parent config, so that ``save_hf`` of the grandchild matches sizes against the right numbers."""
     if not state.PARENT_CONFIG.has(gm) or not state.SIZES.has(gm):
         return
-    from .hf_export import HFExportError, child_config
+    from subclone_graph.export.hf import HFExportError, child_config
     try:
         state.PARENT_CONFIG.set(gm, child_config(gm))
     except HFExportError as error:

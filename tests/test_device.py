@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import subclone_graph as sg
-from subclone_graph.cli import main
-from subclone_graph.device import calibration_copy, resolve_device
+from subclone_graph.cli.main import main
+from subclone_graph.runtime.device import calibration_copy, resolve_device
 from subclone_graph.models import TinyLlama
 from subclone_graph.passes import state
 

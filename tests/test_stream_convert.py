@@ -1,4 +1,4 @@
-"""Reading parameters a checkpoint stores converted (``subclone_graph.stream_convert``).
+"""Reading parameters a checkpoint stores converted (``subclone_graph.checkpoint.converted``).
 
 1. on every family of ``models/hf_families.py`` whose checkpoint ``transformers`` stores converted
    (per-expert tensors fused at load time), every converted parameter read whole equals the one
@@ -23,10 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import subclone_graph as sg
-from subclone_graph.checkpoint import CheckpointReader
+from subclone_graph.checkpoint.files import CheckpointReader
 from subclone_graph.models import hf_families, hf_zoo
-from subclone_graph.stream_convert import ConvertingReader, Joined
-from subclone_graph.stream_parent import parent_class
+from subclone_graph.checkpoint.converted import ConvertingReader, Joined
+from subclone_graph.checkpoint.weightless_parent import parent_class
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe"]
 

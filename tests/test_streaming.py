@@ -28,8 +28,8 @@ import torch
 from subclone_graph.passes import state
 
 import subclone_graph as sg
-from subclone_graph.checkpoint import CheckpointReader
-from subclone_graph.hf_export import child_state_dict
+from subclone_graph.checkpoint.files import CheckpointReader
+from subclone_graph.export.hf import child_state_dict
 from subclone_graph.models import hf_families, hf_zoo
 
 GQA = {"hidden": 32, "ffn": 64, "heads": 2, "kv_heads": 1, "layers": 2}
@@ -132,7 +132,7 @@ def test_streamed_child_equals_the_in_memory_child(name, tmp_path, monkeypatch):
 
 def _compare_weights_only(model, parent, target, calibration, inputs, folder: Path, monkeypatch):
     """The streamed child's weights and scores with the class checks (config, reload) skipped."""
-    import subclone_graph.streaming as streaming
+    import subclone_graph.checkpoint.streamed as streaming
 
     real_write = streaming.write_child
 

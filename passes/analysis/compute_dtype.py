@@ -13,7 +13,7 @@ graph in ``dtype``, from the same weights:
   copy of a vocabulary-sized table.
 
 ``call_widened`` is the one place this happens; the in-memory interpreter (``score_channels``)
-and the segment runner (``subclone_graph.segments``) both call it, so the two paths compute the
+and the segment runner (``subclone_graph.runtime.segments``) both call it, so the two paths compute the
 same bits. The model is never changed: widened tensors are copies.
 """
 from __future__ import annotations

@@ -180,8 +180,8 @@ class ActivationStatistics:
 
     def all_reduce(self) -> None:
         """Sum these statistics over every rank of ``torch.distributed``'s default group, in place
-        (a no-op in one process): data-parallel calibration, ``subclone_graph.distributed``."""
-        from subclone_graph.distributed import all_reduce_statistics
+        (a no-op in one process): data-parallel calibration, ``subclone_graph.runtime.distributed``."""
+        from subclone_graph.runtime.distributed import all_reduce_statistics
         all_reduce_statistics(self)
 
 
@@ -318,8 +318,8 @@ class ScoreChannelsPass(SubclonePass):
         return False
 
     def _activation_profiles(self, gm, graph):
-        from subclone_graph import distributed
-        from subclone_graph.device import calibration_copy, to_device
+        from subclone_graph.runtime import distributed
+        from subclone_graph.runtime.device import calibration_copy, to_device
 
         layers = state.LAYERS.need(gm)
         statistics = ActivationStatistics(watch_list(gm, graph, layers), layers, row_watch_list(gm, graph),

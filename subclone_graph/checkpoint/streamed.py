@@ -45,15 +45,15 @@ from subclone_graph.passes.analysis.score_channels import (ActivationStatistics,
                                                            flat_inputs, output_watch_list, row_watch_list, watch_list,
                                                            weight_profiles)
 
-from .api import run_passes
-from . import distributed
-from .checkpoint import CheckpointError, CheckpointReader
-from .device import resolve_device, to_device
-from .outputs import check_destination, staging_folder, write_manifest
-from .segments import BoundaryStore, run_segments
-from .stream_convert import ConvertingReader
-from .stream_parent import is_fake, weightless_parent
-from .stream_write import check_written, write_child
+from subclone_graph.api import run_passes
+from subclone_graph.runtime import distributed
+from subclone_graph.checkpoint.files import CheckpointError, CheckpointReader
+from subclone_graph.runtime.device import resolve_device, to_device
+from subclone_graph.export.destination import check_destination, staging_folder, write_manifest
+from subclone_graph.runtime.segments import BoundaryStore, run_segments
+from subclone_graph.checkpoint.converted import ConvertingReader
+from subclone_graph.checkpoint.weightless_parent import is_fake, weightless_parent
+from subclone_graph.checkpoint.write_child import check_written, write_child
 
 __all__ = ["subclone_checkpoint", "StreamReport", "CheckpointError", "DEFAULT_SHARD_SIZE", "DEFAULT_MEMORY_BUDGET"]
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import CheckpointError, CheckpointReader, TensorInfo
+from subclone_graph.checkpoint.files import CheckpointError, CheckpointReader, TensorInfo
 
 __all__ = ["Stored", "Joined", "ConvertingReader", "conversion_plans"]
 

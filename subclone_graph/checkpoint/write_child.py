@@ -38,12 +38,12 @@ from subclone_graph.passes.errors import PassError
 from subclone_graph.passes.fx_utils import get_attribute
 from subclone_graph.passes.analysis.score_channels import flat_inputs
 
-from .checkpoint import CheckpointReader, write_shards
-from .hf_export import (HFExportError, child_config, child_state_dict, hf_names, max_output_difference,
+from subclone_graph.checkpoint.files import CheckpointReader, write_shards
+from subclone_graph.export.hf import (HFExportError, child_config, child_state_dict, hf_names, max_output_difference,
                         tensor_outputs)
-from .hf_embedding_scale import embedding_lookups, fold_scale, scale_after
-from .segments import BoundaryStore, run_segments
-from .stream_parent import is_fake
+from subclone_graph.export.hf.embedding_scale import embedding_lookups, fold_scale, scale_after
+from subclone_graph.runtime.segments import BoundaryStore, run_segments
+from subclone_graph.checkpoint.weightless_parent import is_fake
 
 __all__ = ["write_child", "check_written", "tolerance"]
 

@@ -17,16 +17,15 @@ from pathlib import Path
 
 import subclone_graph as sg
 
-from . import io
-from .checkpoint import INDEX_NAME, SINGLE_NAME
-from .distributed import rank, summary_line
-from .report import calibration_source
-from .hf_export import HFExportError
-from .loading import Loaded, example_inputs, load_calibration
-from .outputs import write_all
-from .passes.analysis.compute_dtype import COMPUTE_DTYPES
-from .stream_parent import parent_class
-from .streaming import subclone_checkpoint
+from subclone_graph.checkpoint.files import INDEX_NAME, SINGLE_NAME
+from subclone_graph.runtime.distributed import rank, summary_line
+from subclone_graph.cli.report import calibration_source
+from subclone_graph.export.hf import HFExportError
+from subclone_graph.cli.loaders import Loaded, example_inputs, load_calibration
+from subclone_graph.export.destination import write_all
+from subclone_graph.passes.analysis.compute_dtype import COMPUTE_DTYPES
+from subclone_graph.checkpoint.weightless_parent import parent_class
+from subclone_graph.checkpoint.streamed import subclone_checkpoint
 
 __all__ = ["streams", "run_streamed"]
 
@@ -68,7 +67,7 @@ def _traced_child(hf_dir: Path, inputs: tuple):
 
 def run_streamed(args, target, files: dict) -> int:
     """Stream the checkpoint folder ``args.model`` into ``files`` (format -> path under ``--out``),
-    all of them staged and moved into place together (``outputs.write_all``)."""
+    all of them staged and moved into place together (``destination.write_all``)."""
     folder, out = Path(args.model), Path(args.out)
     started = time.perf_counter()
     config, _ = parent_class(folder)
@@ -114,7 +113,7 @@ def run_streamed(args, target, files: dict) -> int:
         return made["child"]
 
     def pt2(path: Path) -> None:
-        io.save(child_graph(path), path)
+        sg.save(child_graph(path), path)
 
     def onnx(path: Path) -> None:
         diff = sg.export_onnx(child_graph(path), inputs, path)

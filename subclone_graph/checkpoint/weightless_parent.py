@@ -28,9 +28,9 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from .checkpoint import CheckpointError
-from .stream_convert import ConvertingReader
-from .tracing import trace
+from subclone_graph.checkpoint.files import CheckpointError
+from subclone_graph.checkpoint.converted import ConvertingReader
+from subclone_graph.tracing import trace
 
 __all__ = ["weightless_parent", "is_fake", "parent_class"]
 

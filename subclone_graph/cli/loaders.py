@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from . import data, io
-from .hf_export import quiet_transformers
-from .data_stream import TokenStream, is_token_folder
+from subclone_graph import data
+from subclone_graph.export import pt2
+from subclone_graph.export.hf import quiet_transformers
+from subclone_graph.data.token_stream import TokenStream, is_token_folder
 
 __all__ = ["Loaded", "load_model", "load_calibration", "example_inputs", "check_token_ids",
            "check_calibration_options", "check_safetensors"]
@@ -80,7 +81,7 @@ def load_model(spec: str) -> Loaded:
 
 
 def _load_pt2(path: Path) -> Loaded:
-    module, inputs = io.load_with_inputs(path)
+    module, inputs = pt2.load_with_inputs(path)
     return Loaded(module, inputs)
 
 
