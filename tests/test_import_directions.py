@@ -8,9 +8,11 @@ The intended direction, lowest first (a module may import its own layer and any 
     runtime     where and how calibration runs: devices, ranks
     tracing     torch.export of a model into the graph the passes read
     data        calibration and evaluation data
-    export      the child as .pt2, ONNX, a Hugging Face folder
+    checkpoint  a safetensors checkpoint read and written tensor by tensor; a parent traced with
+                fake weights, its tensors read through their edit programs
+    export      the child as .pt2, ONNX, a Hugging Face folder (the one writer)
     api         the one pipeline (subclone, subclone_passes)
-    checkpoint  a checkpoint read and written tensor by tensor; the streamed pipeline
+    streamed    checkpoint/streamed.py: the same pipeline on a checkpoint read on demand
     cli         the command line
 
 ``subclone_graph/__init__.py`` names everything lazily (PEP 562) and ``__main__`` starts the
@@ -25,7 +27,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ["passes", "runtime", "tracing", "data", "export", "api", "checkpoint", "cli"]
+LAYERS = ["passes", "runtime", "tracing", "data", "checkpoint", "export", "api", "streamed", "cli"]
 TOP = {"__init__", "__main__"}
 
 
@@ -60,7 +62,7 @@ def _layer(module: str) -> str | None:
     parts = module.split(".")
     if len(parts) < 2:
         return None                 # the package itself
-    name = parts[1]
+    name = "streamed" if parts[1:3] == ["checkpoint", "streamed"] else parts[1]
     return name if name in LAYERS else None
 
 

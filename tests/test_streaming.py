@@ -1,10 +1,9 @@
 """Streamed subcloning of a safetensors checkpoint folder (``sg.subclone_checkpoint``).
 
 1. on every family of ``models/hf_zoo.py`` and ``models/hf_families.py``, saved sharded with
-   ``save_pretrained``: the streamed scores equal the in-memory path's, and the written child's
-   tensors equal ``sg.subclone``'s child's bit for bit (float32), under the same names and no
-   others, except that a tensor ``save_hf`` folds (Gemma's √hidden embedding scale, folded into
-   the table and out of the final norm) is compared with what ``save_hf`` wrote. Where
+   ``save_pretrained``: the streamed scores equal the in-memory path's, and the streamed folder
+   equals the one ``save_hf`` writes for ``sg.subclone``'s child, byte for byte (every file:
+   shards, index, config, generation config, manifest), with the same config changes. Where
    ``save_hf`` cannot write the in-memory child as its parent's class, the streamed path
    refuses the same way and writes nothing, and the child without rescaling is compared instead;
    where the class cannot hold that child either (its shapes, or ops it cannot express), the
@@ -38,7 +37,7 @@ import subclone_graph as sg
 from subclone_graph.api import run_passes, subclone_passes
 from subclone_graph.checkpoint.files import CheckpointReader
 from subclone_graph.checkpoint.weightless_parent import CheckpointWeights, is_fake, weightless_parent
-from subclone_graph.export.hf import child_state_dict
+from subclone_graph.export.hf import Written, child_state_dict
 from subclone_graph.models import hf_families, hf_zoo
 
 GQA = {"hidden": 32, "ffn": 64, "heads": 2, "kv_heads": 1, "layers": 2}
@@ -84,19 +83,26 @@ def _written(folder: Path) -> dict:
     return {name: reader.read(name) for name in reader.tensors}
 
 
-def _assert_same_child(reference, folder: Path, saved: Path | None = None) -> None:
-    """The written tensors are the child's; where ``save_hf`` wrote a tensor changed (a folded
-    embedding scale), that one."""
+def _assert_same_child(reference, folder: Path) -> None:
+    """The written tensors are the child's, bit for bit; a name the class ties to a stored one
+    (an output head) is stored once, under the first."""
     expected, written = child_state_dict(reference), _written(folder)
-    if saved is not None:
-        # by storage: a tensor tied to a saved one (an output head) is what was saved
-        stored = _written(saved)
-        by_storage = {t.data_ptr(): stored[n] for n, t in expected.items() if n in stored and t.numel()}
-        expected = {n: by_storage.get(t.data_ptr(), t) if t.numel() else t for n, t in expected.items()}
-    assert set(written) == set(expected)
+    assert set(written) <= set(expected)
+    stored = {expected[n].data_ptr(): n for n in written if expected[n].numel()}
     for name, tensor in expected.items():
+        if name not in written:
+            assert stored.get(tensor.data_ptr()) is not None, f"{name} is neither stored nor tied to a stored tensor"
+            continue
         assert written[name].dtype == tensor.dtype, name
         assert torch.equal(written[name], tensor), name
+
+
+def _assert_same_folder(a: Path, b: Path) -> None:
+    """Two folders holding the same files with the same bytes."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs"
 
 
 def _compared(model, parent, target, calibration, inputs, folder: Path, rescale: bool) -> bool:
@@ -105,7 +111,7 @@ def _compared(model, parent, target, calibration, inputs, folder: Path, rescale:
         warnings.simplefilter("ignore")
         reference = sg.subclone(model, inputs, sg.Target(**target), calibration=calibration, rescale=rescale)
     try:
-        sg.save_hf(reference, folder / "in-memory")
+        saved = sg.save_hf(reference, folder / "in-memory", shard_size=20_000)
     except sg.HFExportError:
         with pytest.raises(sg.HFExportError):
             sg.subclone_checkpoint(parent, folder / "child", sg.Target(**target), calibration,
@@ -113,13 +119,13 @@ def _compared(model, parent, target, calibration, inputs, folder: Path, rescale:
         assert not (folder / "child").exists()
         return False
     report = sg.subclone_checkpoint(parent, folder / "child", sg.Target(**target), calibration,
-                                    example_inputs=inputs, rescale=rescale)
+                                    example_inputs=inputs, rescale=rescale, shard_size=20_000)
     scores = state.SCORES.need(reference)
     assert set(report.scores) == set(scores)
     assert all(torch.equal(report.scores[g], scores[g]) for g in scores)
-    _assert_same_child(reference, folder / "child", folder / "in-memory")
-    assert report.max_difference <= 1e-4
-    assert (folder / "child" / "config.json").is_file()
+    _assert_same_folder(folder / "in-memory", folder / "child")       # one writer: the same bytes
+    assert [str(c) for c in report.config_changes] == [str(c) for c in saved.config_changes]
+    assert report.max_difference == saved.max_difference <= 1e-4
     return True
 
 
@@ -143,16 +149,16 @@ def _compare_weights_only(model, parent, target, calibration, inputs, folder: Pa
     """The streamed child's weights and scores with the class checks (config, reload) skipped."""
     import subclone_graph.checkpoint.streamed as streaming
 
-    real_write = streaming.write_child
+    real_write = streaming.write_folder
 
-    def write_weights(gm, reader, staging, shard_size):
+    def write_weights(gm, staging, *args, **kwargs):
         try:
-            return real_write(gm, reader, staging, shard_size)
+            return real_write(gm, staging, *args, **kwargs)
         except sg.HFExportError:          # raised after the shards are written: no config fits
-            return None, {}
+            return Written(None, {})
 
-    monkeypatch.setattr(streaming, "write_child", write_weights)
-    monkeypatch.setattr(streaming, "check_written", lambda *args: 0.0)
+    monkeypatch.setattr(streaming, "write_folder", write_weights)
+    monkeypatch.setattr(streaming, "check_folder", lambda *args: 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = sg.subclone(model, inputs, sg.Target(**target), calibration=calibration)

@@ -3,9 +3,10 @@ of a parent that never has to fit in memory.
 
 ``files.py`` reads and writes safetensors shards; ``converted.py`` reads parameters transformers
 stores converted (fused experts); ``weightless_parent.py`` traces the parent class with fake
-weights; ``streamed.py`` is ``subclone_checkpoint``; ``write_child.py`` writes and checks its child.
+weights and reads any tensor of it through its edit program (``CheckpointWeights``);
+``streamed.py`` is ``subclone_checkpoint`` (import it from there or from ``subclone_graph``: it
+sits above ``export`` and ``api``, which this package's readers sit below).
 """
 from subclone_graph.checkpoint.files import CheckpointError, CheckpointReader
-from subclone_graph.checkpoint.streamed import StreamReport, subclone_checkpoint
 
-__all__ = ["subclone_checkpoint", "StreamReport", "CheckpointError", "CheckpointReader"]
+__all__ = ["CheckpointError", "CheckpointReader"]

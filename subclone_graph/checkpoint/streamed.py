@@ -22,9 +22,11 @@ calibration state (module ``segments``):
    steps applied by the functions the in-memory passes apply (so the same bits in every dtype)
    — and streamed into sharded safetensors in a staging folder beside ``out_dir``, with
    ``config.json`` from ``hf_export.child_config``;
-6. check: the child graph is run segment by segment with the *written* weights (the
-   reference), the staging folder is loaded with ``from_pretrained`` and its outputs on the
-   example inputs compared; only then is the staging folder renamed to ``out_dir``.
+   — by the one Hugging Face writer, ``export.hf.write_folder``, the one ``save_hf`` uses: the
+   same child gives the same folder, byte for byte;
+6. check (``export.hf.check_folder``): the written folder, traced as its class with fake
+   weights and run segment by segment from its own shards, is compared with the child graph
+   run on the written weights; only then is the staging folder renamed to ``out_dir``.
 """
 from __future__ import annotations
 
@@ -43,13 +45,12 @@ from subclone_graph.passes.target import Target
 from subclone_graph.api import run_passes, subclone_passes
 from subclone_graph.checkpoint.files import CheckpointError
 from subclone_graph.checkpoint.weightless_parent import CheckpointWeights, weightless_parent
-from subclone_graph.checkpoint.write_child import check_written, write_child
 from subclone_graph.export.destination import check_destination, staging_folder, write_manifest
+from subclone_graph.export.hf.write import DEFAULT_SHARD_SIZE, check_folder, write_folder
 from subclone_graph.runtime import distributed
 
 __all__ = ["subclone_checkpoint", "StreamReport", "CheckpointError", "DEFAULT_SHARD_SIZE", "DEFAULT_MEMORY_BUDGET"]
 
-DEFAULT_SHARD_SIZE = 2 * 2**30
 DEFAULT_MEMORY_BUDGET = 1 * 2**30
 
 
@@ -68,6 +69,7 @@ class StreamReport:
     max_difference: float = 0.0
     calibration_tokens: int = 0                     # tokens this rank calibrated on
     scores: dict = field(default_factory=dict)
+    config_changes: list = field(default_factory=list)   # export.hf.ConfigChange: each field, with why
 
 
 def _parameter_count(gm: fx.GraphModule) -> int:
@@ -125,10 +127,11 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     with staging_folder(out_dir.parent) as staging:
         staged = staging / out_dir.name
         staged.mkdir()
-        _, expected = write_child(gm, reader, staged, shard_size)
+        written = write_folder(gm, staged, weights, shard_size=shard_size, parent_folder=folder)
+        report.config_changes = written.changes
         report.bytes_read = reader.bytes_read
         report.seconds["write"], clock = time.perf_counter() - clock, time.perf_counter()
-        report.max_difference = check_written(gm, staged, expected, out_dir)
+        report.max_difference = check_folder(gm, staged, written, out_dir)
         report.seconds["check"] = time.perf_counter() - clock
         write_manifest(staged)
         if out_dir.is_dir() and any(out_dir.iterdir()):

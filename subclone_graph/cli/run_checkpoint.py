@@ -102,8 +102,6 @@ def run_streamed(args, target, files: dict) -> int:
                 raise
             raise ValueError(f"{_first_line(error)} — streaming writes the child as its parent's class first; "
                              "--no-stream subclones it in memory instead") from error
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(path)
         made["child"] = _traced_child(path, inputs)
 
     def child_graph(path: Path):

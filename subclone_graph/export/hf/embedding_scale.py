@@ -2,13 +2,20 @@
 
 A child whose hidden size shrank still multiplies its embedding by the parent's constant, but the
 class built from the child's config computes its own from the new size. The ratio is measured,
-never looked up by family: the child's scale is the constant ratio between an embedding lookup
-and the next value computed from it in the child's graph; the class's is the same ratio hooked
-around its input embedding. Where they differ, ``fold_embedding_scale`` puts the ratio into the
-table, and, when the output head shares that table, takes it back out at the final norm's gain
-(its offset ``a`` in ``(a + w)`` measured on a probe, so ``1 + w`` gains work).
-``fold_scale`` takes the child's scale already measured: the streamed writer reads it off its
-segment-by-segment reference run (``embedding_lookups``, ``scale_after``).
+never looked up by family, on a *probe* that cannot be mistaken for a scale: several distinct
+tokens, whose rows differ in norm — one token, or one token repeated, would make a norm of the
+rows (an untrained uniform gain) look like a constant multiple (45.9 where the truth was 1).
+
+- the child's scale (``child_scales``): each token-table lookup of the child's graph is given
+  the probe's rows, and every user of the lookup that computes from those rows and constants
+  alone is evaluated — the constants as the child computes them (a bfloat16 √hidden stays its
+  bfloat16 value), the product in float64 — so the ratio is exact in every dtype;
+- the class's (``_class_embedding_scale``): the ratio hooked around the class's input
+  embedding on the same probe tokens, within the rounding of the class's dtype.
+
+Where they differ, ``fold_scale`` puts the ratio into the table, and, when the output head
+shares that table, takes it back out at the final norm's gain (its offset ``a`` in ``(a + w)``
+measured on a probe, so ``1 + w`` gains work).
 """
 from __future__ import annotations
 
@@ -17,54 +24,97 @@ import math
 import torch
 import torch.fx as fx
 
+from subclone_graph.passes.analysis.compute_dtype import widen
 from subclone_graph.passes.fx_utils import get_attribute
 
-__all__ = ["fold_embedding_scale", "fold_scale", "embedding_lookups", "scale_after"]
+__all__ = ["fold_embedding_scale", "fold_scale", "child_scales", "probe_ids"]
+
+PROBE_TOKENS = 16
 
 
-def _constant_ratio(new: torch.Tensor, old: torch.Tensor) -> float | None:
-    """``c`` when ``new == c · old`` everywhere (within float rounding), else None."""
-    if new.shape != old.shape or not old.abs().max() > 0:
+def probe_ids(vocab: int) -> torch.Tensor:
+    """(1, n) distinct token ids spread over the vocabulary (n = min(vocab, 16))."""
+    return torch.linspace(0, vocab - 1, min(vocab, PROBE_TOKENS)).round().long().unique()[None]
+
+
+def _constant_ratio(new: torch.Tensor, old: torch.Tensor, probe: bool = False) -> float | None:
+    """``c`` when ``new == c · old`` row by row and everywhere, within the rounding of ``new``'s
+    dtype; None when not. ``probe``: ``old`` are token rows, which must tell a scale from a
+    normalisation — at least two rows, differing in norm — or nothing is measured (None)."""
+    if new.shape != old.shape or not old.abs().max() > 0 or old.dim() == 0:
         return None
-    ratio = float((new.double() * old.double()).sum() / (old.double() ** 2).sum())
-    return ratio if torch.allclose(new.double(), ratio * old.double(), rtol=1e-4, atol=1e-6) else None
+    rows_new, rows_old = new.double().reshape(-1, old.shape[-1]), old.double().reshape(-1, old.shape[-1])
+    norms = rows_old.norm(dim=1)
+    if probe and (len(rows_old) < 2 or torch.allclose(norms, norms[0].expand_as(norms), rtol=1e-3)):
+        return None                # one norm for every row: a normalisation would look like a scale
+    rtol = max(1e-4, 4 * torch.finfo(new.dtype).eps) if new.is_floating_point() else 1e-4
+    ratio = float((rows_new * rows_old).sum() / (rows_old ** 2).sum())
+    per_row = (rows_new * rows_old).sum(1) / (rows_old ** 2).sum(1).clamp_min(1e-300)
+    if not torch.allclose(per_row, torch.full_like(per_row, ratio), rtol=rtol, atol=0):
+        return None
+    return ratio if torch.allclose(rows_new, ratio * rows_old, rtol=rtol, atol=rtol * float(rows_old.abs().max())) \
+        else None
 
 
-def embedding_lookups(child: fx.GraphModule) -> list[fx.Node]:
+def _embedding_lookups(child: fx.GraphModule) -> list[fx.Node]:
     """The token-table lookups of ``child``: ``aten.embedding`` of a stored table."""
     return [n for n in child.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.embedding.default
             and n.args[0].op == "get_attr"]
 
 
-def scale_after(lookup: fx.Node, values: dict) -> float | None:
-    """The constant the graph multiplies the rows ``lookup`` read by (1.0: none; None: not one
-    constant), from the values of ``lookup`` and of its users (``values[node]``)."""
-    embedded = values[lookup]
-    ratios = [_constant_ratio(v, embedded) for n, v in values.items()
-              if n in lookup.users and isinstance(v, torch.Tensor)]
+def _constant(node, tensor_of, depth: int = 4):
+    """``node``'s value when it depends on no input (attributes and literals only), computed
+    as the child computes it; None otherwise."""
+    if not isinstance(node, fx.Node):
+        return node
+    if node.op == "get_attr":
+        return tensor_of(node)
+    if node.op != "call_function" or depth == 0:
+        return None
+    missing = object()
+
+    def value(arg):
+        found = _constant(arg, tensor_of, depth - 1) if isinstance(arg, fx.Node) else arg
+        return missing if found is None and isinstance(arg, fx.Node) else found
+
+    args, kwargs = fx.node.map_aggregate(node.args, value), fx.node.map_aggregate(node.kwargs, value)
+    if any(a is missing for a in torch.utils._pytree.tree_leaves((args, kwargs))):
+        return None
+    with torch.no_grad():
+        return node.target(*args, **kwargs)
+
+
+def _scale_of(lookup: fx.Node, rows: torch.Tensor, tensor_of) -> float | None:
+    """The one constant the users of ``lookup`` multiply ``rows`` by (1.0: none; None: not one)."""
+    ratios = []
+    for user in lookup.users:
+        if user.op != "call_function":
+            continue
+        others = [a for a in (*user.args, *user.kwargs.values()) if isinstance(a, fx.Node) and a is not lookup]
+        constants = {a: _constant(a, tensor_of) for a in others}
+        if any(v is None for v in constants.values()):
+            continue                # reads an input too (positions added): not a scale of the rows
+        mapped = lambda a: rows if a is lookup else widen(constants[a], torch.float64) if a in constants else a  # noqa: E731
+        args = fx.node.map_aggregate(user.args, lambda a: mapped(a) if isinstance(a, fx.Node) else a)
+        kwargs = fx.node.map_aggregate(user.kwargs, lambda a: mapped(a) if isinstance(a, fx.Node) else a)
+        with torch.no_grad():
+            out = user.target(*widen(args, torch.float64), **widen(kwargs, torch.float64))
+        if isinstance(out, torch.Tensor):
+            ratios.append(_constant_ratio(out, rows, probe=True))
     scales = [r for r in ratios if r is not None and not math.isclose(r, 1.0, rel_tol=1e-6)]
     return scales[0] if len(scales) == 1 else 1.0 if not scales else None
 
 
-def _child_embedding_scale(child: fx.GraphModule, table: torch.Tensor, inputs: tuple) -> float | None:
-    """The constant the child multiplies its token embedding by, measured by running the
-    child's graph: the lookup whose table is ``table``, then its users."""
-    nodes = [n for n in embedding_lookups(child) if torch.equal(get_attribute(child, n.args[0].target), table)]
-    if len(nodes) != 1:
-        return None
-    watched = {nodes[0], *nodes[0].users}
-    values: dict[fx.Node, torch.Tensor] = {}
-
-    class _Watch(fx.Interpreter):
-        def run_node(self, node):
-            value = super().run_node(node)
-            if node in watched:
-                values[node] = value
-            return value
-
-    with torch.no_grad():
-        _Watch(child).run(*inputs)
-    return scale_after(nodes[0], values)
+def child_scales(child: fx.GraphModule, tensor_of=None) -> dict[str, float | None]:
+    """{table attribute: the constant the child multiplies its looked-up rows by} (module
+    docstring); ``tensor_of(get_attr node)`` gives an attribute's tensor (default: the module's)."""
+    tensor_of = tensor_of or (lambda node: get_attribute(child, node.target))
+    scales = {}
+    for lookup in _embedding_lookups(child):
+        table = tensor_of(lookup.args[0]).detach()
+        rows = table[probe_ids(table.shape[0])].double()
+        scales[lookup.args[0].target] = _scale_of(lookup, rows, tensor_of)
+    return scales
 
 
 def _class_embedding_scale(model: torch.nn.Module, inputs: tuple) -> float | None:
@@ -78,20 +128,24 @@ def _class_embedding_scale(model: torch.nn.Module, inputs: tuple) -> float | Non
         looked_up = torch.nn.functional.embedding(args[0], module.weight)
         seen.setdefault("embedded", looked_up)
         if not torch.equal(output, looked_up):
-            seen.setdefault("scale", _constant_ratio(output, looked_up))
+            seen.setdefault("scale", _constant_ratio(output, looked_up, probe=True))
 
     def before(module, args):
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         embedded = seen.get("embedded")
         if embedded is not None and "scale" not in seen and first is not None and first.shape == embedded.shape \
                 and not torch.equal(first, embedded):
-            seen["scale"] = _constant_ratio(first, embedded)
+            seen["scale"] = _constant_ratio(first, embedded, probe=True)
 
     handles = [embedding.register_forward_hook(after)]
     handles += [m.register_forward_pre_hook(before) for m in model.modules() if m is not embedding]
     try:
         with torch.no_grad():
-            model(*inputs)
+            try:                # the probe's distinct tokens (a token model takes input_ids first)
+                model(probe_ids(embedding.weight.shape[0]))
+            except Exception:   # a model that needs more inputs: its example, if its rows can tell
+                seen.clear()
+                model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -148,7 +202,9 @@ def fold_embedding_scale(child: fx.GraphModule, model: torch.nn.Module, inputs: 
     table = getattr(model.get_input_embeddings(), "weight", None)
     if not isinstance(table, torch.Tensor) or table.dim() != 2:
         return []                  # no token table (a patch embedding): nothing to fold
-    return fold_scale(model, inputs, _child_embedding_scale(child, table.detach(), inputs))
+    scales = [scale for target, scale in child_scales(child).items()
+              if torch.equal(get_attribute(child, target), table.detach())]
+    return fold_scale(model, inputs, scales[0] if len(scales) == 1 else None)
 
 
 def fold_scale(model: torch.nn.Module, inputs: tuple, wanted: float | None) -> list[str]:
