@@ -72,6 +72,10 @@ class StreamReport:
     config_changes: list = field(default_factory=list)   # export.hf.ConfigChange: each field, with why
 
 
+def _child_bytes(gm: fx.GraphModule) -> int:
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in gm.state_dict(keep_vars=True).values()}.values())
+
+
 def _parameter_count(gm: fx.GraphModule) -> int:
     return sum(p.numel() for p in {id(p): p for p in gm.parameters()}.values())
 
@@ -87,7 +91,8 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     ``calibration``: an iterable of input tuples (None: score by weight magnitude);
     ``example_inputs``: the inputs the trace and the final check use (default: the first
     calibration batch). ``memory_budget``: bytes of boundary values kept in memory before
-    spilling to ``spill_dir`` (default: a temporary folder). ``progress(iterable)`` wraps the
+    spilling to ``spill_dir`` (default: a temporary folder); a child larger than it is checked
+    segment by segment, never loaded whole. ``progress(iterable)`` wraps the
     segments × batches steps (e.g. ``tqdm``). ``compute_dtype``: what a half-precision parent's
     calibration computes in (None: its own dtype; ``passes.analysis.compute_dtype``). Returns a
     ``StreamReport``."""
@@ -131,7 +136,9 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
         report.config_changes = written.changes
         report.bytes_read = reader.bytes_read
         report.seconds["write"], clock = time.perf_counter() - clock, time.perf_counter()
-        report.max_difference = check_folder(gm, staged, written, out_dir)
+        # a child larger than the memory budget is checked segment by segment: peak memory of one segment
+        report.max_difference = check_folder(gm, staged, written, out_dir,
+                                             by_segments=_child_bytes(gm) > memory_budget)
         report.seconds["check"] = time.perf_counter() - clock
         write_manifest(staged)
         if out_dir.is_dir() and any(out_dir.iterdir()):

@@ -24,7 +24,6 @@ import math
 import torch
 import torch.fx as fx
 
-from subclone_graph.passes.analysis.compute_dtype import widen
 from subclone_graph.passes.fx_utils import get_attribute
 
 __all__ = ["fold_embedding_scale", "fold_scale", "child_scales", "probe_ids"]
@@ -45,8 +44,10 @@ def _constant_ratio(new: torch.Tensor, old: torch.Tensor, probe: bool = False) -
         return None
     rows_new, rows_old = new.double().reshape(-1, old.shape[-1]), old.double().reshape(-1, old.shape[-1])
     norms = rows_old.norm(dim=1)
-    if probe and (len(rows_old) < 2 or torch.allclose(norms, norms[0].expand_as(norms), rtol=1e-3)):
-        return None                # one norm for every row: a normalisation would look like a scale
+    if probe:                      # rows of zeros (a padding token) say nothing
+        rows_new, rows_old, norms = rows_new[norms > 0], rows_old[norms > 0], norms[norms > 0]
+        if len(rows_old) < 2 or torch.allclose(norms, norms[0].expand_as(norms), rtol=1e-3):
+            return None            # one norm for every row: a normalisation would look like a scale
     rtol = max(1e-4, 4 * torch.finfo(new.dtype).eps) if new.is_floating_point() else 1e-4
     ratio = float((rows_new * rows_old).sum() / (rows_old ** 2).sum())
     per_row = (rows_new * rows_old).sum(1) / (rows_old ** 2).sum(1).clamp_min(1e-300)
@@ -84,21 +85,35 @@ def _constant(node, tensor_of, depth: int = 4):
         return node.target(*args, **kwargs)
 
 
+def _in_float64(tree):
+    """Every floating tensor and floating dtype literal of ``tree`` as float64."""
+    def one(value):
+        if isinstance(value, torch.dtype):
+            return torch.float64 if value.is_floating_point else value
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(torch.float64)
+        return value
+    return torch.utils._pytree.tree_map(one, tree)
+
+
 def _scale_of(lookup: fx.Node, rows: torch.Tensor, tensor_of) -> float | None:
     """The one constant the users of ``lookup`` multiply ``rows`` by (1.0: none; None: not one)."""
     ratios = []
     for user in lookup.users:
-        if user.op != "call_function":
+        if user.op != "call_function" or user.target is torch.ops.aten._assert_tensor_metadata.default:
             continue
         others = [a for a in (*user.args, *user.kwargs.values()) if isinstance(a, fx.Node) and a is not lookup]
         constants = {a: _constant(a, tensor_of) for a in others}
         if any(v is None for v in constants.values()):
             continue                # reads an input too (positions added): not a scale of the rows
-        mapped = lambda a: rows if a is lookup else widen(constants[a], torch.float64) if a in constants else a  # noqa: E731
+        mapped = lambda a: rows if a is lookup else constants[a] if a in constants else a  # noqa: E731
         args = fx.node.map_aggregate(user.args, lambda a: mapped(a) if isinstance(a, fx.Node) else a)
         kwargs = fx.node.map_aggregate(user.kwargs, lambda a: mapped(a) if isinstance(a, fx.Node) else a)
-        with torch.no_grad():
-            out = user.target(*widen(args, torch.float64), **widen(kwargs, torch.float64))
+        try:
+            with torch.no_grad():
+                out = user.target(*_in_float64(args), **_in_float64(kwargs))
+        except (RuntimeError, TypeError, ValueError):      # an op that cannot take the probe: not a scale
+            continue
         if isinstance(out, torch.Tensor):
             ratios.append(_constant_ratio(out, rows, probe=True))
     scales = [r for r in ratios if r is not None and not math.isclose(r, 1.0, rel_tol=1e-6)]

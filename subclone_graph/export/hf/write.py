@@ -21,12 +21,14 @@ replayed from its edit program) both call it, so one child gives one folder, byt
    given is saved instead), and ``changes``: every config field that differs from the
    parent's, with why (``ConfigChange``).
 
-``check_folder`` then runs the written folder as its class would — the class traced with fake
-weights from the written ``config.json`` (``checkpoint.weightless_parent``) and run segment by
-segment by the same runner, each segment's weights read from the written shards — and compares
-it with the reference within ``tolerance.tolerance_for`` the child's dtype. Its peak memory is
-one segment's weights, not the child. (The config search of step 2 and the fold of step 3
-still build the class whole when they must measure its outputs.)
+``check_folder`` then runs the written folder as its class and compares it with the reference
+within ``tolerance.tolerance_for`` the child's dtype: loaded with ``from_pretrained`` as a user
+loads it, or — for a child larger than the memory it may take (``subclone_checkpoint``'s
+``memory_budget``) — segment by segment: the class traced with fake weights from the written
+``config.json`` (``checkpoint.weightless_parent``) and run by the same segment runner, each
+segment's weights read from the written shards, so its peak memory is one segment's weights,
+not the child. (The config search of step 2 and the fold of step 3 still build the class whole
+when they must measure its outputs: only for a field the shapes do not decide, or a fold.)
 """
 from __future__ import annotations
 
@@ -88,8 +90,12 @@ def _stored(child: fx.GraphModule, names: dict) -> dict[str, str]:
     cls, config = required(child, pass_state.PARENT_CLASS), required(child, pass_state.PARENT_CONFIG)
     from accelerate import init_empty_weights
 
-    with quiet_transformers(), init_empty_weights(include_buffers=False):
-        tied = {n: set(group) for group in tied_names(cls(config)) for n in group}
+    with quiet_transformers():
+        with init_empty_weights(include_buffers=False):
+            model = cls(config)
+        if hasattr(model, "tie_weights"):      # as from_pretrained ties, outside the context
+            model.tie_weights()
+    tied = {n: set(group) for group in tied_names(model) for n in group}
     stored, first = {}, {}
     for name, tensor in child.state_dict(keep_vars=True).items():
         hf = names[name]
@@ -265,22 +271,44 @@ def write_folder(child: fx.GraphModule, staging: Path, weights=None, *, shard_si
     return Written(config, reference, config_changes(parent, config, child), copied)
 
 
-def check_folder(child: fx.GraphModule, staging: Path, written: Written, out_dir) -> float:
-    """Run the written folder as its class (module docstring) and compare it with the reference;
-    ``HFExportError`` naming ``out_dir`` when it differs. Returns the max |difference|."""
+def _run_whole(child, staging: Path) -> dict:
+    """The written folder loaded as users load it (``from_pretrained``) and run on the example."""
     cls, dtype = required(child, pass_state.PARENT_CLASS), model_dtype(child)
+    with quiet_transformers():
+        loaded = cls.from_pretrained(staging, dtype=dtype).eval()
+    if type(loaded) is not cls or model_dtype(loaded) != dtype:
+        raise HFExportError(f"{staging.name} loads as {type(loaded).__name__} in {model_dtype(loaded)}, "
+                            f"not {cls.__name__} in {dtype}")
+    with torch.no_grad():
+        return tensor_outputs(loaded(*example_inputs(child)))
+
+
+def _run_by_segments(child, staging: Path) -> dict:
+    """The class traced with fake weights from the written ``config.json`` and run segment by
+    segment, each segment's weights read from the written shards: one segment in memory."""
     weights = CheckpointWeights()
     with quiet_transformers():
-        try:
-            loaded = weightless_parent(staging, weights.open(staging), example_inputs(child))
-        except Exception as error:
-            raise HFExportError(f"the written folder does not load as {cls.__name__} ({type(error).__name__}: "
-                                f"{str(error).splitlines()[0] if str(error) else ''}); nothing written to {out_dir}") \
-                from error
+        loaded = weightless_parent(staging, weights.open(staging), example_inputs(child))
     FindResidualBlocksPass()(loaded)
     flat = flat_inputs(loaded, example_inputs(child), 0)
     with torch.no_grad():
-        got = tensor_outputs(loaded.graph._codegen.process_outputs(run_segments(loaded, [flat], weights)[0]))
+        return tensor_outputs(loaded.graph._codegen.process_outputs(run_segments(loaded, [flat], weights)[0]))
+
+
+def check_folder(child: fx.GraphModule, staging: Path, written: Written, out_dir, *, by_segments: bool = False) -> float:
+    """Run the written folder as its class and compare it with the reference; ``HFExportError``
+    naming ``out_dir`` when it differs. Returns the max |difference|. ``by_segments``: run it
+    segment by segment (module docstring) rather than loaded whole with ``from_pretrained`` —
+    for a child larger than the memory it may take."""
+    cls, dtype = required(child, pass_state.PARENT_CLASS), model_dtype(child)
+    try:
+        got = (_run_by_segments if by_segments else _run_whole)(child, staging)
+    except HFExportError as error:
+        raise HFExportError(f"{error}; nothing written to {out_dir}") from error
+    except Exception as error:
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise HFExportError(f"the written folder does not run as {cls.__name__} ({type(error).__name__}: {first}); "
+                            f"nothing written to {out_dir}") from error
     expected = written.reference
     if set(expected) - set(got):
         raise HFExportError(f"the saved {cls.__name__} lacks the child's outputs {sorted(set(expected) - set(got))}; "
