@@ -12,15 +12,16 @@ calibration state (module ``segments``):
    would meet CPU inputs in the same op (``embedding(meta, cpu)``) and fail device propagation;
    fake CPU tensors carry no storage and agree with the inputs' device;
 2. analysis (``FindResidualBlocksPass``, ``AnalyzeChannelsPass``) needs shapes only;
-3. calibration: the statistics of ``ScoreChannelsPass`` (its ``ActivationStatistics`` and
-   ``watch_list``), gathered segment by segment with each segment's weights read just before
-   it runs — the same values node by node, so the scores are bit-identical;
-4. the rewrite passes run on the weightless graph; ``track_origin`` records for every child
-   tensor its parent tensor, kept indices and scale factors (``state.TENSOR_ORIGINS``);
-5. write: each child tensor is read from the parent as its kept slice, cut, scaled in the
-   parent's dtype (the same ops as the in-memory passes, so the same bits) and streamed into
-   sharded safetensors in a staging folder beside ``out_dir``, with ``config.json`` from
-   ``hf_export.child_config``;
+3. the one pipeline (``api.subclone_passes``) runs on the weightless graph; its
+   ``ScoreChannelsPass`` is the in-memory one, handed a ``CheckpointWeights`` source: the
+   runner goes segment by segment, each segment's weights read just before it runs — the same
+   values node by node, so the scores are bit-identical;
+4. the rewrites edit tensors through ``passes.tensor_edits``, which records for every child
+   tensor its program: the parent tensor, kept indices, scale steps (``state.TENSOR_ORIGINS``);
+5. write: each child tensor is its program replayed — the parent read as its kept slice, the
+   steps applied by the functions the in-memory passes apply (so the same bits in every dtype)
+   — and streamed into sharded safetensors in a staging folder beside ``out_dir``, with
+   ``config.json`` from ``hf_export.child_config``;
 6. check: the child graph is run segment by segment with the *written* weights (the
    reference), the staging folder is loaded with ``from_pretrained`` and its outputs on the
    example inputs compared; only then is the staging folder renamed to ``out_dir``.
@@ -36,24 +37,15 @@ import torch
 import torch.fx as fx
 
 from subclone_graph.passes import state
-from subclone_graph.passes.analysis import AnalyzeChannelsPass, ChooseKeepPass, FindResidualBlocksPass
-from subclone_graph.passes.fx_utils import get_attribute
-from subclone_graph.passes.rewrite import DropBlocksPass, DuplicateLayersPass, KeepChannelsPass, RescaleResidualPass
-from subclone_graph.passes.state import TensorOrigin
+from subclone_graph.passes.analysis.segments import BoundaryStore
 from subclone_graph.passes.target import Target
-from subclone_graph.passes.analysis.score_channels import (ActivationStatistics, calibration_dtype, combine_profiles,
-                                                           flat_inputs, output_watch_list, row_watch_list, watch_list,
-                                                           weight_profiles)
 
-from subclone_graph.api import run_passes
-from subclone_graph.runtime import distributed
-from subclone_graph.checkpoint.files import CheckpointError, CheckpointReader
-from subclone_graph.runtime.device import resolve_device, to_device
-from subclone_graph.export.destination import check_destination, staging_folder, write_manifest
-from subclone_graph.runtime.segments import BoundaryStore, run_segments
-from subclone_graph.checkpoint.converted import ConvertingReader
-from subclone_graph.checkpoint.weightless_parent import is_fake, weightless_parent
+from subclone_graph.api import run_passes, subclone_passes
+from subclone_graph.checkpoint.files import CheckpointError
+from subclone_graph.checkpoint.weightless_parent import CheckpointWeights, weightless_parent
 from subclone_graph.checkpoint.write_child import check_written, write_child
+from subclone_graph.export.destination import check_destination, staging_folder, write_manifest
+from subclone_graph.runtime import distributed
 
 __all__ = ["subclone_checkpoint", "StreamReport", "CheckpointError", "DEFAULT_SHARD_SIZE", "DEFAULT_MEMORY_BUDGET"]
 
@@ -78,79 +70,6 @@ class StreamReport:
     scores: dict = field(default_factory=dict)
 
 
-def _fetcher(gm: fx.GraphModule, read, device=None):
-    """``fetch(targets)`` for ``run_segments``: real attributes as they are, fake ones read,
-    requiring grad as the parameter they stand for (either moved to ``device`` when given)."""
-    def fetch(targets):
-        values = {}
-        for target in targets:
-            value = get_attribute(gm, target)
-            grad = is_fake(value) and value.requires_grad and value.is_floating_point()
-            value = read(target) if is_fake(value) else value
-            value = value if device is None else value.to(device)
-            # as the in-memory parameter: aten.matmul picks its algorithm (fold the batch or
-            # not) by whether an operand requires grad, even under no_grad — other bits
-            values[target] = value.requires_grad_() if grad else value
-        return values
-    return fetch
-
-
-def _calibrate(gm, reader, keys, calibration, store, tick, device, compute_dtype) -> None:
-    graph, layers = state.CHANNEL_GRAPH.need(gm), state.LAYERS.need(gm)
-    moved = None if device.type == "cpu" else device
-    batches = [to_device(flat_inputs(gm, batch, i), device) for i, batch in enumerate(calibration)]
-    if sum(distributed.gather_counts(len(batches))) == 0:
-        raise ValueError("calibration: no batches given (pass None to score by weight magnitude)")
-    statistics = ActivationStatistics(watch_list(gm, graph, layers), layers, row_watch_list(gm, graph),
-                                      output_watch_list(gm, graph))
-    inputs = {layer.output: layer for layer in layers}
-
-    def observe(node, value, env):
-        statistics.record(node.name, value)
-        if node.name in inputs:
-            layer = inputs[node.name]
-            statistics.record_layer(layer.index, env[layer.input], value)
-
-    # only what the statistics read runs: not the output head's logits, for one
-    wanted = statistics.names()
-    fetch = _fetcher(gm, lambda t: reader.read(keys[t]), moved)
-    with torch.no_grad():
-        run_segments(gm, batches, fetch, store, observe, tick, moved, calibration_dtype(gm, compute_dtype), wanted)
-    statistics.all_reduce()        # data-parallel calibration: every rank's share summed before choosing
-    state.LAYER_RATIOS.set(gm, statistics.layer_ratios())
-    state.SCORES.set(gm, combine_profiles(graph, statistics.profiles(gm)))
-    state.SCORE_SOURCE.set(gm, "mean |activation| on calibration data")
-
-
-def _score_by_weights(gm, reader, keys) -> None:
-    graph = state.CHANNEL_GRAPH.need(gm)
-
-    def tensor_of(node):
-        value = get_attribute(gm, node.target)
-        return reader.read(keys[node.target]) if is_fake(value) else value
-
-    state.SCORES.set(gm, combine_profiles(graph, weight_profiles(gm, graph, tensor_of)))
-    state.SCORE_SOURCE.set(gm, "weight magnitude (no calibration data)")
-
-
-def _start_origins(gm: fx.GraphModule, keys: dict) -> None:
-    origins = {}
-    for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
-        if is_fake(tensor) and id(tensor) not in origins:
-            origins[id(tensor)] = (tensor, TensorOrigin(keys[name]))
-    state.TENSOR_ORIGINS.set(gm, origins)
-
-
-def _ticker(progress, total: int):
-    if progress is None:
-        return None, lambda: None
-    bar = progress(range(total))
-    if hasattr(bar, "update"):          # tqdm: its iterator shows its count only when it refreshes
-        return bar, lambda: bar.update(1)
-    steps = iter(bar)
-    return bar, lambda: next(steps, None)
-
-
 def _parameter_count(gm: fx.GraphModule) -> int:
     return sum(p.numel() for p in {id(p): p for p in gm.parameters()}.values())
 
@@ -170,46 +89,31 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     segments × batches steps (e.g. ``tqdm``). ``compute_dtype``: what a half-precision parent's
     calibration computes in (None: its own dtype; ``passes.analysis.compute_dtype``). Returns a
     ``StreamReport``."""
-    device = resolve_device(device)
     target = Target() if target is None else target
-    if drop_layers is not None and target.layers is not None:
-        raise ValueError("give either Target.layers or drop_layers, not both")
-    if depth == "measured" and calibration is None:
-        raise ValueError('depth="measured" needs calibration data: it measures each layer\'s ||f(x)||/||x+f(x)||')
-    out_dir = check_destination(out_dir, overwrite=overwrite, folder=True)
     if example_inputs is None:
         calibration = None if calibration is None else list(calibration)
         if not calibration:
             raise ValueError("give example_inputs (or calibration data, whose first batch is used)")
         example_inputs = calibration[0]
-    # this rank's share (all of it in one process), listed: every segment runs every batch
+    # this rank's share (all of it in one process); the pass reads it once, the report counts it
     own = None if calibration is None else distributed.shard(calibration)
-    calibration = None if own is None else list(own)
+    store, weights = BoundaryStore(memory_budget, spill_dir), CheckpointWeights()
+    # the one pipeline, its arguments checked before anything is read: only the weights' source differs
+    passes = subclone_passes(target, own, drop_layers, depth, rescale, progress, selection, device, compute_dtype,
+                             weights=weights, store=store)
+    out_dir = check_destination(out_dir, overwrite=overwrite, folder=True)
+    reader = weights.open(folder)
     report, clock = StreamReport(out_dir), time.perf_counter()
-    report.calibration_tokens = 0 if own is None else own.tokens
-    reader = ConvertingReader(CheckpointReader(folder))
     report.checkpoint_bytes = sum(f.stat().st_size for f in reader.files)
-    gm, keys = weightless_parent(Path(folder), reader, example_inputs)
-    run_passes(gm, [FindResidualBlocksPass(), AnalyzeChannelsPass()])
+    gm = weightless_parent(Path(folder), reader, example_inputs)
+    run_passes(gm, passes[:2])                 # the blocks and the channel graph: shapes only
     report.parent_parameters = _parameter_count(gm)
     report.seconds["trace"], clock = time.perf_counter() - clock, time.perf_counter()
-
-    segments = len(state.LAYERS.need(gm)) + 2
-    bar, tick = _ticker(progress, segments * len(calibration or ()))
-    store = BoundaryStore(memory_budget, spill_dir)
-    if calibration is None:
-        _score_by_weights(gm, reader, keys)
-    else:
-        _calibrate(gm, reader, keys, calibration, store, tick, device, compute_dtype)
-    if bar is not None and hasattr(bar, "close"):
-        bar.close()
+    run_passes(gm, passes[2:])
+    report.calibration_tokens = 0 if own is None else own.tokens
     report.calibration_bytes, report.spilled_bytes = store.peak, store.spilled
     report.calibration_read = reader.bytes_read
     report.scores = state.SCORES.need(gm)
-    _start_origins(gm, keys)
-    passes = [ChooseKeepPass(target, drop_layers=drop_layers, depth=depth, selection=selection),
-              DropBlocksPass(), DuplicateLayersPass(), KeepChannelsPass()]
-    run_passes(gm, passes + ([RescaleResidualPass()] if rescale else []))
     report.child_parameters = _parameter_count(gm)
     report.seconds["calibrate"], clock = time.perf_counter() - clock, time.perf_counter()
     if distributed.rank() != 0:     # rank 0 alone writes; the command line's finish() waits for it
