@@ -40,6 +40,7 @@ from subclone_graph.passes.errors import PassError
 from subclone_graph.passes.target import TARGET_FIELDS, Target
 from subclone_graph.cli.run_checkpoint import run_streamed, streams
 from subclone_graph.tracing import TraceError
+from subclone_graph.cli.messages import first_line
 
 __all__ = ["main", "build_parser", "USER_ERRORS"]
 
@@ -84,22 +85,22 @@ def _formats(args) -> list[str]:
 
 
 def _writers(child, inputs: tuple, formats: list[str], tokenizer, steps) -> dict:
-    def pt2(path):
+    def write_pt2(path):
         with steps(f"write {OUTPUT_NAMES['pt2']} (reloaded and compared with the child)"):
-            sg.save(child, path)
+            pt2.save(child, path)
 
-    def onnx(path):
+    def write_onnx(path):
         with steps(f"export {OUTPUT_NAMES['onnx']} (checked in onnxruntime)"):
             diff = sg.export_onnx(child, inputs, path)
         print(f"    onnxruntime max |difference| from the child: {diff:.3g}")
 
-    def hf(path):
+    def write_hf(path):
         if not state.PARENT_CONFIG.has(child):
             raise ValueError("--format hf needs a Hugging Face MODEL (a folder or .gguf); this model has no config")
         with steps("write hf/ (Hugging Face checkpoint, reloaded and compared with the child)"):
             sg.save_hf(child, path, tokenizer=tokenizer)
 
-    every = {"pt2": pt2, "onnx": onnx, "hf": hf}
+    every = {"pt2": write_pt2, "onnx": write_onnx, "hf": write_hf}
     return {OUTPUT_NAMES[f]: every[f] for f in formats}
 
 
@@ -290,11 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 def _in_option_words(message: str) -> str:
     """The API's names (``Target.kv_heads=3``, ``depth="measured"``) as the options the user typed."""
     message = re.sub(rf"\bTarget\.({'|'.join(TARGET_FIELDS)})=(\S+)",
@@ -310,7 +306,7 @@ def main(argv=None) -> int:
     except SystemExit as done:           # --help
         return done.code or 0
     except ValueError as error:
-        print(f"subclone: error: {_first_line(error)}", file=sys.stderr)
+        print(f"subclone: error: {first_line(error)}", file=sys.stderr)
         return 2
     try:
         return args.handler(args)
@@ -320,7 +316,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as error:
         if args.traceback:
             raise
-        print(f"subclone: error: {_in_option_words(_first_line(error))}", file=sys.stderr)
+        print(f"subclone: error: {_in_option_words(first_line(error))}", file=sys.stderr)
         return 2
 
 
