@@ -15,7 +15,8 @@
    now and the edit programs replayed from disk are one computation (one trace of each parent
    shared by both paths; one calibration batch);
 2b. a bfloat16 parent gives a bfloat16 child whose reloaded outputs match the child graph;
-3. the calibration state spilled to disk (a zero budget) gives the same child bit for bit;
+3. the calibration state spilled to disk (a zero budget) gives the same child bit for bit (and,
+   the child being larger than that budget, the written folder is checked segment by segment);
 4. several output shards with an index when the shard size is small;
 5. bad input — a missing shard, a truncated shard, a tensor whose shape disagrees with
    config.json — raises one line naming the file and the tensor, and writes nothing.
@@ -241,14 +242,19 @@ def test_bfloat16_parent_gives_a_bfloat16_child(tmp_path):
     assert child.dtype == torch.bfloat16 and child.config.hidden_size == GQA["hidden"]
 
 
-def test_spilling_the_calibration_state_changes_nothing(tmp_path):
+def test_spilling_the_calibration_state_changes_nothing(tmp_path, monkeypatch):
+    import subclone_graph.export.hf.write as writer
+
     model = hf_zoo.llama(0)
     parent = _saved(model, tmp_path / "parent")
     calibration, target = _batches(model), sg.Target(**GQA)
     kept = sg.subclone_checkpoint(parent, tmp_path / "kept", target, calibration)
-    spill = tmp_path / "spill"
+    spill, by_segments = tmp_path / "spill", []
+    real = writer._run_by_segments
+    monkeypatch.setattr(writer, "_run_by_segments", lambda *args: by_segments.append(1) or real(*args))
     spilled = sg.subclone_checkpoint(parent, tmp_path / "spilled", target, calibration, memory_budget=0,
                                      spill_dir=spill)
+    assert by_segments == [1]                          # a child over the budget: checked segment by segment
     assert kept.spilled_bytes == 0 and spilled.spilled_bytes > 0 and spilled.calibration_bytes == 0
     assert all(torch.equal(kept.scores[g], spilled.scores[g]) for g in kept.scores)
     a, b = _written(tmp_path / "kept"), _written(tmp_path / "spilled")

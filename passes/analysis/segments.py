@@ -303,6 +303,8 @@ def run_segments(gm: fx.GraphModule, batches, weights, store: BoundaryStore | No
             del env
         return outputs
     batches = list(batches)
+    if not batches:
+        return []                   # nothing to run: read no weights
     outputs: list = [None] * len(batches)
     store = BoundaryStore(2**62) if store is None else store
     tick, close = _ticker(progress, len(segments) * len(batches))

@@ -98,7 +98,8 @@ def _writers(child, inputs: tuple, formats: list[str], tokenizer, steps) -> dict
         if not state.PARENT_CONFIG.has(child):
             raise ValueError("--format hf needs a Hugging Face MODEL (a folder or .gguf); this model has no config")
         with steps("write hf/ (Hugging Face checkpoint, reloaded and compared with the child)"):
-            sg.save_hf(child, path, tokenizer=tokenizer)
+            saved = sg.save_hf(child, path, tokenizer=tokenizer)
+        report.print_config_changes(saved.config_changes)
 
     every = {"pt2": write_pt2, "onnx": write_onnx, "hf": write_hf}
     return {OUTPUT_NAMES[f]: every[f] for f in formats}

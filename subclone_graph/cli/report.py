@@ -16,7 +16,7 @@ import torch
 
 from subclone_graph.passes import state
 
-__all__ = ["Steps", "group_table", "layer_table", "score_tables", "display_kind", "progress_bar",
+__all__ = ["print_config_changes", "Steps", "group_table", "layer_table", "score_tables", "display_kind", "progress_bar",
            "calibration_source"]
 
 TARGET_KINDS = ("residual", "ffn", "heads", "kv_heads", "head_dim")
@@ -128,6 +128,12 @@ def calibration_source(calibration, path) -> str:
     cap = getattr(calibration, "max_tokens", None)
     return (f"calibration: streaming windows of {getattr(calibration, 'window', '?')} tokens from {path}"
             + (f" (at most {cap:,} tokens)" if cap else ""))
+
+
+def print_config_changes(changes) -> None:
+    """The Hugging Face child's config fields that differ from the parent's, each with why."""
+    if changes:
+        print("config.json: " + "; ".join(str(change) for change in changes))
 
 
 def progress_bar(iterable):

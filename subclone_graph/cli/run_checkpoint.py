@@ -20,7 +20,7 @@ from subclone_graph.export import pt2
 
 from subclone_graph.checkpoint.files import INDEX_NAME, SINGLE_NAME
 from subclone_graph.runtime.distributed import rank, summary_line
-from subclone_graph.cli.report import calibration_source
+from subclone_graph.cli.report import calibration_source, print_config_changes
 from subclone_graph.export.hf import HFExportError
 from subclone_graph.cli.loaders import Loaded, example_inputs, load_calibration
 from subclone_graph.export.destination import write_all
@@ -122,6 +122,7 @@ def run_streamed(args, target, files: dict) -> int:
     report = made["report"]
     print(f"wrote {', '.join(str(files[f]) for f in files)} (max |difference| of the written child "
           f"from the child graph {report.max_difference:.3g})")
+    print_config_changes(report.config_changes)
     parent, child = report.parent_parameters, report.child_parameters
     print(f"parent: {parent:,} parameters")
     print(f"child:  {child:,} parameters ({child / parent:.2f} of the parent)")
