@@ -31,8 +31,8 @@ __all__ = [
     "SizeOffset", "NodeChannels", "NodeLiterals", "NodeReduces", "NodeSliceParts", "NodeAttention", "NodeExpertRows",
     "EXAMPLE_INPUTS", "PARENT_CLASS", "PARENT_CONFIG", "PARENT_LAYER_COUNT", "LAYERS", "CHANNEL_GRAPH",
     "ATTENTION", "UNKNOWN_OPS", "SCORES", "SCORE_SOURCE", "LAYER_RATIOS", "TARGET", "KEEP", "SIZES",
-    "SIZE_CHANGES", "DROP", "DUPLICATE", "RESCALE", "TENSOR_ORIGINS",
-    "CHANNELS", "LITERALS", "REDUCES", "SLICE_PARTS", "ATTENTION_OP", "EXPERT_ROWS",
+    "SIZE_CHANGES", "DROP", "DUPLICATE", "RESCALE", "CLONED_READS", "TENSOR_ORIGINS",
+    "CHANNELS", "LITERALS", "REDUCES", "SLICE_PARTS", "ATTENTION_OP", "EXPERT_ROWS", "CONTRACTS",
 ]
 
 T = TypeVar("T")
@@ -160,6 +160,19 @@ class NodeExpertRows:
     channels: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class NodeContracts:
+    """A contraction (a matmul, linear, convolution, einsum): the vertices of the contracted
+    dims of its activation operand, and the operand on the other side (``weight``: its node
+    name, a module attribute read through views and casts; ``None`` when the other side is an
+    activation too) with its contracted dims."""
+
+    token: int
+    vertices: tuple[int, ...]
+    weight: str | None
+    weight_dims: tuple[int, ...]
+
+
 # ----- keys -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StateKey(Generic[T]):
@@ -254,6 +267,8 @@ DUPLICATE = _graph("duplicate", "choice", "tuple[int, ...]", "ChooseKeepPass", [
                    "layer indices to repeat (emptied once repeated)")
 RESCALE = _graph("rescale", "rewrite", "Rescale", "RescaleResidualPass", ["save_hf"],
                  "the residual's √(D/d) and the ε scale")
+CLONED_READS = _graph("cloned_reads", "rewrite", "dict[int, int]", "ScaleClonedReadsPass", ["ScaleClonedReadsPass"],
+                      "copies of each grown group; every weight contracting it was divided by them")
 TENSOR_ORIGINS = _graph("tensor_origins", "trace", "dict[int, tuple[Tensor, TensorOrigin]]",
                         "subclone_checkpoint (a weightless parent); track_origin in the rewrites",
                         ["subclone_checkpoint's writer"],
@@ -272,11 +287,14 @@ ATTENTION_OP = _node("attention_op", "channels", "NodeAttention", "AnalyzeChanne
 
 EXPERT_ROWS = _node("expert_rows", "channels", "NodeExpertRows", "AnalyzeChannelsPass (op rules)",
                     ["AnalyzeChannelsPass", "ScoreChannelsPass"], "a grouped matmul's expert-sorted rows and offsets")
+CONTRACTS = _node("contracts", "channels", "NodeContracts", "AnalyzeChannelsPass (op rules)",
+                   ["ChooseKeepPass", "ScaleClonedReadsPass"], "a contraction's contracted dims and weight operand")
 
 KEYS: tuple[StateKey, ...] = (
     EXAMPLE_INPUTS, PARENT_CLASS, PARENT_CONFIG, PARENT_LAYER_COUNT, LAYERS, CHANNEL_GRAPH, ATTENTION,
     UNKNOWN_OPS, SCORES, SCORE_SOURCE, LAYER_RATIOS, TARGET, KEEP, SIZES, SIZE_CHANGES, DROP, DUPLICATE,
-    RESCALE, TENSOR_ORIGINS, CHANNELS, LITERALS, REDUCES, SLICE_PARTS, ATTENTION_OP, EXPERT_ROWS,
+    RESCALE, CLONED_READS, TENSOR_ORIGINS, CHANNELS, LITERALS, REDUCES, SLICE_PARTS, ATTENTION_OP, EXPERT_ROWS,
+    CONTRACTS,
 )
 
 

@@ -8,8 +8,8 @@
 """
 from subclone_graph.passes import (AnalyzeChannelsPass, ChooseKeepPass, DropBlocksPass, DuplicateLayersPass,
                                    FindResidualBlocksPass, KeepChannelsPass, MoveToDevicePass, PassError,
-                                   PostconditionError, PreconditionError, RescaleResidualPass, ScoreChannelsPass,
-                                   StaleStateError, Target, analyze_channels)
+                                   PostconditionError, PreconditionError, RescaleResidualPass, ScaleClonedReadsPass,
+                                   ScoreChannelsPass, StaleStateError, Target, Times, analyze_channels)
 from subclone_graph.passes.analysis.channel_graph import ChannelGraph, ChannelGroup
 from subclone_graph.passes.rewrite.move_to_device import move_to_device
 
@@ -23,12 +23,12 @@ from .tolerance import tolerance_for
 from .tracing import TraceError, trace
 
 __all__ = [
-    "subclone", "Target", "trace", "export_onnx", "save", "load", "save_hf", "HFExportError",
+    "subclone", "Target", "Times", "trace", "export_onnx", "save", "load", "save_hf", "HFExportError",
     "OnnxExportError", "OnnxMismatchError", "tolerance_for",
     "count_parameters", "subclone_passes", "move_to_device",
     "run_passes", "analyze_channels", "ChannelGraph", "ChannelGroup", "PassError", "PreconditionError",
     "PostconditionError", "StaleStateError", "TraceError",
     "FindResidualBlocksPass", "AnalyzeChannelsPass", "ScoreChannelsPass", "ChooseKeepPass",
     "DropBlocksPass", "DuplicateLayersPass", "KeepChannelsPass", "RescaleResidualPass",
-    "MoveToDevicePass", "subclone_checkpoint", "StreamReport", "CheckpointError",
+    "ScaleClonedReadsPass", "MoveToDevicePass", "subclone_checkpoint", "StreamReport", "CheckpointError",
 ]

@@ -11,7 +11,10 @@ Decisions (the paper's recipe, ties broken by the lower index, kept indices in o
 4. heads: per attention op, the ``kv_heads`` best kv groups (a group scores the sum of its query
    heads), then in each kept group its ``heads / kv_heads`` best query heads (query head ``r`` of
    kv group ``g`` is head ``g · (parent's heads per group) + r``);
-5. layers: ``drop_layers`` as given, else ``depth="middle"`` drops the middle ones and
+5. growth (a size above the parent's, ``analysis/grow.py``): each index cloned; heads as whole kv
+   groups with their query heads, and query heads within each group; what cloning cannot keep
+   exact is refused (``grow.check_growable``);
+6. layers: ``drop_layers`` as given, else ``depth="middle"`` drops the middle ones and
    ``depth="measured"`` the ones with the smallest ‖f(x)‖/‖x+f(x)‖ (needs calibration).
 
 Every other group follows (``keep_sets.derive_keep``). A frozen group that would lose an index is
@@ -31,8 +34,9 @@ from .. import state
 from ..errors import PassError, PostconditionError, PreconditionError
 from ..infra import SubclonePass
 from ..state import SizeChange
-from ..target import Target, is_fraction
+from ..target import Target, Times, is_fraction, is_relative
 from .channel_graph import ChannelGraph
+from .grow import check_growable, grow_heads, grow_keep
 from .keep_sets import derive_keep
 
 __all__ = ["ChooseKeepPass", "choose", "top_k", "pick", "middle_layers", "SELECTIONS", "DEPTHS"]
@@ -70,7 +74,7 @@ def _check(name: str, value: int | None, limit: int, what: str) -> None:
 def _same_widths(name: str, value, widths, kind: str) -> None:
     """An absolute count needs every group of its kind to have one parent width."""
     widths = sorted(set(widths))
-    if value is not None and not is_fraction(value) and len(widths) > 1:
+    if value is not None and not is_relative(value) and len(widths) > 1:
         raise ValueError(f"Target.{name}={value} is an absolute count, but this model's {kind} groups differ in "
                          f"width ({', '.join(map(str, widths))}); give a fraction such as Target({name}=0.5) "
                          "to keep that share of each")
@@ -80,6 +84,10 @@ def _head_counts(target: Target, n_heads: int, n_kv: int, grouped: bool) -> tupl
     """(heads, kv_heads) of one attention op with fractions resolved (module docstring of target.py):
     kv heads round on their own; query heads to a multiple of the child's kv heads."""
     heads, kv_heads = target.heads, target.kv_heads
+    if isinstance(kv_heads, Times):
+        kv_heads = kv_heads.factor * n_kv
+    if isinstance(heads, Times):
+        heads = heads.factor * n_heads
     if is_fraction(kv_heads):
         kv_heads = target.size_of("kv_heads", n_kv)
     if is_fraction(heads):
@@ -117,8 +125,6 @@ def _choose_heads(graph, site, target, scores, keep, sizes, selection) -> None:
     n_heads, n_kv = graph.groups[hq].size, graph.groups[kv].size
     per_group = n_heads // n_kv
     heads, kv_heads = _head_counts(target, n_heads, n_kv, rep is not None)
-    _check("heads", heads, n_heads, "query heads per layer")
-    _check("kv_heads", kv_heads, n_kv, "kv heads per layer")
     if rep is None and heads is not None and kv_heads is not None and heads != kv_heads:
         raise ValueError(f"Target.kv_heads={kv_heads} must equal Target.heads={heads}: this model's "
                          "attention has no kv grouping (every query head has its own key and value)")
@@ -128,6 +134,11 @@ def _choose_heads(graph, site, target, scores, keep, sizes, selection) -> None:
         heads = kv_heads * per_group        # the parent's query heads per kv head
     if kv_heads is None:
         kv_heads = n_kv                     # the parent's kv heads
+    if heads > n_heads or kv_heads > n_kv:
+        grow_heads(graph, site, heads, kv_heads, keep, sizes)
+        return
+    _check("heads", heads, n_heads, "query heads per layer")
+    _check("kv_heads", kv_heads, n_kv, "kv heads per layer")
     if heads % kv_heads or heads // kv_heads > per_group:
         raise ValueError(f"Target.heads={heads} does not fit the kv grouping: the parent has {n_heads} query heads "
                          f"in {n_kv} kv groups, the child {kv_heads}; heads must be kv_heads × (1..{per_group})")
@@ -160,6 +171,9 @@ def choose(graph: ChannelGraph, attention, target: Target, scores, selection: st
         _same_widths(what, value, [g.size for g in groups], kind)
         for group in groups:
             size = target.size_of(what, group.size)
+            if size > group.size and kind != "experts":
+                keep[group.id] = grow_keep(group, size, what)
+                continue
             _check(what, size, group.size, f"{kind} width")
             if size < group.size:
                 _not_frozen(graph, group.id, what)
@@ -216,6 +230,7 @@ class ChooseKeepPass(SubclonePass):
         graph = state.CHANNEL_GRAPH.need(gm)
         keep, sizes = choose(graph, state.ATTENTION.need(gm), self.target, state.SCORES.need(gm), self.selection)
         keep, new_sizes = derive_keep(graph, keep, sizes)
+        check_growable(gm, graph, keep, new_sizes)
         _enough_to_pick(graph, new_sizes, self.target)
         state.TARGET.set(gm, self.target)
         state.KEEP.set(gm, keep)
