@@ -163,13 +163,15 @@ class NodeExpertRows:
 @dataclass(frozen=True)
 class NodeContracts:
     """A contraction (a matmul, linear, convolution, einsum): the vertices of the contracted
-    dims of its activation operand, and the operand on the other side (``weight``: its node
-    name, a module attribute read through views and casts; ``None`` when the other side is an
-    activation too) with its contracted dims."""
+    dims of its activation operand, that operand's position among the node's tensor arguments
+    (``RuleContext.tensor_args``: positions, not names, stay right in a copied layer), and the
+    operand on the other side (``weight``: its position, a module attribute read through views
+    and casts; ``None`` when the other side is an activation too) with its contracted dims."""
 
     token: int
     vertices: tuple[int, ...]
-    weight: str | None
+    operand: int | None
+    weight: int | None
     weight_dims: tuple[int, ...]
 
 

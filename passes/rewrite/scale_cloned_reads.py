@@ -37,7 +37,7 @@ import torch.fx as fx
 from .. import state
 from ..analysis.grow import grown_groups
 from ..errors import PassError, PostconditionError
-from ..fx_utils import CASTS, VIEWS, WEIGHT_PASS_THROUGH, get_attribute, replace_tensors, same_kind
+from ..fx_utils import CASTS, VIEWS, WEIGHT_PASS_THROUGH, get_attribute, replace_tensors, same_kind, tensor_arguments
 from ..infra import SubclonePass
 
 __all__ = ["ScaleClonedReadsPass", "scale_cloned_reads", "scale_attribute"]
@@ -181,7 +181,6 @@ class ScaleClonedReadsPass(SubclonePass):
     def _reads(self, gm, graph, grown) -> dict[str, tuple[float, fx.Node, tuple]]:
         """contraction node name → (1 / copies, its weight's attribute node, contracted dims there)."""
         reads = {}
-        nodes = {n.name: n for n in gm.graph.nodes}
         for node in gm.graph.nodes:
             contracts = state.CONTRACTS.of(node, graph)
             if contracts is None:
@@ -192,7 +191,7 @@ class ScaleClonedReadsPass(SubclonePass):
             if contracts.weight is None:
                 raise PassError(f"ScaleClonedReadsPass: {node.name} contracts two activations over a cloned width "
                                 "(ChooseKeepPass refuses that; was the graph changed since?)")
-            attribute, dims = _root(nodes[contracts.weight], contracts.weight_dims)
+            attribute, dims = _root(tensor_arguments(node)[contracts.weight], contracts.weight_dims)
             reads[node.name] = (1.0 / copies, attribute, dims)
             self.needed.add(node.name)
         return reads
@@ -220,15 +219,13 @@ class ScaleClonedReadsPass(SubclonePass):
 
     @staticmethod
     def _attribute(contraction: fx.Node, gm) -> fx.Node:
-        graph = state.CHANNEL_GRAPH.need(gm)
-        contracts = state.CONTRACTS.of(contraction, graph)
-        nodes = {n.name: n for n in gm.graph.nodes}
-        return _root(nodes[contracts.weight], ())[0]
+        contracts = state.CONTRACTS.of(contraction, state.CHANNEL_GRAPH.need(gm))
+        return _root(tensor_arguments(contraction)[contracts.weight], ())[0]
 
     # ----- case 2: the divisor on the other operand ------------------------------------------
     def _scale_operand(self, gm, graph, contraction: fx.Node, scale: float) -> None:
         contracts = state.CONTRACTS.of(contraction, graph)
-        operand = next(a for a in _flat_args(contraction) if a.name == graph.labels[contracts.vertices[0]][0])
+        operand = tensor_arguments(contraction)[contracts.operand]
         counts: dict[int, int] = {}
         for node in gm.graph.nodes:
             if node.op == "get_attr":
@@ -264,13 +261,6 @@ class ScaleClonedReadsPass(SubclonePass):
             power = moved.float().pow(2).mean().sqrt()
             sigma = power * 10 ** (-self.noise_snr_db / 20) / z.pow(2).mean().sqrt().clamp_min(1e-12)
             moved.add_((z * sigma).to(moved.dtype))
-
-
-def _flat_args(node: fx.Node) -> list[fx.Node]:
-    out = []
-    for a in (*node.args, *node.kwargs.values()):
-        out.extend(x for x in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(x, fx.Node))
-    return out
 
 
 def _consumers(node: fx.Node) -> list[fx.Node]:

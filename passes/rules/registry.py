@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from .. import state
 from ..analysis.channel_graph import ChannelGraph
-from ..fx_utils import WEIGHT_PASS_THROUGH, module_path, tensor_shape
+from ..fx_utils import WEIGHT_PASS_THROUGH, module_path, tensor_arguments, tensor_shape
 
 __all__ = ["RULES", "RULES_BY_NAME", "register", "qualified_name", "RuleContext", "apply_rule", "is_weight"]
 
@@ -94,12 +94,7 @@ class RuleContext:
         return self.node.kwargs.get(name, default)
 
     def tensor_args(self) -> list[fx.Node]:
-        flat = [a for a in self.node.args] + list(self.node.kwargs.values())
-        out = []
-        for a in flat:
-            items = a if isinstance(a, (list, tuple)) else [a]
-            out.extend(x for x in items if isinstance(x, fx.Node) and tensor_shape(x) is not None)
-        return out
+        return tensor_arguments(self.node)
 
     # shapes and vertices
     def shape(self, x) -> tuple | None:
@@ -201,14 +196,16 @@ class RuleContext:
             state.CONTRACTS.set(self.node, self._contracts(token))
 
     def _contracts(self, token: int) -> "state.NodeContracts":
-        """The contraction's record: a weight operand is the other side's node when that node is
-        a weight (``is_weight``) on every contracted pair, else ``None``."""
+        """The contraction's record: the weight operand is the other side's node when that node
+        is a weight (``is_weight``) on every contracted pair, else ``None``."""
+        names = [a.name for a in self.tensor_args()]
+        sides = {self.graph.labels[x][0] for x, _ in self.contracted}
         others = {self.graph.labels[w][0] for _, w in self.contracted}
-        nodes = {a.name: a for a in self.tensor_args()}
-        name = others.pop() if len(others) == 1 else None
-        weight = name if name in nodes and is_weight(nodes[name]) else None
+        operand = names.index(sides.pop()) if len(sides) == 1 and not sides & others else None
+        other = others.pop() if len(others) == 1 else None
+        weight = names.index(other) if other in names and is_weight(self.tensor_args()[names.index(other)]) else None
         dims = tuple(self.graph.labels[w][2] for _, w in self.contracted) if weight is not None else ()
-        return state.NodeContracts(token, tuple(x for x, _ in self.contracted), weight, dims)
+        return state.NodeContracts(token, tuple(x for x, _ in self.contracted), operand, weight, dims)
 
     def freeze_all(self, why: str) -> None:
         for x in self.tensor_args():
