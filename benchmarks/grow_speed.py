@@ -55,7 +55,7 @@ SMALL = {"smollm2": dict(hidden=288, layers=6, heads=4, kv_heads=2, ffn=768),
 GROW = sg.Target(hidden=sg.Times(2), ffn=sg.Times(2), heads=sg.Times(2), kv_heads=sg.Times(2))
 # (lr, weight decay) per init; random's is train_speed's
 GROWN_GRIDS = {"random": [(2e-3, 0.1), (1e-3, 0.1)], "grown": [(1e-3, 1e-3), (3e-4, 1e-3)],
-               "grown_noise": [(1e-3, 1e-3)], "small_continued": [(1e-3, 1e-3), (3e-4, 1e-3)]}
+               "grown_noise": [(1e-3, 1e-3)], "small_continued": [(1e-3, 1e-3)]}
 
 
 def grown_target(small: dict) -> dict:
@@ -131,9 +131,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the tiny random Llama, a few steps (seconds)")
     p.add_argument("--json", type=pathlib.Path, help="where to write the JSON (default benchmarks/results/)")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--eval-every", dest="eval_every", type=int, default=5)
-    p.add_argument("--small-steps", dest="small_steps", type=int, default=60)
+    p.add_argument("--batch", type=int, default=4, help="windows of 128 tokens per step")
+    p.add_argument("--held-out", dest="held_out", type=int, default=16)
+    p.add_argument("--small-steps", dest="small_steps", type=int, default=40)
     p.add_argument("--noise-db", dest="noise_db", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -143,7 +145,8 @@ def main(argv=None) -> dict:
         print(table(json.loads(args.table.read_text())))
         return {}
     s = Settings(parent="tiny" if args.quick else "smollm2", threads=args.threads, seed=args.seed,
-                 steps=args.steps, eval_every=args.eval_every, transform_cost=False)
+                 steps=args.steps, eval_every=args.eval_every, batch=args.batch, held_out=args.held_out,
+                 transform_cost=False)
     small_steps = args.small_steps
     if args.quick:
         s = dataclasses.replace(s, steps=4, eval_every=2, held_out=4, grids={k: v[:1] for k, v in GROWN_GRIDS.items()})

@@ -31,7 +31,7 @@ __all__ = [
     "SizeOffset", "NodeChannels", "NodeLiterals", "NodeReduces", "NodeSliceParts", "NodeAttention", "NodeExpertRows",
     "EXAMPLE_INPUTS", "PARENT_CLASS", "PARENT_CONFIG", "PARENT_LAYER_COUNT", "LAYERS", "CHANNEL_GRAPH",
     "ATTENTION", "UNKNOWN_OPS", "SCORES", "SCORE_SOURCE", "LAYER_RATIOS", "TARGET", "KEEP", "SIZES",
-    "SIZE_CHANGES", "DROP", "DUPLICATE", "RESCALE", "CLONED_READS", "TENSOR_ORIGINS",
+    "SIZE_CHANGES", "FOLDED", "DROP", "DUPLICATE", "RESCALE", "CLONED_READS", "TENSOR_ORIGINS",
     "CHANNELS", "LITERALS", "REDUCES", "SLICE_PARTS", "ATTENTION_OP", "EXPERT_ROWS", "CONTRACTS",
 ]
 
@@ -263,14 +263,16 @@ SIZES = _graph("sizes", "choice", "dict[int, int]", "ChooseKeepPass",
                ["KeepChannelsPass", "RescaleResidualPass", "save_hf"], "the child's size of every static group")
 SIZE_CHANGES = _graph("size_changes", "choice", "tuple[SizeChange, ...]", "ChooseKeepPass", ["save_hf"],
                       "parent → child size of every residual / ffn / latent / heads / kv_heads / head_dim group")
+FOLDED = _graph("folded", "choice", "dict[int, int]", "ChooseKeepPass", ["ScaleClonedReadsPass", "RescaleResidualPass"],
+                "groups whose removed indices are exact copies of kept ones: the copies each kept index stands for")
 DROP = _graph("drop", "choice", "tuple[int, ...]", "ChooseKeepPass", ["DropBlocksPass"],
               "layer indices to remove (emptied once removed)")
 DUPLICATE = _graph("duplicate", "choice", "tuple[int, ...]", "ChooseKeepPass", ["DuplicateLayersPass"],
                    "layer indices to repeat (emptied once repeated)")
 RESCALE = _graph("rescale", "rewrite", "Rescale", "RescaleResidualPass", ["save_hf"],
                  "the residual's √(D/d) and the ε scale")
-CLONED_READS = _graph("cloned_reads", "rewrite", "dict[int, int]", "ScaleClonedReadsPass", ["ScaleClonedReadsPass"],
-                      "copies of each grown group; every weight contracting it was divided by them")
+CLONED_READS = _graph("cloned_reads", "rewrite", "dict[int, float]", "ScaleClonedReadsPass", ["ScaleClonedReadsPass"],
+                      "the factor every weight contracting a grown (1/copies) or folded (copies) group took")
 TENSOR_ORIGINS = _graph("tensor_origins", "trace", "dict[int, tuple[Tensor, TensorOrigin]]",
                         "subclone_checkpoint (a weightless parent); track_origin in the rewrites",
                         ["subclone_checkpoint's writer"],
@@ -294,7 +296,7 @@ CONTRACTS = _node("contracts", "channels", "NodeContracts", "AnalyzeChannelsPass
 
 KEYS: tuple[StateKey, ...] = (
     EXAMPLE_INPUTS, PARENT_CLASS, PARENT_CONFIG, PARENT_LAYER_COUNT, LAYERS, CHANNEL_GRAPH, ATTENTION,
-    UNKNOWN_OPS, SCORES, SCORE_SOURCE, LAYER_RATIOS, TARGET, KEEP, SIZES, SIZE_CHANGES, DROP, DUPLICATE,
+    UNKNOWN_OPS, SCORES, SCORE_SOURCE, LAYER_RATIOS, TARGET, KEEP, SIZES, SIZE_CHANGES, FOLDED, DROP, DUPLICATE,
     RESCALE, CLONED_READS, TENSOR_ORIGINS, CHANNELS, LITERALS, REDUCES, SLICE_PARTS, ATTENTION_OP, EXPERT_ROWS,
     CONTRACTS,
 )

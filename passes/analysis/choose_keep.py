@@ -14,7 +14,10 @@ Decisions (the paper's recipe, ties broken by the lower index, kept indices in o
 5. growth (a size above the parent's, ``analysis/grow.py``): each index cloned; heads as whole kv
    groups with their query heads, and query heads within each group; what cloning cannot keep
    exact is refused (``grow.check_growable``);
-6. layers: ``drop_layers`` as given, else ``depth="middle"`` drops the middle ones and
+6. clones (a grown parent's copies, ``analysis/clones.py``): a group whose indices come in
+   classes of exact copies keeps one representative per class it keeps, the best-scoring
+   classes; ``state.FOLDED`` says how many copies each kept index stands for;
+7. layers: ``drop_layers`` as given, else ``depth="middle"`` drops the middle ones and
    ``depth="measured"`` the ones with the smallest ‖f(x)‖/‖x+f(x)‖ (needs calibration).
 
 Every other group follows (``keep_sets.derive_keep``). A frozen group that would lose an index is
@@ -22,6 +25,7 @@ an error naming the op that froze it.
 
 Writes ``state.TARGET``, ``state.KEEP`` ({group: LongTensor of kept indices}), ``state.SIZES``
 ({group: child size}), ``state.SIZE_CHANGES`` (kind → parent and child size of each group),
+``state.FOLDED`` ({group: copies each kept index stands for}),
 ``state.DROP`` and ``state.DUPLICATE``. ``ensures()``: every residual / ffn group has the target's
 size and the layers left after dropping and repeating are ``Target.layers``.
 """
@@ -36,6 +40,7 @@ from ..infra import SubclonePass
 from ..state import SizeChange
 from ..target import Target, Times, is_fraction, is_relative
 from .channel_graph import ChannelGraph
+from .clones import fold_candidates
 from .grow import check_growable, grow_heads, grow_keep
 from .keep_sets import derive_keep
 
@@ -120,7 +125,18 @@ def _frozen_candidate(graph: ChannelGraph) -> str:
     return ""
 
 
-def _choose_heads(graph, site, target, scores, keep, sizes, selection) -> None:
+def _pick_or_fold(gm, graph, group: int, scores, k: int, selection: str, folded: dict) -> torch.Tensor:
+    """``pick`` — or, where the group's indices are classes of exact copies, one representative
+    of each of the best ``k`` classes (``clones.fold_candidates``), recorded in ``folded``."""
+    found = fold_candidates(gm, graph, group, scores, k)
+    if found is None:
+        return pick(scores, k, selection)
+    representatives, copies = found
+    folded[group] = copies
+    return representatives[pick(scores[..., representatives], k, selection)].sort(dim=-1).values
+
+
+def _choose_heads(graph, site, target, scores, keep, sizes, selection, gm=None, folded=None) -> None:
     hq, kv, rep = site.heads, site.kv_heads, site.rep
     n_heads, n_kv = graph.groups[hq].size, graph.groups[kv].size
     per_group = n_heads // n_kv
@@ -146,20 +162,27 @@ def _choose_heads(graph, site, target, scores, keep, sizes, selection) -> None:
         return
     _not_frozen(graph, hq, "heads")
     head_scores = scores[hq]
+    folded = {} if folded is None else folded
     if rep is None:
-        keep[hq] = pick(head_scores, heads, selection)
+        keep[hq] = _pick_or_fold(gm, graph, hq, head_scores, heads, selection, folded)
         return
     _not_frozen(graph, kv, "kv_heads")
     by_group = head_scores.view(n_kv, per_group)
-    groups = pick(by_group.sum(1), kv_heads, selection)
+    if heads // kv_heads == per_group:      # whole kv groups: a group of clones folds
+        groups = _pick_or_fold(gm, graph, kv, by_group.sum(1), kv_heads, selection, folded)
+    else:
+        groups = pick(by_group.sum(1), kv_heads, selection)
     kept = [g * per_group + r for g in groups.tolist()
             for r in pick(by_group[g], heads // kv_heads, selection).tolist()]
     keep[kv], keep[hq], sizes[rep] = groups, torch.tensor(kept), heads // kv_heads
 
 
-def choose(graph: ChannelGraph, attention, target: Target, scores, selection: str = "score") -> tuple[dict, dict]:
+def choose(graph: ChannelGraph, attention, target: Target, scores, selection: str = "score", gm=None,
+           folded: dict | None = None) -> tuple[dict, dict]:
+    """Keep-sets of the decided groups; ``gm`` (its tensors) lets clones fold into ``folded``."""
     keep: dict[int, torch.Tensor] = {}
     sizes: dict[int, int] = {}
+    folded = {} if folded is None else folded
     for kind, value, what in (("residual", target.hidden, "hidden"), ("ffn", target.ffn, "ffn"),
                               ("latent", target.latent, "latent"), ("experts", target.experts, "experts")):
         groups = [g for g in graph.groups.values() if g.role == kind and g.static]
@@ -177,14 +200,14 @@ def choose(graph: ChannelGraph, attention, target: Target, scores, selection: st
             _check(what, size, group.size, f"{kind} width")
             if size < group.size:
                 _not_frozen(graph, group.id, what)
-                keep[group.id] = pick(scores[group.id], size, selection)
+                keep[group.id] = _pick_or_fold(gm, graph, group.id, scores[group.id], size, selection, folded)
     if (target.heads or target.kv_heads) and not attention:
         raise ValueError("Target.heads: this model has no attention op whose heads could be removed")
     _same_widths("heads", target.heads, [graph.groups[s.heads].size for s in attention], "attention heads")
     _same_widths("kv_heads", target.kv_heads, [graph.groups[s.kv_heads].size for s in attention], "kv heads")
     for site in attention:
         if target.heads is not None or target.kv_heads is not None:
-            _choose_heads(graph, site, target, scores, keep, sizes, selection)
+            _choose_heads(graph, site, target, scores, keep, sizes, selection, gm, folded)
     return keep, sizes
 
 
@@ -228,7 +251,9 @@ class ChooseKeepPass(SubclonePass):
 
     def run(self, gm: fx.GraphModule) -> bool:
         graph = state.CHANNEL_GRAPH.need(gm)
-        keep, sizes = choose(graph, state.ATTENTION.need(gm), self.target, state.SCORES.need(gm), self.selection)
+        folded: dict[int, int] = {}
+        keep, sizes = choose(graph, state.ATTENTION.need(gm), self.target, state.SCORES.need(gm), self.selection,
+                             gm, folded)
         keep, new_sizes = derive_keep(graph, keep, sizes)
         check_growable(gm, graph, keep, new_sizes)
         _enough_to_pick(graph, new_sizes, self.target)
@@ -236,6 +261,7 @@ class ChooseKeepPass(SubclonePass):
         state.KEEP.set(gm, keep)
         state.SIZES.set(gm, new_sizes)
         state.SIZE_CHANGES.set(gm, size_changes(graph, new_sizes))
+        state.FOLDED.set(gm, folded)
         state.DROP.set(gm, tuple(self._drops(gm)))
         state.DUPLICATE.set(gm, tuple(self._duplicates(gm)))
         return False

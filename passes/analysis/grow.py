@@ -41,7 +41,7 @@ from ..fx_utils import module_path
 from .channel_graph import ChannelGraph, ChannelGroup
 
 __all__ = ["clone_index", "grow_keep", "grow_heads", "multiplicity", "grown_groups", "check_growable",
-           "GROWN_KINDS"]
+           "problems", "GROWN_KINDS"]
 
 aten = torch.ops.aten
 
@@ -136,26 +136,31 @@ def _reduction_problem(node: fx.Node) -> str | None:
     return "sums over it: each of the n copies would count"
 
 
-def check_growable(gm: fx.GraphModule, graph: ChannelGraph, keep: dict, sizes: dict) -> None:
-    """Refuse what cloning cannot keep exact (module docstring, cases 1-6)."""
-    grown = grown_groups(graph, keep, sizes)
-    if not grown:
-        return
-    touched = lambda vertices: [graph.find(v) for v in vertices if graph.find(v) in grown]  # noqa: E731
+def problems(gm: fx.GraphModule, graph: ChannelGraph, cloned: dict[int, int | None]):
+    """(node, group, why) for each op over a cloned group (``{group: copies, None: uneven}``)
+    that cloning cannot keep exact (module docstring, cases 1-6)."""
+    touched = lambda vertices: [graph.find(v) for v in vertices if graph.find(v) in cloned]  # noqa: E731
     for node in gm.graph.nodes:
         reduces = state.REDUCES.of(node, graph)
         for g in touched(reduces.vertices if reduces is not None else ()):
-            why = _reduction_problem(node) if grown[g] is not None else "reduces over a width cloned unevenly"
+            why = _reduction_problem(node) if cloned[g] is not None else "reduces over a width cloned unevenly"
             if why is not None:
-                _refuse(node, graph, g, why)
+                yield node, g, why
         contracts = state.CONTRACTS.of(node, graph)
         for g in touched(contracts.vertices if contracts is not None else ()):
             if contracts.weight is None:
-                _refuse(node, graph, g, "contracts two activations over it: no weight to divide by the copies")
-            if grown[g] is None:
-                _refuse(node, graph, g, "contracts a width cloned unevenly: no single divisor makes it exact")
+                yield node, g, "contracts two activations over it: no weight to divide by the copies"
+            elif cloned[g] is None:
+                yield node, g, "contracts a width cloned unevenly: no single divisor makes it exact"
         if node.target in _SOFTMAX:
             channels = state.CHANNELS.of(node.args[0], graph) if isinstance(node.args[0], fx.Node) else None
             dim = node.args[1] if len(node.args) > 1 else -1
-            if channels is not None and channels.groups[dim] in grown:
-                _refuse(node, graph, channels.groups[dim], "takes a softmax over it: the copies share the mass")
+            if channels is not None and channels.groups[dim] in cloned:
+                yield node, channels.groups[dim], "takes a softmax over it: the copies share the mass"
+
+
+def check_growable(gm: fx.GraphModule, graph: ChannelGraph, keep: dict, sizes: dict) -> None:
+    """Refuse what cloning cannot keep exact (module docstring, cases 1-6)."""
+    grown = grown_groups(graph, keep, sizes)
+    for node, group, why in problems(gm, graph, grown) if grown else ():
+        _refuse(node, graph, group, why)

@@ -23,9 +23,14 @@ Cases:
    mean square) — the copies of an input are equal, so the contraction's value is unchanged in
    exact arithmetic; a weight read through a reshape that moves its contracted dim is refused.
 
-Reads ``state.KEEP`` / ``state.SIZES`` / ``state.CHANNEL_GRAPH`` and the node key
-``state.CONTRACTS``; writes ``state.CLONED_READS`` (grown group → copies), so a second run changes
-nothing. ``ensures()``: every contraction over a grown width got its divisor.
+4. the inverse, a fold: a shrink that keeps one copy of each class of clones
+   (``analysis/clones.py``, ``state.FOLDED``) multiplies every weight reading that group by the
+   copies each kept index stands for — ``W[:, i] + W[:, j] = 2·W[:, i]`` for a pair.
+
+Reads ``state.KEEP`` / ``state.SIZES`` / ``state.FOLDED`` / ``state.CHANNEL_GRAPH`` and the node
+key ``state.CONTRACTS``; writes ``state.CLONED_READS`` (group → the factor its readers took), so a
+second run changes nothing. ``ensures()``: every contraction over a grown or folded width got
+its factor.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import torch
 import torch.fx as fx
 
 from .. import state
+from ..analysis.clones import folded_groups
 from ..analysis.grow import grown_groups
 from ..errors import PassError, PostconditionError
 from ..fx_utils import CASTS, VIEWS, WEIGHT_PASS_THROUGH, get_attribute, replace_tensors, same_kind, tensor_arguments
@@ -143,13 +149,15 @@ class ScaleClonedReadsPass(SubclonePass):
 
     def run(self, gm: fx.GraphModule) -> bool:
         graph, keep, sizes = state.CHANNEL_GRAPH.need(gm), state.KEEP.need(gm), state.SIZES.need(gm)
-        grown = grown_groups(graph, keep, sizes)
+        factors = {g: 1.0 / n for g, n in grown_groups(graph, keep, sizes).items()}
+        for g, copies in folded_groups(graph, state.FOLDED.get(gm) or {}).items():
+            factors[g] = factors.get(g, 1.0) * copies
         self.needed, self.handled = set(), set()
-        if not grown or state.CLONED_READS.has(gm):
+        if not factors or state.CLONED_READS.has(gm):
             return False
-        reads = self._reads(gm, graph, grown)
+        reads = self._reads(gm, graph, factors)
         if not reads:
-            state.CLONED_READS.set(gm, dict(grown))
+            state.CLONED_READS.set(gm, factors)
             return False
         if self.noise_snr_db is not None and state.TENSOR_ORIGINS.has(gm):
             raise PassError("ScaleClonedReadsPass: noise_snr_db on a streamed parent: the writer replays "
@@ -160,7 +168,7 @@ class ScaleClonedReadsPass(SubclonePass):
             if len(wanted) == 1 and wanted != {1.0}:
                 node, scale, dims = uses[0]
                 new = scale_attribute(gm, self._attribute(node, gm), scale)
-                if self.noise_snr_db is not None:
+                if self.noise_snr_db is not None and scale < 1:
                     self._add_noise(gm, node, new, dims, graph, keep, generator)
                 self.handled |= {n.name for n, _, _ in uses if n is not None}
                 continue
@@ -168,7 +176,7 @@ class ScaleClonedReadsPass(SubclonePass):
                 if contraction is not None and scale != 1.0:
                     self._scale_operand(gm, graph, contraction, scale)
                     self.handled.add(contraction.name)
-        state.CLONED_READS.set(gm, dict(grown))
+        state.CLONED_READS.set(gm, factors)
         return True
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
@@ -178,21 +186,21 @@ class ScaleClonedReadsPass(SubclonePass):
                                      "was not divided by its copies")
 
     # ----- which weight reads which grown width ----------------------------------------------
-    def _reads(self, gm, graph, grown) -> dict[str, tuple[float, fx.Node, tuple]]:
-        """contraction node name → (1 / copies, its weight's attribute node, contracted dims there)."""
+    def _reads(self, gm, graph, factors) -> dict[str, tuple[float, fx.Node, tuple]]:
+        """contraction node name → (its factor, its weight's attribute node, contracted dims there)."""
         reads = {}
         for node in gm.graph.nodes:
             contracts = state.CONTRACTS.of(node, graph)
             if contracts is None:
                 continue
-            copies = math.prod(grown[graph.find(v)] or 1 for v in contracts.vertices if graph.find(v) in grown)
-            if copies == 1:
+            factor = math.prod(factors[graph.find(v)] for v in contracts.vertices if graph.find(v) in factors)
+            if factor == 1:
                 continue
             if contracts.weight is None:
                 raise PassError(f"ScaleClonedReadsPass: {node.name} contracts two activations over a cloned width "
                                 "(ChooseKeepPass refuses that; was the graph changed since?)")
             attribute, dims = _root(tensor_arguments(node)[contracts.weight], contracts.weight_dims)
-            reads[node.name] = (1.0 / copies, attribute, dims)
+            reads[node.name] = (factor, attribute, dims)
             self.needed.add(node.name)
         return reads
 
