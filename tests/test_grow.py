@@ -18,7 +18,11 @@
 8. refusals, one line each naming the op and module: a sum, a softmax, an unbiased variance and
    a two-activation contraction over a grown width; a width frozen by an op; a size that is no
    multiple; ``Times`` below 2 or on experts;
-9. the pass contract: ``ScaleClonedReadsPass`` run again changes nothing.
+9. the pass contract: ``ScaleClonedReadsPass`` run again changes nothing;
+10. the inverse: a grown child subcloned back to its parent's sizes (scores by weight magnitude,
+    and by calibration) is the parent — one copy of each clone kept, its readers multiplied by
+    the copies (``analysis/clones.py``), no √(D/d); a shrink below the parent's sizes folds and
+    then shrinks as the parent would.
 """
 from __future__ import annotations
 
@@ -332,3 +336,48 @@ def test_scale_cloned_reads_runs_once():
     result = sg.ScaleClonedReadsPass()(child)
     assert result.modified is False and result.graph_module is child
     assert all(torch.equal(weights[k], v) for k, v in child.state_dict().items())
+
+
+# ----- 10. the inverse: grown, then subcloned back ------------------------------------------------
+BACK = {"hidden": 0.5, "ffn": 0.5, "heads": 0.5, "kv_heads": 0.5}
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_grown_then_subcloned_back_is_the_parent(name):
+    model, example, gm = parent(name)
+    target = full_target(gm, name)
+    child = sg.subclone(gm, example, sg.Target(**target))
+    back = sg.subclone(child, example, sg.Target(**{k: BACK[k] for k in target}))
+    assert sg.count_parameters(back) == sg.count_parameters(model)
+    assert set(back.meta[state.FOLDED.name].values()) == {2}
+    assert not back.meta.get(state.RESCALE.name)              # nothing was lost: no √(D/d)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert all(shapes[k] == tuple(v.shape) for k, v in back.state_dict().items() if k in shapes)
+    equal_to_parent(back, model, name)
+
+
+def test_grown_then_subcloned_back_with_calibration_keeps_one_copy_each():
+    model, example, gm = parent("llama")
+    child = sg.subclone(gm, example, sg.Target(**ALL))
+    calibration = [models.make_inputs(model, 4, 16, seed=s) for s in range(3)]
+    back = sg.subclone(child, example, sg.Target(hidden=64, ffn=128, heads=4, kv_heads=2), calibration=calibration)
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key      # the parent's tensors, bit for bit
+    equal_to_parent(back, model, "llama", tolerance=1e-6)
+
+
+def test_a_grown_child_shrunk_below_its_parent_folds_then_shrinks_as_the_parent():
+    model, example, gm = parent("llama")
+    child = sg.subclone(gm, example, sg.Target(**ALL))
+    small = sg.Target(hidden=32, ffn=64, heads=2, kv_heads=1)
+    direct = sg.subclone(gm, example, small)
+    via = sg.subclone(child, example, small)
+    assert via.meta["subclone.rescale"] == direct.meta["subclone.rescale"]
+    assert relative_error(run(via, example), run(direct, example)) < 1e-5
+
+
+def test_distinct_channels_do_not_fold():
+    """A parent without copies shrinks as before: nothing folded."""
+    model, example, gm = parent("llama")
+    child = sg.subclone(gm, example, sg.Target(hidden=32, ffn=64))
+    assert child.meta[state.FOLDED.name] == {}

@@ -23,6 +23,8 @@ Cases (``fold_choice``):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 
@@ -111,14 +113,23 @@ def clone_classes(gm: fx.GraphModule, graph: ChannelGraph, group: int) -> torch.
 
 
 def folded_groups(graph: ChannelGraph, folded: dict[int, int]) -> dict[int, int]:
-    """Each folded group and every factor composite built from it: the copies each kept index of
-    it stands for (a product over its folded parts)."""
-    out: dict[int, int] = {}
-    for group, copies in folded.items():
-        out[group] = out.get(group, 1) * copies
-        for whole in graph.composites_containing(group):
-            if all(rel.kind == "factor" for rel in graph.relations_of(whole)):
-                out[whole] = out.get(whole, 1) * copies
+    """Each folded group and every composite built from folded parts: the copies each kept index
+    of it stands for (a factor multiplies its parts' copies; a concatenation of parts that all
+    stand for the same number keeps it)."""
+    out = dict(folded)
+    changed = True
+    while changed:
+        changed = False
+        for rel in graph.relations:
+            whole, parts = graph.find(rel.whole), graph.part_groups(rel)
+            if whole in out or not any(p in out for p in parts):
+                continue
+            if rel.kind == "factor":
+                out[whole] = math.prod(out.get(p, 1) for p in parts)
+                changed = True
+            elif all(p in out for p in parts) and len({out[p] for p in parts}) == 1:
+                out[whole] = out[parts[0]]
+                changed = True
     return out
 
 
