@@ -20,20 +20,31 @@ from subclone_graph.passes.rewrite import (DropBlocksPass, DuplicateLayersPass, 
                                            ScaleClonedReadsPass)
 from subclone_graph.passes.target import Target
 
-from .device import resolve_device
-from .distributed import DistributedError
-from .tracing import trace
+from subclone_graph.runtime import distributed
+from subclone_graph.runtime.device import resolve_device
+from subclone_graph.runtime.distributed import DistributedError
+from subclone_graph.tracing import trace
 
 __all__ = ["subclone", "subclone_passes", "run_passes", "Target"]
 
 def subclone_passes(target: Target, calibration=None, drop_layers=None, depth: str = "middle",
                     rescale: bool = True, progress=None, selection: str = "score", device=None,
-                    compute_dtype=torch.float32, grow_noise_db: float | None = None) -> list:
-    """The subcloning pipeline as a flat list of passes (each ``call(gm) -> PassResult``)."""
+                    compute_dtype=torch.float32, *, weights=None, store=None,
+                    grow_noise_db: float | None = None) -> list:
+    """The subcloning pipeline as a flat list of passes (each ``call(gm) -> PassResult``).
+
+    One pipeline whatever the weights' source: ``weights`` (default: the traced model's own
+    tensors) is where calibration reads them — a checkpoint reader for ``subclone_checkpoint``,
+    with ``store`` the boundary values' budget. Under ``torch.distributed`` the pass scores this
+    rank's share of ``calibration`` and adds every rank's statistics (``distributed.all_reduce_sums``)."""
+    _check_arguments(target, drop_layers, depth, calibration)
+    own = None if calibration is None else distributed.shard(calibration)
     passes = [
         FindResidualBlocksPass(),
         AnalyzeChannelsPass(),
-        ScoreChannelsPass(calibration, progress=progress, device=device, compute_dtype=compute_dtype),
+        ScoreChannelsPass(own, progress=progress, device=None if device is None else resolve_device(device),
+                          compute_dtype=compute_dtype,
+                          weights=weights, reduce=distributed.all_reduce_sums, store=store),
         ChooseKeepPass(target, drop_layers=drop_layers, depth=depth, selection=selection),
         DropBlocksPass(),
         DuplicateLayersPass(),
@@ -100,16 +111,14 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     where calibration runs, on a moved copy of the traced graph; the child stays on the CPU.
     ``compute_dtype``: what a half-precision model's calibration computes in (None: its own
     dtype; ``passes.analysis.compute_dtype``); the child keeps the model's dtype. Under ``torch.distributed`` each rank calibrates on its share of the batches and the
-    statistics are summed before anything is chosen (``subclone_graph.distributed``). Returns a ``torch.fx.GraphModule`` with real
+    statistics are summed before anything is chosen (``subclone_graph.runtime.distributed``). Returns a ``torch.fx.GraphModule`` with real
     parameters that returns outputs of the parent's structure at any batch and sequence size.
     """
     target = Target() if target is None else target
-    _check_arguments(target, drop_layers, depth, calibration)
     if calibration is not None and iter(calibration) is calibration:
         calibration = list(calibration)     # a one-shot iterator; a re-iterable (a Shard, a TokenStream) streams
-    resolve_device(device)                  # an unavailable device fails before tracing
     passes = subclone_passes(target, calibration, drop_layers, depth, rescale, progress, selection, device,
-                             compute_dtype, grow_noise_db)
+                             compute_dtype, grow_noise_db=grow_noise_db)
     if isinstance(model, fx.GraphModule):
         with warnings.catch_warnings():     # torch's own pytree deprecation, raised by its deepcopy
             warnings.simplefilter("ignore", FutureWarning)
@@ -126,7 +135,7 @@ def _child_becomes_parent(gm: fx.GraphModule) -> None:
     parent config, so that ``save_hf`` of the grandchild matches sizes against the right numbers."""
     if not state.PARENT_CONFIG.has(gm) or not state.SIZES.has(gm):
         return
-    from .hf_export import HFExportError, child_config
+    from subclone_graph.export.hf import HFExportError, child_config
     try:
         state.PARENT_CONFIG.set(gm, child_config(gm))
     except HFExportError as error:

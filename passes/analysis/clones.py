@@ -27,6 +27,7 @@ import math
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import state
 from ..errors import PassError
@@ -92,7 +93,7 @@ def clone_classes(gm: fx.GraphModule, graph: ChannelGraph, group: int) -> torch.
     except PassError:           # a structure the keep-sets cannot lift one index of: no folding
         return None
     found = _tensor_dims(gm, graph, related)
-    if not found or any(t.is_meta or type(t).__name__ == "FakeTensor" for t, _, _ in found):
+    if not found or any(t.is_meta or isinstance(t, FakeTensor) for t, _, _ in found):
         return None
     size = graph.groups[group].size
     keys = [[] for _ in range(size)]

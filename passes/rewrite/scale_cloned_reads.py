@@ -43,8 +43,9 @@ from .. import state
 from ..analysis.clones import folded_groups
 from ..analysis.grow import grown_groups
 from ..errors import PassError, PostconditionError
-from ..fx_utils import CASTS, VIEWS, WEIGHT_PASS_THROUGH, get_attribute, replace_tensors, same_kind, tensor_arguments
+from ..fx_utils import CASTS, VIEWS, WEIGHT_PASS_THROUGH, get_attribute, replace_tensors, tensor_arguments
 from ..infra import SubclonePass
+from ..tensor_edits import Scale, edit_tensor
 
 __all__ = ["ScaleClonedReadsPass", "scale_cloned_reads", "scale_attribute"]
 
@@ -87,13 +88,7 @@ def scale_attribute(gm: fx.GraphModule, node: fx.Node, factor: float, offset: fl
     """Replace the attribute ``node`` reads by ``factor · (c + w) − c`` for a gain ``c + w``
     (``offset`` = c; 0 for a plain weight), under every name; return the new tensor."""
     tensor = get_attribute(gm, node.target)
-    with torch.no_grad():
-        if offset:
-            new = (tensor.detach().float() * factor + offset * (factor - 1)).to(tensor.dtype)
-        else:
-            new = tensor.detach() * factor
-    new = same_kind(tensor, new)
-    state.track_origin(gm, tensor, new, scale=factor, offset=offset * (factor - 1))
+    new = edit_tensor(gm, tensor, [Scale(factor, offset * (factor - 1))])
     replace_tensors(gm, {id(tensor): new})
     return new
 
