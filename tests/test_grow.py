@@ -19,6 +19,9 @@
    a two-activation contraction over a grown width; a width frozen by an op; a size that is no
    multiple; ``Times`` below 2 or on experts;
 9. the pass contract: ``ScaleClonedReadsPass`` run again changes nothing;
+11. the streamed path (``subclone_checkpoint``) writes a grown child of a sharded checkpoint
+    folder bit for bit what ``save_hf`` writes of the in-memory child, and it reloads equal to
+    the parent;
 10. the inverse: a grown child subcloned back to its parent's sizes (scores by weight magnitude,
     and by calibration) is the parent — one copy of each clone kept, its readers multiplied by
     the copies (``analysis/clones.py``), no √(D/d); a shrink below the parent's sizes folds and
@@ -381,3 +384,26 @@ def test_distinct_channels_do_not_fold():
     model, example, gm = parent("llama")
     child = sg.subclone(gm, example, sg.Target(hidden=32, ffn=64))
     assert child.meta[state.FOLDED.name] == {}
+
+
+# ----- 11. the streamed path ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["llama", "gemma", pytest.param("qwen2_moe", marks=pytest.mark.slow),
+                                  pytest.param("gpt2", marks=pytest.mark.slow)])
+def test_the_streamed_path_writes_a_grown_child(name, tmp_path):
+    from subclone_graph.checkpoint.files import CheckpointReader
+
+    model, example, gm = parent(name)
+    target = sg.Target(**full_target(gm, name))
+    model.save_pretrained(tmp_path / "parent", max_shard_size="20KB")
+    reference = sg.subclone(gm, example, target)
+    sg.save_hf(reference, tmp_path / "in-memory")
+    report = sg.subclone_checkpoint(tmp_path / "parent", tmp_path / "child", target, example_inputs=example)
+    assert report.max_difference <= 1e-4
+    written, saved = CheckpointReader(tmp_path / "child"), CheckpointReader(tmp_path / "in-memory")
+    assert set(saved.tensors) <= set(written.tensors)      # the writer also names a tied head
+    for tensor in saved.tensors:
+        assert torch.equal(written.read(tensor), saved.read(tensor)), tensor
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = type(model).from_pretrained(tmp_path / "child").eval()
+    equal_to_parent(back, model, name)
