@@ -23,7 +23,7 @@ def _one_line(error) -> str:
 @pytest.mark.parametrize("target, match", [
     # above the parent's size is a growth by cloning: an integer multiple, or refused
     (dict(hidden=1000), r"Target.hidden=1000 cannot grow a width of 64 by cloning: not a whole multiple of it "
-                        r"\(allowed: 128, 192, …, or Times\(n\)\)"),
+                        r"\(allowed: 128, 192, …, or a factor: Times\(n\), xN on the command line\)"),
     (dict(ffn=4000), r"Target.ffn=4000 cannot grow a width of 128 by cloning"),
     (dict(heads=6), r"Target.heads=6 cannot grow a width of 4 by cloning"),
     (dict(heads=3), r"Target.heads=3 does not fit the kv grouping: the parent has 4 query heads in 2 kv groups"),

@@ -65,7 +65,7 @@ def clone_index(size: int, copies: int) -> torch.Tensor:
 def _copies(name: str, size: int, parent: int, reason: str | None) -> int:
     if size % parent:
         raise ValueError(f"Target.{name}={size} cannot grow a width of {parent} by cloning: not a whole multiple "
-                         f"of it (allowed: {parent * 2}, {parent * 3}, …, or Times(n))")
+                         f"of it (allowed: {parent * 2}, {parent * 3}, …, or a factor: Times(n), xN on the command line)")
     if reason is not None:
         raise ValueError(f"Target.{name} cannot grow this model: {reason}")
     return size // parent
