@@ -47,8 +47,9 @@ def held_out(fn, held: torch.Tensor, device: str) -> float:
     return data.held_out_loss(fn, held.to(device), batch_size=8)
 
 
-def train_run(model, d: dict, s: Settings, lr: float, wd: float, warmup: float, log) -> dict:
-    """Train a copy of ``model``; return its held-out curve, train losses and timings."""
+def train_run(model, d: dict, s: Settings, lr: float, wd: float, warmup: float, log, keep_model: bool = False) -> dict:
+    """Train a copy of ``model``; return its held-out curve, train losses and timings (and the
+    trained copy under ``"model"`` with ``keep_model``: a model trained further, as grow_speed's)."""
     model = copy.deepcopy(model)
     fn = logits_of(model)
     opt, params = _optimizer(model, lr, wd)
@@ -69,8 +70,9 @@ def train_run(model, d: dict, s: Settings, lr: float, wd: float, warmup: float, 
         if step % s.eval_every == 0 or step == s.steps:
             curve.append([step, held_out(fn, d["held"], s.device)])
             log(f"    step {step:4d}  train {train_loss[-1]:.3f}  held-out {curve[-1][1]:.3f}")
-    return {"lr": lr, "weight_decay": wd, "warmup": warmup, "curve": curve, "train_loss": train_loss,
-            "final": curve[-1][1], "seconds": time.perf_counter() - start}
+    result = {"lr": lr, "weight_decay": wd, "warmup": warmup, "curve": curve, "train_loss": train_loss,
+              "final": curve[-1][1], "seconds": time.perf_counter() - start}
+    return {**result, "model": model} if keep_model else result
 
 
 def grid_for(name: str, s: Settings) -> list[tuple]:

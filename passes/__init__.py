@@ -5,16 +5,17 @@ Layout: ``state`` (every metadata key, typed, with its writer and readers), ``er
 ``rules/`` (the per-ATen-op rules), ``analysis/`` (write metadata only: ``FindResidualBlocksPass``,
 ``AnalyzeChannelsPass``, ``ScoreChannelsPass``, ``ChooseKeepPass``) and ``rewrite/`` (read it:
 ``DropBlocksPass``, ``DuplicateLayersPass``, ``KeepChannelsPass``, ``RescaleResidualPass``,
-``MoveToDevicePass``).
+``ScaleClonedReadsPass``, ``MoveToDevicePass``).
 """
 from .analysis import (AnalyzeChannelsPass, ChooseKeepPass, FindResidualBlocksPass, ScoreChannelsPass,
                        analyze_channels)
 from .errors import PassError, PostconditionError, PreconditionError, StaleStateError
-from .rewrite import DropBlocksPass, DuplicateLayersPass, KeepChannelsPass, MoveToDevicePass, RescaleResidualPass
-from .target import Target
+from .rewrite import (DropBlocksPass, DuplicateLayersPass, KeepChannelsPass, MoveToDevicePass, RescaleResidualPass,
+                      ScaleClonedReadsPass)
+from .target import Target, Times
 
 __all__ = [
     "FindResidualBlocksPass", "AnalyzeChannelsPass", "ScoreChannelsPass", "ChooseKeepPass",
     "DropBlocksPass", "DuplicateLayersPass", "KeepChannelsPass", "RescaleResidualPass", "MoveToDevicePass",
-    "Target", "analyze_channels", "PassError", "PreconditionError", "PostconditionError", "StaleStateError",
+    "ScaleClonedReadsPass", "Target", "Times", "analyze_channels", "PassError", "PreconditionError", "PostconditionError", "StaleStateError",
 ]

@@ -27,7 +27,7 @@ import torch.fx as fx
 __all__ = ["module_paths", "module_path", "container_item", "layer_key", "in_module", "attribute_path",
            "plain_size", "same_size", "divides", "quotient", "tensor_shape", "CASTS", "VIEWS",
            "WEIGHT_PASS_THROUGH", "get_attribute", "set_attribute", "same_kind", "replace_tensors",
-           "eval_mode", "as_input_tuple", "written_arguments"]
+           "eval_mode", "as_input_tuple", "written_arguments", "tensor_arguments"]
 
 aten = torch.ops.aten
 
@@ -114,6 +114,15 @@ def quotient(a, b):
     if isinstance(a, int) and isinstance(b, int):
         return a // b
     return sympy.cancel(sympy.sympify(a) / sympy.sympify(b))
+
+
+def tensor_arguments(node: fx.Node) -> list[fx.Node]:
+    """The node's arguments that are tensors, in order: positional, then keyword, lists flattened."""
+    out = []
+    for a in [*node.args, *node.kwargs.values()]:
+        items = a if isinstance(a, (list, tuple)) else [a]
+        out.extend(x for x in items if isinstance(x, fx.Node) and tensor_shape(x) is not None)
+    return out
 
 
 def tensor_shape(value) -> tuple | None:

@@ -31,8 +31,8 @@ __all__ = [
     "SizeOffset", "NodeChannels", "NodeLiterals", "NodeReduces", "NodeSliceParts", "NodeAttention", "NodeExpertRows",
     "EXAMPLE_INPUTS", "PARENT_CLASS", "PARENT_CONFIG", "PARENT_LAYER_COUNT", "LAYERS", "CHANNEL_GRAPH",
     "ATTENTION", "UNKNOWN_OPS", "SCORES", "SCORE_SOURCE", "LAYER_RATIOS", "TARGET", "KEEP", "SIZES",
-    "SIZE_CHANGES", "DROP", "DUPLICATE", "RESCALE", "TENSOR_ORIGINS",
-    "CHANNELS", "LITERALS", "REDUCES", "SLICE_PARTS", "ATTENTION_OP", "EXPERT_ROWS",
+    "SIZE_CHANGES", "FOLDED", "DROP", "DUPLICATE", "RESCALE", "CLONED_READS", "TENSOR_ORIGINS",
+    "CHANNELS", "LITERALS", "REDUCES", "SLICE_PARTS", "ATTENTION_OP", "EXPERT_ROWS", "CONTRACTS",
 ]
 
 T = TypeVar("T")
@@ -147,6 +147,21 @@ class NodeExpertRows:
     channels: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class NodeContracts:
+    """A contraction (a matmul, linear, convolution, einsum): the vertices of the contracted
+    dims of its activation operand, that operand's position among the node's tensor arguments
+    (``RuleContext.tensor_args``: positions, not names, stay right in a copied layer), and the
+    operand on the other side (``weight``: its position, a module attribute read through views
+    and casts; ``None`` when the other side is an activation too) with its contracted dims."""
+
+    token: int
+    vertices: tuple[int, ...]
+    operand: int | None
+    weight: int | None
+    weight_dims: tuple[int, ...]
+
+
 # ----- keys -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StateKey(Generic[T]):
@@ -235,12 +250,16 @@ SIZES = _graph("sizes", "choice", "dict[int, int]", "ChooseKeepPass",
                ["KeepChannelsPass", "RescaleResidualPass", "save_hf"], "the child's size of every static group")
 SIZE_CHANGES = _graph("size_changes", "choice", "tuple[SizeChange, ...]", "ChooseKeepPass", ["save_hf"],
                       "parent → child size of every residual / ffn / latent / heads / kv_heads / head_dim group")
+FOLDED = _graph("folded", "choice", "dict[int, int]", "ChooseKeepPass", ["ScaleClonedReadsPass", "RescaleResidualPass"],
+                "groups whose removed indices are exact copies of kept ones: the copies each kept index stands for")
 DROP = _graph("drop", "choice", "tuple[int, ...]", "ChooseKeepPass", ["DropBlocksPass"],
               "layer indices to remove (emptied once removed)")
 DUPLICATE = _graph("duplicate", "choice", "tuple[int, ...]", "ChooseKeepPass", ["DuplicateLayersPass"],
                    "layer indices to repeat (emptied once repeated)")
 RESCALE = _graph("rescale", "rewrite", "Rescale", "RescaleResidualPass", ["save_hf"],
                  "the residual's √(D/d) and the ε scale")
+CLONED_READS = _graph("cloned_reads", "rewrite", "dict[int, float]", "ScaleClonedReadsPass", ["ScaleClonedReadsPass"],
+                      "the factor every weight contracting a grown (1/copies) or folded (copies) group took")
 TENSOR_ORIGINS = _graph("tensor_origins", "trace", "dict[int, tuple[Tensor, EditProgram]]",
                         "weightless_parent (a streamed parent); tensor_edits.edit_tensor in the rewrites",
                         ["CheckpointWeights (calibration, the writer)"],
@@ -259,11 +278,14 @@ ATTENTION_OP = _node("attention_op", "channels", "NodeAttention", "AnalyzeChanne
 
 EXPERT_ROWS = _node("expert_rows", "channels", "NodeExpertRows", "AnalyzeChannelsPass (op rules)",
                     ["AnalyzeChannelsPass", "ScoreChannelsPass"], "a grouped matmul's expert-sorted rows and offsets")
+CONTRACTS = _node("contracts", "channels", "NodeContracts", "AnalyzeChannelsPass (op rules)",
+                   ["ChooseKeepPass", "ScaleClonedReadsPass"], "a contraction's contracted dims and weight operand")
 
 KEYS: tuple[StateKey, ...] = (
     EXAMPLE_INPUTS, PARENT_CLASS, PARENT_CONFIG, PARENT_LAYER_COUNT, LAYERS, CHANNEL_GRAPH, ATTENTION,
-    UNKNOWN_OPS, SCORES, SCORE_SOURCE, LAYER_RATIOS, TARGET, KEEP, SIZES, SIZE_CHANGES, DROP, DUPLICATE,
-    RESCALE, TENSOR_ORIGINS, CHANNELS, LITERALS, REDUCES, SLICE_PARTS, ATTENTION_OP, EXPERT_ROWS,
+    UNKNOWN_OPS, SCORES, SCORE_SOURCE, LAYER_RATIOS, TARGET, KEEP, SIZES, SIZE_CHANGES, FOLDED, DROP, DUPLICATE,
+    RESCALE, CLONED_READS, TENSOR_ORIGINS, CHANNELS, LITERALS, REDUCES, SLICE_PARTS, ATTENTION_OP, EXPERT_ROWS,
+    CONTRACTS,
 )
 
 

@@ -18,6 +18,12 @@ child's kv heads are ``kv_heads × parent kv heads`` rounded so; its query heads
 per group). ``layers`` as a fraction keeps that share of the parent's residual layers.
 An absolute count on a model whose groups of that kind differ in width is refused (the error
 lists the widths and suggests the fraction).
+
+Growing (HyperCloning, arXiv 2409.12903): a width above the parent's — an absolute count that
+is an integer multiple of it, or ``Times(n)`` (``n`` copies of *every* group of that kind) —
+clones each channel, neuron, head or kv group ``n`` times, preserving the function exactly
+(``passes/analysis/grow.py``). ``Times`` applies to ``hidden``, ``ffn``, ``latent``, ``heads``
+and ``kv_heads``; deeper is ``layers`` above the parent's (layers repeated).
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-__all__ = ["Target", "TARGET_FIELDS", "relative_size", "is_fraction"]
+__all__ = ["Target", "Times", "TARGET_FIELDS", "relative_size", "is_fraction", "is_relative"]
 
 TARGET_FIELDS = ("hidden", "layers", "heads", "kv_heads", "ffn", "latent", "experts")
 
@@ -33,6 +39,28 @@ TARGET_FIELDS = ("hidden", "layers", "heads", "kv_heads", "ffn", "latent", "expe
 def is_fraction(value) -> bool:
     """A relative target (a float in (0, 1)), as opposed to an absolute count."""
     return isinstance(value, float)
+
+
+@dataclass(frozen=True)
+class Times:
+    """A growth factor: ``Target(hidden=Times(2))`` clones every group of that kind twice over
+    (an integer of at least 2: a whole number of copies is what keeps the function exact)."""
+
+    factor: int
+
+    def __post_init__(self):
+        if isinstance(self.factor, bool) or not isinstance(self.factor, numbers.Integral) or self.factor < 2:
+            raise ValueError(f"Times({self.factor!r}): a growth factor is an integer of at least 2 "
+                             "(each channel cloned that many times)")
+        object.__setattr__(self, "factor", int(self.factor))
+
+    def __str__(self) -> str:
+        return f"x{self.factor}"
+
+
+def is_relative(value) -> bool:
+    """A target resolved per group (a fraction or a ``Times`` factor), not an absolute count."""
+    return isinstance(value, (float, Times))
 
 
 def relative_size(fraction: float, size: int, multiple: int = 1) -> int:
@@ -57,8 +85,11 @@ class Target:
     def __post_init__(self):
         for name in TARGET_FIELDS:
             value = getattr(self, name)
-            if value is None:
+            if value is None or isinstance(value, Times) and name != "experts":
                 continue
+            if isinstance(value, Times):
+                raise ValueError(f"Target.experts={value}: experts are not grown (a router's softmax and "
+                                 "top-k over cloned experts would change what each token gets)")
             if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
                 if not 0.0 < float(value) < 1.0:
                     raise ValueError(f"Target.{name}={value}: a fraction must lie in (0, 1) "
@@ -66,7 +97,7 @@ class Target:
                 object.__setattr__(self, name, float(value))
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"Target.{name} must be an int, a fraction in (0, 1) or None, "
+                raise TypeError(f"Target.{name} must be an int, a fraction in (0, 1), Times(n) or None, "
                                 f"got {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"Target.{name}={value}: must be at least 1 (or None to keep the parent's)")
@@ -76,6 +107,8 @@ class Target:
         """The child's size of one group of kind ``name`` whose parent size is ``parent_size``
         (``None``: keep it); an absolute count is returned as given."""
         value = getattr(self, name)
+        if isinstance(value, Times):
+            return value.factor * parent_size
         if value is None or not is_fraction(value):
             return value
         return relative_size(value, parent_size)

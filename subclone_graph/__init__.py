@@ -43,6 +43,7 @@ _EXPORTS = {
     "FindResidualBlocksPass": "passes", "AnalyzeChannelsPass": "passes", "ScoreChannelsPass": "passes",
     "ChooseKeepPass": "passes", "DropBlocksPass": "passes", "DuplicateLayersPass": "passes",
     "KeepChannelsPass": "passes", "RescaleResidualPass": "passes", "MoveToDevicePass": "passes",
+    "ScaleClonedReadsPass": "passes", "Times": "passes",
     "ChannelGraph": "passes.analysis.channel_graph", "ChannelGroup": "passes.analysis.channel_graph",
     "move_to_device": "passes.rewrite.move_to_device",
 }
@@ -77,7 +78,8 @@ if TYPE_CHECKING:  # what the names are, for readers and type checkers
     from subclone_graph.passes import (AnalyzeChannelsPass, ChooseKeepPass, DropBlocksPass, DuplicateLayersPass,
                                        FindResidualBlocksPass, KeepChannelsPass, MoveToDevicePass, PassError,
                                        PostconditionError, PreconditionError, RescaleResidualPass,
-                                       ScoreChannelsPass, StaleStateError, Target, analyze_channels)
+                                       ScaleClonedReadsPass, ScoreChannelsPass, StaleStateError, Target, Times,
+                                       analyze_channels)
     from subclone_graph.passes.analysis.channel_graph import ChannelGraph, ChannelGroup
     from subclone_graph.passes.rewrite.move_to_device import move_to_device
     from subclone_graph.tracing import TraceError, trace

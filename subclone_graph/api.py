@@ -2,7 +2,7 @@
 
 The pipeline reads like the method (each step a pass, logged by name):
 trace → find residual blocks → analyse channels → score → choose → drop layers → keep
-channels → rescale √(D/d) → check the child.
+channels → rescale √(D/d) → divide the reads of grown widths → check the child.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from subclone_graph.passes import state
 from subclone_graph.passes.analysis import AnalyzeChannelsPass, ChooseKeepPass, FindResidualBlocksPass, ScoreChannelsPass
 from subclone_graph.passes.errors import PassError
 from subclone_graph.passes.infra import log
-from subclone_graph.passes.rewrite import DropBlocksPass, DuplicateLayersPass, KeepChannelsPass, RescaleResidualPass
+from subclone_graph.passes.rewrite import (DropBlocksPass, DuplicateLayersPass, KeepChannelsPass, RescaleResidualPass,
+                                           ScaleClonedReadsPass)
 from subclone_graph.passes.target import Target
 
 from subclone_graph.runtime import distributed
@@ -28,7 +29,8 @@ __all__ = ["subclone", "subclone_passes", "run_passes", "Target"]
 
 def subclone_passes(target: Target, calibration=None, drop_layers=None, depth: str = "middle",
                     rescale: bool = True, progress=None, selection: str = "score", device=None,
-                    compute_dtype=torch.float32, *, weights=None, store=None) -> list:
+                    compute_dtype=torch.float32, *, weights=None, store=None,
+                    grow_noise_db: float | None = None) -> list:
     """The subcloning pipeline as a flat list of passes (each ``call(gm) -> PassResult``).
 
     One pipeline whatever the weights' source: ``weights`` (default: the traced model's own
@@ -50,6 +52,7 @@ def subclone_passes(target: Target, calibration=None, drop_layers=None, depth: s
     ]
     if rescale:
         passes.append(RescaleResidualPass())
+    passes.append(ScaleClonedReadsPass(noise_snr_db=grow_noise_db))
     return passes
 
 
@@ -94,7 +97,7 @@ def _check_arguments(target, drop_layers, depth, calibration) -> None:
 def subclone(model, example_inputs, target: Target | None = None, calibration=None, drop_layers=None, *,
              depth: str = "middle", rescale: bool = True, selection: str = "score",
              example_kwargs: dict | None = None, progress=None, device=None,
-             compute_dtype=torch.float32) -> fx.GraphModule:
+             compute_dtype=torch.float32, grow_noise_db: float | None = None) -> fx.GraphModule:
     """Initialise a smaller child from ``model`` (weight subcloning, arXiv 2312.09299).
 
     ``calibration`` is an iterable of input tuples like ``example_inputs``; without it, channels
@@ -102,7 +105,9 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     smallest ‖f(x)‖/‖x+f(x)‖ on the calibration data —, or ``first`` layers kept); a
     ``Target.layers`` above the parent's duplicates middle layers. ``selection="first"`` or
     ``"uniform"`` picks channels without scores (ablation / weight-selection baselines);
-    ``rescale=False`` skips the √(D/d) factor. ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``):
+    ``rescale=False`` skips the √(D/d) factor. A target above the parent's size grows that width
+    by cloning, exactly (HyperCloning); ``grow_noise_db`` adds the paper's symmetry-breaking noise
+    at that signal-to-noise ratio in dB, cancelling over the copies (``ScaleClonedReadsPass``). ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``):
     where calibration runs, on a moved copy of the traced graph; the child stays on the CPU.
     ``compute_dtype``: what a half-precision model's calibration computes in (None: its own
     dtype; ``passes.analysis.compute_dtype``); the child keeps the model's dtype. Under ``torch.distributed`` each rank calibrates on its share of the batches and the
@@ -113,7 +118,7 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     if calibration is not None and iter(calibration) is calibration:
         calibration = list(calibration)     # a one-shot iterator; a re-iterable (a Shard, a TokenStream) streams
     passes = subclone_passes(target, calibration, drop_layers, depth, rescale, progress, selection, device,
-                             compute_dtype)
+                             compute_dtype, grow_noise_db=grow_noise_db)
     if isinstance(model, fx.GraphModule):
         with warnings.catch_warnings():     # torch's own pytree deprecation, raised by its deepcopy
             warnings.simplefilter("ignore", FutureWarning)

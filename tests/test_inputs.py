@@ -21,11 +21,15 @@ def _one_line(error) -> str:
 
 
 @pytest.mark.parametrize("target, match", [
-    (dict(hidden=1000), r"Target.hidden=1000 is larger than the parent's residual width \(64\); allowed: 1..64"),
-    (dict(ffn=4096), r"Target.ffn=4096 is larger than the parent's ffn width \(128\)"),
-    (dict(heads=8), r"Target.heads=8 is larger than the parent's query heads per layer \(4\)"),
+    # above the parent's size is a growth by cloning: an integer multiple, or refused
+    (dict(hidden=1000), r"Target.hidden=1000 cannot grow a width of 64 by cloning: not a whole multiple of it "
+                        r"\(allowed: 128, 192, …, or a factor: Times\(n\), xN on the command line\)"),
+    (dict(ffn=4000), r"Target.ffn=4000 cannot grow a width of 128 by cloning"),
+    (dict(heads=6), r"Target.heads=6 cannot grow a width of 4 by cloning"),
     (dict(heads=3), r"Target.heads=3 does not fit the kv grouping: the parent has 4 query heads in 2 kv groups"),
-    (dict(heads=4, kv_heads=3), r"Target.kv_heads=3 is larger than the parent's kv heads per layer \(2\)"),
+    (dict(heads=4, kv_heads=3), r"Target.heads=4 does not fit the kv grouping: 3 kv groups"),
+    (dict(heads=4, kv_heads=4), r"growing one of query heads and kv heads while shrinking the other is refused"),
+    (dict(experts=8), r"this model has no experts channel group"),
 ])
 def test_impossible_targets_name_the_field(parent, target, match):
     model, inputs = parent
@@ -39,7 +43,7 @@ def test_zero_or_negative_sizes_are_refused(field):
     with pytest.raises(ValueError, match=rf"Target.{field}=0: must be at least 1") as error:
         sg.Target(**{field: 0})
     _one_line(error)
-    with pytest.raises(TypeError, match=rf"Target.{field} must be an int, a fraction in \(0, 1\) or None, got str"):
+    with pytest.raises(TypeError, match=rf"Target.{field} must be an int, a fraction in \(0, 1\), Times\(n\) or None, got str"):
         sg.Target(**{field: "8"})
 
 

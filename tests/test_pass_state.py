@@ -193,7 +193,7 @@ def test_graph_and_node_keys_never_share_a_name():
 def test_run_passes_names_the_pass_and_keeps_the_users_error_type():
     model, inputs = models.build("llama_like")
     gm = sg.trace(model, inputs)
-    passes = sg.subclone_passes(sg.Target(hidden=10_000))
-    with pytest.raises(ValueError, match=r"^ChooseKeepPass: Target.hidden=10000 is larger"):
+    passes = sg.subclone_passes(sg.Target(hidden=10_001))      # above the parent's 64, not a multiple of it
+    with pytest.raises(ValueError, match=r"^ChooseKeepPass: Target.hidden=10001 cannot grow a width of 64"):
         sg.run_passes(gm, passes)
 

@@ -11,7 +11,13 @@ Decisions (the paper's recipe, ties broken by the lower index, kept indices in o
 4. heads: per attention op, the ``kv_heads`` best kv groups (a group scores the sum of its query
    heads), then in each kept group its ``heads / kv_heads`` best query heads (query head ``r`` of
    kv group ``g`` is head ``g · (parent's heads per group) + r``);
-5. layers: ``drop_layers`` as given, else ``depth="middle"`` drops the middle ones and
+5. growth (a size above the parent's, ``analysis/grow.py``): each index cloned; heads as whole kv
+   groups with their query heads, and query heads within each group; what cloning cannot keep
+   exact is refused (``grow.check_growable``);
+6. clones (a grown parent's copies, ``analysis/clones.py``): a group whose indices come in
+   classes of exact copies keeps one representative per class it keeps, the best-scoring
+   classes; ``state.FOLDED`` says how many copies each kept index stands for;
+7. layers: ``drop_layers`` as given, else ``depth="middle"`` drops the middle ones and
    ``depth="measured"`` the ones with the smallest ‖f(x)‖/‖x+f(x)‖ (needs calibration).
 
 Every other group follows (``keep_sets.derive_keep``). A frozen group that would lose an index is
@@ -19,6 +25,7 @@ an error naming the op that froze it.
 
 Writes ``state.TARGET``, ``state.KEEP`` ({group: LongTensor of kept indices}), ``state.SIZES``
 ({group: child size}), ``state.SIZE_CHANGES`` (kind → parent and child size of each group),
+``state.FOLDED`` ({group: copies each kept index stands for}),
 ``state.DROP`` and ``state.DUPLICATE``. ``ensures()``: every residual / ffn group has the target's
 size and the layers left after dropping and repeating are ``Target.layers``.
 """
@@ -31,8 +38,10 @@ from .. import state
 from ..errors import PassError, PostconditionError, PreconditionError
 from ..infra import SubclonePass
 from ..state import SizeChange
-from ..target import Target, is_fraction
+from ..target import Target, Times, is_fraction, is_relative
 from .channel_graph import ChannelGraph
+from .clones import fold_candidates
+from .grow import check_growable, grow_heads, grow_keep
 from .keep_sets import derive_keep
 
 __all__ = ["ChooseKeepPass", "choose", "top_k", "pick", "middle_layers", "SELECTIONS", "DEPTHS"]
@@ -70,7 +79,7 @@ def _check(name: str, value: int | None, limit: int, what: str) -> None:
 def _same_widths(name: str, value, widths, kind: str) -> None:
     """An absolute count needs every group of its kind to have one parent width."""
     widths = sorted(set(widths))
-    if value is not None and not is_fraction(value) and len(widths) > 1:
+    if value is not None and not is_relative(value) and len(widths) > 1:
         raise ValueError(f"Target.{name}={value} is an absolute count, but this model's {kind} groups differ in "
                          f"width ({', '.join(map(str, widths))}); give a fraction such as Target({name}=0.5) "
                          "to keep that share of each")
@@ -80,6 +89,10 @@ def _head_counts(target: Target, n_heads: int, n_kv: int, grouped: bool) -> tupl
     """(heads, kv_heads) of one attention op with fractions resolved (module docstring of target.py):
     kv heads round on their own; query heads to a multiple of the child's kv heads."""
     heads, kv_heads = target.heads, target.kv_heads
+    if isinstance(kv_heads, Times):
+        kv_heads = kv_heads.factor * n_kv
+    if isinstance(heads, Times):
+        heads = heads.factor * n_heads
     if is_fraction(kv_heads):
         kv_heads = target.size_of("kv_heads", n_kv)
     if is_fraction(heads):
@@ -112,13 +125,22 @@ def _frozen_candidate(graph: ChannelGraph) -> str:
     return ""
 
 
-def _choose_heads(graph, site, target, scores, keep, sizes, selection) -> None:
+def _pick_or_fold(gm, graph, group: int, scores, k: int, selection: str, folded: dict) -> torch.Tensor:
+    """``pick`` — or, where the group's indices are classes of exact copies, one representative
+    of each of the best ``k`` classes (``clones.fold_candidates``), recorded in ``folded``."""
+    found = fold_candidates(gm, graph, group, scores, k)
+    if found is None:
+        return pick(scores, k, selection)
+    representatives, copies = found
+    folded[group] = copies
+    return representatives[pick(scores[..., representatives], k, selection)].sort(dim=-1).values
+
+
+def _choose_heads(graph, site, target, scores, keep, sizes, selection, gm=None, folded=None) -> None:
     hq, kv, rep = site.heads, site.kv_heads, site.rep
     n_heads, n_kv = graph.groups[hq].size, graph.groups[kv].size
     per_group = n_heads // n_kv
     heads, kv_heads = _head_counts(target, n_heads, n_kv, rep is not None)
-    _check("heads", heads, n_heads, "query heads per layer")
-    _check("kv_heads", kv_heads, n_kv, "kv heads per layer")
     if rep is None and heads is not None and kv_heads is not None and heads != kv_heads:
         raise ValueError(f"Target.kv_heads={kv_heads} must equal Target.heads={heads}: this model's "
                          "attention has no kv grouping (every query head has its own key and value)")
@@ -128,6 +150,11 @@ def _choose_heads(graph, site, target, scores, keep, sizes, selection) -> None:
         heads = kv_heads * per_group        # the parent's query heads per kv head
     if kv_heads is None:
         kv_heads = n_kv                     # the parent's kv heads
+    if heads > n_heads or kv_heads > n_kv:
+        grow_heads(graph, site, heads, kv_heads, keep, sizes)
+        return
+    _check("heads", heads, n_heads, "query heads per layer")
+    _check("kv_heads", kv_heads, n_kv, "kv heads per layer")
     if heads % kv_heads or heads // kv_heads > per_group:
         raise ValueError(f"Target.heads={heads} does not fit the kv grouping: the parent has {n_heads} query heads "
                          f"in {n_kv} kv groups, the child {kv_heads}; heads must be kv_heads × (1..{per_group})")
@@ -135,20 +162,27 @@ def _choose_heads(graph, site, target, scores, keep, sizes, selection) -> None:
         return
     _not_frozen(graph, hq, "heads")
     head_scores = scores[hq]
+    folded = {} if folded is None else folded
     if rep is None:
-        keep[hq] = pick(head_scores, heads, selection)
+        keep[hq] = _pick_or_fold(gm, graph, hq, head_scores, heads, selection, folded)
         return
     _not_frozen(graph, kv, "kv_heads")
     by_group = head_scores.view(n_kv, per_group)
-    groups = pick(by_group.sum(1), kv_heads, selection)
+    if heads // kv_heads == per_group:      # whole kv groups: a group of clones folds
+        groups = _pick_or_fold(gm, graph, kv, by_group.sum(1), kv_heads, selection, folded)
+    else:
+        groups = pick(by_group.sum(1), kv_heads, selection)
     kept = [g * per_group + r for g in groups.tolist()
             for r in pick(by_group[g], heads // kv_heads, selection).tolist()]
     keep[kv], keep[hq], sizes[rep] = groups, torch.tensor(kept), heads // kv_heads
 
 
-def choose(graph: ChannelGraph, attention, target: Target, scores, selection: str = "score") -> tuple[dict, dict]:
+def choose(graph: ChannelGraph, attention, target: Target, scores, selection: str = "score", gm=None,
+           folded: dict | None = None) -> tuple[dict, dict]:
+    """Keep-sets of the decided groups; ``gm`` (its tensors) lets clones fold into ``folded``."""
     keep: dict[int, torch.Tensor] = {}
     sizes: dict[int, int] = {}
+    folded = {} if folded is None else folded
     for kind, value, what in (("residual", target.hidden, "hidden"), ("ffn", target.ffn, "ffn"),
                               ("latent", target.latent, "latent"), ("experts", target.experts, "experts")):
         groups = [g for g in graph.groups.values() if g.role == kind and g.static]
@@ -160,17 +194,20 @@ def choose(graph: ChannelGraph, attention, target: Target, scores, selection: st
         _same_widths(what, value, [g.size for g in groups], kind)
         for group in groups:
             size = target.size_of(what, group.size)
+            if size > group.size and kind != "experts":
+                keep[group.id] = grow_keep(group, size, what)
+                continue
             _check(what, size, group.size, f"{kind} width")
             if size < group.size:
                 _not_frozen(graph, group.id, what)
-                keep[group.id] = pick(scores[group.id], size, selection)
+                keep[group.id] = _pick_or_fold(gm, graph, group.id, scores[group.id], size, selection, folded)
     if (target.heads or target.kv_heads) and not attention:
         raise ValueError("Target.heads: this model has no attention op whose heads could be removed")
     _same_widths("heads", target.heads, [graph.groups[s.heads].size for s in attention], "attention heads")
     _same_widths("kv_heads", target.kv_heads, [graph.groups[s.kv_heads].size for s in attention], "kv heads")
     for site in attention:
         if target.heads is not None or target.kv_heads is not None:
-            _choose_heads(graph, site, target, scores, keep, sizes, selection)
+            _choose_heads(graph, site, target, scores, keep, sizes, selection, gm, folded)
     return keep, sizes
 
 
@@ -214,13 +251,17 @@ class ChooseKeepPass(SubclonePass):
 
     def run(self, gm: fx.GraphModule) -> bool:
         graph = state.CHANNEL_GRAPH.need(gm)
-        keep, sizes = choose(graph, state.ATTENTION.need(gm), self.target, state.SCORES.need(gm), self.selection)
+        folded: dict[int, int] = {}
+        keep, sizes = choose(graph, state.ATTENTION.need(gm), self.target, state.SCORES.need(gm), self.selection,
+                             gm, folded)
         keep, new_sizes = derive_keep(graph, keep, sizes)
+        check_growable(gm, graph, keep, new_sizes)
         _enough_to_pick(graph, new_sizes, self.target)
         state.TARGET.set(gm, self.target)
         state.KEEP.set(gm, keep)
         state.SIZES.set(gm, new_sizes)
         state.SIZE_CHANGES.set(gm, size_changes(graph, new_sizes))
+        state.FOLDED.set(gm, folded)
         state.DROP.set(gm, tuple(self._drops(gm)))
         state.DUPLICATE.set(gm, tuple(self._duplicates(gm)))
         return False

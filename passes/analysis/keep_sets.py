@@ -9,7 +9,7 @@ kept index of the parts before it.
 
 Cases (``derive_keep``):
 1. phase 0: only what decisions imply; phase 1: undecided parts of relations that carry a
-   decision (a kept subset) are filled first, so they win over relations that would keep a
+   decision (a kept subset, or a grown one's clones) are filled first, so they win over relations that would keep a
    group whole; phase 2: fill all;
 2. a decided concatenation passes each undecided part the indices in its range (a fused qkv kept
    per head gives its ``cat(q_bias, k_bias, v_bias)`` parts their heads);
@@ -47,7 +47,7 @@ def derive_keep(graph: ChannelGraph, keep: dict, sizes: dict) -> tuple[dict, dic
                     # a part decided to stay whole (a GQA repeat kept at full size) keeps every index
                     if p not in keep and sizes.get(p) == graph.groups[p].size:
                         keep[p] = full(p)
-                carries_decision = any(p in keep and keep[p].shape[-1] < graph.groups[p].size for p in parts)
+                carries_decision = any(p in keep and keep[p].shape[-1] != graph.groups[p].size for p in parts)
                 if (phase == 2 or phase == 1 and carries_decision) and any(p not in keep and p not in sizes
                                                                             for p in parts):
                     for p in parts:
@@ -63,7 +63,7 @@ def derive_keep(graph: ChannelGraph, keep: dict, sizes: dict) -> tuple[dict, dic
         if group.static and gid not in new_sizes:
             new_sizes[gid] = group.size
         if group.reason is not None and group.static and new_sizes[gid] != group.size:
-            raise ValueError(f"cannot shrink a group of size {group.size}: {group.reason}")
+            raise ValueError(f"cannot {'grow' if new_sizes[gid] > group.size else 'shrink'} a group of size {group.size}: {group.reason}")
     return keep, new_sizes
 
 

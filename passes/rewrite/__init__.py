@@ -1,7 +1,8 @@
 """Rewrite passes: they read the analysis' metadata and change the graph and its tensors, in
 place, each checking its invariant on the result (``ensures()``).
 
-``DropBlocksPass`` → ``DuplicateLayersPass`` → ``KeepChannelsPass`` → ``RescaleResidualPass``;
+``DropBlocksPass`` → ``DuplicateLayersPass`` → ``KeepChannelsPass`` → ``RescaleResidualPass`` →
+``ScaleClonedReadsPass`` (a grown width's reads divided by its copies);
 ``MoveToDevicePass`` moves a child to another device.
 """
 from .drop_blocks import DropBlocksPass, drop_blocks
@@ -9,6 +10,8 @@ from .duplicate_layers import DuplicateLayersPass, duplicate_layers
 from .keep_channels import KeepChannelsPass, keep_channels
 from .move_to_device import MoveToDevicePass, move_to_device
 from .rescale_residual import RescaleResidualPass, rescale_residual
+from .scale_cloned_reads import ScaleClonedReadsPass, scale_cloned_reads
 
-__all__ = ["DropBlocksPass", "DuplicateLayersPass", "KeepChannelsPass", "RescaleResidualPass", "MoveToDevicePass",
-           "drop_blocks", "duplicate_layers", "keep_channels", "move_to_device", "rescale_residual"]
+__all__ = ["DropBlocksPass", "DuplicateLayersPass", "KeepChannelsPass", "RescaleResidualPass", "ScaleClonedReadsPass",
+           "MoveToDevicePass", "drop_blocks", "duplicate_layers", "keep_channels", "move_to_device",
+           "rescale_residual", "scale_cloned_reads"]

@@ -1,7 +1,8 @@
 """Rewrite: keep only the chosen channels — slice tensors, rewrite every literal size.
 
 Invariant: after the pass, every attribute (parameter, buffer, computed constant) has, along
-each dim, the kept indices of that dim's group in order, and every literal size an op holds
+each dim, the kept indices of that dim's group in order (an index kept several times — a
+grown width's clones, ``analysis/grow.py`` — gathered as often), and every literal size an op holds
 (view/reshape/expand shapes, split sizes, repeat counts, slice bounds, creation shapes) equals
 the new size of the group it names. A dim whose group keeps everything is untouched.
 
@@ -43,13 +44,18 @@ __all__ = ["KeepChannelsPass", "keep_channels"]
 aten = torch.ops.aten
 
 
+def _keeps_all(kept: torch.Tensor, size: int) -> bool:
+    """The keep-set is every index once, in order: nothing to gather."""
+    return kept.shape[-1] == size and bool((kept == torch.arange(size)).all())
+
+
 def _takes(gm, graph, keep, node, old) -> list[Take]:
     """The takes of one attribute: per expert first (before any cut of the expert dim), then plain."""
     channels = state.CHANNELS.of(node, graph)
     cuts, per_expert = [], []
     for d, g in enumerate(channels.groups):
         # a dim already at its kept size was sliced by an earlier run: the pass is idempotent
-        if g not in keep or keep[g].shape[-1] >= graph.groups[g].size or old.shape[d] != graph.groups[g].size:
+        if g not in keep or _keeps_all(keep[g], graph.groups[g].size) or old.shape[d] != graph.groups[g].size:
             continue
         if keep[g].dim() == 1:
             cuts.append(Take(d, keep[g]))

@@ -39,6 +39,7 @@ import torch.fx as fx
 
 from .. import state
 from ..errors import PostconditionError
+from ..analysis.clones import folded_groups
 from ..fx_utils import CASTS, get_attribute, replace_tensors
 from ..infra import SubclonePass
 from ..tensor_edits import Scale, edit_tensor
@@ -130,8 +131,11 @@ class RescaleResidualPass(SubclonePass):
 
     def run(self, gm: fx.GraphModule) -> bool:
         graph, sizes = state.CHANNEL_GRAPH.need(gm), state.SIZES.need(gm)
-        shrunk = {g.id: g.size / sizes[g.id] for g in graph.groups.values()
-                  if g.static and sizes.get(g.id, g.size) < g.size}
+        # a group whose removed indices were copies of kept ones (state.FOLDED) lost only what
+        # each kept index stands for: its statistic counts D / copies as the parent's width
+        folded = folded_groups(graph, state.FOLDED.get(gm) or {})
+        shrunk = {g.id: g.size / folded.get(g.id, 1) / sizes[g.id] for g in graph.groups.values()
+                  if g.static and sizes.get(g.id, g.size) * folded.get(g.id, 1) < g.size}
         self.needed, self.handled = set(), set()
         if not shrunk or state.RESCALE.has(gm):      # nothing shrank, or already corrected
             return False

@@ -190,7 +190,7 @@ def _matmul_dims(ctx, a, b, out_index=None):
     elif is_weight(a) and not is_weight(b):
         ctx.contract(contract_b, contract_a)
     else:
-        ctx.eq(contract_a, contract_b)
+        ctx.contract_values(contract_a, contract_b)
     if len(sa) > 1:
         ctx.eq(ctx.v(a, -2), ctx.out(-2 if len(sb) > 1 else -1, out_index))
     if len(sb) > 1:
@@ -273,9 +273,14 @@ def _einsum(ctx):
     weights = [x for x in operands if is_weight(x)]
     if not weights and len(operands) == 2:
         _note_einsum_attention(ctx, terms, output, operands, seen)
+    summed = sorted(set(terms[0]) & set(terms[1]) - set(output)) if len(operands) == 2 else []
     if len(weights) == 1 and len(operands) == 2:
-        for letter in set(terms[0]) & set(terms[1]) - set(output):
-            ctx.graph.contracted.add(seen[letter])
+        w = operands.index(weights[0])
+        for letter in summed:
+            ctx.contract(ctx.v(operands[1 - w], terms[1 - w].index(letter)), ctx.v(operands[w], terms[w].index(letter)))
+    else:
+        for letter in summed:
+            ctx.contract_values(ctx.v(operands[0], terms[0].index(letter)), ctx.v(operands[1], terms[1].index(letter)))
         w_term = terms[operands.index(weights[0])]
         for d, letter in enumerate(output):
             if letter in w_term and not all(letter in t for t in terms):

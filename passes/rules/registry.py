@@ -4,7 +4,8 @@ A rule is a function ``rule(ctx)`` registered for one or more op objects
 (``torch.ops.aten.view.default``, ``operator.getitem``). It states facts through ``ctx``:
 ``eq`` (same channel), ``factor`` (merged / split into factors), ``concat`` (laid end to end),
 ``freeze`` (may not be sliced, with a reason), ``contract``/``produce`` (the in- and
-out-features of a weight contraction), ``reduce`` (a reduction over a dimension). A rule whose
+out-features of a weight contraction), ``contract_values`` (a contraction of two activations),
+``reduce`` (a reduction over a dimension). A rule whose
 op holds literal sizes (view's shape, split's sizes, repeat's counts) names, per literal, the
 vertex whose size it is (``literal``), so the rewrite can set every literal from its group.
 
@@ -27,7 +28,7 @@ import torch.fx as fx
 
 from .. import state
 from ..analysis.channel_graph import ChannelGraph
-from ..fx_utils import WEIGHT_PASS_THROUGH, module_path, tensor_shape
+from ..fx_utils import WEIGHT_PASS_THROUGH, module_path, tensor_arguments, tensor_shape
 
 __all__ = ["RULES", "RULES_BY_NAME", "register", "qualified_name", "RuleContext", "apply_rule", "is_weight"]
 
@@ -83,6 +84,7 @@ class RuleContext:
         self.slice_parts: tuple[int, int, int] | None = None
         self.attention: tuple[int, int, int] | None = None
         self.expert_rows: tuple | None = None
+        self.contracted: list[tuple[int, int]] = []     # (activation vertex, other operand's vertex)
         self.pointers_read: set[str] = set()
 
     # arguments
@@ -92,12 +94,7 @@ class RuleContext:
         return self.node.kwargs.get(name, default)
 
     def tensor_args(self) -> list[fx.Node]:
-        flat = [a for a in self.node.args] + list(self.node.kwargs.values())
-        out = []
-        for a in flat:
-            items = a if isinstance(a, (list, tuple)) else [a]
-            out.extend(x for x in items if isinstance(x, fx.Node) and tensor_shape(x) is not None)
-        return out
+        return tensor_arguments(self.node)
 
     # shapes and vertices
     def shape(self, x) -> tuple | None:
@@ -137,8 +134,15 @@ class RuleContext:
         self.graph.freeze(v, f"{self.origin}: {why}")
 
     def contract(self, x_dim: int, w_dim: int) -> None:
+        """``x_dim`` of an activation is summed against ``w_dim`` of a weight (its in-features)."""
         self.eq(x_dim, w_dim)
         self.graph.contracted.add(x_dim)
+        self.contracted.append((x_dim, w_dim))
+
+    def contract_values(self, a_dim: int, b_dim: int) -> None:
+        """Two activations are summed over these dims (``q·kᵀ``): no weight to correct."""
+        self.eq(a_dim, b_dim)
+        self.contracted.append((a_dim, b_dim))
 
     def produce(self, v: int) -> None:
         self.graph.produced.add(v)
@@ -188,6 +192,20 @@ class RuleContext:
             state.ATTENTION_OP.set(self.node, state.NodeAttention(token, *self.attention))
         if self.expert_rows is not None:
             state.EXPERT_ROWS.set(self.node, state.NodeExpertRows(token, *self.expert_rows))
+        if self.contracted:
+            state.CONTRACTS.set(self.node, self._contracts(token))
+
+    def _contracts(self, token: int) -> "state.NodeContracts":
+        """The contraction's record: the weight operand is the other side's node when that node
+        is a weight (``is_weight``) on every contracted pair, else ``None``."""
+        names = [a.name for a in self.tensor_args()]
+        sides = {self.graph.labels[x][0] for x, _ in self.contracted}
+        others = {self.graph.labels[w][0] for _, w in self.contracted}
+        operand = names.index(sides.pop()) if len(sides) == 1 and not sides & others else None
+        other = others.pop() if len(others) == 1 else None
+        weight = names.index(other) if other in names and is_weight(self.tensor_args()[names.index(other)]) else None
+        dims = tuple(self.graph.labels[w][2] for _, w in self.contracted) if weight is not None else ()
+        return state.NodeContracts(token, tuple(x for x, _ in self.contracted), operand, weight, dims)
 
     def freeze_all(self, why: str) -> None:
         for x in self.tensor_args():

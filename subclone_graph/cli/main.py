@@ -37,7 +37,7 @@ from subclone_graph.passes import state
 from subclone_graph.passes.analysis.choose_keep import DEPTHS, SELECTIONS
 from subclone_graph.passes.analysis.compute_dtype import COMPUTE_DTYPES
 from subclone_graph.passes.errors import PassError
-from subclone_graph.passes.target import TARGET_FIELDS, Target
+from subclone_graph.passes.target import TARGET_FIELDS, Target, Times
 from subclone_graph.cli.run_checkpoint import run_streamed, streams
 from subclone_graph.tracing import TraceError
 from subclone_graph.cli.messages import first_line
@@ -116,6 +116,9 @@ def cmd_run(args) -> int:
     launched = distributed.launch(device)
     try:
         if streams(args):              # a safetensors folder: never loaded whole
+            if args.grow_noise_db is not None:
+                raise ValueError("--grow-noise-db: the streamed writer replays slices and scales only; "
+                                 "add --no-stream to grow with noise in memory")
             status = run_streamed(args, target, {f: Path(args.out) / OUTPUT_NAMES[f] for f in formats})
         else:
             status = _run_in_memory(args, target, formats, names, device)
@@ -134,7 +137,7 @@ def _run_in_memory(args, target, formats, names, device) -> int:
     with steps("subclone"):
         child = sg.subclone(loaded.model, inputs, target, calibration=own, depth=args.depth, device=device,
                             selection=args.selection, progress=report.progress_bar if calibration else None,
-                            compute_dtype=COMPUTE_DTYPES[args.calib_dtype])
+                            compute_dtype=COMPUTE_DTYPES[args.calib_dtype], grow_noise_db=args.grow_noise_db)
     line = None if own is None else distributed.summary_line(own.tokens, own.seconds)
     if distributed.rank() != 0:
         return 0
@@ -222,16 +225,24 @@ TARGET_HELP = {"hidden": "residual width", "layers": "number of layers", "heads"
                "experts": "routed experts per mixture-of-experts layer (the best by router-weighted output)"}
 
 
-def _size_argument(text: str) -> int | float:
-    """A target size on the command line: a count (``64``) or a fraction in (0, 1) (``0.5``)."""
+def _size_argument(text: str) -> int | float | Times:
+    """A target size on the command line: a count (``64``; above the parent's, a multiple of it
+    grows by cloning), a fraction in (0, 1) (``0.5``), or a growth factor (``x2``: ``Times(2)``)."""
     try:
         return int(text)
     except ValueError:
         pass
+    factor = re.fullmatch(r"[x×](\d+)", text.strip())
+    if factor:
+        try:
+            return Times(int(factor.group(1)))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a fraction in (0, 1)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count, a fraction in (0, 1) nor a growth "
+                                         "factor like x2") from None
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"{text!r}: a fraction must lie in (0, 1)")
     return value
@@ -241,8 +252,9 @@ def _add_run_arguments(parser) -> None:
     _add_model_arguments(parser)
     for name in TARGET_FIELDS:        # one option per Target field: --hidden, --kv-heads, --latent, ...
         parser.add_argument(f"--{name.replace('_', '-')}", type=_size_argument, metavar="N",
-                            help=f"child's {TARGET_HELP[name]}: a count, or a fraction in (0, 1) of each "
-                                 "group's (default: the parent's)")
+                            help=f"child's {TARGET_HELP[name]}: a count, a fraction in (0, 1) of each "
+                                 "group's, or xN to grow each group N times by cloning, exactly "
+                                 "(default: the parent's)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=["pt2"],
                         help="what to write: child.pt2 (default), child.onnx, and/or a Hugging Face "
@@ -261,6 +273,10 @@ def _add_run_arguments(parser) -> None:
     parser.add_argument("--calib-dtype", choices=sorted(COMPUTE_DTYPES), default="float32",
                         help="what a bfloat16/float16 parent's calibration computes in: float32 (default), "
                              "float64, or model (the parent's own dtype); the child keeps the parent's dtype")
+    parser.add_argument("--grow-noise-db", dest="grow_noise_db", type=float, metavar="DB",
+                        help="a grown width's copies get symmetry-breaking noise at this signal-to-noise "
+                             "ratio (dB), cancelling over the copies: the child still computes the parent's "
+                             "function (in-memory path only)")
     parser.add_argument("--no-stream", action="store_true",
                         help="load a safetensors folder whole instead of streaming it layer by layer")
 
