@@ -138,7 +138,7 @@ def test_latent_experts_and_fractions_on_a_latent_attention_mixture_of_experts(f
 
 
 def test_every_target_field_is_an_option(factory, tmp_path, capsys):
-    from subclone_graph.cli.main import TARGET_HELP
+    from subclone_graph.cli.parser import TARGET_HELP
     from subclone_graph.passes.target import TARGET_FIELDS
 
     assert sorted(TARGET_HELP) == sorted(TARGET_FIELDS)

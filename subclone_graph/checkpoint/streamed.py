@@ -45,7 +45,8 @@ from subclone_graph.passes.analysis.score_channels import (ActivationStatistics,
                                                            flat_inputs, output_watch_list, row_watch_list, watch_list,
                                                            weight_profiles)
 
-from subclone_graph.api import run_passes
+from subclone_graph.api import aligned_target, run_passes
+from subclone_graph.progress import Phases
 from subclone_graph.runtime import distributed
 from subclone_graph.checkpoint.files import CheckpointError, CheckpointReader
 from subclone_graph.runtime.device import resolve_device, to_device
@@ -141,16 +142,6 @@ def _start_origins(gm: fx.GraphModule, keys: dict) -> None:
     state.TENSOR_ORIGINS.set(gm, origins)
 
 
-def _ticker(progress, total: int):
-    if progress is None:
-        return None, lambda: None
-    bar = progress(range(total))
-    if hasattr(bar, "update"):          # tqdm: its iterator shows its count only when it refreshes
-        return bar, lambda: bar.update(1)
-    steps = iter(bar)
-    return bar, lambda: next(steps, None)
-
-
 def _parameter_count(gm: fx.GraphModule) -> int:
     return sum(p.numel() for p in {id(p): p for p in gm.parameters()}.values())
 
@@ -166,8 +157,9 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     ``calibration``: an iterable of input tuples (None: score by weight magnitude);
     ``example_inputs``: the inputs the trace and the final check use (default: the first
     calibration batch). ``memory_budget``: bytes of boundary values kept in memory before
-    spilling to ``spill_dir`` (default: a temporary folder). ``progress(iterable)`` wraps the
-    segments × batches steps (e.g. ``tqdm``). ``compute_dtype``: what a half-precision parent's
+    spilling to ``spill_dir`` (default: a temporary folder). ``progress`` (``tqdm``, or any
+    callable of its signature; ``subclone_graph.progress``) sees the phases trace, calibrate
+    (segments × batches steps), rewrite, write and check. ``compute_dtype``: what a half-precision parent's
     calibration computes in (None: its own dtype; ``passes.analysis.compute_dtype``). Returns a
     ``StreamReport``."""
     device = resolve_device(device)
@@ -186,6 +178,8 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     own = None if calibration is None else distributed.shard(calibration)
     calibration = None if own is None else list(own)
     report, clock = StreamReport(out_dir), time.perf_counter()
+    phases = Phases(progress)                     # the progress= protocol (subclone_graph.progress)
+    phases.begin("trace")
     report.calibration_tokens = 0 if own is None else own.tokens
     reader = ConvertingReader(CheckpointReader(folder))
     report.checkpoint_bytes = sum(f.stat().st_size for f in reader.files)
@@ -195,21 +189,21 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     report.seconds["trace"], clock = time.perf_counter() - clock, time.perf_counter()
 
     segments = len(state.LAYERS.need(gm)) + 2
-    bar, tick = _ticker(progress, segments * len(calibration or ()))
+    tick = phases.begin("calibrate", segments * len(calibration) if calibration else 1)
     store = BoundaryStore(memory_budget, spill_dir)
     if calibration is None:
         _score_by_weights(gm, reader, keys)
     else:
         _calibrate(gm, reader, keys, calibration, store, tick, device, compute_dtype)
-    if bar is not None and hasattr(bar, "close"):
-        bar.close()
     report.calibration_bytes, report.spilled_bytes = store.peak, store.spilled
     report.calibration_read = reader.bytes_read
     report.scores = state.SCORES.need(gm)
     _start_origins(gm, keys)
-    passes = [ChooseKeepPass(target, drop_layers=drop_layers, depth=depth, selection=selection),
+    passes = [ChooseKeepPass(aligned_target(gm, target), drop_layers=drop_layers, depth=depth, selection=selection),
               DropBlocksPass(), DuplicateLayersPass(), KeepChannelsPass()]
+    phases.begin("rewrite")
     run_passes(gm, passes + ([RescaleResidualPass()] if rescale else []))
+    phases.end()
     report.child_parameters = _parameter_count(gm)
     report.seconds["calibrate"], clock = time.perf_counter() - clock, time.perf_counter()
     if distributed.rank() != 0:     # rank 0 alone writes; the command line's finish() waits for it
@@ -221,10 +215,13 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     with staging_folder(out_dir.parent) as staging:
         staged = staging / out_dir.name
         staged.mkdir()
+        phases.begin("write")
         _, expected = write_child(gm, reader, staged, shard_size)
         report.bytes_read = reader.bytes_read
         report.seconds["write"], clock = time.perf_counter() - clock, time.perf_counter()
+        phases.begin("check")
         report.max_difference = check_written(gm, staged, expected, out_dir)
+        phases.end()
         report.seconds["check"] = time.perf_counter() - clock
         write_manifest(staged)
         if out_dir.is_dir() and any(out_dir.iterdir()):
