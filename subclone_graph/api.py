@@ -27,7 +27,8 @@ from subclone_graph.runtime.device import resolve_device
 from subclone_graph.runtime.distributed import DistributedError, world_size
 from subclone_graph.tracing import trace
 
-__all__ = ["subclone", "subclone_passes", "run_passes", "Target", "check_inputs", "check_drop_layers", "aligned_target",
+__all__ = ["subclone", "subclone_passes", "run_passes", "Target", "check_inputs", "check_token_ids", "check_drop_layers",
+           "check_checkpoint_arguments", "aligned_target",
            "grouped_kernel_multiple"]
 
 def subclone_passes(target: Target, calibration=None, drop_layers=None, depth: str = "middle",
@@ -87,6 +88,8 @@ def _check_arguments(target, drop_layers, depth, calibration) -> None:
         raise ValueError("give either Target.layers or drop_layers, not both")
     if depth == "measured" and calibration is None:
         raise ValueError('depth="measured" needs calibration data: it measures each layer\'s ||f(x)||/||x+f(x)||')
+    if isinstance(calibration, (list, tuple)) and not calibration:
+        raise ValueError("calibration: no batches given (pass None to score by weight magnitude)")
 
 
 def subclone(model, example_inputs, target: Target | None = None, calibration=None, drop_layers=None, *,
@@ -227,17 +230,40 @@ def check_inputs(model, inputs, what: str) -> None:
         table = embeddings() if callable(embeddings) else None
     except (NotImplementedError, AttributeError):
         table = None
-    vocab = getattr(table, "num_embeddings", None)
+    check_token_ids(inputs, getattr(table, "num_embeddings", None), what, type(model).__name__)
+
+
+def check_token_ids(inputs, vocab: int | None, what: str, owner: str = "the model") -> None:
+    """``check_inputs`` for a model known by its vocabulary size only (a checkpoint's config)."""
     first = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
     if not isinstance(vocab, int) or not isinstance(first, torch.Tensor) or not first.numel():
         return
     if first.is_floating_point() or first.is_complex() or first.dtype == torch.bool:
-        raise TypeError(f"{what}: the first input is {str(first.dtype)[6:]}, but {type(model).__name__} takes "
+        raise TypeError(f"{what}: the first input is {str(first.dtype)[6:]}, but {owner} takes "
                         f"token ids (integers in 0..{vocab - 1})")
     low, high = int(first.min()), int(first.max())
     if low < 0 or high >= vocab:
         raise ValueError(f"{what} holds token id {high if high >= vocab else low}, outside the model's "
                          f"vocabulary 0..{vocab - 1}")
+
+
+def check_checkpoint_arguments(folder, target, drop_layers, depth, calibration, example_inputs) -> None:
+    """``subclone_checkpoint``'s arguments, checked as ``subclone``'s are (one line each, before
+    anything is read): the target, ``drop_layers``, the depth, and token ids against the
+    vocabulary ``config.json`` states."""
+    import json
+    from pathlib import Path
+
+    _check_arguments(target, drop_layers, depth, calibration)
+    config = Path(folder) / "config.json"
+    try:
+        vocab = json.loads(config.read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return                      # the checkpoint reader names a missing or broken config
+    check_token_ids(example_inputs, vocab, "example_inputs", config.parent.name)
+    if isinstance(calibration, (list, tuple)):
+        for index, batch in enumerate(calibration):
+            check_token_ids(batch, vocab, f"calibration batch {index}", config.parent.name)
 
 
 def _child_becomes_parent(gm: fx.GraphModule) -> None:

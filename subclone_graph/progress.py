@@ -5,8 +5,8 @@
     progress(iterable, desc=phase_name, total=steps_or_None) -> an iterable of the same items
 
 ``sg.subclone``, ``sg.subclone_checkpoint`` and ``sg.export_onnx`` call it once per phase, when
-the phase starts, and draw one item from what it returns when the phase starts and one after
-each step; the iterable ends when the phase ends. So ``progress=tqdm`` shows one bar per phase
+the phase starts, and draw one item from what it returns when each step starts (``total``
+items for ``total`` steps); the iterable ends when the phase ends. So ``progress=tqdm`` shows one bar per phase
 with its steps and elapsed time, and a plain function sees each phase begin and end. The phases,
 in order (a call runs those it has):
 
@@ -56,19 +56,24 @@ class Phases:
         if self.progress is None:
             yield lambda: None
             return
-        running = [True]
+        running, done = [True], [0]
 
-        def counting():                  # yields 0, 1, 2, ... until the phase ends
+        def counting():                  # item k: step k + 1 has started; the end stops it
             count = 0
             while running[0]:
                 yield count
                 count += 1
 
+        def tick():                      # after the last of ``total`` steps, the end draws
+            done[0] += 1
+            if total is None or done[0] < total:
+                next(steps, None)
+
         bar = self.progress(counting(), desc=name, total=total)
         steps = iter(bar)
         next(steps, None)                # the phase has started: nothing done yet
         try:
-            yield lambda: next(steps, None)
+            yield tick
         except BaseException:
             close = getattr(bar, "close", None)
             if callable(close):          # a failed phase's bar stops where it was

@@ -45,7 +45,7 @@ from subclone_graph.passes.analysis.score_channels import (ActivationStatistics,
                                                            flat_inputs, output_watch_list, row_watch_list, watch_list,
                                                            weight_profiles)
 
-from subclone_graph.api import aligned_target, run_passes
+from subclone_graph.api import aligned_target, check_checkpoint_arguments, run_passes
 from subclone_graph.progress import Phases
 from subclone_graph.runtime import distributed
 from subclone_graph.checkpoint.files import CheckpointError, CheckpointReader
@@ -164,16 +164,13 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     ``StreamReport``."""
     device = resolve_device(device)
     target = Target() if target is None else target
-    if drop_layers is not None and target.layers is not None:
-        raise ValueError("give either Target.layers or drop_layers, not both")
-    if depth == "measured" and calibration is None:
-        raise ValueError('depth="measured" needs calibration data: it measures each layer\'s ||f(x)||/||x+f(x)||')
     out_dir = check_destination(out_dir, overwrite=overwrite, folder=True)
     if example_inputs is None:
         calibration = None if calibration is None else list(calibration)
         if not calibration:
             raise ValueError("give example_inputs (or calibration data, whose first batch is used)")
         example_inputs = calibration[0]
+    check_checkpoint_arguments(folder, target, drop_layers, depth, calibration, example_inputs)
     # this rank's share (all of it in one process), listed: every segment runs every batch
     own = None if calibration is None else distributed.shard(calibration)
     calibration = None if own is None else list(own)

@@ -114,7 +114,7 @@ def read_gguf_metadata(path, wanted=None) -> dict:
                 if wanted is None or wanted(key):
                     found[key] = value
     except (OSError, ValueError, struct.error) as error:
-        raise ValueError(f"{path}: cannot read its GGUF metadata: {error}") from error
+        raise ValueError(f"{path}: truncated or corrupt GGUF file (its metadata cannot be read: {error})") from error
     return found
 
 

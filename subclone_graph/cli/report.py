@@ -68,11 +68,25 @@ class Steps:
     def summary(self) -> str:
         width = max((len(n) for n in self.seconds), default=0)
         lines = [f"  {name:<{width}}  {s:7.1f} s" for name, s in self.seconds.items()]
-        return "\n".join(["time per step:", *lines, f"  {'total':<{width}}  {sum(self.seconds.values()):7.1f} s"])
+        return "\n".join(["time per phase:", *lines, f"  {'total':<{width}}  {sum(self.seconds.values()):7.1f} s"])
 
 
 # Target field -> the group role that carries it (``ChooseKeepPass`` reads the same roles)
 FIELD_ROLES = {"hidden": "residual", "ffn": "ffn", "latent": "latent", "experts": "experts"}
+
+
+def _frozen_layer_width(graph) -> str | None:
+    """Why a layer has no MLP width to shrink although a weight produces or contracts one: the
+    reason of the first frozen width inside a layer (it names the op and the module)."""
+    weighted = graph.produced | graph.contracted
+    for group in sorted(graph.groups.values(), key=lambda g: (g.layer if g.layer is not None else -1, g.id)):
+        if (not group.static or group.reason is None or group.layer is None or group.size < 2
+                or group.kind in ("heads", "kv_heads", "head_dim")):
+            continue
+        related = [group.id, *graph.composites_containing(group.id)]
+        if any(v in weighted for g in related for v in graph.groups[g].vertices):
+            return group.reason
+    return None
 
 
 def _widths(sizes) -> str:
@@ -88,6 +102,9 @@ def target_summary(gm) -> str:
     for field, role in FIELD_ROLES.items():
         groups = [g for g in graph.groups.values() if g.role == role and g.static]
         if not groups:
+            reason = _frozen_layer_width(graph) if field == "ffn" else None
+            if reason:
+                fixed.append(f"{field}: {reason}")
             continue
         sizes[field] = _widths(g.size for g in groups)
         frozen = [g for g in groups if g.reason]
