@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 import subclone_graph as sg
+from subclone_graph.export import pt2
 from subclone_graph import data
 from subclone_graph.export import destination
 
@@ -152,20 +153,20 @@ def _save(child, example: tuple, files: dict, tokenizer, step, overwrite: bool) 
     """Write every output into one staging folder; move the set into place when all succeeded."""
     writers = {}
     if "pt2" in files:
-        def pt2(path):
+        def write_pt2(path):
             with step(f"save {files['pt2']} (torch.export .pt2, reloaded and compared)"):
-                sg.save(child, path)
-        writers[files["pt2"].name] = pt2
+                pt2.save(child, path)
+        writers[files["pt2"].name] = write_pt2
     if "hf" in files:
-        def hf(path):
+        def write_hf(path):
             with step(f"save {files['hf']} (Hugging Face checkpoint, reloaded and compared with the child)"):
                 sg.save_hf(child, path, tokenizer=tokenizer)
-        writers[files["hf"].name] = hf
+        writers[files["hf"].name] = write_hf
     if "onnx" in files:
-        def onnx(path):
+        def write_onnx(path):
             with step(f"export {files['onnx']} and check it in onnxruntime"):
                 return sg.export_onnx(child, example, path)
-        writers[files["onnx"].name] = onnx
+        writers[files["onnx"].name] = write_onnx
     if not writers:
         return None
     out_dir = next(iter(files.values())).parent

@@ -15,7 +15,7 @@ import subclone_graph as sg
 from subclone_graph.cli import loaders, preflight, report
 from subclone_graph.cli.parser import OUTPUT_NAMES
 from subclone_graph.cli.run_checkpoint import run_streamed, streams
-from subclone_graph.export import destination
+from subclone_graph.export import destination, pt2
 from subclone_graph.passes import state
 from subclone_graph.passes.analysis.compute_dtype import COMPUTE_DTYPES
 from subclone_graph.passes.target import TARGET_FIELDS, Target
@@ -57,19 +57,19 @@ def cmd_demo(args) -> int:
 
 
 def _writers(child, inputs: tuple, formats: list[str], tokenizer, steps) -> dict:
-    def pt2(path):
+    def write_pt2(path):
         with steps(f"write and check {OUTPUT_NAMES['pt2']} (reloaded and compared with the child)"):
-            sg.save(child, path)
+            pt2.save(child, path)
 
-    def onnx(path):
+    def write_onnx(path):
         diff = sg.export_onnx(child, inputs, path, progress=steps.named(OUTPUT_NAMES["onnx"]))
         print(f"    onnxruntime max |difference| from the child: {diff:.3g}")
 
-    def hf(path):
+    def write_hf(path):
         with steps("write and check hf/ (Hugging Face checkpoint, reloaded and compared with the child)"):
             sg.save_hf(child, path, tokenizer=tokenizer)
 
-    every = {"pt2": pt2, "onnx": onnx, "hf": hf}
+    every = {"pt2": write_pt2, "onnx": write_onnx, "hf": write_hf}
     return {OUTPUT_NAMES[f]: every[f] for f in WRITE_ORDER if f in formats}
 
 

@@ -37,6 +37,7 @@ from subclone_graph.export.hf import quiet_transformers
 from subclone_graph.data.token_stream import TokenStream, is_token_folder
 from subclone_graph.api import check_inputs
 from subclone_graph.cli.preflight import check_calibration_options, check_calibration_path, model_kind
+from subclone_graph.cli.messages import first_line
 
 __all__ = ["Loaded", "load_model", "load_calibration", "example_inputs", "check_token_ids",
            "check_calibration_options", "check_safetensors"]
@@ -47,11 +48,6 @@ class Loaded:
     model: torch.nn.Module
     inputs: tuple | None = None      # a factory's (or a .pt2's) example inputs
     tokenizer: object | None = None  # a Hugging Face model's tokenizer
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _file_errors() -> tuple:
@@ -135,9 +131,9 @@ def _load_hf(folder: Path, **kwargs) -> Loaded:
             model = _from_pretrained(folder, kwargs)
     except _file_errors() as error:
         raise ValueError(f"cannot load a Hugging Face model from {where}: "
-                         f"{_first_line(error)} (a truncated or corrupt file?)") from error
+                         f"{first_line(error)} (a truncated or corrupt file?)") from error
     except ValueError as error:
-        raise ValueError(f"cannot load a Hugging Face model from {where}: {_first_line(error)}") from error
+        raise ValueError(f"cannot load a Hugging Face model from {where}: {first_line(error)}") from error
     return Loaded(model.eval(), tokenizer=_load_tokenizer(folder, kwargs))
 
 
@@ -152,7 +148,7 @@ def _load_tokenizer(folder: Path, kwargs: dict):
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(folder, **kwargs)
     except (*_file_errors(), ValueError, KeyError) as error:
-        raise ValueError(f"{folder}: its tokenizer files cannot be loaded: {_first_line(error)}") from error
+        raise ValueError(f"{folder}: its tokenizer files cannot be loaded: {first_line(error)}") from error
 
 
 def _load_factory(spec: str) -> Loaded:
@@ -164,7 +160,7 @@ def _load_factory(spec: str) -> Loaded:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ImportError(f"cannot import {module_name!r} (from {spec}): {_first_line(error)}") from error
+        raise ImportError(f"cannot import {module_name!r} (from {spec}): {first_line(error)}") from error
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ImportError(f"{module_name!r} has no callable {name!r} (from {spec})")
@@ -210,7 +206,7 @@ def load_calibration(path, loaded: Loaded, batches: int | None = 4, batch_size: 
         windows = data.text_windows(text, loaded.tokenizer, window=seq_len)
     except ValueError as error:
         if "too short" in str(error):
-            raise ValueError(f"--calib {path}: {_first_line(error)} (--seq-len {seq_len})") from error
+            raise ValueError(f"--calib {path}: {first_line(error)} (--seq-len {seq_len})") from error
         raise
     return data.calibration_batches(windows, batch_size, batches)
 

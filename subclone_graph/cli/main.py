@@ -24,6 +24,7 @@ import re
 import sys
 
 from subclone_graph.cli import preflight
+from subclone_graph.cli.messages import first_line
 from subclone_graph.cli.parser import FORMATS, build_parser
 from subclone_graph.passes.target import TARGET_FIELDS
 
@@ -48,11 +49,6 @@ def user_errors() -> tuple:
         loaded = sys.modules.get(module)
         found += [getattr(loaded, n) for n in names if loaded is not None and hasattr(loaded, n)]
     return tuple(found)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _in_option_words(message: str) -> str:
@@ -97,7 +93,7 @@ def main(argv=None) -> int:
     except SystemExit as done:           # --help
         return done.code or 0
     except ValueError as error:
-        print(f"subclone: error: {_first_line(error)}", file=sys.stderr)
+        print(f"subclone: error: {first_line(error)}", file=sys.stderr)
         return 2
     try:
         _check_early(args)
@@ -111,7 +107,7 @@ def main(argv=None) -> int:
     except Exception as error:
         if getattr(args, "traceback", False) or not isinstance(error, user_errors()):
             raise
-        print(f"subclone: error: {_in_option_words(_first_line(error))}", file=sys.stderr)
+        print(f"subclone: error: {_in_option_words(first_line(error))}", file=sys.stderr)
         return 2
 
 

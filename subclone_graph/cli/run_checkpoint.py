@@ -16,6 +16,7 @@ import types
 from pathlib import Path
 
 import subclone_graph as sg
+from subclone_graph.export import pt2
 
 from subclone_graph.checkpoint.files import INDEX_NAME, SINGLE_NAME
 from subclone_graph.runtime.distributed import rank, summary_line
@@ -26,6 +27,7 @@ from subclone_graph.export.destination import write_all
 from subclone_graph.passes.analysis.compute_dtype import COMPUTE_DTYPES
 from subclone_graph.checkpoint.weightless_parent import parent_class
 from subclone_graph.checkpoint.streamed import subclone_checkpoint
+from subclone_graph.cli.messages import first_line
 
 __all__ = ["streams", "run_streamed"]
 
@@ -47,8 +49,6 @@ def _tokenizer(folder: Path):
         return None
 
 
-def _first_line(error: BaseException) -> str:
-    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def _gib(count: int) -> str:
@@ -89,13 +89,13 @@ def run_streamed(args, target, files: dict) -> int:
         stream(files.get("hf", out / "hf"))
         return 0
 
-    def hf(path: Path) -> None:
+    def write_hf(path: Path) -> None:
         try:
             made["report"] = stream(path)
         except HFExportError as error:
             if "hf" in files:
                 raise
-            raise ValueError(f"{_first_line(error)} — streaming writes the child as its parent's class first; "
+            raise ValueError(f"{first_line(error)} — streaming writes the child as its parent's class first; "
                              "--no-stream subclones it in memory instead") from error
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(path)
@@ -106,19 +106,19 @@ def run_streamed(args, target, files: dict) -> int:
     def child_graph(path: Path):
         if "child" not in made:          # no hf/ asked for: make it beside, use it, remove it
             with tempfile.TemporaryDirectory(prefix=".hf-", dir=path.parent) as scratch:
-                hf(Path(scratch) / "hf")
+                write_hf(Path(scratch) / "hf")
         return made["child"]
 
-    def pt2(path: Path) -> None:
+    def write_pt2(path: Path) -> None:
         child = child_graph(path)
         with steps("write and check child.pt2 (reloaded and compared with the child)"):
-            sg.save(child, path)
+            pt2.save(child, path)
 
-    def onnx(path: Path) -> None:
+    def write_onnx(path: Path) -> None:
         diff = sg.export_onnx(child_graph(path), inputs, path, progress=steps.named("child.onnx"))
         print(f"    onnxruntime max |difference| from the child: {diff:.3g}")
 
-    every = {"hf": hf, "pt2": pt2, "onnx": onnx}
+    every = {"hf": write_hf, "pt2": write_pt2, "onnx": write_onnx}
     writers = {files[f].name: every[f] for f in ("hf", "pt2", "onnx") if f in files}
     write_all(out, writers, overwrite=args.overwrite, folders={files["hf"].name} if "hf" in files else set(),
               option="--overwrite")
