@@ -185,6 +185,9 @@ def test_the_command_lines_choices_are_the_librarys():
     from subclone_graph.passes.analysis.choose_keep import DEPTHS, SELECTIONS
     from subclone_graph.passes.analysis.compute_dtype import COMPUTE_DTYPES
 
+    from subclone_graph.passes.target import TARGET_FIELDS
+
+    assert parser.TARGET_FIELDS == TARGET_FIELDS
     assert parser.DEPTH_CHOICES == DEPTHS and parser.SELECTION_CHOICES == SELECTIONS
     assert set(parser.CALIB_DTYPE_CHOICES) == set(COMPUTE_DTYPES)
 

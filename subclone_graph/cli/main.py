@@ -25,8 +25,7 @@ import sys
 
 from subclone_graph.cli import preflight
 from subclone_graph.cli.messages import first_line
-from subclone_graph.cli.parser import FORMATS, build_parser
-from subclone_graph.passes.target import TARGET_FIELDS
+from subclone_graph.cli.parser import FORMATS, TARGET_FIELDS, build_parser
 
 __all__ = ["main", "build_parser", "user_errors"]
 

@@ -1,20 +1,20 @@
 """The ``subclone`` command line's parser: options, their help, and how sizes are read.
 
 This module imports no torch and no transformers (``--help`` answers at once; a mistyped
-option or size is refused before anything heavy loads). The choices of ``--depth``,
-``--selection`` and ``--calib-dtype`` are written out here for that reason;
-``tests/test_cli.py`` checks they equal the library's (``choose_keep.DEPTHS``, ``SELECTIONS``,
-``compute_dtype.COMPUTE_DTYPES``).
+option or size is refused before anything heavy loads). It imports nothing of
+``subclone_graph.passes`` either (the package imports its passes, and so torch), so the
+``Target`` fields and the choices of ``--depth``, ``--selection`` and ``--calib-dtype`` are
+written out here; ``tests/test_cli_answers.py`` checks they equal the library's
+(``target.TARGET_FIELDS``, ``choose_keep.DEPTHS``, ``SELECTIONS``, ``compute_dtype.COMPUTE_DTYPES``).
 """
 from __future__ import annotations
 
 import argparse
 
-from subclone_graph.passes.target import TARGET_FIELDS
-
-__all__ = ["build_parser", "TARGET_HELP", "FORMATS", "OUTPUT_NAMES", "DEPTH_CHOICES", "SELECTION_CHOICES",
+__all__ = ["build_parser", "TARGET_FIELDS", "TARGET_HELP", "FORMATS", "OUTPUT_NAMES", "DEPTH_CHOICES", "SELECTION_CHOICES",
            "CALIB_DTYPE_CHOICES", "size_argument"]
 
+TARGET_FIELDS = ("hidden", "layers", "heads", "kv_heads", "ffn", "latent", "experts")
 FORMATS = ("pt2", "onnx", "hf")
 OUTPUT_NAMES = {"pt2": "child.pt2", "onnx": "child.onnx", "hf": "hf"}
 DEPTH_CHOICES = ("middle", "measured", "first")
