@@ -265,7 +265,7 @@ def test_inspect_with_calibration_prints_ratios_and_top_scores(factory, token_fi
     (["run", "{tmp}/nope.gguf", "--out", "{tmp}/o"], ["model not found", "nope.gguf"]),
     (["run", "{factory}:build", "--calib", "{tmp}/missing.pt", "--out", "{tmp}/o"],
      ["calibration data not found", "missing.pt"]),
-    (["run", "{factory}:build", "--ffn", "0", "--out", "{tmp}/o"], ["--ffn 0"]),
+    (["run", "{factory}:build", "--ffn", "0", "--out", "{tmp}/o"], ["--ffn", "'0'", "at least 1"]),
     (["run", "{factory}:build", "--hidden", "1000", "--out", "{tmp}/o"], ["larger than the parent", "64"]),
     (["run", "{factory}:build", "--ffn", "abc", "--out", "{tmp}/o"], ["--ffn", "abc"]),
     (["run", "{factory}:build", "--depth", "measured", "--out", "{tmp}/o"], ["measured", "calibration"]),

@@ -43,8 +43,8 @@ FACTORY = textwrap.dedent('''
         return model, (torch.randint(0, model.vocab, (2, 8)),)
 
     def float_ids():
-        torch.manual_seed(0)
-        return TinyLlama().eval(), (torch.rand(2, 8),)
+        from subclone_graph.models import hf_zoo
+        return hf_zoo.llama(), (torch.rand(2, 8),)
 
     def mixtral():
         from subclone_graph.models import hf_families, hf_zoo
@@ -185,7 +185,7 @@ def _layers_zero(tmp_path):
 
 
 def _hidden_above_config(tmp_path):
-    return ["run", str(_hf_folder(tmp_path)), "--hidden", "1024", "--out", "{out}"]
+    return ["run", str(_hf_folder(tmp_path)), "--hidden", "1000", "--out", "{out}"]
 
 
 def _heads_off_the_grouping(tmp_path):
@@ -229,7 +229,7 @@ BAD_INPUTS = {
     "non-UTF-8 text": (_latin1_text, ["corpus.txt", "UTF-8"]),
     "garbage .pt2 as MODEL": (_garbage_pt2, ["junk.pt2", ".pt2"]),
     "--layers 0": (_layers_zero, ["--layers", "a count must be at least 1", "omit the option"]),
-    "--hidden above config.json's": (_hidden_above_config, ["--hidden 1024 is larger than the parent's hidden (64",
+    "--hidden above config.json's": (_hidden_above_config, ["--hidden 1000 is larger than the parent's hidden (64",
                                                             "config.json", "allowed: 1..64"]),
     "--heads off the kv grouping": (_heads_off_the_grouping, ["--heads 3 does not fit the kv grouping"]),
     "float token ids from a factory": (_float_ids, ["the first input is float32", "token ids"]),

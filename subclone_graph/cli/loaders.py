@@ -35,7 +35,7 @@ from subclone_graph import data
 from subclone_graph.export import pt2
 from subclone_graph.export.hf import quiet_transformers
 from subclone_graph.data.token_stream import TokenStream, is_token_folder
-from subclone_graph.api import check_inputs
+from subclone_graph.api import check_token_ids as api_check_token_ids
 from subclone_graph.cli.preflight import check_calibration_options, check_calibration_path, model_kind
 from subclone_graph.cli.messages import first_line
 
@@ -224,9 +224,11 @@ def _vocabulary_size(model: torch.nn.Module) -> int | None:
 
 
 def check_token_ids(calibration: list, model: torch.nn.Module, path) -> None:
-    """Integer first inputs must be token ids of the model's vocabulary (``api.check_inputs``)."""
+    """Integer first inputs must be token ids of the model's vocabulary (when the model, or its
+    config, tells it: ``api.check_token_ids``)."""
+    vocab = _vocabulary_size(model)
     for index, batch in enumerate(calibration):
-        check_inputs(model, batch, f"{path}: batch {index}")
+        api_check_token_ids(batch, vocab, f"{path}: batch {index}", type(model).__name__)
 
 
 def _is_image_folder(path: Path) -> bool:

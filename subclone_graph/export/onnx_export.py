@@ -17,19 +17,20 @@ The graph's dtype (``dtype=None`` chooses; ``dtype=torch.float32`` / ``torch.flo
   literal of its graph (a cast inside a norm) becomes float32;
 - a float16 child → a float16 graph when onnxruntime's CPU provider runs it, else (a missing
   kernel) float32, as for bfloat16.
+
 Why the reference is the child *in the graph's dtype*: a float32 graph of a bfloat16 child
 computes the child's function without the child's bfloat16 rounding, so it differs from the
 bfloat16 child by that rounding, not by any fault of the export. On a real checkpoint the
-rounding is large: SmolLM2-135M in bfloat16, subcloned to 20 layers, differs from the same
-child computed in float32 by 26% of its largest logit (2 × 32 tokens). Most of it enters at
-``scaled_dot_product_attention``: queries and keys carry bfloat16's ~2% rounding after a few
-layers, and attention logits up to |q·k|/√d ≈ 33 turn that into 7% of an attention output
-(the kernel itself adds 0.25%). The bfloat16 child is what it is (``save_hf``'s bfloat16
-folder reproduces it exactly); the graph is checked against what it computes: the child's
-weights widened exactly, its graph run in float32 by torch, at float32's tolerance. That check
-is tight (a wrong slice or a dropped cast shows), where a 3% tolerance against the bfloat16
-child failed correct exports (``OnnxMismatchError`` at 1.45 on logits of 29.5) and would let
-a 2% fault through on small ones.
+rounding is large: the demo's 135M-parameter parent in bfloat16, subcloned to 20 layers, differs
+from the same child computed in float32 by 26% of its largest logit (2 × 32 tokens). Most of it
+enters at ``scaled_dot_product_attention``: queries and keys carry bfloat16's ~2% rounding after
+a few layers, and attention logits up to |q·k|/√d ≈ 33 turn that into 7% of an attention output
+(the kernel itself adds 0.25%). The bfloat16 child is what it is (``save_hf``'s bfloat16 folder
+reproduces it exactly); the graph is checked against what it computes: the child's weights
+widened exactly, its graph run in float32 by torch, at float32's tolerance. That check is tight
+(a wrong slice or a dropped cast shows), where a 3% tolerance against the bfloat16 child failed
+correct exports (``OnnxMismatchError`` at 1.45 on logits of 29.5) and would let a 2% fault
+through on small ones.
 """
 from __future__ import annotations
 
