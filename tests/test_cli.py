@@ -138,7 +138,7 @@ def test_latent_experts_and_fractions_on_a_latent_attention_mixture_of_experts(f
 
 
 def test_every_target_field_is_an_option(factory, tmp_path, capsys):
-    from subclone_graph.cli.main import TARGET_HELP
+    from subclone_graph.cli.parser import TARGET_HELP
     from subclone_graph.passes.target import TARGET_FIELDS
 
     assert sorted(TARGET_HELP) == sorted(TARGET_FIELDS)
@@ -265,8 +265,8 @@ def test_inspect_with_calibration_prints_ratios_and_top_scores(factory, token_fi
     (["run", "{tmp}/nope.gguf", "--out", "{tmp}/o"], ["model not found", "nope.gguf"]),
     (["run", "{factory}:build", "--calib", "{tmp}/missing.pt", "--out", "{tmp}/o"],
      ["calibration data not found", "missing.pt"]),
-    (["run", "{factory}:build", "--ffn", "0", "--out", "{tmp}/o"], ["--ffn 0"]),
-    (["run", "{factory}:build", "--hidden", "1000", "--out", "{tmp}/o"], ["larger than the parent", "64"]),
+    (["run", "{factory}:build", "--ffn", "0", "--out", "{tmp}/o"], ["--ffn", "'0'", "at least 1"]),
+    (["run", "{factory}:build", "--hidden", "1000", "--out", "{tmp}/o"], ["--hidden 1000", "a width of 64", "not a whole multiple"]),
     (["run", "{factory}:build", "--ffn", "abc", "--out", "{tmp}/o"], ["--ffn", "abc"]),
     (["run", "{factory}:build", "--depth", "measured", "--out", "{tmp}/o"], ["measured", "calibration"]),
     (["run", "no_such_module_xyz:build", "--out", "{tmp}/o"], ["cannot import", "no_such_module_xyz"]),

@@ -42,6 +42,15 @@ FACTORY = textwrap.dedent('''
         model = TinyLlama().eval()
         return model, (torch.randint(0, model.vocab, (2, 8)),)
 
+    def float_ids():
+        from subclone_graph.models import hf_zoo
+        return hf_zoo.llama(), (torch.rand(2, 8),)
+
+    def mixtral():
+        from subclone_graph.models import hf_families, hf_zoo
+        model = hf_families.build("mixtral")
+        return model, hf_zoo.example_inputs(model, 2, 8, 0)
+
     def no_residual():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
@@ -171,6 +180,35 @@ def _garbage_pt2(tmp_path):
     return ["run", str(tmp_path / "junk.pt2"), "--out", "{out}"]
 
 
+def _layers_zero(tmp_path):
+    return ["run", "{factory}:build", "--layers", "0", "--out", "{out}"]
+
+
+def _hidden_above_config(tmp_path):
+    return ["run", str(_hf_folder(tmp_path)), "--hidden", "1000", "--out", "{out}"]
+
+
+def _heads_off_the_grouping(tmp_path):
+    return ["run", str(_hf_folder(tmp_path)), "--heads", "3", "--out", "{out}"]
+
+
+def _float_ids(tmp_path):
+    return ["run", "{factory}:float_ids", "--out", "{out}"]
+
+
+def _not_a_multiple(tmp_path):
+    return ["run", "{factory}:build", "--ffn", "40", "--multiple-of", "16", "--out", "{out}"]
+
+
+def _grouped_kernel_width(tmp_path):
+    return ["run", "{factory}:mixtral", "--ffn", "38", "--out", "{out}"]
+
+
+def _hf_from_a_pt2(tmp_path):
+    (tmp_path / "child.pt2").write_bytes(b"PK")
+    return ["run", str(tmp_path / "child.pt2"), "--format", "hf", "--out", "{out}"]
+
+
 BAD_INPUTS = {
     # input: (setup, fragments of the one-line error)
     "truncated .safetensors": (_truncated_safetensors, ["hf_llama/model.safetensors", "truncated"]),
@@ -190,6 +228,16 @@ BAD_INPUTS = {
     "--kv-heads above the parent's": (_kv_heads_too_many, ["--kv-heads 3", "larger than the parent"]),
     "non-UTF-8 text": (_latin1_text, ["corpus.txt", "UTF-8"]),
     "garbage .pt2 as MODEL": (_garbage_pt2, ["junk.pt2", ".pt2"]),
+    "--layers 0": (_layers_zero, ["--layers", "a count must be at least 1", "omit the option"]),
+    "--hidden above config.json's": (_hidden_above_config, ["--hidden 1000 is larger than the parent's hidden (64",
+                                                            "config.json", "allowed: 1..64"]),
+    "--heads off the kv grouping": (_heads_off_the_grouping, ["--heads 3 does not fit the kv grouping"]),
+    "float token ids from a factory": (_float_ids, ["the first input is float32", "token ids"]),
+    "--ffn not a multiple of --multiple-of": (_not_a_multiple, ["--ffn 40 is not a multiple of --multiple-of 16",
+                                                                "give 32 or 48"]),
+    "a width the grouped expert kernel cannot take": (_grouped_kernel_width, ["--ffn 38", "torch._grouped_mm",
+                                                                               "give 36 or 40"]),
+    "--format hf from a .pt2 child": (_hf_from_a_pt2, ["--format hf needs the Hugging Face parent", "child.pt2"]),
 }
 
 
@@ -371,8 +419,8 @@ def test_run_prints_timed_steps_and_a_summary(factory, tmp_path, capsys):
     assert main(["run", f"{factory}:build", *TARGET, "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "[1] load user_paths_factory:build ..." in printed and "done in" in printed
-    summary = printed.split("time per step:")[1]
-    for step in ("load", "subclone", "write child.pt2", "total"):
+    summary = printed.split("time per phase:")[1]
+    for step in ("load", "trace", "calibrate", "rewrite", "write and check child.pt2", "total"):
         assert step in summary
 
 

@@ -42,9 +42,10 @@ from subclone_graph.passes import state
 from subclone_graph.passes.analysis.segments import BoundaryStore
 from subclone_graph.passes.target import Target
 
-from subclone_graph.api import run_passes, subclone_passes
+from subclone_graph.api import aligned_target, check_checkpoint_arguments, phases_steps, run_passes, subclone_passes
 from subclone_graph.checkpoint.files import CheckpointError
 from subclone_graph.checkpoint.weightless_parent import CheckpointWeights, weightless_parent
+from subclone_graph.progress import Phases
 from subclone_graph.export.destination import check_destination, staging_folder, write_manifest
 from subclone_graph.export.hf.write import DEFAULT_SHARD_SIZE, check_folder, write_folder
 from subclone_graph.runtime import distributed
@@ -76,6 +77,16 @@ def _child_bytes(gm: fx.GraphModule) -> int:
     return sum(t.numel() * t.element_size() for t in {id(t): t for t in gm.state_dict(keep_vars=True).values()}.values())
 
 
+def _calibration_steps(gm: fx.GraphModule, batches) -> int | None:
+    """The calibrate phase's steps: one without data (weight magnitude), else segments × batches
+    (None where the count is not known ahead: a rank's share, a stream)."""
+    if batches is None:
+        return 1
+    if distributed.world_size() > 1 or not hasattr(batches, "__len__"):
+        return None
+    return (len(state.LAYERS.need(gm)) + 2) * len(batches)
+
+
 def _parameter_count(gm: fx.GraphModule) -> int:
     return sum(p.numel() for p in {id(p): p for p in gm.parameters()}.values())
 
@@ -92,8 +103,9 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     ``example_inputs``: the inputs the trace and the final check use (default: the first
     calibration batch). ``memory_budget``: bytes of boundary values kept in memory before
     spilling to ``spill_dir`` (default: a temporary folder); a child larger than it is checked
-    segment by segment, never loaded whole. ``progress(iterable)`` wraps the
-    segments × batches steps (e.g. ``tqdm``). ``compute_dtype``: what a half-precision parent's
+    segment by segment, never loaded whole. ``progress`` (``tqdm``, or any callable of its
+    signature; ``subclone_graph.progress``) sees the phases trace, calibrate (segments × batches
+    steps), rewrite, write and check. ``compute_dtype``: what a half-precision parent's
     calibration computes in (None: its own dtype; ``passes.analysis.compute_dtype``). Returns a
     ``StreamReport``."""
     target = Target() if target is None else target
@@ -102,21 +114,34 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
         if not calibration:
             raise ValueError("give example_inputs (or calibration data, whose first batch is used)")
         example_inputs = calibration[0]
+    check_checkpoint_arguments(folder, target, drop_layers, depth, calibration, example_inputs)
+    out_dir = check_destination(out_dir, overwrite=overwrite, folder=True)
     # this rank's share (all of it in one process); the pass reads it once, the report counts it
     own = None if calibration is None else distributed.shard(calibration)
     store, weights = BoundaryStore(memory_budget, spill_dir), CheckpointWeights()
-    # the one pipeline, its arguments checked before anything is read: only the weights' source differs
-    passes = subclone_passes(target, own, drop_layers, depth, rescale, progress, selection, device, compute_dtype,
-                             weights=weights, store=store)
-    out_dir = check_destination(out_dir, overwrite=overwrite, folder=True)
+    phases, steps = Phases(progress), {}
+    ticking = None if progress is None else lambda items: phases_steps(items, steps["tick"])
+
+    def pipeline(chosen: Target) -> list:     # the one pipeline: only the weights' source differs
+        return subclone_passes(chosen, own, drop_layers, depth, rescale, ticking, selection, device, compute_dtype,
+                               weights=weights, store=store)
+
+    passes = pipeline(target)                     # its arguments checked before anything is read
     reader = weights.open(folder)
     report, clock = StreamReport(out_dir), time.perf_counter()
+    phases.begin("trace")
     report.checkpoint_bytes = sum(f.stat().st_size for f in reader.files)
     gm = weightless_parent(Path(folder), reader, example_inputs)
     run_passes(gm, passes[:2])                 # the blocks and the channel graph: shapes only
+    passes = passes[:2] + pipeline(aligned_target(gm, target))[2:]   # widths grouped kernels can run
+    names = [type(p).__name__ for p in passes]
     report.parent_parameters = _parameter_count(gm)
     report.seconds["trace"], clock = time.perf_counter() - clock, time.perf_counter()
-    run_passes(gm, passes[2:])
+    steps["tick"] = phases.begin("calibrate", _calibration_steps(gm, own))
+    run_passes(gm, passes[2:3], ran=names[:2])
+    phases.begin("rewrite")
+    run_passes(gm, passes[3:], ran=names[:3])
+    phases.end()
     report.calibration_tokens = 0 if own is None else own.tokens
     report.calibration_bytes, report.spilled_bytes = store.peak, store.spilled
     report.calibration_read = reader.bytes_read
@@ -132,13 +157,16 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     with staging_folder(out_dir.parent) as staging:
         staged = staging / out_dir.name
         staged.mkdir()
+        phases.begin("write")
         written = write_folder(gm, staged, weights, shard_size=shard_size, parent_folder=folder)
         report.config_changes = written.changes
         report.bytes_read = reader.bytes_read
         report.seconds["write"], clock = time.perf_counter() - clock, time.perf_counter()
+        phases.begin("check")
         # a child larger than the memory budget is checked segment by segment: peak memory of one segment
         report.max_difference = check_folder(gm, staged, written, out_dir,
                                              by_segments=_child_bytes(gm) > memory_budget)
+        phases.end()
         report.seconds["check"] = time.perf_counter() - clock
         write_manifest(staged)
         if out_dir.is_dir() and any(out_dir.iterdir()):

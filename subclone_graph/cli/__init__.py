@@ -1,8 +1,10 @@
-"""The ``subclone`` command line (``main``): ``demo``, ``run``, ``inspect``.
+"""The ``subclone`` command line (``main``): ``demo``, ``run``, ``inspect``, ``convert``.
 
-``main.py`` parses and dispatches; ``loaders.py`` loads MODEL and ``--calib``; ``run_checkpoint.py``
-runs a checkpoint folder through the streamed path; ``report.py`` prints steps and tables.
+``main.py`` parses (``parser.py``), checks what it can without torch (``preflight.py``) and
+dispatches to ``commands.py``; ``loaders.py`` loads MODEL and ``--calib``; ``run_checkpoint.py``
+runs a checkpoint folder through the streamed path; ``report.py`` prints phases and tables.
+``import subclone_graph.cli`` imports no torch: ``subclone --help`` answers at once.
 """
-from subclone_graph.cli.main import USER_ERRORS, build_parser, main
+from subclone_graph.cli.main import build_parser, main, user_errors
 
-__all__ = ["main", "build_parser", "USER_ERRORS"]
+__all__ = ["main", "build_parser", "user_errors"]

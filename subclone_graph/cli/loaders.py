@@ -35,6 +35,8 @@ from subclone_graph import data
 from subclone_graph.export import pt2
 from subclone_graph.export.hf import quiet_transformers
 from subclone_graph.data.token_stream import TokenStream, is_token_folder
+from subclone_graph.api import check_token_ids as api_check_token_ids
+from subclone_graph.cli.preflight import check_calibration_options, check_calibration_path, model_kind
 from subclone_graph.cli.messages import first_line
 
 __all__ = ["Loaded", "load_model", "load_calibration", "example_inputs", "check_token_ids",
@@ -60,20 +62,14 @@ def _file_errors() -> tuple:
 # ----- models -------------------------------------------------------------------------------
 def load_model(spec: str) -> Loaded:
     """MODEL as a Hugging Face folder, a ``.gguf``, a ``.pt2`` or ``module:factory`` (see module doc)."""
-    path = Path(spec)
-    if path.is_dir():
+    path, kind = Path(spec), model_kind(spec)
+    if kind == "folder":
         return _load_hf(path)
-    if path.suffix == ".gguf" and path.is_file():
+    if kind == "gguf":
         return _load_hf(path.parent, gguf_file=path.name)
-    if path.suffix == ".pt2" and path.is_file():
+    if kind == "pt2":
         return _load_pt2(path)
-    if path.is_file():
-        raise ValueError(f"{spec}: not a model (expected a Hugging Face folder, a .gguf or .pt2 file, "
-                         f"or module:factory)")
-    if ":" in spec and path.suffix not in (".gguf", ".pt2"):
-        return _load_factory(spec)
-    raise FileNotFoundError(f"model not found: {spec} (expected a Hugging Face folder, a .gguf or .pt2 "
-                            f"file, or module:factory)")
+    return _load_factory(spec)
 
 
 def _load_pt2(path: Path) -> Loaded:
@@ -182,14 +178,6 @@ def _as_loaded(made, spec: str) -> Loaded:
 
 
 # ----- calibration --------------------------------------------------------------------------
-def check_calibration_options(batches: int | None, batch_size: int, seq_len: int, tokens: int | None = None) -> None:
-    """The command line's numbers, named as the user typed them (None: not given)."""
-    for option, value in (("--calib-batches", batches), ("--batch-size", batch_size), ("--seq-len", seq_len),
-                          ("--calib-tokens", tokens)):
-        if value is not None and value < 1:
-            raise ValueError(f"{option} {value}: must be at least 1")
-
-
 def load_calibration(path, loaded: Loaded, batches: int | None = 4, batch_size: int = 4, seq_len: int = 128,
                      tokens: int | None = None):
     """At most ``batches`` calibration batches from a ``.pt`` file, an image folder or text — a
@@ -198,9 +186,8 @@ def load_calibration(path, loaded: Loaded, batches: int | None = 4, batch_size: 
     if path is None:
         return None
     check_calibration_options(batches, batch_size, seq_len, tokens)
+    check_calibration_path(path)
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"calibration data not found: {path}")
     if tokens is not None or is_token_folder(path) or path.suffix == ".safetensors":
         return TokenStream(path, loaded.tokenizer, seq_len, batch_size, max_tokens=tokens, max_batches=batches,
                            vocab=_vocabulary_size(loaded.model))
@@ -237,16 +224,11 @@ def _vocabulary_size(model: torch.nn.Module) -> int | None:
 
 
 def check_token_ids(calibration: list, model: torch.nn.Module, path) -> None:
-    """Integer first inputs must be token ids of the model's vocabulary (when the model tells it)."""
+    """Integer first inputs must be token ids of the model's vocabulary (when the model, or its
+    config, tells it: ``api.check_token_ids``)."""
     vocab = _vocabulary_size(model)
     for index, batch in enumerate(calibration):
-        ids = batch[0]
-        if vocab is None or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or not ids.numel():
-            continue
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= vocab:
-            raise ValueError(f"{path}: batch {index} holds token id {high if high >= vocab else low}, outside "
-                             f"the model's vocabulary 0..{vocab - 1}")
+        api_check_token_ids(batch, vocab, f"{path}: batch {index}", type(model).__name__)
 
 
 def _is_image_folder(path: Path) -> bool:

@@ -16,31 +16,125 @@ import torch
 
 from subclone_graph.passes import state
 
-__all__ = ["print_config_changes", "Steps", "group_table", "layer_table", "score_tables", "display_kind", "progress_bar",
+__all__ = ["print_config_changes", "Steps", "target_summary", "group_table", "layer_table", "score_tables", "display_kind", "progress_bar",
            "calibration_source"]
 
 TARGET_KINDS = ("residual", "ffn", "heads", "kv_heads", "head_dim")
 
 
 class Steps:
-    """``with steps("load MODEL"):`` prints ``[1] load MODEL ...`` then its time; ``summary()``."""
+    """The command line's phases, each printed as it starts (``[2] trace ...``) and ends (``done
+    in 41.3 s``), its time kept for ``summary()``: ``with steps("load MODEL"):`` for the command
+    line's own, ``steps.progress`` (the library's ``progress=`` protocol, ``subclone_graph.progress``)
+    for the library's; a phase with several steps shows a bar on stderr."""
 
-    def __init__(self, echo=None) -> None:
+    def __init__(self, echo=None, bars: bool = True) -> None:
         self.echo = echo or (lambda line: print(line, flush=True))
+        self.bars = bars
         self.seconds: dict[str, float] = {}
+        self.started = 0
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        self.echo(f"[{len(self.seconds) + 1}] {name} ...")
+        steps = self.progress(range(1), desc=name, total=1)
+        next(steps)
+        try:
+            yield
+        except BaseException:
+            steps.close()
+            raise
+        next(steps, None)
+
+    def progress(self, iterable, desc: str = "", total: int | None = None):
+        """``progress(iterable, desc=phase, total=n)``: the phase ``desc`` (see class doc)."""
+        self.started += 1
+        self.echo(f"[{self.started}] {desc} ...")
         start = time.perf_counter()
-        yield
-        self.seconds[name] = time.perf_counter() - start
-        self.echo(f"    done in {self.seconds[name]:.1f} s")
+        if self.bars and total != 1:
+            from tqdm.auto import tqdm
+            iterable = tqdm(iterable, desc=desc, total=total, unit="step", file=sys.stderr, leave=False)
+        try:
+            yield from iterable
+        except GeneratorExit:
+            self.echo(f"    stopped after {time.perf_counter() - start:.1f} s")
+            raise
+        self.seconds[desc] = self.seconds.get(desc, 0.0) + time.perf_counter() - start
+        self.echo(f"    done in {self.seconds[desc]:.1f} s")
+
+    def named(self, suffix: str):
+        """A ``progress`` whose phases read ``write child.onnx``, ``check child.onnx``, ..."""
+        return lambda iterable, desc="", total=None: self.progress(iterable, f"{desc} {suffix}", total)
 
     def summary(self) -> str:
         width = max((len(n) for n in self.seconds), default=0)
         lines = [f"  {name:<{width}}  {s:7.1f} s" for name, s in self.seconds.items()]
-        return "\n".join(["time per step:", *lines, f"  {'total':<{width}}  {sum(self.seconds.values()):7.1f} s"])
+        return "\n".join(["time per phase:", *lines, f"  {'total':<{width}}  {sum(self.seconds.values()):7.1f} s"])
+
+
+# Target field -> the group role that carries it (``ChooseKeepPass`` reads the same roles)
+FIELD_ROLES = {"hidden": "residual", "ffn": "ffn", "latent": "latent", "experts": "experts"}
+
+
+def _frozen_layer_width(graph) -> str | None:
+    """Why a layer has no MLP width to shrink although a weight produces or contracts one: the
+    reason of the first frozen width inside a layer (it names the op and the module)."""
+    weighted = graph.produced | graph.contracted
+    for group in sorted(graph.groups.values(), key=lambda g: (g.layer if g.layer is not None else -1, g.id)):
+        if (not group.static or group.reason is None or group.layer is None or group.size < 2
+                or group.kind in ("heads", "kv_heads", "head_dim")):
+            continue
+        related = [group.id, *graph.composites_containing(group.id)]
+        if any(v in weighted for g in related for v in graph.groups[g].vertices):
+            return group.reason
+    return None
+
+
+def _widths(sizes) -> str:
+    """``576``, or ``64/1536`` where groups of one kind differ (give a fraction for those)."""
+    return "/".join(str(w) for w in sorted(set(sizes)))
+
+
+def target_summary(gm) -> str:
+    """What ``inspect`` says first: the sizes a ``Target`` takes, which can shrink and what
+    freezes the others (the op and the module, from the analysis' reasons)."""
+    graph, layers, sites = state.CHANNEL_GRAPH.need(gm), state.LAYERS.need(gm), state.ATTENTION.need(gm)
+    sizes, free, fixed = {}, [], []
+    for field, role in FIELD_ROLES.items():
+        groups = [g for g in graph.groups.values() if g.role == role and g.static]
+        if not groups:
+            reason = _frozen_layer_width(graph) if field == "ffn" else None
+            if reason:
+                fixed.append(f"{field}: {reason}")
+            continue
+        sizes[field] = _widths(g.size for g in groups)
+        frozen = [g for g in groups if g.reason]
+        if len(frozen) == len(groups):
+            fixed.append(f"{field}: {frozen[0].reason}")
+        else:
+            free.append(field if not frozen else f"{field} (not in {len(frozen)} of {len(groups)} groups: "
+                                                 f"{frozen[0].reason})")
+    if layers:
+        sizes["layers"] = str(len(layers))
+        free.append("layers")
+    for field, ids in (("heads", [s.heads for s in sites]), ("kv_heads", [s.kv_heads for s in sites])):
+        if not sites:
+            break
+        groups = [graph.groups[i] for i in ids]
+        sizes[field] = _widths(g.size for g in groups)
+        frozen = [g for g in groups if g.reason]
+        (fixed.append(f"{field}: {frozen[0].reason}") if frozen else free.append(field))
+    order = ("hidden", "layers", "heads", "kv_heads", "ffn", "latent", "experts")
+    line = ", ".join(f"{f.replace('_', ' ')} {sizes[f]}" for f in order if f in sizes)
+    absent = [f.replace("_", " ") for f in order if f not in sizes]
+    lines = [f"sizes: {line}" if line else "sizes: none a Target can take (no residual stream, layers or attention found)"]
+    lines.append(f"can shrink: {', '.join(x.replace('_', ' ') for x in free) or 'nothing'}")
+    lines += [f"cannot shrink {reason}" for reason in fixed]
+    if absent:
+        lines.append(f"not in this model: {', '.join(absent)}")
+    unknown = state.UNKNOWN_OPS.get(gm, ())
+    if unknown:
+        lines.append(f"ops without a rule (they freeze what they touch): {', '.join(unknown)}")
+    return "\n".join(lines)
 
 
 def _composite_parts(graph, group) -> list:
@@ -137,5 +231,6 @@ def print_config_changes(changes) -> None:
 
 
 def progress_bar(iterable):
+    """A bar over calibration batches (``ScoreChannelsPass``'s ``progress``)."""
     from tqdm.auto import tqdm
     return tqdm(iterable, desc="calibration", unit="batch", file=sys.stderr)

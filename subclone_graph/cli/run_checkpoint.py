@@ -3,13 +3,13 @@
 A folder with ``config.json`` and ``model.safetensors`` (or a ``model.safetensors.index.json``)
 is subcloned by ``subclone_checkpoint`` unless ``--no-stream`` is given: the parent is never
 loaded. The Hugging Face child is written to ``OUT/hf``; ``child.pt2`` / ``child.onnx``, when
-asked for, are made from that written child (small), loaded and traced. One progress bar runs
-over segments × calibration batches; the closing summary gives the time split (trace /
-calibrate / write / check) and the bytes read from the parent against the checkpoint's size.
+asked for, are made from that written child (small), loaded and traced. Each phase (trace,
+calibrate — a bar over segments × calibration batches —, rewrite, write, check, then each
+other output) is printed as it starts and ends; the closing summary gives the time of each and
+the bytes read from the parent against the checkpoint's size.
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 import types
@@ -20,7 +20,7 @@ from subclone_graph.export import pt2
 
 from subclone_graph.checkpoint.files import INDEX_NAME, SINGLE_NAME
 from subclone_graph.runtime.distributed import rank, summary_line
-from subclone_graph.cli.report import calibration_source, print_config_changes
+from subclone_graph.cli.report import Steps, calibration_source, print_config_changes
 from subclone_graph.export.hf import HFExportError
 from subclone_graph.cli.loaders import Loaded, example_inputs, load_calibration
 from subclone_graph.export.destination import write_all
@@ -49,9 +49,6 @@ def _tokenizer(folder: Path):
         return None
 
 
-def _bar(iterable):
-    from tqdm.auto import tqdm
-    return tqdm(iterable, desc="calibration (segments × batches)", unit="step", file=sys.stderr)
 
 
 def _gib(count: int) -> str:
@@ -67,7 +64,7 @@ def run_streamed(args, target, files: dict) -> int:
     """Stream the checkpoint folder ``args.model`` into ``files`` (format -> path under ``--out``),
     all of them staged and moved into place together (``destination.write_all``)."""
     folder, out = Path(args.model), Path(args.out)
-    started = time.perf_counter()
+    started, steps = time.perf_counter(), Steps()
     config, _ = parent_class(folder)
     loaded = Loaded(types.SimpleNamespace(config=config), tokenizer=_tokenizer(folder))
     calibration = load_calibration(args.calib, loaded, args.calib_batches, args.batch_size, args.seq_len,
@@ -81,7 +78,7 @@ def run_streamed(args, target, files: dict) -> int:
     def stream(path: Path):
         report = subclone_checkpoint(folder, path, target, calibration, example_inputs=inputs, depth=args.depth,
                                      selection=args.selection, overwrite=args.overwrite,
-                                     device=getattr(args, "device", "cpu"), progress=_bar if calibration else None,
+                                     device=getattr(args, "device", "cpu"), progress=steps.progress,
                                      compute_dtype=COMPUTE_DTYPES[getattr(args, "calib_dtype", "float32")])
         # every rank's tokens (a collective: each rank reaches it right after its calibration)
         made["line"] = None if calibration is None else summary_line(report.calibration_tokens,
@@ -100,7 +97,9 @@ def run_streamed(args, target, files: dict) -> int:
                 raise
             raise ValueError(f"{first_line(error)} — streaming writes the child as its parent's class first; "
                              "--no-stream subclones it in memory instead") from error
-        made["child"] = _traced_child(path, inputs)
+        if set(files) - {"hf"}:
+            with steps("load and trace the written child (for child.pt2 / child.onnx)"):
+                made["child"] = _traced_child(path, inputs)
 
     def child_graph(path: Path):
         if "child" not in made:          # no hf/ asked for: make it beside, use it, remove it
@@ -109,10 +108,12 @@ def run_streamed(args, target, files: dict) -> int:
         return made["child"]
 
     def write_pt2(path: Path) -> None:
-        pt2.save(child_graph(path), path)
+        child = child_graph(path)
+        with steps("write and check child.pt2 (reloaded and compared with the child)"):
+            pt2.save(child, path)
 
     def write_onnx(path: Path) -> None:
-        diff = sg.export_onnx(child_graph(path), inputs, path)
+        diff = sg.export_onnx(child_graph(path), inputs, path, progress=steps.named("child.onnx"))
         print(f"    onnxruntime max |difference| from the child: {diff:.3g}")
 
     every = {"hf": write_hf, "pt2": write_pt2, "onnx": write_onnx}
@@ -126,8 +127,8 @@ def run_streamed(args, target, files: dict) -> int:
     parent, child = report.parent_parameters, report.child_parameters
     print(f"parent: {parent:,} parameters")
     print(f"child:  {child:,} parameters ({child / parent:.2f} of the parent)")
-    split = " / ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
-    print(f"time: {time.perf_counter() - started:.1f} s in all ({split})")
+    print(steps.summary())
+    print(f"time: {time.perf_counter() - started:.1f} s in all")
     print(f"read {_gib(report.bytes_read)} from the parent's {_gib(report.checkpoint_bytes)} "
           f"({_gib(report.calibration_read)} calibrating, the rest writing the child); "
           f"calibration state peaked at {_gib(report.calibration_bytes)} in memory, "
