@@ -225,7 +225,7 @@ BAD_INPUTS = {
     "HFExportError (child the class cannot express)": (_hf_export_error, ["GPT2LMHeadModel"]),
     "--calib-batches 0": (_calib_batches_zero, ["--calib-batches 0"]),
     "--seq-len 0": (_seq_len_zero, ["--seq-len 0"]),
-    "--kv-heads above the parent's": (_kv_heads_too_many, ["--kv-heads 3", "larger than the parent"]),
+    "--kv-heads above the parent's": (_kv_heads_too_many, ["--kv-heads 3", "a width of 2", "not a whole multiple"]),
     "non-UTF-8 text": (_latin1_text, ["corpus.txt", "UTF-8"]),
     "garbage .pt2 as MODEL": (_garbage_pt2, ["junk.pt2", ".pt2"]),
     "--layers 0": (_layers_zero, ["--layers", "a count must be at least 1", "omit the option"]),
