@@ -28,7 +28,7 @@ __all__ = ["subclone", "subclone_passes", "run_passes", "Target"]
 
 def subclone_passes(target: Target, calibration=None, drop_layers=None, depth: str = "middle",
                     rescale: bool = True, progress=None, selection: str = "score", device=None,
-                    compute_dtype=torch.float32, *, weights=None, store=None) -> list:
+                    compute_dtype="auto", *, weights=None, store=None) -> list:
     """The subcloning pipeline as a flat list of passes (each ``call(gm) -> PassResult``).
 
     One pipeline whatever the weights' source: ``weights`` (default: the traced model's own
@@ -94,7 +94,7 @@ def _check_arguments(target, drop_layers, depth, calibration) -> None:
 def subclone(model, example_inputs, target: Target | None = None, calibration=None, drop_layers=None, *,
              depth: str = "middle", rescale: bool = True, selection: str = "score",
              example_kwargs: dict | None = None, progress=None, device=None,
-             compute_dtype=torch.float32) -> fx.GraphModule:
+             compute_dtype="auto") -> fx.GraphModule:
     """Initialise a smaller child from ``model`` (weight subcloning, arXiv 2312.09299).
 
     ``calibration`` is an iterable of input tuples like ``example_inputs``; without it, channels
@@ -104,7 +104,8 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     ``"uniform"`` picks channels without scores (ablation / weight-selection baselines);
     ``rescale=False`` skips the √(D/d) factor. ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``):
     where calibration runs, on a moved copy of the traced graph; the child stays on the CPU.
-    ``compute_dtype``: what a half-precision model's calibration computes in (None: its own
+    ``compute_dtype``: what a half-precision model's calibration computes in: ``"auto"`` (float32,
+    with the half dtype's matmuls where this machine runs them fast), a dtype, or None (its own
     dtype; ``passes.analysis.compute_dtype``); the child keeps the model's dtype. Under ``torch.distributed`` each rank calibrates on its share of the batches and the
     statistics are summed before anything is chosen (``subclone_graph.runtime.distributed``). Returns a ``torch.fx.GraphModule`` with real
     parameters that returns outputs of the parent's structure at any batch and sequence size.

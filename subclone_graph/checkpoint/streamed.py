@@ -78,7 +78,7 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
                         drop_layers=None, depth: str = "middle", selection: str = "score", rescale: bool = True,
                         shard_size: int = DEFAULT_SHARD_SIZE, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                         spill_dir=None, device="cpu", overwrite: bool = False, progress=None,
-                        compute_dtype=torch.float32) -> StreamReport:
+                        compute_dtype="auto") -> StreamReport:
     """Subclone the Hugging Face safetensors checkpoint in ``folder`` into ``out_dir`` (a
     ``from_pretrained`` folder of the parent's class), streaming the parent (module docstring).
 
@@ -87,7 +87,8 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     calibration batch). ``memory_budget``: bytes of boundary values kept in memory before
     spilling to ``spill_dir`` (default: a temporary folder). ``progress(iterable)`` wraps the
     segments × batches steps (e.g. ``tqdm``). ``compute_dtype``: what a half-precision parent's
-    calibration computes in (None: its own dtype; ``passes.analysis.compute_dtype``). Returns a
+    calibration computes in (``"auto"``: float32, with the half dtype's matmuls where they are
+    measured fast; a dtype; None: its own dtype; ``passes.analysis.compute_dtype``). Returns a
     ``StreamReport``."""
     target = Target() if target is None else target
     if example_inputs is None:

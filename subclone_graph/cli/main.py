@@ -257,9 +257,11 @@ def _add_run_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", metavar="DEVICE",
                         help="where calibration runs: cpu (default), cuda, cuda:N, or auto (cuda when "
                              "available); the child comes back on the CPU")
-    parser.add_argument("--calib-dtype", choices=sorted(COMPUTE_DTYPES), default="float32",
-                        help="what a bfloat16/float16 parent's calibration computes in: float32 (default), "
-                             "float64, or model (the parent's own dtype); the child keeps the parent's dtype")
+    parser.add_argument("--calib-dtype", choices=sorted(COMPUTE_DTYPES), default="auto",
+                        help="what a bfloat16/float16 parent's calibration computes in: auto (default: "
+                             "float32, with the parent's dtype in matmuls where a short measurement finds "
+                             "them fast — bfloat16 matrix units, a GPU), float32, float64, or model (the "
+                             "parent's own dtype); the child keeps the parent's dtype")
     parser.add_argument("--no-stream", action="store_true",
                         help="load a safetensors folder whole instead of streaming it layer by layer")
 
