@@ -25,6 +25,11 @@ Writes ``benchmarks/results/calibration_tokens.json`` (with ``lscpu``'s flags an
 ``.png``.
 
     python benchmarks/calibration_tokens.py [--parents smollm2 1B] [--max-tokens 16384]
+
+Results so far: only ``calibration_tokens_quick.json`` (SmolLM2, 256–1,024 tokens, the dtype
+comparison at 256 tokens, on a contended 2-core AVX2 machine without bfloat16 matrix units). The
+full run (both parents, 256–16,384 tokens), and the dtype comparison on a machine where ``auto``
+does pick bfloat16 matmuls (AMX or a GPU), are pending.
 """
 from __future__ import annotations
 
