@@ -18,7 +18,7 @@ result widened back:
   weights as they are, the activations rounded once) and its result is widened.
 
 ``compute_dtype="auto"`` (the default) decides by a short measurement, once per process and
-device (``matmul_rate``, well under a second): the half dtype's matmuls when they run at least
+device (``matmul_rate``, about a second at most): the half dtype's matmuls when they run at least
 ``FAST_FACTOR`` × float32's rate, else float32 throughout (``choose_precision`` takes the rates,
 so the rule is testable without the hardware); a device other than ``MEASURED_DEVICES`` is not
 measured and gets float32 throughout. A float32 or float64 model runs as it is.
@@ -140,27 +140,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_rate(dtype: torch.dtype, device="cpu", budget: float = 0.1) -> float:
-    """FLOP/s of a square ``dtype`` matmul on ``device``, measured once per process (a
-    size-doubling search stopped by ``budget`` seconds: ~0.1–0.3 s in all)."""
+def _seconds(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> float:
+    start = time.perf_counter()
+    torch.mm(a, b)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def matmul_rate(dtype: torch.dtype, device="cpu", long_enough: float = 0.05) -> float:
+    """FLOP/s of a square ``dtype`` matmul on ``device``, measured once per process: sizes double
+    from 128 until one product takes ``long_enough`` seconds (or the size reaches 4096), and the
+    rate is the better of two products at that size. Small products are not compared: on a
+    loaded machine a float32 product waits ~25 ms for its threads whatever its size, which made
+    a slow half dtype look fast. Under a second per dtype where the dtype is slow, ~0.1 s where
+    it is fast."""
     device = torch.device(device)
     key = (str(device), dtype)
     if key not in _RATES:
-        best, size, spent = 0.0, 128, 0.0
         generator = torch.Generator().manual_seed(0)
-        while spent < budget and size <= 4096:
+        size = 128
+        while True:
             a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
             b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-            torch.mm(a, b)                      # warm-up: kernels chosen, memory touched
-            _sync(device)
-            start = time.perf_counter()
-            torch.mm(a, b)
-            _sync(device)
-            took = time.perf_counter() - start
-            spent += 2 * took
-            best = max(best, 2 * size ** 3 / max(took, 1e-9))
+            took = _seconds(a, b, device)           # the first also chooses kernels, touches memory
+            if took >= long_enough or size >= 4096:
+                took = min(took, _seconds(a, b, device))
+                break
             size *= 2
-        _RATES[key] = best
+        _RATES[key] = 2 * size ** 3 / max(took, 1e-9)
     return _RATES[key]
 
 
