@@ -26,6 +26,12 @@ load is marked by it; ``--note`` saves a line beside them). Each figure also as 
 limit. Writes ``benchmarks/results/transform_speed.json``; ``--table`` prints the README's table.
 
     python benchmarks/transform_speed.py --sizes 1B 7B 70B-wide-4 --tokens 4096 --delete
+
+Results so far: at most ``transform_speed_quick.json`` (the 1B shape only, 512 tokens, on a
+contended 2-core AVX2 machine without bfloat16 matrix units: float32 throughout). The full run
+(1B, 7B, 70B-wide-4 at 4,096 tokens) on an uncontended machine, and a run on a machine where
+``auto`` picks bfloat16 matmuls (AMX or a GPU), are pending. "computes in" is this process's own
+``auto`` decision; the ``subclone run`` subprocess measures again for itself.
 """
 from __future__ import annotations
 
