@@ -49,7 +49,8 @@ ROWS_PER_CHUNK = 4096
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
 
 
-def _config(name: str):
+def config(name: str):
+    """The ``LlamaConfig`` of shape ``name`` (bfloat16, untied head)."""
     from transformers import LlamaConfig
 
     hidden, ffn, layers, heads, kv_heads, vocab = SHAPES[name]
@@ -64,9 +65,9 @@ def generate(name: str, folder: Path) -> None:
     from accelerate import init_empty_weights
     from transformers import LlamaForCausalLM
 
-    config = _config(name)
+    shaped = config(name)
     with init_empty_weights():
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(shaped)
     entries = [(n, tuple(p.shape), torch.bfloat16) for n, p in model.named_parameters()]
     del model
     generator = torch.Generator().manual_seed(0)
@@ -85,7 +86,7 @@ def generate(name: str, folder: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     write_shards(partial, entries, produce, SHARD)
-    config.save_pretrained(partial)
+    shaped.save_pretrained(partial)
     os.replace(partial, folder)
 
 
@@ -130,8 +131,11 @@ def _parse(stdout: str, stderr: str) -> dict:
     return found
 
 
-def run(name: str, folder: Path, tokens: int, batch_tokens: int) -> dict:
-    hidden, ffn, layers, heads, kv_heads = CHILDREN[name]
+def run(name: str, folder: Path, tokens: int, batch_tokens: int, child: tuple | None = None) -> dict:
+    """``subclone run`` of the checkpoint in ``folder`` into ``child`` (hidden, MLP, layers, heads, kv
+    heads; default ``CHILDREN[name]``) under ``/usr/bin/time -v``; the child is deleted after."""
+    child = CHILDREN[name] if child is None else tuple(child)
+    hidden, ffn, layers, heads, kv_heads = child
     calib = _calibration(folder, tokens, batch_tokens, SHAPES[name][5])
     out = folder.parent / f"{folder.name}-child"
     command = [sys.executable, "-c", "from subclone_graph.cli.main import main; raise SystemExit(main())", "run",
@@ -144,8 +148,9 @@ def run(name: str, folder: Path, tokens: int, batch_tokens: int) -> dict:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{name}: subclone run failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    result = {"parent": name, "child": dict(zip(("hidden", "ffn", "layers", "heads", "kv_heads"), CHILDREN[name])),
-              "tokens": tokens, "batch_tokens": batch_tokens, "wall_seconds": wall, **_parse(done.stdout, done.stderr)}
+    result = {"parent": name, "child": dict(zip(("hidden", "ffn", "layers", "heads", "kv_heads"), child)),
+              "tokens": tokens, "batch_tokens": batch_tokens, "wall_seconds": wall, **_parse(done.stdout, done.stderr),
+              "child_bytes": sum(f.stat().st_size for f in (out / "hf").glob("*.safetensors"))}
     shutil.rmtree(out, ignore_errors=True)
     calib.unlink()
     return result

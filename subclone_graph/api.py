@@ -30,12 +30,12 @@ from subclone_graph.runtime.distributed import DistributedError, world_size
 from subclone_graph.tracing import trace
 
 __all__ = ["subclone", "subclone_passes", "run_passes", "Target", "check_inputs", "check_token_ids", "check_drop_layers",
-           "check_checkpoint_arguments", "aligned_target",
+           "check_checkpoint_arguments", "aligned_target", "batch_count", "phases_steps",
            "grouped_kernel_multiple"]
 
 def subclone_passes(target: Target, calibration=None, drop_layers=None, depth: str = "middle",
                     rescale: bool = True, progress=None, selection: str = "score", device=None,
-                    compute_dtype=torch.float32, *, weights=None, store=None,
+                    compute_dtype="auto", *, weights=None, store=None,
                     grow_noise_db: float | None = None) -> list:
     """The subcloning pipeline as a flat list of passes (each ``call(gm) -> PassResult``).
 
@@ -108,7 +108,7 @@ def _check_arguments(target, drop_layers, depth, calibration) -> None:
 def subclone(model, example_inputs, target: Target | None = None, calibration=None, drop_layers=None, *,
              depth: str = "middle", rescale: bool = True, selection: str = "score",
              example_kwargs: dict | None = None, progress=None, device=None,
-             compute_dtype=torch.float32, grow_noise_db: float | None = None) -> fx.GraphModule:
+             compute_dtype="auto", grow_noise_db: float | None = None) -> fx.GraphModule:
     """Initialise a smaller child from ``model`` (weight subcloning, arXiv 2312.09299).
 
     ``calibration`` is an iterable of input tuples like ``example_inputs``; without it, channels
@@ -120,7 +120,8 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     by cloning, exactly (HyperCloning); ``grow_noise_db`` adds the paper's symmetry-breaking noise
     at that signal-to-noise ratio in dB, cancelling over the copies (``ScaleClonedReadsPass``). ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``):
     where calibration runs, on a moved copy of the traced graph; the child stays on the CPU.
-    ``compute_dtype``: what a half-precision model's calibration computes in (None: its own
+    ``compute_dtype``: what a half-precision model's calibration computes in: ``"auto"`` (float32,
+    with the half dtype's matmuls where this machine runs them fast), a dtype, or None (its own
     dtype; ``passes.analysis.compute_dtype``); the child keeps the model's dtype. Under
     ``torch.distributed`` each rank calibrates on its share of the batches and the statistics are
     summed before anything is chosen (``subclone_graph.runtime.distributed``). ``progress``
@@ -218,9 +219,18 @@ def _batch_count(calibration) -> int | None:
     """The calibrate phase's steps: one without data (weight magnitude), else one per batch."""
     if calibration is None:
         return 1
-    if world_size() > 1 or not hasattr(calibration, "__len__"):
-        return None                         # a rank's share, or a stream: counted as it goes
-    return len(calibration)
+    if world_size() > 1:
+        return None                         # a rank's share: counted as it goes
+    return batch_count(calibration)
+
+
+def batch_count(batches) -> int | None:
+    """How many batches ``batches`` holds, or None for a stream (a ``TokenStream``, or a
+    ``Shard`` of one) that is counted as it is read."""
+    try:
+        return len(batches)
+    except TypeError:
+        return None
 
 
 def check_drop_layers(drop_layers) -> None:

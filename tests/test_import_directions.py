@@ -5,12 +5,14 @@ The intended direction, lowest first (a module may import its own layer and any 
     passes      the compiler passes, op rules, pass state, the segment runner: imports nothing
                 else of the package (device placement and the cross-rank reduction are handed
                 to ScoreChannelsPass as arguments, never imported)
+    progress    the progress= protocol (phases and their steps): imports nothing of the package
     runtime     where and how calibration runs: devices, ranks
     tracing     torch.export of a model into the graph the passes read
     data        calibration and evaluation data
     checkpoint  a safetensors checkpoint read and written tensor by tensor; a parent traced with
                 fake weights, its tensors read through their edit programs
     export      the child as .pt2, ONNX, a Hugging Face folder (the one writer)
+    convert     a GGUF file as an ordinary Hugging Face folder (``subclone convert``)
     api         the one pipeline (subclone, subclone_passes)
     streamed    checkpoint/streamed.py: the same pipeline on a checkpoint read on demand
     cli         the command line
@@ -27,7 +29,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ["passes", "runtime", "tracing", "data", "checkpoint", "export", "api", "streamed", "cli"]
+LAYERS = ["passes", "progress", "runtime", "tracing", "data", "checkpoint", "export", "convert", "api", "streamed",
+          "cli"]
 TOP = {"__init__", "__main__"}
 
 

@@ -73,9 +73,11 @@ class ActivationStatistics:
     def record(self, name: str, value) -> None:
         self._record_rows(name, value)
         for dim in self.watch.get(name, ()):
-            x = value.detach().abs().to(torch.float64)
+            # summed in float64 as read, without a float64 copy of the activation (the same bits
+            # as summing such a copy: each entry is widened exactly, in the same order)
+            x = value.detach().abs()
             others = [d for d in range(x.dim()) if d != dim]
-            _add(self.sums, ("channel", name, dim), x.sum(dim=others).cpu())
+            _add(self.sums, ("channel", name, dim), x.sum(dim=others, dtype=torch.float64).cpu())
             count = x.numel() // max(x.shape[dim], 1)
             _add(self.sums, ("channel count", name, dim), torch.tensor(float(count), dtype=torch.float64))
 

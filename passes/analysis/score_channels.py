@@ -24,8 +24,8 @@ Every token counts once, across batches and ranks: the statistics are sums with 
 (``activation_statistics``), added over the ranks by the ``reduce`` the caller hands in, and
 divided once at the end. The graph runs in the one runner (``segments``) from whatever weight
 source the caller gives: the module's own tensors, or a checkpoint read segment by segment —
-the same pass, the same bits. A half-precision model is calibrated in float32
-(``compute_dtype``, whose docstring says why).
+the same pass, the same bits. A half-precision model is calibrated in float32, its matmuls in
+the half dtype where the hardware runs them fast (``compute_dtype``, whose docstring says why).
 
 Writes ``state.SCORES`` ({group id: 1-D float64 tensor}), ``state.SCORE_SOURCE`` and, with
 calibration, ``state.LAYER_RATIOS``; modifies nothing. Statistics accumulate in float64 whatever
@@ -44,12 +44,12 @@ from ..fx_utils import get_attribute, tensor_shape
 from ..infra import SubclonePass, log
 from .activation_statistics import ActivationStatistics
 from .channel_graph import ChannelGraph
-from .compute_dtype import HALF_DTYPES
+from .compute_dtype import Precision, check_compute_dtype, resolve_precision
 from .expert_orders import expert_dim, output_watch_list, row_watch_list
 from .segments import ResidentWeights, run_segments
 
 __all__ = ["ScoreChannelsPass", "watch_list", "row_watch_list", "output_watch_list",
-           "combine_profiles", "weight_profiles", "project", "flat_inputs", "SCORED_KINDS", "calibration_dtype"]
+           "combine_profiles", "weight_profiles", "project", "flat_inputs", "SCORED_KINDS", "calibration_precision"]
 
 SCORED_KINDS = ("residual", "ffn", "latent", "heads", "experts")
 
@@ -107,11 +107,15 @@ def flat_inputs(gm: fx.GraphModule, inputs, index: int) -> list:
     return flat
 
 
-def calibration_dtype(gm: fx.GraphModule, wide: torch.dtype | None) -> torch.dtype | None:
-    """The dtype calibration computes in: ``wide`` when ``gm`` holds half-precision floating
-    weights (``compute_dtype``'s module docstring), else None (as the model is)."""
+def calibration_precision(gm: fx.GraphModule, compute_dtype, device=None) -> Precision:
+    """What calibration of ``gm`` computes in, asked for as ``compute_dtype`` (``"auto"``, a
+    dtype, None): only a graph holding half-precision floating weights is widened
+    (``compute_dtype``'s module docstring); ``"auto"`` measures the matmul rates on ``device``
+    (None: where the weights are, as the runner then runs there)."""
     tensors = [*gm.parameters(), *gm.buffers()]
-    return wide if wide is not None and any(t.dtype in HALF_DTYPES for t in tensors) else None
+    if device is None:
+        device = tensors[0].device if tensors else "cpu"
+    return resolve_precision(compute_dtype, {t.dtype for t in tensors}, device)
 
 
 def _groups(node: fx.Node, graph: ChannelGraph) -> tuple[int, ...]:
@@ -204,16 +208,18 @@ class ScoreChannelsPass(SubclonePass):
     requires_keys = (state.CHANNEL_GRAPH, state.LAYERS)
     clears = "scores"
 
-    def __init__(self, calibration=None, progress=None, device=None, compute_dtype=torch.float32, *,
+    def __init__(self, calibration=None, progress=None, device=None, compute_dtype="auto", *,
                  weights=None, reduce=None, store=None) -> None:
         """``calibration``: an iterable of input batches (None: score by weight magnitude).
         ``progress(iterable)`` wraps the runner's steps (e.g. ``tqdm``). ``device``: where
         calibration runs (None: where the weights are). ``compute_dtype``: what a half-precision
-        model's calibration computes in (None: its own dtype); statistics accumulate in float64
-        either way. ``weights``: where the weights come from (``segments``: default the module's
+        model's calibration computes in — ``"auto"`` (float32, with the half dtype's matmuls where
+        they are measured fast), a dtype, or None (its own dtype); statistics accumulate in
+        float64 either way. ``weights``: where the weights come from (``segments``: default the module's
         own tensors). ``reduce(sums) -> sums``: every entry of ``ActivationStatistics.sums`` added
         over the ranks of a data-parallel calibration (default: one process, the identity).
         ``store``: the ``BoundaryStore`` of a runner reading weights on demand."""
+        check_compute_dtype(compute_dtype)
         self.calibration, self.progress, self.device = calibration, progress, device
         self.compute_dtype, self.weights, self.reduce, self.store = compute_dtype, weights, reduce, store
 
@@ -235,9 +241,11 @@ class ScoreChannelsPass(SubclonePass):
         statistics = ActivationStatistics(watch_list(gm, graph, layers), layers, row_watch_list(gm, graph),
                                           output_watch_list(gm, graph))
 
+        precision = calibration_precision(gm, self.compute_dtype, self.device)
+        log.info("calibration computes in %s", precision)
         with torch.no_grad():
-            run_segments(gm, _FlatBatches(gm, self.calibration, statistics), weights, self.store, statistics.observe, self.progress,
-                         self.device, calibration_dtype(gm, self.compute_dtype), statistics.names())
+            run_segments(gm, _FlatBatches(gm, self.calibration, statistics), weights, self.store, statistics.observe,
+                         self.progress, self.device, precision, statistics.names())
         # every rank's sums added before anything is divided or chosen (and after every rank ran)
         statistics.sums = statistics.sums if self.reduce is None else self.reduce(statistics.sums)
         if statistics.batches == 0:

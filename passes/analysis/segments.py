@@ -18,11 +18,17 @@ memory). The runner does the same either way; only the order of the loops differ
    input) are kept per batch in a ``BoundaryStore``, in memory up to a byte budget and on disk
    past it.
 
+Weights read on demand are fetched one segment ahead, in a background thread, while the
+current segment runs (reading a file releases the interpreter lock): the disk and the matrix
+units work at once. Only a segment whose fetched attributes take at most ``prefetch_bytes``
+is fetched ahead, so peak memory grows by at most that much.
+
 Device placement: with ``device``, every fetched attribute and every input is moved there
 (a floating attribute keeps its ``requires_grad``: ``aten.matmul`` picks its algorithm by it,
 even under no_grad) and the device literals ``torch.export`` wrote (``arange(device=cpu)``) are
-read as it; resident attributes are moved once. A wider compute dtype: ``compute_dtype.call_widened``
-for every op, and each segment's non-gather attributes widened once as they are fetched.
+read as it; resident attributes are moved once. A compute precision (``compute_dtype.Precision``):
+``compute_dtype.call_widened`` for every op, and each segment's attributes that are not read
+as stored (``compute_dtype.narrow_attributes``) widened once as they are fetched.
 
 The invariant: every node computes exactly what ``fx.Interpreter`` computes for it (same
 target, same arguments), in the same per-node order of batches whichever loop runs, so
@@ -31,9 +37,11 @@ statistics gathered node by node are the same bits from every weight source.
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +53,14 @@ from torch.fx.node import map_arg
 from .. import state
 from ..errors import PassError
 from ..fx_utils import get_attribute, written_arguments
-from .compute_dtype import call_widened, gather_only_attributes, widen
+from .compute_dtype import HALF_DTYPES, Precision, call_widened, narrow_attributes, widen
 
-__all__ = ["Segment", "plan_segments", "BoundaryStore", "run_segments", "carried_bytes", "ResidentWeights"]
+__all__ = ["Segment", "plan_segments", "BoundaryStore", "run_segments", "carried_bytes", "ResidentWeights",
+           "PREFETCH_BYTES"]
+
+# a segment read on demand is fetched ahead while the one before it runs when its attributes
+# (as the runner holds them: widened or stored) take at most this many bytes
+PREFETCH_BYTES = 1 * 2**30
 
 
 @dataclass
@@ -182,7 +195,7 @@ class BoundaryStore:
             self._dir = None
 
 
-def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict, attributes: dict, device=None, dtype=None):
+def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict, attributes: dict, device=None, precision=None):
     def value(arg: fx.Node):
         return attributes[arg.target] if arg.op == "get_attr" else env[arg.name]
 
@@ -190,7 +203,7 @@ def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict, attributes: dict, de
     if device is not None:      # the device literals torch.export wrote (arange(device=cpu), ...)
         args, kwargs = pytree.tree_map_only(torch.device, lambda _: device, (args, kwargs))
     if node.op == "call_function":
-        return call_widened(node.target, args, kwargs, dtype)
+        return call_widened(node.target, args, kwargs, precision)
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
     if node.op == "call_module":
@@ -243,13 +256,24 @@ class _Attributes:
             wide[target] = value if target in self.narrow else widen(value, self.dtype)
         return wide
 
+    def held_bytes(self, segment: Segment) -> int:
+        """The bytes ``of(segment)`` holds, from the attributes' shapes (nothing read)."""
+        total = 0
+        for target in segment.attributes:
+            value = get_attribute(self.gm, target)
+            if not isinstance(value, torch.Tensor):
+                continue
+            wide = self.dtype is not None and target not in self.narrow and value.dtype in HALF_DTYPES
+            total += math.prod(value.shape) * (self.dtype.itemsize if wide else value.element_size())
+        return total
 
-def _run_segment(gm, segment: Segment, env: dict, attributes: dict, observe, device, dtype):
+
+def _run_segment(gm, segment: Segment, env: dict, attributes: dict, observe, device, precision):
     """Run ``segment``'s nodes in ``env``; return the output node's value (None before the end)."""
     result = None
     for node in segment.nodes:
         if node.op != "placeholder":
-            env[node.name] = _run_node(gm, node, env, attributes, device, dtype)
+            env[node.name] = _run_node(gm, node, env, attributes, device, precision)
         if node.op == "output":
             result = env.pop(node.name)
             continue
@@ -273,32 +297,36 @@ def _ticker(progress, total: int):
 
 
 def run_segments(gm: fx.GraphModule, batches, weights, store: BoundaryStore | None = None,
-                 observe=None, progress=None, device=None, dtype=None, wanted=None) -> list:
+                 observe=None, progress=None, device=None, dtype=None, wanted=None,
+                 prefetch_bytes: int = PREFETCH_BYTES) -> list:
     """Run every flat input list of ``batches`` through ``gm`` (module docstring); return the
     flat outputs of each batch.
 
     ``weights``: the weight source. ``observe(node, value, env)`` sees each computed value;
     ``progress(iterable)`` wraps the batches (resident weights) or the segment × batch steps
-    (weights read on demand). ``device``: where the nodes run. ``dtype``: what half-precision ops compute
-    in (``compute_dtype``). ``wanted``: node names whose values are needed; only they and what
-    they read run (the outputs then are None). ``store``: where boundary values wait between
-    segments (weights read on demand; default: all in memory)."""
+    (weights read on demand). ``device``: where the nodes run. ``dtype``: what half-precision ops
+    compute in — a ``compute_dtype.Precision``, a wide dtype, or None (as they are). ``wanted``: node
+    names whose values are needed; only they and what they read run (the outputs then are None).
+    ``store``: where boundary values wait between segments (weights read on demand; default: all
+    in memory). ``prefetch_bytes``: the largest segment fetched ahead (weights read on demand)."""
+    precision = dtype if isinstance(dtype, Precision) else Precision(dtype)
+    wide = precision.wide
     segments = plan_segments(gm, wanted)
     live = None if wanted is None else {n.name for s in segments for n in s.nodes}
     device = None if device is None else torch.device(device)
-    attributes = _Attributes(gm, weights, device, dtype, gather_only_attributes(gm, live) if dtype else set())
+    attributes = _Attributes(gm, weights, device, wide, narrow_attributes(gm, precision, live) if wide else set())
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
 
     def first_env(flat) -> dict:
         flat = [_moved(v, device) for v in flat]
-        return dict(zip(placeholders, flat if dtype is None else widen(flat, dtype)))
+        return dict(zip(placeholders, flat if wide is None else widen(flat, wide)))
 
     if weights.resident:
         outputs = []
         for flat in batches if progress is None else progress(batches):
             env = first_env(flat)
             for segment in segments:
-                result = _run_segment(gm, segment, env, attributes.of(segment), observe, device, dtype)
+                result = _run_segment(gm, segment, env, attributes.of(segment), observe, device, precision)
             outputs.append(result)
             del env
         return outputs
@@ -309,16 +337,21 @@ def run_segments(gm: fx.GraphModule, batches, weights, store: BoundaryStore | No
     store = BoundaryStore(2**62) if store is None else store
     tick, close = _ticker(progress, len(segments) * len(batches))
     try:
-        for segment in segments:
-            fetched = attributes.of(segment)
-            for b, flat in enumerate(batches):
-                env = first_env(flat) if segment is segments[0] else store.take(b)
-                outputs[b] = _run_segment(gm, segment, env, fetched, observe, device, dtype)
-                if segment is not segments[-1]:
-                    store.put(b, {name: env[name] for name in segment.keep})
-                del env
-                tick()
-            del fetched
+        with ThreadPoolExecutor(1, thread_name_prefix="subclone-prefetch") as ahead:
+            pending = None
+            for k, segment in enumerate(segments):
+                fetched = attributes.of(segment) if pending is None else pending.result()
+                following = segments[k + 1] if k + 1 < len(segments) else None
+                fits = following is not None and attributes.held_bytes(following) <= prefetch_bytes
+                pending = ahead.submit(attributes.of, following) if fits else None
+                for b, flat in enumerate(batches):
+                    env = first_env(flat) if k == 0 else store.take(b)
+                    outputs[b] = _run_segment(gm, segment, env, fetched, observe, device, precision)
+                    if following is not None:
+                        store.put(b, {name: env[name] for name in segment.keep})
+                    del env
+                    tick()
+                del fetched
     finally:
         store.close()
         close()

@@ -8,9 +8,12 @@ tensors we own, rather than through a memory map: a map keeps every page it touc
 while any tensor from it lives (transformers issue #34366), and the process's peak RSS is the
 number that matters here.
 
-A read keeps only what it is asked for: the rows between the first and last kept index of dim 0
-are read in chunks (``CHUNK_BYTES``), and each chunk is cut to the kept indices of every dim
-before the next is read. ``bytes_read`` counts what was read from disk.
+A read keeps only what it is asked for: a whole tensor is read straight into the tensor returned;
+otherwise the rows between the first and last kept index of dim 0 are read in chunks
+(``CHUNK_BYTES``), and each chunk is cut to the kept indices of every dim before the next is read.
+The cuts are bit copies, done by ``numpy.take`` on an integer view of the bytes (several times
+faster than ``index_select`` across a row-major matrix's columns, and exact in every dtype).
+``bytes_read`` counts what was read from disk.
 
 Opening validates every shard (present, header parseable, every tensor's bytes inside the file)
 and every error names the file and the tensor; the writer writes into a folder the caller
@@ -128,32 +131,35 @@ class CheckpointReader:
         info = self.info(name)
         shape = info.shape
         index = tuple(index) or (None,) * len(shape)
-        if not shape:
-            out = torch.empty((), dtype=info.dtype)
+        out = torch.empty([s if i is None else len(i) for s, i in zip(shape, index)], dtype=info.dtype)
+        if out.numel() == 0:
+            return out
+        if all(i is None for i in index):
             self._read_into(info, info.start, out)
             return out
         rows = index[0]
-        out_shape = [s if i is None else len(i) for s, i in zip(shape, index)]
-        out = torch.empty(out_shape, dtype=info.dtype)
-        if out.numel() == 0:
-            return out
         low, high = (0, shape[0]) if rows is None else (int(rows.min()), int(rows.max()) + 1)
         row_bytes = math.prod(shape[1:]) * info.dtype.itemsize
         step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+        target = _bits(out)
         for first in range(low, high, step):
             last = min(first + step, high)
             chunk = torch.empty((last - first, *shape[1:]), dtype=info.dtype)
             self._read_into(info, info.start + first * row_bytes, chunk)
+            piece = _bits(chunk)
             if rows is None:
-                where, chosen = torch.arange(first, last), torch.arange(last - first)
+                where = slice(first, last)
             else:
-                where = torch.nonzero((rows >= first) & (rows < last)).flatten()
-                chosen = rows[where] - first
-            piece = chunk.index_select(0, chosen)
+                found = torch.nonzero((rows >= first) & (rows < last)).flatten()
+                if len(found) == 0:
+                    continue
+                piece = piece.take((rows[found] - first).numpy(), axis=0)
+                ascending = int(found[-1]) - int(found[0]) + 1 == len(found)
+                where = slice(int(found[0]), int(found[-1]) + 1) if ascending else found.numpy()
             for dim, kept in enumerate(index[1:], start=1):
                 if kept is not None:
-                    piece = piece.index_select(dim, kept)
-            out[where] = piece
+                    piece = piece.take(kept.numpy(), axis=dim)
+            target[where] = piece
             del chunk, piece
         return out
 
@@ -168,6 +174,12 @@ class CheckpointReader:
                     raise CheckpointError(f"{info.file}: truncated while reading a tensor at byte {offset + done}")
                 done += got
         self.bytes_read += len(view)
+
+
+def _bits(tensor: torch.Tensor):
+    """``tensor``'s memory as a numpy array of same-sized integers (a bit-exact view, any dtype)."""
+    kinds = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return tensor.view(kinds[tensor.element_size()]).numpy()
 
 
 def _plan(entries: list[tuple[str, tuple, torch.dtype]], shard_size: int) -> list[list]:

@@ -42,7 +42,8 @@ from subclone_graph.passes import state
 from subclone_graph.passes.analysis.segments import BoundaryStore
 from subclone_graph.passes.target import Target
 
-from subclone_graph.api import aligned_target, check_checkpoint_arguments, phases_steps, run_passes, subclone_passes
+from subclone_graph.api import (aligned_target, batch_count, check_checkpoint_arguments, phases_steps, run_passes,
+                                subclone_passes)
 from subclone_graph.checkpoint.files import CheckpointError
 from subclone_graph.checkpoint.weightless_parent import CheckpointWeights, weightless_parent
 from subclone_graph.progress import Phases
@@ -82,9 +83,10 @@ def _calibration_steps(gm: fx.GraphModule, batches) -> int | None:
     (None where the count is not known ahead: a rank's share, a stream)."""
     if batches is None:
         return 1
-    if distributed.world_size() > 1 or not hasattr(batches, "__len__"):
+    count = batch_count(batches)
+    if distributed.world_size() > 1 or count is None:
         return None
-    return (len(state.LAYERS.need(gm)) + 2) * len(batches)
+    return (len(state.LAYERS.need(gm)) + 2) * count
 
 
 def _parameter_count(gm: fx.GraphModule) -> int:
@@ -95,7 +97,7 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
                         drop_layers=None, depth: str = "middle", selection: str = "score", rescale: bool = True,
                         shard_size: int = DEFAULT_SHARD_SIZE, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                         spill_dir=None, device="cpu", overwrite: bool = False, progress=None,
-                        compute_dtype=torch.float32) -> StreamReport:
+                        compute_dtype="auto") -> StreamReport:
     """Subclone the Hugging Face safetensors checkpoint in ``folder`` into ``out_dir`` (a
     ``from_pretrained`` folder of the parent's class), streaming the parent (module docstring).
 
@@ -106,7 +108,8 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     segment by segment, never loaded whole. ``progress`` (``tqdm``, or any callable of its
     signature; ``subclone_graph.progress``) sees the phases trace, calibrate (segments × batches
     steps), rewrite, write and check. ``compute_dtype``: what a half-precision parent's
-    calibration computes in (None: its own dtype; ``passes.analysis.compute_dtype``). Returns a
+    calibration computes in (``"auto"``: float32, with the half dtype's matmuls where they are
+    measured fast; a dtype; None: its own dtype; ``passes.analysis.compute_dtype``). Returns a
     ``StreamReport``."""
     target = Target() if target is None else target
     if example_inputs is None:

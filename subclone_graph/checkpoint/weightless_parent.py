@@ -37,7 +37,7 @@ from subclone_graph.passes.tensor_edits import EditProgram
 
 from subclone_graph.checkpoint.files import CheckpointError, CheckpointReader
 from subclone_graph.checkpoint.converted import ConvertingReader
-from subclone_graph.tracing import trace
+from subclone_graph.tracing import fast_export_settings, trace
 
 __all__ = ["weightless_parent", "CheckpointWeights", "is_fake", "parent_class"]
 
@@ -113,7 +113,8 @@ def _set(model: torch.nn.Module, name: str, value: torch.Tensor, is_parameter: b
 
 
 def _swap_in_fakes(model: torch.nn.Module, reader: ConvertingReader, folder: Path) -> dict[str, str]:
-    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    with fast_export_settings():        # export traces in this mode: made without the dispatch cache
+        mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
     keys: dict[str, str] = {}
     saved, converted = _saved_names(model)
     reader.learn(model, converted)      # those built by transformers' conversion: read through it

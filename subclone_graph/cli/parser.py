@@ -21,7 +21,7 @@ FORMATS = ("pt2", "onnx", "hf")
 OUTPUT_NAMES = {"pt2": "child.pt2", "onnx": "child.onnx", "hf": "hf"}
 DEPTH_CHOICES = ("middle", "measured", "first")
 SELECTION_CHOICES = ("score", "first", "uniform")
-CALIB_DTYPE_CHOICES = ("float32", "float64", "model")
+CALIB_DTYPE_CHOICES = ("auto", "float32", "float64", "model")
 
 MODEL_HELP = "a Hugging Face model folder, a .gguf file, a .pt2 child, or module:factory"
 DEMO_EPILOG = """example:
@@ -162,9 +162,11 @@ def _add_run_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", metavar="DEVICE",
                         help="where calibration runs: cpu (default), cuda, cuda:N, or auto (cuda when "
                              "available); the child comes back on the CPU")
-    parser.add_argument("--calib-dtype", choices=CALIB_DTYPE_CHOICES, default="float32",
-                        help="what a bfloat16/float16 parent's calibration computes in: float32 (default), "
-                             "float64, or model (the parent's own dtype); the child keeps the parent's dtype")
+    parser.add_argument("--calib-dtype", choices=CALIB_DTYPE_CHOICES, default="auto",
+                        help="what a bfloat16/float16 parent's calibration computes in: auto (default: "
+                             "float32, with the parent's dtype in matmuls where a short measurement finds "
+                             "them fast — bfloat16 matrix units, a GPU), float32, float64, or model (the "
+                             "parent's own dtype); the child keeps the parent's dtype")
     parser.add_argument("--grow-noise-db", dest="grow_noise_db", type=float, metavar="DB",
                         help="a grown width's copies get symmetry-breaking noise at this signal-to-noise "
                              "ratio (dB), cancelling over the copies: the child still computes the parent's "
