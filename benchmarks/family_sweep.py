@@ -1,0 +1,241 @@
+"""Sweep every family transformers ships: build it tiny, subclone it, check the child.
+
+    python -m benchmarks.family_sweep                          # the whole registry (hours on 2 cores)
+    python -m benchmarks.family_sweep --families llama,t5      # some families
+    python -m benchmarks.family_sweep --sample 15 --seed 0     # a seeded subset
+    python -m benchmarks.family_sweep --table                  # the README table from the JSON
+
+The families are the model types of transformers' auto registries, each built tiny by the generic
+config rules of ``models/registry_families.py``; a family whose tiny model does not build is
+listed with its reason. Each family runs in its own forked subprocess (``nice``-able; one at a time) under
+a time limit, through the checks of ``models/family_checks.py`` (trace, identity, shrink, dead,
+grandchild, save_hf, onnx): ``ok`` / ``refused`` / ``wrong`` / ``crash`` / ``skip``, and
+``timeout`` for the check the limit cut (later ones are not run). Results, with the transformers
+and torch versions, the CPU and the seconds per family and check, go to
+``benchmarks/results/family_sweep.json``, rewritten after each family (``--resume`` goes on
+from it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "family_sweep.json"
+LIMIT_S = 120.0
+SUMMARY = ("pass", "refused", "wrong", "crash", "timeout")
+
+
+def cpu() -> dict:
+    import torch
+
+    flags, model = set(), platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
+    return {"model": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": sorted(f for f in wanted if f in flags)}
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+# ----- one family, in a subprocess --------------------------------------------------------------
+def worker(name: str, out: Path) -> None:
+    """Build ``name`` tiny and run the checks, appending one JSON line per result to ``out``."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+    from subclone_graph.models import family_checks, registry_families
+    from subclone_graph.models.registry_families import BuildError
+
+    def emit(record: dict) -> None:
+        with out.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+    start = time.perf_counter()
+    try:
+        model = registry_families.build(name)
+    except BuildError as error:
+        emit({"build": str(error), "seconds": round(time.perf_counter() - start, 2)})
+        return
+    emit({"build": "ok", "class": type(model).__name__, "seconds": round(time.perf_counter() - start, 2),
+          "parameters": sum(p.numel() for p in model.parameters())})
+    family_checks.run_checks(model, lambda b, s, seed: registry_families.inputs(model, b, s, seed),
+                             lambda outcome: emit(family_checks.as_dict(outcome)))
+
+
+def _child(name: str, out: Path, nice: int) -> None:
+    if nice:
+        os.nice(nice)
+    worker(name, out)
+
+
+def run_family(name: str, limit: float, nice: int) -> dict:
+    """One family in a forked subprocess (torch and transformers already imported) under ``limit``."""
+    import multiprocessing
+
+    from subclone_graph.models.family_checks import CHECKS
+
+    out = Path(f"/tmp/family_sweep_{os.getpid()}_{name}.jsonl")
+    out.unlink(missing_ok=True)
+    start = time.perf_counter()
+    process = multiprocessing.get_context("fork").Process(target=_child, args=(name, out, nice), daemon=True)
+    process.start()
+    process.join(limit)
+    status = "done"
+    if process.is_alive():
+        process.kill()
+        process.join()
+        status = "timeout"
+    elif process.exitcode != 0:
+        status = f"the worker exited with {process.exitcode}"
+    seconds = round(time.perf_counter() - start, 1)
+    lines = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    out.unlink(missing_ok=True)
+    record = {"seconds": seconds, "checks": {}}
+    if not lines:
+        record["build"] = "timeout while building" if status == "timeout" else f"the worker died: {status}"
+        return record
+    record.update({k: v for k, v in lines[0].items() if k != "seconds"}, build_seconds=lines[0]["seconds"])
+    for line in lines[1:]:
+        record["checks"][line["check"]] = {k: line[k] for k in ("status", "detail", "seconds")}
+    if record["build"] == "ok":
+        cut = "timeout" if status == "timeout" else "crash"
+        missing = [c for c in CHECKS if c not in record["checks"]]
+        for i, check in enumerate(missing):
+            detail = (f"over the {limit:g} s limit" if cut == "timeout" else status) if i == 0 else "not run"
+            record["checks"][check] = {"status": cut if i == 0 else "skip", "detail": detail, "seconds": 0.0}
+    return record
+
+
+def outcome(record: dict) -> str:
+    """One family's outcome: not built, or the worst of its checks."""
+    if record.get("build") != "ok":
+        return "not built"
+    statuses = {c["status"] for c in record["checks"].values()}
+    for status in ("timeout", "crash", "wrong", "refused"):
+        if status in statuses:
+            return status
+    return "pass"
+
+
+def summary(families: dict) -> dict:
+    built = {k: v for k, v in families.items() if v.get("build") == "ok"}
+    counts = {s: sum(outcome(v) == s for v in built.values()) for s in SUMMARY}
+    slowest = max(built.items(), key=lambda kv: kv[1]["seconds"], default=(None, {"seconds": 0}))
+    return {"tried": len(families), "built": len(built), **counts,
+            "pass_share_of_built": round(counts["pass"] / len(built), 3) if built else None,
+            "slowest": {"family": slowest[0], "seconds": slowest[1]["seconds"]}}
+
+
+def select(names: list[str], families: str | None, sample: int | None, seed: int) -> list[str]:
+    if families:
+        wanted = families.split(",")
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            raise SystemExit(f"family_sweep: unknown families {unknown}; see models/registry_families.py")
+        return wanted
+    if sample:
+        return sorted(random.Random(seed).sample(names, sample))
+    return names
+
+
+def sweep(names: list[str], out: Path, limit: float, nice: int, resume: bool) -> dict:
+    import transformers  # noqa: F401  (imported once here: each forked worker starts with it)
+
+    import subclone_graph  # noqa: F401
+    from subclone_graph.models import family_checks  # noqa: F401
+    from subclone_graph.models.registry_families import registry_families
+
+    registry = registry_families()
+    result = json.loads(out.read_text()) if resume and out.exists() else {}
+    result.update(versions=versions(), cpu=cpu(), limit_s=limit,
+                  command="python -m benchmarks.family_sweep")
+    families = result.setdefault("families", {})
+    for name in names:
+        if resume and name in families:
+            continue
+        record = run_family(name, limit, nice)
+        record.update(task=registry[name].task, registry_class=registry[name].class_name)
+        families[name] = record
+        result["summary"] = summary(families)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        print(f"{name:28s} {outcome(record):9s} {record['seconds']:6.1f} s  " + " ".join(
+            f"{c}={v['status']}" for c, v in record["checks"].items()), flush=True)
+    return result
+
+
+# ----- the README table ---------------------------------------------------------------------------
+_MARK = {"ok": "✓", "skip": "–", "refused": "refused", "wrong": "**wrong**", "crash": "**crash**",
+         "timeout": "timeout"}
+
+
+def table(result: dict) -> str:
+    """A markdown table of the sweep (README's "Families" section)."""
+    from subclone_graph.models.family_checks import CHECKS
+
+    s, v = result["summary"], result["versions"]
+    lines = [f"transformers {v['transformers']}, torch {v['torch']}; {s['tried']} families tried, "
+             f"{s['built']} build tiny; of those {s['pass']} pass every check "
+             f"({100 * (s['pass_share_of_built'] or 0):.0f}%), {s['refused']} refused, {s['wrong']} wrong, "
+             f"{s['crash']} crash, {s['timeout']} over the {result['limit_s']:g} s limit; slowest "
+             f"{s['slowest']['family']} ({s['slowest']['seconds']:.0f} s).", "",
+             "| family | class | " + " | ".join(CHECKS[1:]) + " | s | why not |",
+             "|---|---|" + "---|" * (len(CHECKS) - 1) + "---:|---|"]
+    for name, record in sorted(result["families"].items()):
+        if record.get("build") != "ok":
+            continue
+        checks = record["checks"]
+        marks = [_MARK.get(checks.get(c, {}).get("status", "skip"), "?") for c in CHECKS[1:]]
+        why = next((f"{c}: {checks[c]['detail']}" for c in CHECKS
+                    if checks.get(c, {}).get("status") in ("refused", "wrong", "crash", "timeout")), "")
+        why = why.replace("|", "\\|")[:160]
+        lines.append(f"| {name} | {record['class']} | " + " | ".join(marks) + f" | {record['seconds']:.0f} | {why} |")
+    failed = sorted((n, r["build"]) for n, r in result["families"].items() if r.get("build") != "ok")
+    lines += ["", f"Not built tiny ({len(failed)}): " + "; ".join(f"{n} ({why[:90]})" for n, why in failed) + "."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", help="comma-separated model types (default: every one)")
+    parser.add_argument("--sample", type=int, help="a seeded random subset of this many families")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=float, default=LIMIT_S, help="seconds per family, all checks (default 120)")
+    parser.add_argument("--nice", type=int, default=10, help="the workers' niceness (0: none)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--resume", action="store_true", help="keep the families already in --out")
+    parser.add_argument("--table", action="store_true", help="print the README table of --out and stop")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return
+    from subclone_graph.models.registry_families import registry_families
+
+    names = select(list(registry_families()), args.families, args.sample, args.seed)
+    result = sweep(names, args.out, args.limit, args.nice, args.resume)
+    print(json.dumps(result["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
