@@ -57,7 +57,7 @@ def versions() -> dict:
 
 
 # ----- one family, in a subprocess --------------------------------------------------------------
-def worker(name: str, out: Path) -> None:
+def worker(name: str, out: Path, checks: tuple) -> None:
     """Build ``name`` tiny and run the checks, appending one JSON line per result to ``out``."""
     import logging
     import warnings
@@ -80,25 +80,24 @@ def worker(name: str, out: Path) -> None:
     emit({"build": "ok", "class": type(model).__name__, "seconds": round(time.perf_counter() - start, 2),
           "parameters": sum(p.numel() for p in model.parameters())})
     family_checks.run_checks(model, lambda b, s, seed: registry_families.inputs(model, b, s, seed),
-                             lambda outcome: emit(family_checks.as_dict(outcome)))
+                             lambda outcome: emit(family_checks.as_dict(outcome)), checks)
 
 
-def _child(name: str, out: Path, nice: int) -> None:
+def _child(name: str, out: Path, nice: int, checks: tuple) -> None:
     if nice:
         os.nice(nice)
-    worker(name, out)
+    worker(name, out, checks)
 
 
-def run_family(name: str, limit: float, nice: int) -> dict:
+def run_family(name: str, limit: float, nice: int, checks: tuple) -> dict:
     """One family in a forked subprocess (torch and transformers already imported) under ``limit``."""
     import multiprocessing
-
-    from subclone_graph.models.family_checks import CHECKS
 
     out = Path(f"/tmp/family_sweep_{os.getpid()}_{name}.jsonl")
     out.unlink(missing_ok=True)
     start = time.perf_counter()
-    process = multiprocessing.get_context("fork").Process(target=_child, args=(name, out, nice), daemon=True)
+    process = multiprocessing.get_context("fork").Process(target=_child, args=(name, out, nice, checks),
+                                                             daemon=True)
     process.start()
     process.join(limit)
     status = "done"
@@ -120,7 +119,7 @@ def run_family(name: str, limit: float, nice: int) -> dict:
         record["checks"][line["check"]] = {k: line[k] for k in ("status", "detail", "seconds")}
     if record["build"] == "ok":
         cut = "timeout" if status == "timeout" else "crash"
-        missing = [c for c in CHECKS if c not in record["checks"]]
+        missing = [c for c in checks if c not in record["checks"]]
         for i, check in enumerate(missing):
             detail = (f"over the {limit:g} s limit" if cut == "timeout" else status) if i == 0 else "not run"
             record["checks"][check] = {"status": cut if i == 0 else "skip", "detail": detail, "seconds": 0.0}
@@ -159,7 +158,7 @@ def select(names: list[str], families: str | None, sample: int | None, seed: int
     return names
 
 
-def sweep(names: list[str], out: Path, limit: float, nice: int, resume: bool) -> dict:
+def sweep(names: list[str], out: Path, limit: float, nice: int, resume: bool, checks: tuple) -> dict:
     import transformers  # noqa: F401  (imported once here: each forked worker starts with it)
 
     import subclone_graph  # noqa: F401
@@ -168,13 +167,13 @@ def sweep(names: list[str], out: Path, limit: float, nice: int, resume: bool) ->
 
     registry = registry_families()
     result = json.loads(out.read_text()) if resume and out.exists() else {}
-    result.update(versions=versions(), cpu=cpu(), limit_s=limit,
+    result.update(versions=versions(), cpu=cpu(), limit_s=limit, checks=list(checks),
                   command="python -m benchmarks.family_sweep")
     families = result.setdefault("families", {})
     for name in names:
         if resume and name in families:
             continue
-        record = run_family(name, limit, nice)
+        record = run_family(name, limit, nice, checks)
         record.update(task=registry[name].task, registry_class=registry[name].class_name)
         families[name] = record
         result["summary"] = summary(families)
@@ -223,6 +222,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=float, default=LIMIT_S, help="seconds per family, all checks (default 120)")
     parser.add_argument("--nice", type=int, default=10, help="the workers' niceness (0: none)")
+    parser.add_argument("--checks", default=None, help="comma-separated checks (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true", help="keep the families already in --out")
     parser.add_argument("--table", action="store_true", help="print the README table of --out and stop")
@@ -232,8 +232,13 @@ def main(argv=None) -> None:
         return
     from subclone_graph.models.registry_families import registry_families
 
+    from subclone_graph.models.family_checks import CHECKS
+
+    checks = tuple(args.checks.split(",")) if args.checks else CHECKS
+    if set(checks) - set(CHECKS):
+        raise SystemExit(f"family_sweep: unknown checks {sorted(set(checks) - set(CHECKS))}; allowed: {', '.join(CHECKS)}")
     names = select(list(registry_families()), args.families, args.sample, args.seed)
-    result = sweep(names, args.out, args.limit, args.nice, args.resume)
+    result = sweep(names, args.out, args.limit, args.nice, args.resume, checks)
     print(json.dumps(result["summary"], indent=1))
 
 
