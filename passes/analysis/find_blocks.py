@@ -8,8 +8,9 @@ of a container (a module path ending in an integer: ``ModuleList`` and ``Sequent
 children) — ``x = x + block(x)`` written outside the block finds the block too; without such
 a module, each block is its own layer.
 
-A layer has one stream input (the skip operand of its first block, followed back out of the
-layer through casts and copies) and one stream output (its last add, followed forward through
+A layer has one stream input (the skip operand of its first block whose skip comes from outside
+the layer — in a bottleneck layer, blocks at an inner width come first —, followed back out of the
+layer through casts and copies) and one stream output (its last add of the input's width, followed forward through
 same-shape ops and views still inside the layer, to the last node with the input's shape: a
 post-norm layer ends in its norm, a layer that flattens the stream to (b·s, h) ends where it
 views it back; when the stream still goes on inside the layer after that — a decomposed
@@ -115,10 +116,24 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
             grouped.append((key, [block]))
     layers = []
     for index, (key, blocks) in enumerate(grouped):
-        stream_in = _stream_input(nodes[blocks[0].skip], key)
-        stream_out = _stream_output(nodes[blocks[-1].add], key, tensor_shape(stream_in))
+        first, last = _stream_blocks(blocks, nodes, key)
+        stream_in = _stream_input(nodes[first.skip], key)
+        stream_out = _stream_output(nodes[last.add], key, tensor_shape(stream_in))
         layers.append(Layer(index, key, tuple(blocks), stream_in.name, stream_out.name))
     return layers
+
+
+def _stream_blocks(blocks: list[ResidualBlock], nodes: dict, key: str | None) -> tuple:
+    """The layer's first and last block on the stream it was given: the first whose skip comes from
+    outside the layer, and the last of that width. A bottleneck layer (the stream projected down,
+    residual blocks at the inner width, projected back up and added to the layer's input) has
+    inner blocks of another width: they stay blocks (their width is a residual group of its own)
+    but do not bound the layer."""
+    outer = [b for b in blocks if not in_module(_uncast(nodes[b.skip]), key)]
+    first = outer[0] if outer else blocks[0]
+    shape = tensor_shape(nodes[first.add])
+    last = [b for b in blocks if tensor_shape(nodes[b.add]) == shape][-1]
+    return first, last
 
 
 def _stream_input(node: fx.Node, key: str | None) -> fx.Node:

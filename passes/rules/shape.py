@@ -8,6 +8,7 @@ Identities each rule states:
   a permutation of equalities.
 - expand/broadcast_to: an expanded size-1 dim is a new group (the repeat of GQA); others are equal.
 - repeat / repeat_interleave: out = (copies × in) or (in × copies).
+- strided slice ``x[..., j::s]`` of a dim of s·k: the dim is factor(out, s), j fixed (interleaved parts);
 - cat: out = concat(inputs); split/chunk: in = concat(outputs); slice: in = concat(before, out, after);
   the pieces of an even split (chunk, tensor_split into sections, split by a size) are tied to
   each other, or frozen when the last is shorter, since the child's split is even too;
@@ -323,6 +324,11 @@ def _slice(ctx):
     start = min(max(start + n if start < 0 else start, 0), n)
     if kept == n:
         ctx.eq(ctx.v(x, dim), ctx.out(dim))
+    elif _interleaved(ctx, n, start, kept, step):
+        # x[..., j::s] of a dim of s·k: index i of the result is index i·s + j, the dim is
+        # factor(result, s) row-major with j fixed; every such slice of the dim unifies its result
+        # with the same factor (an interleaved gate/up: gate i and up i are one neuron)
+        ctx.factor(ctx.v(x, dim), [ctx.out(dim), ctx.fresh(step, "stride")])
     elif step != 1:
         ctx.freeze(ctx.v(x, dim), "strided slice")
         ctx.freeze(ctx.out(dim), "strided slice")
@@ -331,6 +337,14 @@ def _slice(ctx):
         after = ctx.fresh(n - start - kept, "after")
         ctx.slice_of(before, ctx.out(dim), after)
         ctx.concat(ctx.v(x, dim), [before, ctx.out(dim), after])
+
+
+def _interleaved(ctx, n: int, start: int, kept, step) -> bool:
+    """A strided slice that takes one of ``step`` interleaved parts whole: ``start < step``,
+    ``step`` divides the dim, and the end is the dim's end (no literal to follow)."""
+    end = ctx.arg(3, "end", None)
+    return (isinstance(step, int) and step > 1 and n % step == 0 and 0 <= start < step and kept == n // step
+            and (end is None or (isinstance(end, int) and end >= n)))
 
 
 @register(aten.zeros.default, aten.ones.default, aten.empty.memory_format, aten.full.default,
