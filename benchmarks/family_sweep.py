@@ -13,7 +13,7 @@ grandchild, save_hf, onnx): ``ok`` / ``refused`` / ``wrong`` / ``crash`` / ``ski
 ``timeout`` for the check the limit cut (later ones are not run). Results, with the transformers
 and torch versions, the CPU and the seconds per family and check, go to
 ``benchmarks/results/family_sweep.json``, rewritten after each family (``--resume`` goes on
-from it).
+from it; with ``--families`` it runs those again), each family with the commit it ran on.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import json
 import os
 import platform
 import random
-import sys
+import subprocess
 import time
 from pathlib import Path
 
@@ -158,7 +158,20 @@ def select(names: list[str], families: str | None, sample: int | None, seed: int
     return names
 
 
-def sweep(names: list[str], out: Path, limit: float, nice: int, resume: bool, checks: tuple) -> dict:
+def commit() -> str:
+    """The code a family was checked with: the git commit, ``+`` when the worktree differs from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return head + ("+" if dirty else "")
+
+
+def sweep(names: list[str], out: Path, limit: float, nice: int, resume: bool, checks: tuple,
+          rerun: bool = False) -> dict:
     import transformers  # noqa: F401  (imported once here: each forked worker starts with it)
 
     import subclone_graph  # noqa: F401
@@ -170,11 +183,12 @@ def sweep(names: list[str], out: Path, limit: float, nice: int, resume: bool, ch
     result.update(versions=versions(), cpu=cpu(), limit_s=limit, checks=list(checks),
                   command="python -m benchmarks.family_sweep")
     families = result.setdefault("families", {})
+    code = commit()
     for name in names:
-        if resume and name in families:
+        if resume and name in families and not rerun:
             continue
         record = run_family(name, limit, nice, checks)
-        record.update(task=registry[name].task, registry_class=registry[name].class_name)
+        record.update(task=registry[name].task, registry_class=registry[name].class_name, commit=code)
         families[name] = record
         result["summary"] = summary(families)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +238,8 @@ def main(argv=None) -> None:
     parser.add_argument("--nice", type=int, default=10, help="the workers' niceness (0: none)")
     parser.add_argument("--checks", default=None, help="comma-separated checks (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--resume", action="store_true", help="keep the families already in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the families already in --out (those named by --families are run again)")
     parser.add_argument("--table", action="store_true", help="print the README table of --out and stop")
     args = parser.parse_args(argv)
     if args.table:
@@ -238,7 +253,7 @@ def main(argv=None) -> None:
     if set(checks) - set(CHECKS):
         raise SystemExit(f"family_sweep: unknown checks {sorted(set(checks) - set(CHECKS))}; allowed: {', '.join(CHECKS)}")
     names = select(list(registry_families()), args.families, args.sample, args.seed)
-    result = sweep(names, args.out, args.limit, args.nice, args.resume, checks)
+    result = sweep(names, args.out, args.limit, args.nice, args.resume, checks, rerun=bool(args.families))
     print(json.dumps(result["summary"], indent=1))
 
 
