@@ -1,0 +1,73 @@
+"""Guards torch.export puts on input sizes (``passes/analysis/input_guards.py``), on small models:
+
+1. a Python loop over the sequence pins it: reported, naming the axis and the traced length;
+2. a slice at a fixed position raises the least length: reported with its bound;
+3. a learned position table bounds the length from above, as it bounds the parent: not reported;
+4. a plain model: nothing.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+import subclone_graph as sg
+from subclone_graph.passes.analysis.input_guards import input_guards
+
+
+class Loop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix = nn.Embedding(11, 8), nn.Linear(8, 8)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        state, outs = torch.zeros_like(x[:, 0]), []
+        for t in range(ids.shape[1]):
+            state = torch.tanh(self.mix(state) + x[:, t])
+            outs.append(state)
+        return torch.stack(outs, 1)
+
+
+class FixedPosition(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix = nn.Embedding(11, 8), nn.Linear(8, 8)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        return self.mix(x) + x[:, 10:11]          # needs at least 11 positions
+
+
+class Positions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.positions, self.mix = nn.Embedding(11, 8), nn.Parameter(torch.randn(32, 8)), nn.Linear(8, 8)
+
+    def forward(self, ids):
+        x = self.embed(ids) + self.positions[: ids.shape[1]]
+        return x + self.mix(x)
+
+
+def _traced(model, seq):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sg.trace(model.eval(), (torch.randint(0, 11, (2, seq)),))
+
+
+def test_a_loop_over_the_sequence_pins_it():
+    (guard,) = input_guards(_traced(Loop(), 5))
+    assert guard.axis == "ids.size()[1]" and guard.guard == "ids.size()[1] == 5"
+
+
+def test_a_slice_at_a_fixed_position_raises_the_least_length():
+    guards = input_guards(_traced(FixedPosition(), 12))
+    assert guards and all(g.axis == "ids.size()[1]" for g in guards)
+    assert "ids.size()[1] >= 11" in [g.guard for g in guards]
+
+
+def test_an_upper_bound_alone_and_a_plain_model_report_nothing():
+    assert input_guards(_traced(Positions(), 6)) == []
+    model = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 8))
+    assert input_guards(_traced(model, 6)) == []
