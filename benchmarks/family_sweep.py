@@ -4,6 +4,7 @@
     python -m benchmarks.family_sweep --families llama,t5      # some families
     python -m benchmarks.family_sweep --sample 15 --seed 0     # a seeded subset
     python -m benchmarks.family_sweep --table                  # the README table from the JSON
+    python -m benchmarks.family_sweep --readme                 # ... written into README.md
 
 The families are the model types of transformers' auto registries, each built tiny by the generic
 config rules of ``models/registry_families.py``; a family whose tiny model does not build is
@@ -137,13 +138,22 @@ def outcome(record: dict) -> str:
     return "pass"
 
 
+def subclone_seconds(record: dict) -> float:
+    """The time to subclone the family: trace and analyse, then the shrunk child."""
+    return round(sum(record["checks"].get(c, {}).get("seconds", 0.0) for c in ("trace", "shrink")), 1)
+
+
 def summary(families: dict) -> dict:
     built = {k: v for k, v in families.items() if v.get("build") == "ok"}
     counts = {s: sum(outcome(v) == s for v in built.values()) for s in SUMMARY}
     slowest = max(built.items(), key=lambda kv: kv[1]["seconds"], default=(None, {"seconds": 0}))
+    slowest_subclone = max(built, key=lambda k: subclone_seconds(built[k]), default=None)
     return {"tried": len(families), "built": len(built), **counts,
             "pass_share_of_built": round(counts["pass"] / len(built), 3) if built else None,
-            "slowest": {"family": slowest[0], "seconds": slowest[1]["seconds"]}}
+            "slowest": {"family": slowest[0], "seconds": slowest[1]["seconds"]},
+            "slowest_subclone": {"family": slowest_subclone,
+                                 "seconds": subclone_seconds(built[slowest_subclone]) if slowest_subclone else 0},
+            "subclone_over_60_s": sorted(k for k, v in built.items() if subclone_seconds(v) > 60)}
 
 
 def select(names: list[str], families: str | None, sample: int | None, seed: int) -> list[str]:
@@ -208,13 +218,14 @@ def table(result: dict) -> str:
     from subclone_graph.models.family_checks import CHECKS
 
     s, v = result["summary"], result["versions"]
-    lines = [f"transformers {v['transformers']}, torch {v['torch']}; {s['tried']} families tried, "
-             f"{s['built']} build tiny; of those {s['pass']} pass every check "
-             f"({100 * (s['pass_share_of_built'] or 0):.0f}%), {s['refused']} refused, {s['wrong']} wrong, "
-             f"{s['crash']} crash, {s['timeout']} over the {result['limit_s']:g} s limit; slowest "
-             f"{s['slowest']['family']} ({s['slowest']['seconds']:.0f} s).", "",
-             "| family | class | " + " | ".join(CHECKS[1:]) + " | s | why not |",
-             "|---|---|" + "---|" * (len(CHECKS) - 1) + "---:|---|"]
+    lines = [f"transformers {v['transformers']}, torch {v['torch']} ({result['cpu']['model']}, "
+             f"{result['cpu']['cores']} cores shared); {s['tried']} families tried, {s['built']} build tiny; of "
+             f"those {s['pass']} pass every check ({100 * (s['pass_share_of_built'] or 0):.0f}%), {s['refused']} "
+             f"refused, {s['wrong']} wrong, {s['crash']} crash, {s['timeout']} over the {result['limit_s']:g} s "
+             f"limit for all checks. Slowest subclone (trace + shrink): {s['slowest_subclone']['family']} "
+             f"({s['slowest_subclone']['seconds']:.0f} s); over 60 s: {len(s['subclone_over_60_s'])}.", "",
+             "| family | class | " + " | ".join(CHECKS[1:]) + " | subclone s | all s | why not |",
+             "|---|---|" + "---|" * (len(CHECKS) - 1) + "---:|---:|---|"]
     for name, record in sorted(result["families"].items()):
         if record.get("build") != "ok":
             continue
@@ -223,10 +234,23 @@ def table(result: dict) -> str:
         why = next((f"{c}: {checks[c]['detail']}" for c in CHECKS
                     if checks.get(c, {}).get("status") in ("refused", "wrong", "crash", "timeout")), "")
         why = why.replace("|", "\\|")[:160]
-        lines.append(f"| {name} | {record['class']} | " + " | ".join(marks) + f" | {record['seconds']:.0f} | {why} |")
+        lines.append(f"| {name} | {record['class']} | " + " | ".join(marks)
+                     + f" | {subclone_seconds(record):.0f} | {record['seconds']:.0f} | {why} |")
     failed = sorted((n, r["build"]) for n, r in result["families"].items() if r.get("build") != "ok")
     lines += ["", f"Not built tiny ({len(failed)}): " + "; ".join(f"{n} ({why[:90]})" for n, why in failed) + "."]
     return "\n".join(lines)
+
+
+BEGIN, END = "<!-- family-sweep:begin -->", "<!-- family-sweep:end -->"
+
+
+def write_readme(result: dict, readme: Path) -> None:
+    """Replace the README's generated table (between the two markers) with the sweep's."""
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"family_sweep: {readme} has no {BEGIN} ... {END} section to fill")
+    head, rest = text.split(BEGIN, 1)
+    readme.write_text(head + BEGIN + "\n" + table(result) + "\n" + END + rest.split(END, 1)[1])
 
 
 def main(argv=None) -> None:
@@ -241,9 +265,15 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep the families already in --out (those named by --families are run again)")
     parser.add_argument("--table", action="store_true", help="print the README table of --out and stop")
+    parser.add_argument("--readme", action="store_true", help="write that table into README.md and stop")
     args = parser.parse_args(argv)
-    if args.table:
-        print(table(json.loads(args.out.read_text())))
+    if args.table or args.readme:
+        result = json.loads(args.out.read_text())
+        result["summary"] = summary(result["families"])
+        if args.readme:
+            write_readme(result, Path(__file__).resolve().parents[1] / "README.md")
+        else:
+            print(table(result))
         return
     from subclone_graph.models.registry_families import registry_families
 
