@@ -16,7 +16,7 @@
 5. ``grandchild``: the shrunk child, subcloned again (its experts kept: the router's top-k),
    runs at another size with the child's output shape, finite, with fewer parameters;
 6. ``save_hf``: the shrunk child written by ``save_hf`` and loaded by ``from_pretrained`` equals
-   the child at another size;
+   the child at another size (within ``save_hf``'s own tolerance, ``subclone_graph.tolerance``);
 7. ``onnx``: ``export_onnx`` of the shrunk child (parity in onnxruntime).
 
 Each check's outcome: ``ok``, ``refused`` (a one-line error of the library naming what it cannot
@@ -40,6 +40,7 @@ import torch
 
 import subclone_graph as sg
 from subclone_graph.passes.errors import PassError, PostconditionError
+from subclone_graph.tolerance import max_difference, model_dtype, tolerance_for
 
 from .planting import groups_of, plant_dead, plant_dead_heads, relative_error, run
 
@@ -187,7 +188,12 @@ def _save_hf(f: _Family) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loaded = type(f.model).from_pretrained(path).eval()
-        _close(run(loaded, f.other), run(f.child, f.other), DEAD, "from_pretrained of save_hf's folder")
+        got, want = run(loaded, f.other), run(f.child, f.other)
+    # save_hf's own promise (subclone_graph.tolerance): max |difference| ≤ tolerance × max(1, max |output|)
+    diff, scale = max_difference([want], [got])
+    if not diff <= tolerance_for(model_dtype(f.child)) * scale:
+        raise Wrong(f"from_pretrained of save_hf's folder at {tuple(f.other[0].shape)}: max |difference| "
+                    f"{diff:.3g} > {tolerance_for(model_dtype(f.child)):g} × {scale:.3g}")
     return ""
 
 

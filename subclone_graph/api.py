@@ -21,7 +21,7 @@ from subclone_graph.passes.target import Target
 
 from .device import resolve_device
 from .distributed import DistributedError
-from .tracing import trace
+from .tracing import refuse_confined_sizes, trace
 
 __all__ = ["subclone", "subclone_passes", "run_passes", "Target"]
 
@@ -84,7 +84,7 @@ def _check_arguments(target, drop_layers, depth, calibration) -> None:
 def subclone(model, example_inputs, target: Target | None = None, calibration=None, drop_layers=None, *,
              depth: str = "middle", rescale: bool = True, selection: str = "score",
              example_kwargs: dict | None = None, progress=None, device=None,
-             compute_dtype=torch.float32) -> fx.GraphModule:
+             compute_dtype=torch.float32, fixed_sizes: bool = False) -> fx.GraphModule:
     """Initialise a smaller child from ``model`` (weight subcloning, arXiv 2312.09299).
 
     ``calibration`` is an iterable of input tuples like ``example_inputs``; without it, channels
@@ -95,9 +95,14 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     ``rescale=False`` skips the √(D/d) factor. ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``):
     where calibration runs, on a moved copy of the traced graph; the child stays on the CPU.
     ``compute_dtype``: what a half-precision model's calibration computes in (None: its own
-    dtype; ``passes.analysis.compute_dtype``); the child keeps the model's dtype. Under ``torch.distributed`` each rank calibrates on its share of the batches and the
-    statistics are summed before anything is chosen (``subclone_graph.distributed``). Returns a ``torch.fx.GraphModule`` with real
-    parameters that returns outputs of the parent's structure at any batch and sequence size.
+    dtype; ``passes.analysis.compute_dtype``); the child keeps the model's dtype. A model whose
+    trace torch.export confines to input sizes its eager code is not confined to (a loop over the
+    sequence pins it to the traced length) is refused with the guard and where it was raised,
+    unless ``fixed_sizes=True`` accepts a child that runs at those sizes only. Under
+    ``torch.distributed`` each rank calibrates on its share of the batches and the statistics are
+    summed before anything is chosen (``subclone_graph.distributed``). Returns a
+    ``torch.fx.GraphModule`` with real parameters that returns outputs of the parent's structure at any batch and sequence size the
+    parent runs at.
     """
     target = Target() if target is None else target
     _check_arguments(target, drop_layers, depth, calibration)
@@ -112,6 +117,8 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
             model = copy.deepcopy(model)
         _child_becomes_parent(model)
     gm = trace(model, example_inputs, example_kwargs)
+    if not fixed_sizes:
+        refuse_confined_sizes(gm, type(model).__name__)
     gm = run_passes(gm, passes)
     log.info("child: %d parameters", count_parameters(gm))
     return gm

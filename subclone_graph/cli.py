@@ -128,7 +128,7 @@ def _run_in_memory(args, target, formats, names, device) -> int:
     with steps("subclone"):
         child = sg.subclone(loaded.model, inputs, target, calibration=own, depth=args.depth, device=device,
                             selection=args.selection, progress=report.progress_bar if calibration else None,
-                            compute_dtype=COMPUTE_DTYPES[args.calib_dtype])
+                            compute_dtype=COMPUTE_DTYPES[args.calib_dtype], fixed_sizes=args.fixed_sizes)
     line = None if own is None else distributed.summary_line(own.tokens, own.seconds)
     if distributed.rank() != 0:
         return 0
@@ -255,6 +255,9 @@ def _add_run_arguments(parser) -> None:
     parser.add_argument("--calib-dtype", choices=sorted(COMPUTE_DTYPES), default="float32",
                         help="what a bfloat16/float16 parent's calibration computes in: float32 (default), "
                              "float64, or model (the parent's own dtype); the child keeps the parent's dtype")
+    parser.add_argument("--fixed-sizes", action="store_true",
+                        help="accept a parent whose trace runs at the traced input sizes only (a loop over "
+                             "the sequence); without it such a parent is refused, naming the guard")
     parser.add_argument("--no-stream", action="store_true",
                         help="load a safetensors folder whole instead of streaming it layer by layer")
 

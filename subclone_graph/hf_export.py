@@ -12,7 +12,9 @@ every decision is made by building the parent class and looking at it:
 1. weights: the child's state dict, each layer's module path renumbered by its position
    (``x.layers.0, x.layers.2`` → ``x.layers.0, x.layers.1``; a duplicated layer takes the
    index of where it runs); a name the class ties to another (an output head tied to the
-   embedding) takes the one tensor the child has under either name;
+   embedding) takes the one tensor the child has under either name; a tensor of the class the child
+   has in no layer at all (never read by its graph: a decoder-only run's cross-attention, an
+   unused pooler) keeps the class's initialisation;
 2. config: a copy of the parent's. Each top-level integer equal to the parent size of a
    residual / ffn / latent / heads / kv_heads / head_dim group, or to the parent's layer count, is a
    candidate for the matching child size. A ``quantization_config`` is dropped: the child's
@@ -74,13 +76,16 @@ _MAX_ROUNDS = 8
 
 
 def _rejections() -> tuple:
-    """What a config class raises when it rejects a combination of sizes (a width not divisible by
-    the heads, a per-layer list of the wrong length); any other exception is a bug and propagates."""
+    """What a config class raises when it rejects a combination of sizes while the model is built
+    from it (a width not divisible by the heads, a per-layer list shorter than the layer count, a
+    width derived as a negative difference, a size left None that the class computes with). The
+    candidate is then dropped; whatever is kept is checked against the child's outputs at the end."""
+    plain = (ValueError, AssertionError, ZeroDivisionError, TypeError, IndexError, KeyError, RuntimeError)
     try:
         from huggingface_hub.errors import StrictDataclassError   # transformers 5's config validation
     except ImportError:
-        return (ValueError, AssertionError, ZeroDivisionError)
-    return (ValueError, AssertionError, ZeroDivisionError, StrictDataclassError)
+        return plain
+    return (*plain, StrictDataclassError)
 
 
 class HFExportError(RuntimeError):
@@ -160,14 +165,27 @@ def _tied_names(model: torch.nn.Module) -> list[list[str]]:
     return list(groups.values())
 
 
+def _pattern(name: str) -> str:
+    """A state-dict name with its container indices as ``*`` (``a.layers.3.w`` → ``a.layers.*.w``)."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
 def _fitted(model: torch.nn.Module, state: dict) -> tuple[dict, list[str]]:
-    """``state`` keyed like ``model.state_dict()``, filling tied names; and the problems found."""
+    """``state`` keyed like ``model.state_dict()``, filling tied names; and the problems found.
+
+    A tensor of the class that the child has in no layer at all (a cross-attention a decoder-only
+    run never reads, a pooler the head does not use) is left to the class's own initialisation:
+    the child's graph never read it, so it cannot change what the class computes on the child's
+    inputs — which the final check verifies."""
     wanted = model.state_dict(keep_vars=True)
     partners = {n: names for names in _tied_names(model) for n in names}
     non_persistent = {n for n, _ in model.named_buffers(remove_duplicate=False)} - set(wanted)
+    present = {_pattern(n) for n in state}
     fitted, problems = {}, []
     for name, target in wanted.items():
         source = next((s for s in [name, *partners.get(name, ())] if s in state), None)
+        if source is None and _pattern(name) not in present:
+            continue
         if source is None:
             problems.append(f"{name}: missing from the child")
         elif tuple(state[source].shape) != tuple(target.shape):
@@ -176,6 +194,15 @@ def _fitted(model: torch.nn.Module, state: dict) -> tuple[dict, list[str]]:
             fitted[name] = state[source]
     problems += [f"{name}: not in the class" for name in state if name not in wanted and name not in non_persistent]
     return fitted, problems
+
+
+def _load(model: torch.nn.Module, state: dict) -> None:
+    """Load the child's tensors into ``model`` (every child tensor, every class tensor the child
+    has a counterpart of; ``_fitted``), as ``strict=True`` would except for the tensors it leaves."""
+    fitted, problems = _fitted(model, state)
+    if problems:
+        raise HFExportError(f"the child's tensors do not fit {type(model).__name__}: {'; '.join(problems[:4])}")
+    model.load_state_dict(fitted, strict=False)
 
 
 # ----- config -------------------------------------------------------------------------------
@@ -311,7 +338,7 @@ def _needed_changes(candidates: _Candidates, changes: dict, state: dict, child: 
             expected.update(_outputs(child, inputs))
         with quiet_transformers():
             model = candidates.cls(config).eval()
-            model.load_state_dict(_fitted(model, state)[0], strict=True)
+            _load(model, state)
             fold_embedding_scale(child, model, inputs)     # as _write will: measure what is saved
         return max_output_difference(expected, _outputs(model, inputs))
 
@@ -375,7 +402,7 @@ def _write(child: fx.GraphModule, staging: Path, tokenizer) -> None:
     cls = _meta(child, pass_state.PARENT_CLASS)
     with quiet_transformers():
         model = cls(config).to(config.dtype).eval()
-        model.load_state_dict(_fitted(model, state)[0], strict=True)
+        _load(model, state)
         fold_embedding_scale(child, model, _inputs(child))
         model.save_pretrained(staging)
         if tokenizer is not None:

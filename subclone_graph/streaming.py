@@ -54,6 +54,7 @@ from .segments import BoundaryStore, run_segments
 from .stream_convert import ConvertingReader
 from .stream_parent import is_fake, weightless_parent
 from .stream_write import check_written, write_child
+from .tracing import refuse_confined_sizes
 
 __all__ = ["subclone_checkpoint", "StreamReport", "CheckpointError", "DEFAULT_SHARD_SIZE", "DEFAULT_MEMORY_BUDGET"]
 
@@ -159,7 +160,7 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
                         drop_layers=None, depth: str = "middle", selection: str = "score", rescale: bool = True,
                         shard_size: int = DEFAULT_SHARD_SIZE, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                         spill_dir=None, device="cpu", overwrite: bool = False, progress=None,
-                        compute_dtype=torch.float32) -> StreamReport:
+                        compute_dtype=torch.float32, fixed_sizes: bool = False) -> StreamReport:
     """Subclone the Hugging Face safetensors checkpoint in ``folder`` into ``out_dir`` (a
     ``from_pretrained`` folder of the parent's class), streaming the parent (module docstring).
 
@@ -168,8 +169,9 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     calibration batch). ``memory_budget``: bytes of boundary values kept in memory before
     spilling to ``spill_dir`` (default: a temporary folder). ``progress(iterable)`` wraps the
     segments × batches steps (e.g. ``tqdm``). ``compute_dtype``: what a half-precision parent's
-    calibration computes in (None: its own dtype; ``passes.analysis.compute_dtype``). Returns a
-    ``StreamReport``."""
+    calibration computes in (None: its own dtype; ``passes.analysis.compute_dtype``);
+    ``fixed_sizes``: accept a parent that traces for fixed input sizes only (``sg.subclone``).
+    Returns a ``StreamReport``."""
     device = resolve_device(device)
     target = Target() if target is None else target
     if drop_layers is not None and target.layers is not None:
@@ -190,6 +192,8 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     reader = ConvertingReader(CheckpointReader(folder))
     report.checkpoint_bytes = sum(f.stat().st_size for f in reader.files)
     gm, keys = weightless_parent(Path(folder), reader, example_inputs)
+    if not fixed_sizes:
+        refuse_confined_sizes(gm, state.PARENT_CLASS.need(gm).__name__)
     run_passes(gm, [FindResidualBlocksPass(), AnalyzeChannelsPass()])
     report.parent_parameters = _parameter_count(gm)
     report.seconds["trace"], clock = time.perf_counter() - clock, time.perf_counter()

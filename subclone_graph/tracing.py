@@ -24,9 +24,10 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.node import map_arg
 
 from .passes import state
+from .passes.analysis.input_guards import input_guards
 from .passes.fx_utils import as_input_tuple, eval_mode
 
-__all__ = ["trace", "dynamic_shapes_for", "TraceError"]
+__all__ = ["trace", "dynamic_shapes_for", "TraceError", "refuse_confined_sizes"]
 
 
 class TraceError(ValueError):
@@ -93,6 +94,19 @@ def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.Gr
         if hasattr(model, "config"):
             state.PARENT_CONFIG.set(gm, model.config)
     return gm
+
+
+def refuse_confined_sizes(gm: fx.GraphModule, name: str) -> None:
+    """Raise a one-line ``TraceError`` when torch.export confined the traced ``gm`` to input sizes
+    its eager model is not confined to (``passes.analysis.input_guards``: an axis pinned to the
+    traced length, a raised least length): its child would not run where the parent runs. The
+    error names the guard and where it was raised, and how to accept fixed sizes."""
+    guards = input_guards(gm)
+    if guards:
+        shown = "; ".join(str(g) for g in guards[:2]) + (f"; {len(guards) - 2} more" if len(guards) > 2 else "")
+        raise TraceError(f"{name} traces only for inputs where {shown}: its code specialises on that size, so the "
+                         "child would not run where the parent runs; trace it with inputs of the size the child "
+                         "will run at and pass fixed_sizes=True to accept")
 
 
 def _allow_train_eval(gm: fx.GraphModule) -> None:

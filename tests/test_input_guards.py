@@ -3,12 +3,15 @@
 1. a Python loop over the sequence pins it: reported, naming the axis and the traced length;
 2. a slice at a fixed position raises the least length: reported with its bound;
 3. a learned position table bounds the length from above, as it bounds the parent: not reported;
-4. a plain model: nothing.
+4. a plain model: nothing;
+5. ``sg.subclone`` refuses the first two in one line naming the guard, and with
+   ``fixed_sizes=True`` makes a child that runs at the traced sizes.
 """
 from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -71,3 +74,20 @@ def test_an_upper_bound_alone_and_a_plain_model_report_nothing():
     assert input_guards(_traced(Positions(), 6)) == []
     model = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 8))
     assert input_guards(_traced(model, 6)) == []
+
+
+def test_subclone_refuses_a_pinned_length_naming_the_guard_and_accepts_it_when_asked():
+    ids = torch.randint(0, 11, (2, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(sg.TraceError) as error:
+            sg.subclone(Loop().eval(), (ids,), sg.Target())
+        child = sg.subclone(Loop().eval(), (ids,), sg.Target(), fixed_sizes=True)
+    message = str(error.value)
+    assert "\n" not in message and "ids.size()[1] == 5" in message and "fixed_sizes=True" in message
+    assert child(torch.randint(0, 11, (3, 5))).shape == (3, 5, 8)        # at the traced length
+
+
+def test_subclone_refuses_a_raised_least_length():
+    with pytest.raises(sg.TraceError, match=r"ids.size\(\)\[1\] >= 1[01]"):
+        sg.subclone(FixedPosition().eval(), (torch.randint(0, 11, (2, 12)),), sg.Target())
