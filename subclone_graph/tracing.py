@@ -60,11 +60,11 @@ def dynamic_shapes_for(module: torch.nn.Module, args: tuple, kwargs: dict) -> di
 
 
 def _default_kwargs(model: torch.nn.Module, kwargs: dict) -> dict:
-    # A cache object among the outputs would make the traced outputs differ from the logits.
+    # A cache object among the outputs would make the traced outputs differ from the logits; a
+    # composite model's cache flag may sit on a sub-config only, so it is turned off wherever
+    # forward takes it
     kwargs = dict(kwargs)
-    config = getattr(model, "config", None)
-    accepts = "use_cache" in inspect.signature(model.forward).parameters
-    if accepts and getattr(config, "use_cache", False):
+    if "use_cache" in inspect.signature(model.forward).parameters:
         kwargs.setdefault("use_cache", False)
     return kwargs
 
