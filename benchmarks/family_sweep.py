@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "family_sweep.json"
-LIMIT_S = 120.0
+LIMIT_S = 240.0
 SUMMARY = ("pass", "refused", "wrong", "crash", "timeout")
 
 
@@ -258,7 +258,7 @@ def main(argv=None) -> None:
     parser.add_argument("--families", help="comma-separated model types (default: every one)")
     parser.add_argument("--sample", type=int, help="a seeded random subset of this many families")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=float, default=LIMIT_S, help="seconds per family, all checks (default 120)")
+    parser.add_argument("--limit", type=float, default=LIMIT_S, help="seconds per family, all checks (default 240)")
     parser.add_argument("--nice", type=int, default=10, help="the workers' niceness (0: none)")
     parser.add_argument("--checks", default=None, help="comma-separated checks (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -89,6 +89,8 @@ def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.Gr
     _allow_train_eval(gm)
     if not state.EXAMPLE_INPUTS.has(gm):
         state.EXAMPLE_INPUTS.set(gm, example_inputs)
+    if not state.INPUT_GUARDS.has(gm):
+        state.INPUT_GUARDS.set(gm, _confining_guards(model, example_inputs, example_kwargs or {}, gm))
     if isinstance(model, torch.nn.Module) and not isinstance(model, fx.GraphModule):
         state.PARENT_CLASS.set(gm, type(model))
         if hasattr(model, "config"):
@@ -96,14 +98,53 @@ def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.Gr
     return gm
 
 
+def _resized(value, dim: int, size: int):
+    """``value`` cut or repeated along ``dim`` to ``size`` (inputs of another length, same data)."""
+    if not isinstance(value, torch.Tensor) or value.dim() <= dim:
+        return value
+    if value.shape[dim] < size:
+        value = value.repeat_interleave(-(-size // value.shape[dim]), dim=dim) if value.shape[dim] else value
+    return value.narrow(dim, 0, size)
+
+
+def _runs_at(model: torch.nn.Module, args: tuple, kwargs: dict, guard) -> bool | None:
+    """Whether the eager ``model`` runs with the guarded input axes at the size the guard rejects;
+    None when that cannot be tried (weights without data, an input the guard names not found)."""
+    if guard.failing is None or not guard.inputs or any(
+            p.is_meta or isinstance(p, torch._subclasses.fake_tensor.FakeTensor) for p in model.parameters()):
+        return None
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    values = dict(bound.arguments)
+    for name, dim in guard.inputs:
+        if name not in values:
+            return None
+        values[name] = _resized(values[name], dim, guard.failing)
+    bound.arguments.update(values)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(*bound.args, **bound.kwargs)
+    except Exception:       # the model's own limit: it fails there too
+        return False
+    return True
+
+
+def _confining_guards(model, args: tuple, kwargs: dict, gm: fx.GraphModule) -> tuple[str, ...]:
+    """The guards on input sizes (``input_guards``) at whose rejected size the eager model runs (or
+    could not be tried): the ones that confine the trace and not the model."""
+    guards = input_guards(gm)
+    if guards and isinstance(model, torch.nn.Module) and not isinstance(model, fx.GraphModule):
+        guards = [g for g in guards if _runs_at(model, args, _default_kwargs(model, kwargs), g) is not False]
+    return tuple(str(g) for g in guards)
+
+
 def refuse_confined_sizes(gm: fx.GraphModule, name: str) -> None:
     """Raise a one-line ``TraceError`` when torch.export confined the traced ``gm`` to input sizes
-    its eager model is not confined to (``passes.analysis.input_guards``: an axis pinned to the
-    traced length, a raised least length): its child would not run where the parent runs. The
-    error names the guard and where it was raised, and how to accept fixed sizes."""
-    guards = input_guards(gm)
+    its eager model is not confined to (``state.INPUT_GUARDS``, from ``passes.analysis.input_guards``:
+    an axis pinned to the traced length, a raised least length): its child would not run where the
+    parent runs. The error names the guard and where it was raised, and how to accept fixed sizes."""
+    guards = state.INPUT_GUARDS.get(gm) or ()
     if guards:
-        shown = "; ".join(str(g) for g in guards[:2]) + (f"; {len(guards) - 2} more" if len(guards) > 2 else "")
+        shown = "; ".join(guards[:2]) + (f"; {len(guards) - 2} more" if len(guards) > 2 else "")
         raise TraceError(f"{name} traces only for inputs where {shown}: its code specialises on that size, so the "
                          "child would not run where the parent runs; trace it with inputs of the size the child "
                          "will run at and pass fixed_sizes=True to accept")

@@ -1,7 +1,8 @@
 """Guards torch.export puts on input sizes (``passes/analysis/input_guards.py``), on small models:
 
 1. a Python loop over the sequence pins it: reported, naming the axis and the traced length;
-2. a slice at a fixed position raises the least length: reported with its bound;
+2. a branch on the length raises the least length: reported with its bound; a model that needs
+   that length itself (the eager model fails below it too) is not confined by its trace;
 3. a learned position table bounds the length from above, as it bounds the parent: not reported;
 4. a plain model: nothing;
 5. ``sg.subclone`` refuses the first two in one line naming the guard, and with
@@ -40,7 +41,22 @@ class FixedPosition(nn.Module):
 
     def forward(self, ids):
         x = self.embed(ids)
-        return self.mix(x) + x[:, 10:11]          # needs at least 11 positions
+        if ids.shape[1] > 10:                       # the trace keeps this branch: at least 11 positions
+            x = x + x[:, 10:11]
+        return self.mix(x)
+
+
+class NeedsFour(nn.Module):
+    """A model that itself needs 4 positions (an unpadded kernel of 4): its own limit, not the trace's."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix = nn.Embedding(11, 8), nn.Linear(8, 8)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        windows = x.unfold(1, 4, 1)                 # (b, s - 3, 8, 4): fails below 4 positions
+        return self.mix(x[:, 3:] + windows.mean(-1))
 
 
 class Positions(nn.Module):
@@ -64,10 +80,17 @@ def test_a_loop_over_the_sequence_pins_it():
     assert guard.axis == "ids.size()[1]" and guard.guard == "ids.size()[1] == 5"
 
 
-def test_a_slice_at_a_fixed_position_raises_the_least_length():
+def test_a_branch_on_the_length_raises_the_least_length():
     guards = input_guards(_traced(FixedPosition(), 12))
     assert guards and all(g.axis == "ids.size()[1]" for g in guards)
-    assert "ids.size()[1] >= 11" in [g.guard for g in guards]
+    assert {g.failing for g in guards} == {2}
+    assert sg.passes.state.INPUT_GUARDS.get(_traced(FixedPosition(), 12))       # the eager model runs at 2
+
+
+def test_a_limit_the_model_has_itself_is_no_confinement():
+    gm = _traced(NeedsFour(), 6)
+    assert input_guards(gm)                                                    # export bounds the length
+    assert sg.passes.state.INPUT_GUARDS.get(gm) == ()                            # and so does the model
 
 
 def test_an_upper_bound_alone_and_a_plain_model_report_nothing():
@@ -88,6 +111,8 @@ def test_subclone_refuses_a_pinned_length_naming_the_guard_and_accepts_it_when_a
     assert child(torch.randint(0, 11, (3, 5))).shape == (3, 5, 8)        # at the traced length
 
 
-def test_subclone_refuses_a_raised_least_length():
-    with pytest.raises(sg.TraceError, match=r"ids.size\(\)\[1\] >= 1[01]"):
+def test_subclone_refuses_a_raised_least_length_and_not_the_model_s_own():
+    with pytest.raises(sg.TraceError, match=r"ids.size\(\)\[1\] (>= 11|> 10)"):
         sg.subclone(FixedPosition().eval(), (torch.randint(0, 11, (2, 12)),), sg.Target())
+    child = sg.subclone(NeedsFour().eval(), (torch.randint(0, 11, (2, 6)),), sg.Target())
+    assert child(torch.randint(0, 11, (3, 9))).shape == (3, 6, 8)
