@@ -118,7 +118,7 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
         _child_becomes_parent(model)
     gm = trace(model, example_inputs, example_kwargs)
     if not fixed_sizes:
-        refuse_confined_sizes(gm, type(model).__name__)
+        refuse_confined_sizes(gm, (state.PARENT_CLASS.get(gm) or type(model)).__name__)
     gm = run_passes(gm, passes)
     log.info("child: %d parameters", count_parameters(gm))
     return gm

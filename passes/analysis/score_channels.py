@@ -117,7 +117,10 @@ class ActivationStatistics:
         self.needed = {n for source, _, offsets in self.rows.values() for n in (source, offsets)}
         self.needed |= {n for source, offsets in self.outputs.values() for n in (source, offsets)}
         self.kept: dict = {}
-        self.layer_in = {layer.input: layer.index for layer in layers}
+        # a node may be the input of several layers (a looped model feeds one state to each loop)
+        self.layer_in: dict[str, tuple[int, ...]] = {}
+        for layer in layers:
+            self.layer_in[layer.input] = (*self.layer_in.get(layer.input, ()), layer.index)
         self.layer_out = {layer.output: layer.index for layer in layers}
         self.ratios = defaultdict(list)
 
@@ -210,8 +213,8 @@ class _Recorder(fx.Interpreter):
         result = super().run_node(n)
         stats = self.statistics
         stats.record(n.name, result)
-        if n.name in stats.layer_in:
-            self.stash[stats.layer_in[n.name]] = result.detach()
+        for index in stats.layer_in.get(n.name, ()):
+            self.stash[index] = result.detach()
         if n.name in stats.layer_out:
             index = stats.layer_out[n.name]
             stats.record_layer(index, self.stash[index], result)
