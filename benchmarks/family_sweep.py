@@ -3,6 +3,7 @@
     python -m benchmarks.family_sweep                          # the whole registry (hours on 2 cores)
     python -m benchmarks.family_sweep --families llama,t5      # some families
     python -m benchmarks.family_sweep --sample 15 --seed 0     # a seeded subset
+    python -m benchmarks.family_sweep --shuffle --resume       # all, in a seeded random order, going on
     python -m benchmarks.family_sweep --table                  # the README table from the JSON
     python -m benchmarks.family_sweep --readme                 # ... written into README.md
 
@@ -156,7 +157,7 @@ def summary(families: dict) -> dict:
             "subclone_over_60_s": sorted(k for k, v in built.items() if subclone_seconds(v) > 60)}
 
 
-def select(names: list[str], families: str | None, sample: int | None, seed: int) -> list[str]:
+def select(names: list[str], families: str | None, sample: int | None, seed: int, shuffle: bool = False) -> list[str]:
     if families:
         wanted = families.split(",")
         unknown = [n for n in wanted if n not in names]
@@ -165,6 +166,8 @@ def select(names: list[str], families: str | None, sample: int | None, seed: int
         return wanted
     if sample:
         return sorted(random.Random(seed).sample(names, sample))
+    if shuffle:         # a run cut short has tried a seeded random share of the registry, not a prefix
+        return random.Random(seed).sample(names, len(names))
     return names
 
 
@@ -258,6 +261,7 @@ def main(argv=None) -> None:
     parser.add_argument("--families", help="comma-separated model types (default: every one)")
     parser.add_argument("--sample", type=int, help="a seeded random subset of this many families")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shuffle", action="store_true", help="run the families in a seeded random order")
     parser.add_argument("--limit", type=float, default=LIMIT_S, help="seconds per family, all checks (default 240)")
     parser.add_argument("--nice", type=int, default=10, help="the workers' niceness (0: none)")
     parser.add_argument("--checks", default=None, help="comma-separated checks (default: all)")
@@ -282,7 +286,7 @@ def main(argv=None) -> None:
     checks = tuple(args.checks.split(",")) if args.checks else CHECKS
     if set(checks) - set(CHECKS):
         raise SystemExit(f"family_sweep: unknown checks {sorted(set(checks) - set(CHECKS))}; allowed: {', '.join(CHECKS)}")
-    names = select(list(registry_families()), args.families, args.sample, args.seed)
+    names = select(list(registry_families()), args.families, args.sample, args.seed, args.shuffle)
     result = sweep(names, args.out, args.limit, args.nice, args.resume, checks, rerun=bool(args.families))
     print(json.dumps(result["summary"], indent=1))
 
