@@ -236,6 +236,39 @@ def _per_layer_lists(config_dict: dict, child: fx.GraphModule) -> dict:
     return changes
 
 
+def _configs(config: dict) -> list[dict]:
+    """A config dict and every sub-config dict in it (``text_config``, ``vision_config``: a
+    composite model's sizes live there)."""
+    found = [config]
+    for value in config.values():
+        if isinstance(value, dict) and "model_type" in value:
+            found += _configs(value)
+    return found
+
+
+def _flat(config: dict, prefix: tuple = ()) -> dict[tuple, object]:
+    """Every field as ``{path: value}`` (``("text_config", "hidden_size")``), sub-configs flattened."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and "model_type" in value:
+            flat.update(_flat(value, (*prefix, key)))
+        else:
+            flat[(*prefix, key)] = value
+    return flat
+
+
+def _changed(config: dict, changes: dict[tuple, object]) -> dict:
+    """``config`` with each field at its path set (copied where changed; the rest shared)."""
+    config = dict(config)
+    for path, value in changes.items():
+        node = config
+        for key in path[:-1]:
+            node[key] = dict(node[key])
+            node = node[key]
+        node[path[-1]] = value
+    return config
+
+
 class _Candidates:
     """Configs of the parent class, scored by how many parameter shapes differ from the child's."""
 
@@ -243,15 +276,17 @@ class _Candidates:
         self.cls = _meta(child, pass_state.PARENT_CLASS)
         self.parent = _meta(child, pass_state.PARENT_CONFIG)
         self.base = self.parent.to_dict()
-        self.base.update(_per_layer_lists(self.base, child))
+        for config in _configs(self.base):               # the top level and every sub-config
+            config.update(_per_layer_lists(config, child))
         if all(t.is_floating_point() for t in state.values()):
             self.base.pop("quantization_config", None)   # the parent's storage format, not the child's
+        self.flat = _flat(self.base)                     # field path -> value, sub-configs' fields too
         self.state = state
         self.rejections: dict[tuple, str] = {}           # candidate -> why the class rejected it
         self._scores: dict[tuple, int] = {}
 
     def config(self, changes: dict):
-        return type(self.parent).from_dict({**self.base, **changes})
+        return type(self.parent).from_dict(_changed(self.base, changes))
 
     def build(self, changes: dict, device: str = "cpu") -> torch.nn.Module:
         with quiet_transformers(), torch.device(device):
@@ -294,7 +329,7 @@ def _descend(candidates: _Candidates, options: dict[str, list], changes: dict) -
 
 def _shape_changes(candidates: _Candidates, child: fx.GraphModule) -> dict:
     sizes = _size_map(child)
-    ints = {k: v for k, v in candidates.base.items() if type(v) is int}
+    ints = {k: v for k, v in candidates.flat.items() if type(v) is int}
     options = {k: [s for s in sizes[v] if s != v] + [v] for k, v in ints.items() if any(s != v for s in sizes.get(v, ()))}
     # two starts: every candidate changed (fields that move together, a width and its head
     # count), and nothing changed (one parent size that several groups share, heads and
@@ -303,13 +338,13 @@ def _shape_changes(candidates: _Candidates, child: fx.GraphModule) -> dict:
     changes = min((_descend(candidates, options, start) for start in starts), key=candidates.score)
     if candidates.score(changes):
         widths = sorted({s for values in sizes.values() for s in values})
-        unset = {k: [None, *widths] for k, v in candidates.base.items() if v is None}
+        unset = {k: [None, *widths] for k, v in candidates.flat.items() if v is None}
         changes = _descend(candidates, {**options, **unset}, changes)
     if candidates.score(changes):
         rejected = candidates.rejections.get(tuple(sorted(changes.items())))
         listed = "; ".join((candidates.problems(changes) or [f"the class rejects the closest candidate: {rejected}"])[:4])
         raise HFExportError(f"no config of {candidates.cls.__name__} has the child's parameter shapes ({listed})")
-    return {k: v for k, v in changes.items() if v != candidates.base.get(k)}
+    return {k: v for k, v in changes.items() if v != candidates.flat.get(k)}
 
 
 def _scaled_floats(candidates: _Candidates, child: fx.GraphModule) -> dict:
@@ -320,7 +355,7 @@ def _scaled_floats(candidates: _Candidates, child: fx.GraphModule) -> dict:
         return {}
     literals = {a for node in child.graph.nodes for a in pytree.tree_leaves((node.args, node.kwargs))
                 if type(a) is float}
-    return {k: v * scale for k, v in candidates.base.items()
+    return {k: v * scale for k, v in candidates.flat.items()
             if type(v) is float and v and any(math.isclose(v * scale, f, rel_tol=1e-9) for f in literals)}
 
 

@@ -314,7 +314,9 @@ def _embedding(ctx):
         ctx.eq(ctx.v(ids, d), ctx.out(d))
 
 
-@register(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+# conv*.padding: the same op with a string padding ("same" / "valid"), which moves no channel
+@register(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+          aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
 def _conv(ctx):
     x, w, bias = ctx.arg(0, "input"), ctx.arg(1, "weight"), ctx.arg(2, "bias")
     groups_index = 8 if ctx.node.target is aten.convolution.default else 6

@@ -7,7 +7,9 @@
 3. an even split (``chunk``) whose pieces would otherwise fall into groups of different sizes (one
    piece joins the residual stream, the other an MLP): the pieces are tied, so the child's even
    split still cuts where its pieces end; planted dead residual channels are removed exactly; a
-   split with a shorter last piece is frozen with the reason.
+   split with a shorter last piece is frozen with the reason;
+4. a convolution with a string padding (``padding="valid"``, ``aten.conv2d.padding``) relates its
+   channels as any convolution: a patch embedding's output is the stream, which shrinks exactly.
 """
 from __future__ import annotations
 
@@ -160,3 +162,35 @@ def test_an_uneven_split_is_frozen_with_the_reason():
     sg.analyze_channels(gm)
     reasons = [g.reason for g in gm.meta["subclone.channel_graph"].groups.values() if g.reason]
     assert any("aten.chunk" in r and "shorter last piece" in r for r in reasons), reasons
+
+
+class PatchModel(nn.Module):
+    """Images → patches by a convolution with ``padding="valid"`` → residual MLP layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, D, kernel_size=4, stride=4, padding="valid")
+        self.layers = nn.ModuleList(nn.Sequential(nn.RMSNorm(D), nn.Linear(D, FFN), nn.ReLU(), nn.Linear(FFN, D))
+                                    for _ in range(2))
+        self.head = nn.Linear(D, 10)
+
+    def forward(self, images):
+        x = self.patch(images).flatten(2).transpose(1, 2)
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(x.mean(1))
+
+
+def test_a_convolution_with_a_string_padding_keeps_the_stream_prunable():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 16, 16)
+    gm = sg.trace(PatchModel().eval(), (images,))
+    sg.analyze_channels(gm)
+    assert not gm.meta["subclone.unknown_ops"] and not groups_of(gm, "frozen")
+    (stream,) = groups_of(gm, "residual")
+    plant_dead(gm, {stream.id: [0, 3, D - 1]})
+    checked = [(images,), (torch.randn(3, 3, 16, 16),)]
+    child = sg.subclone(gm, (images,), sg.Target(hidden=D - 3), calibration=checked)
+    assert child.get_parameter("patch.weight").shape == (D - 3, 3, 4, 4)
+    for x in checked:
+        assert relative_error(run(child, x), run(gm, x)) < 1e-5
