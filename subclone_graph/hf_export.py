@@ -63,7 +63,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from subclone_graph.passes import state as pass_state
-from subclone_graph.passes.fx_utils import attribute_path, container_item, container_of
+from subclone_graph.passes.fx_utils import attribute_path, container_item, container_of, get_attribute
 
 from .hf_embedding_scale import fold_embedding_scale
 from .outputs import check_destination, staging_folder, write_manifest
@@ -152,9 +152,12 @@ def hf_names(child: fx.GraphModule) -> dict[str, str]:
 
 
 def child_state_dict(child: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """The child's tensors under the names a parent-class model with contiguous layers uses."""
+    """The child's tensors its graph reads, under the names a parent-class model with contiguous
+    layers uses (a tensor it holds but never reads is no part of what it computes: ``_fitted``)."""
     names = hf_names(child)
-    return {names[name]: tensor.detach() for name, tensor in child.state_dict(keep_vars=False).items()}
+    read = {id(get_attribute(child, n.target)) for n in child.graph.nodes if n.op == "get_attr" and n.users}
+    return {names[name]: tensor.detach() for name, tensor in child.state_dict(keep_vars=True).items()
+            if id(tensor) in read}
 
 
 def _tied_names(model: torch.nn.Module) -> list[list[str]]:

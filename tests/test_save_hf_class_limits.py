@@ -6,7 +6,9 @@ met (decoder-only runs of encoder-decoder classes, LM heads beside a pooler, per
    reloaded model equals the child at another size;
 2. a config class that raises ``IndexError`` for a candidate (a per-layer list read by index,
    shorter than the layer count of that candidate) only rejects that candidate: the child with a
-   layer fewer saves and reloads equal.
+   layer fewer saves and reloads equal;
+3. a composite config whose sizes live in a sub-config (``text_config``): the sub-config's fields
+   are searched and written, and the reloaded composite model equals the child.
 """
 from __future__ import annotations
 
@@ -82,5 +84,43 @@ def test_unread_tensors_and_a_rejected_candidate(tmp_path):
     loaded = TinyModel.from_pretrained(path).eval()
     assert loaded.config.num_hidden_layers == 2 and len(loaded.config.layer_kinds) == 2
     assert loaded.config.hidden_size == 16 and loaded.config.intermediate_size == 24
+    x = _ids(3, 11, 5)
+    assert relative_error(run(loaded, x), run(child, x)) < 1e-5
+
+
+class TinyCompositeConfig(PretrainedConfig):
+    model_type = "subclone_tiny_composite"
+    sub_configs = {"text_config": TinyConfig}
+
+    def __init__(self, text_config=None, **kwargs):
+        if isinstance(text_config, dict):
+            text_config = TinyConfig(**text_config)
+        self.text_config = text_config if text_config is not None else TinyConfig()
+        super().__init__(**kwargs)
+
+
+class TinyComposite(PreTrainedModel):
+    config_class = TinyCompositeConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.language_model = TinyModel(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.embed
+
+    def forward(self, input_ids):
+        return self.language_model(input_ids)
+
+
+def test_sizes_in_a_sub_config_are_found_and_written(tmp_path):
+    torch.manual_seed(0)
+    model = TinyComposite(TinyCompositeConfig()).eval()
+    inputs = _ids(2, 8, 0)
+    child = sg.subclone(model, inputs, sg.Target(hidden=0.5, ffn=0.5), calibration=[inputs])
+    path = sg.save_hf(child, tmp_path / "child")
+    loaded = TinyComposite.from_pretrained(path).eval()
+    assert (loaded.config.text_config.hidden_size, loaded.config.text_config.intermediate_size) == (16, 24)
     x = _ids(3, 11, 5)
     assert relative_error(run(loaded, x), run(child, x)) < 1e-5
