@@ -9,7 +9,9 @@
 3. ``shrink``: every kind the analysis found shrinks at once (hidden, ffn, heads and kv heads
    halved — hidden and heads together, so that a class deriving its head width from them can
    hold the child —, experts 0.5, one layer fewer), calibrated; the child runs at another batch and
-   sequence size with the parent's output shape, finite, with fewer parameters;
+   sequence size with the parent's output shape, finite, with fewer parameters. A kind the model
+   refuses (``Target.heads cannot shrink this model: <op and module>``) makes the check
+   ``refused``, and the rest of the target is tried again so that the later checks get a child;
 4. ``dead``: every other FFN neuron and the last kv group (or head) of every attention op
    planted dead, then removed: outputs unchanged at both sizes (the checked inputs are in the
    calibration: a live ReLU neuron silent on other batches would tie with the dead ones);
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import tempfile
 import time
 import warnings
@@ -138,16 +141,45 @@ def _identity(f: _Family) -> str:
     return ""
 
 
+class Refused(ValueError):
+    """Part of a check was refused (its one-line reasons); what could run, ran."""
+
+
+def _shrunk_child(f: _Family, target: sg.Target) -> tuple[sg.Target, list[str]]:
+    """Subclone with ``target``; a field the model refuses (``Target.heads cannot shrink this model:
+    <op and module>``) is dropped and the rest tried again, so the later checks get a child."""
+    refusals = []
+    while True:
+        try:
+            f.child = sg.subclone(f.copy(), f.example, target, calibration=f.calibration)
+            return target, refusals
+        except ValueError as error:
+            field = re.search(r"Target\.(\w+)", str(error))
+            fields = {"heads", "kv_heads"} if field and field.group(1) in ("heads", "kv_heads") else \
+                {field.group(1)} if field else set()
+            if not fields or all(getattr(target, k, None) is None for k in fields):
+                raise
+            refusals.append(_line(error))
+            target = dataclasses.replace(target, **{k: None for k in fields})
+            if target == sg.Target():
+                raise
+
+
 def _shrink(f: _Family) -> str:
-    f.target = shrink_target(f.gm)
-    f.child = sg.subclone(f.copy(), f.example, f.target, calibration=f.calibration)
+    f.target, refusals = _shrunk_child(f, shrink_target(f.gm))
     got, want = run(f.child, f.other), run(f.model, f.other)
     if got.shape != want.shape or not torch.isfinite(got).all():
         raise Wrong(f"shrunk child at {tuple(f.other[0].shape)}: shape {tuple(got.shape)} (parent {tuple(want.shape)}), "
                     f"finite: {bool(torch.isfinite(got).all())}")
     if not sg.count_parameters(f.child) < sg.count_parameters(f.model):
         raise Wrong("the shrunk child has as many parameters as the parent")
-    return str(f.target).replace("Target", "")
+    if refusals:        # the rest of the target ran (and the later checks use that child)
+        raise Refused(f"{'; '.join(refusals)} (the rest shrank: {_fields(f.target)})")
+    return _fields(f.target)
+
+
+def _fields(target: sg.Target) -> str:
+    return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(target).items() if v is not None)
 
 
 def _dead(f: _Family) -> str:
@@ -225,8 +257,8 @@ def run_checks(model, make_inputs: Callable[[int, int, int], tuple], report: Cal
             except Exception as error:      # the outcome says what it was
                 outcome = Outcome(name, *classify(error))
         outcome.seconds = round(time.perf_counter() - start, 2)
-        if outcome.status == "ok":
-            passed.add(name)
+        if outcome.status == "ok" or (outcome.status == "refused" and name == "shrink" and family.child is not None):
+            passed.add(name)        # a partly refused shrink still made a child for the later checks
         outcomes.append(outcome)
         if report is not None:
             report(outcome)

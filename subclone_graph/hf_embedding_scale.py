@@ -74,6 +74,9 @@ def _class_embedding_scale(model: torch.nn.Module, inputs: tuple) -> float | Non
     embedding, seen = model.get_input_embeddings(), {}
 
     def after(module, args, output):
+        if not isinstance(output, torch.Tensor):        # (rows, scaling): no plain lookup to compare
+            seen.setdefault("scale", None)
+            return
         # the table lookup itself: an embedding module may scale inside its own forward
         looked_up = torch.nn.functional.embedding(args[0], module.weight)
         seen.setdefault("embedded", looked_up)
