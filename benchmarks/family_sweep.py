@@ -226,7 +226,8 @@ def table(result: dict) -> str:
              f"those {s['pass']} pass every check ({100 * (s['pass_share_of_built'] or 0):.0f}%), {s['refused']} "
              f"refused, {s['wrong']} wrong, {s['crash']} crash, {s['timeout']} over the {result['limit_s']:g} s "
              f"limit for all checks. Slowest subclone (trace + shrink): {s['slowest_subclone']['family']} "
-             f"({s['slowest_subclone']['seconds']:.0f} s); over 60 s: {len(s['subclone_over_60_s'])}.", "",
+             f"({s['slowest_subclone']['seconds']:.0f} s); over 60 s: {len(s['subclone_over_60_s'])}. "
+             f"Checked on commits: {_commits(result['families'])}.", "",
              "| family | class | " + " | ".join(CHECKS[1:]) + " | subclone s | all s | why not |",
              "|---|---|" + "---|" * (len(CHECKS) - 1) + "---:|---:|---|"]
     for name, record in sorted(result["families"].items()):
@@ -242,6 +243,13 @@ def table(result: dict) -> str:
     failed = sorted((n, r["build"]) for n, r in result["families"].items() if r.get("build") != "ok")
     lines += ["", f"Not built tiny ({len(failed)}): " + "; ".join(f"{n} ({why[:90]})" for n, why in failed) + "."]
     return "\n".join(lines)
+
+
+def _commits(families: dict) -> str:
+    counts: dict[str, int] = {}
+    for record in families.values():
+        counts[record.get("commit", "?")] = counts.get(record.get("commit", "?"), 0) + 1
+    return ", ".join(f"{c} ({n})" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 BEGIN, END = "<!-- family-sweep:begin -->", "<!-- family-sweep:end -->"
