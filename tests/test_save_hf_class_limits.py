@@ -8,7 +8,9 @@ met (decoder-only runs of encoder-decoder classes, LM heads beside a pooler, per
    shorter than the layer count of that candidate) only rejects that candidate: the child with a
    layer fewer saves and reloads equal;
 3. a composite config whose sizes live in a sub-config (``text_config``): the sub-config's fields
-   are searched and written, and the reloaded composite model equals the child.
+   are searched and written, and the reloaded composite model equals the child;
+4. an embedding module that returns ``(rows, scaling)`` (a quantisation-aware embedding): no
+   plain lookup to measure an embedding scale on, so none is folded, and the child saves.
 """
 from __future__ import annotations
 
@@ -122,5 +124,33 @@ def test_sizes_in_a_sub_config_are_found_and_written(tmp_path):
     path = sg.save_hf(child, tmp_path / "child")
     loaded = TinyComposite.from_pretrained(path).eval()
     assert (loaded.config.text_config.hidden_size, loaded.config.text_config.intermediate_size) == (16, 24)
+    x = _ids(3, 11, 5)
+    assert relative_error(run(loaded, x), run(child, x)) < 1e-5
+
+
+class TupleEmbedding(nn.Embedding):
+    def forward(self, ids):
+        return super().forward(ids), None
+
+
+class TupleEmbeddingModel(TinyModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = TupleEmbedding(VOCAB, config.hidden_size)
+        self.post_init()
+
+    def forward(self, input_ids):
+        x, _ = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+def test_an_embedding_that_returns_a_tuple_saves(tmp_path):
+    torch.manual_seed(0)
+    model = TupleEmbeddingModel(TinyConfig()).eval()
+    inputs = _ids(2, 8, 0)
+    child = sg.subclone(model, inputs, sg.Target(hidden=0.5), calibration=[inputs])
+    loaded = TupleEmbeddingModel.from_pretrained(sg.save_hf(child, tmp_path / "child")).eval()
     x = _ids(3, 11, 5)
     assert relative_error(run(loaded, x), run(child, x)) < 1e-5
