@@ -108,24 +108,28 @@ def _resized(value, dim: int, size: int):
 
 
 def _runs_at(model: torch.nn.Module, args: tuple, kwargs: dict, guard) -> bool | None:
-    """Whether the eager ``model`` runs with the guarded input axes at the size the guard rejects;
-    None when that cannot be tried (weights without data, an input the guard names not found)."""
-    if guard.failing is None or not guard.inputs or any(
+    """Whether the eager ``model`` runs with the guarded input axes at a size the guard rejects: the
+    least one above the traced size, else the least one; None when that cannot be tried (weights
+    without data, an input the guard names not found)."""
+    if not guard.failing or not guard.inputs or any(
             p.is_meta or isinstance(p, torch._subclasses.fake_tensor.FakeTensor) for p in model.parameters()):
         return None
     bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
-    values = dict(bound.arguments)
-    for name, dim in guard.inputs:
-        if name not in values:
-            return None
-        values[name] = _resized(values[name], dim, guard.failing)
-    bound.arguments.update(values)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(*bound.args, **bound.kwargs)
-    except Exception:       # the model's own limit: it fails there too
-        return False
-    return True
+    if any(name not in bound.arguments for name, _ in guard.inputs):
+        return None
+    name, dim = guard.inputs[0]
+    traced = bound.arguments[name].shape[dim]
+    sizes = [s for s in guard.failing if s > traced][:1] or [guard.failing[0]]
+    for size in sizes:
+        trial = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+        trial.arguments.update({n: _resized(trial.arguments[n], d, size) for n, d in guard.inputs})
+        try:
+            with torch.no_grad(), eval_mode(model):
+                model(*trial.args, **trial.kwargs)
+        except Exception:       # the model's own limit at this size
+            continue
+        return True
+    return False
 
 
 def _confining_guards(model, args: tuple, kwargs: dict, gm: fx.GraphModule) -> tuple[str, ...]:

@@ -83,7 +83,7 @@ def test_a_loop_over_the_sequence_pins_it():
 def test_a_branch_on_the_length_raises_the_least_length():
     guards = input_guards(_traced(FixedPosition(), 12))
     assert guards and all(g.axis == "ids.size()[1]" for g in guards)
-    assert {g.failing for g in guards} == {2}
+    assert {g.failing[0] for g in guards} == {2}
     assert sg.passes.state.INPUT_GUARDS.get(_traced(FixedPosition(), 12))       # the eager model runs at 2
 
 
@@ -116,3 +116,16 @@ def test_subclone_refuses_a_raised_least_length_and_not_the_model_s_own():
         sg.subclone(FixedPosition().eval(), (torch.randint(0, 11, (2, 12)),), sg.Target())
     child = sg.subclone(NeedsFour().eval(), (torch.randint(0, 11, (2, 6)),), sg.Target())
     assert child(torch.randint(0, 11, (3, 9))).shape == (3, 6, 8)
+
+
+class LoopNeedsFour(Loop):
+    """Pinned by its loop, and unable to run below 4 positions itself (a kernel of 4)."""
+
+    def forward(self, ids):
+        return super().forward(ids)[:, 3:] + self.embed(ids).unfold(1, 4, 1).mean(-1)
+
+
+def test_a_pin_is_tried_above_the_traced_length_where_the_model_runs():
+    # the least rejected length (2) is the model's own limit; 7, above the traced 6, is not
+    gm = _traced(LoopNeedsFour(), 6)
+    assert sg.passes.state.INPUT_GUARDS.get(gm) == ("ids.size()[1] == 6 (raised at " + input_guards(gm)[0].where + ")",)

@@ -12,8 +12,8 @@ only rejects every size above some bound: a learned position table bounds the pa
 place (``<= max_position_embeddings``). A guard that holds at every size (``Mod(s·(2s−1), s) == 0``,
 which export did not simplify) is no confinement. Relations between two inputs' axes (a decoder
 as long as its encoder) are not reported. Each finding names the guard and where it was raised,
-the inputs that axis sizes, and the least size it rejects (``trace`` runs the eager model there:
-a limit the model has itself is no confinement of the trace).
+the inputs that axis sizes, and the sizes it rejects (``trace`` runs the eager model at some of
+them: a limit the model has itself is no confinement of the trace).
 
 ``input_guards(gm)`` reads the shape environment of the fake values torch.export left on the
 placeholders; a graph without them (not traced by torch.export) has none to report.
@@ -34,9 +34,9 @@ SIZES = tuple(range(2, 65))
 class InputGuard:
     """One confined input axis: ``axis`` (``input_ids.size()[1]``), ``guard`` (the condition),
     ``where`` (the source location export recorded for it), ``inputs`` (every input axis that
-    symbol sizes: ``(input name, dim)``) and ``failing`` (the least size from 2 the guard rejects)."""
+    symbol sizes: ``(input name, dim)``) and ``failing`` (the sizes from 2 to 64 it rejects)."""
 
-    def __init__(self, axis: str, guard: str, where: str, inputs: tuple = (), failing: int | None = None) -> None:
+    def __init__(self, axis: str, guard: str, where: str, inputs: tuple = (), failing: tuple = ()) -> None:
         self.axis, self.guard, self.where, self.inputs, self.failing = axis, guard, where, inputs, failing
 
     def __str__(self) -> str:
@@ -119,5 +119,5 @@ def input_guards(gm: fx.GraphModule) -> list[InputGuard]:
         if _confines(failing):
             axis, inputs = names[symbol]
             found.append(InputGuard(axis, _readable(guard.expr, names), str(guard.sloc).strip("() "), inputs,
-                                    failing[0] if failing else None))
+                                    tuple(failing or ())))
     return found
