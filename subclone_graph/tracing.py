@@ -8,6 +8,12 @@ leaves them) or an ``ExportedProgram`` is accepted as is, so our passes chain af
 Dynamic axes: dim 0 of every tensor input (batch), and dim 1 of integer inputs (token ids,
 masks) and of 3-D float inputs (embeddings): the sequence. Images keep their size.
 
+A ``torch.no_grad()`` block inside ``forward`` is inlined between two grad-mode switches
+(``inline_grad_mode_regions``): the analysis sees its ops, the graph still runs it without gradients.
+
+A ``torch.no_grad()`` block inside ``forward`` is inlined between two grad-mode switches
+(``inline_grad_mode_regions``): the analysis sees its ops, the graph still runs it without gradients.
+
 Non-tensor keyword inputs of the example (``use_cache=False``) are baked into the graph as
 constants, so the traced module — and every child made from it — is called with tensors only.
 """
@@ -27,7 +33,7 @@ from .passes import state
 from .passes.analysis.input_guards import input_guards
 from .passes.fx_utils import as_input_tuple, eval_mode
 
-__all__ = ["trace", "dynamic_shapes_for", "TraceError", "refuse_confined_sizes"]
+__all__ = ["trace", "dynamic_shapes_for", "TraceError", "refuse_confined_sizes", "inline_grad_mode_regions"]
 
 
 class TraceError(ValueError):
@@ -201,8 +207,34 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise TraceError(f"could not trace {type(model).__name__}: {type(error).__name__}: {first}") from error
     gm = program.module()
+    inline_grad_mode_regions(gm)
     _warn_static_axes(model, args, kwargs, gm)
     return gm
+
+
+def inline_grad_mode_regions(gm: fx.GraphModule) -> None:
+    """Inline each ``wrap_with_set_grad_enabled(enabled, submodule, *args)`` (what export makes of a
+    ``torch.no_grad()`` block inside ``forward``) as its nodes between two grad-mode switches, so the
+    channel analysis sees the ops of the region and the child still runs it without gradients."""
+    hop = torch.ops.higher_order.wrap_with_set_grad_enabled
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is hop]:
+        enabled, holder, *args = node.args
+        region = getattr(gm, holder.target)
+        placeholders = [n for n in region.graph.nodes if n.op == "placeholder"]
+        with gm.graph.inserting_before(node):
+            before = gm.graph.call_function(torch.is_grad_enabled, ())
+            gm.graph.call_function(torch._C._set_grad_enabled, (enabled,))
+            outputs = gm.graph.graph_copy(region.graph, dict(zip(placeholders, args)))
+            gm.graph.call_function(torch._C._set_grad_enabled, (before,))
+        outputs = outputs if isinstance(outputs, (list, tuple)) else (outputs,)
+        for user in list(node.users):
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        if not holder.users:
+            gm.graph.erase_node(holder)
+            delattr(gm, holder.target)
+    gm.recompile()
 
 
 def _warn_static_axes(model, args: tuple, kwargs: dict, gm: fx.GraphModule) -> None:
