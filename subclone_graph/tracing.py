@@ -11,9 +11,6 @@ masks) and of 3-D float inputs (embeddings): the sequence. Images keep their siz
 A ``torch.no_grad()`` block inside ``forward`` is inlined between two grad-mode switches
 (``inline_grad_mode_regions``): the analysis sees its ops, the graph still runs it without gradients.
 
-A ``torch.no_grad()`` block inside ``forward`` is inlined between two grad-mode switches
-(``inline_grad_mode_regions``): the analysis sees its ops, the graph still runs it without gradients.
-
 Non-tensor keyword inputs of the example (``use_cache=False``) are baked into the graph as
 constants, so the traced module — and every child made from it — is called with tensors only.
 """
