@@ -57,7 +57,7 @@ def _run(ranks: int, tokens_file: Path, out: Path, seq_len: int, batch_size: int
 
 
 def _same_children(first: Path, second: Path) -> bool:
-    from subclone_graph import io
+    from subclone_graph.export import pt2 as io
 
     a, b = io.load(first / "child.pt2").state_dict(), io.load(second / "child.pt2").state_dict()
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

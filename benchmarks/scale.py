@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from subclone_graph.checkpoint import write_shards
+from subclone_graph.checkpoint.files import write_shards
 
 SHAPES = {   # hidden, MLP, layers, heads, kv heads, vocab
     "1B": (2048, 5632, 22, 32, 4, 32000),
@@ -134,7 +134,7 @@ def run(name: str, folder: Path, tokens: int, batch_tokens: int) -> dict:
     hidden, ffn, layers, heads, kv_heads = CHILDREN[name]
     calib = _calibration(folder, tokens, batch_tokens, SHAPES[name][5])
     out = folder.parent / f"{folder.name}-child"
-    command = [sys.executable, "-c", "from subclone_graph.cli import main; raise SystemExit(main())", "run",
+    command = [sys.executable, "-c", "from subclone_graph.cli.main import main; raise SystemExit(main())", "run",
                str(folder), "--hidden", str(hidden), "--ffn", str(ffn), "--layers", str(layers), "--heads",
                str(heads), "--kv-heads", str(kv_heads), "--calib", str(calib), "--calib-batches",
                str(tokens // batch_tokens), "--out", str(out), "--format", "hf", "--overwrite"]

@@ -13,12 +13,12 @@ Steps (each printed with its time; ``run_demo`` returns every number as a dict t
    with every parameter re-drawn: matrices N(0, 0.02²), 1-D weights 1, biases 0; fixed seed);
 6. held-out next-token loss and perplexity exp(loss) on 16 held-out windows for the parent
    and the three children;
-7. save the child with ``io.save`` (``child.pt2``), as ONNX (``child.onnx``, checked in
+7. save the child with ``sg.save`` (``child.pt2``), as ONNX (``child.onnx``, checked in
    onnxruntime by ``export_onnx``, whose max |difference| is printed) and as a Hugging Face
    checkpoint with its tokenizer (``hf/``, reloaded with ``from_pretrained`` and compared with
    the child by ``save_hf``; a GGUF parent's ``quantization_config`` is dropped, so ``hf/``
    loads as an ordinary float model that ``transformers.Trainer`` trains). The three are staged
-   together and moved into ``out_dir`` only when all succeeded (``outputs.write_all``); existing
+   together and moved into ``out_dir`` only when all succeeded (``destination.write_all``); existing
    outputs are refused unless ``overwrite=True``, before any work starts.
 
 No child is trained: the point is the starting loss a training run would begin from.
@@ -36,7 +36,9 @@ from pathlib import Path
 import torch
 
 import subclone_graph as sg
-from subclone_graph import data, io, outputs
+from subclone_graph.export import pt2
+from subclone_graph import data
+from subclone_graph.export import destination
 
 from .smollm2 import load_smollm2
 
@@ -103,7 +105,7 @@ def _check_outputs(out_dir: Path, settings: DemoSettings, overwrite: bool) -> di
         raise ValueError(f"DemoSettings.outputs: unknown {sorted(unknown)}; allowed: pt2, onnx, hf")
     files = {fmt: out_dir / ("hf" if fmt == "hf" else f"child.{fmt}") for fmt in settings.outputs}
     if files:
-        outputs.check_outputs(out_dir, {p.name: fmt == "hf" for fmt, p in files.items()}, overwrite=overwrite,
+        destination.check_outputs(out_dir, {p.name: fmt == "hf" for fmt, p in files.items()}, overwrite=overwrite,
                               option="overwrite=True (subclone demo --overwrite)")
     return files
 
@@ -143,24 +145,24 @@ def _save(child, example: tuple, files: dict, tokenizer, step, overwrite: bool) 
     """Write every output into one staging folder; move the set into place when all succeeded."""
     writers = {}
     if "pt2" in files:
-        def pt2(path):
+        def write_pt2(path):
             with step(f"save {files['pt2']} (torch.export .pt2, reloaded and compared)"):
-                io.save(child, path)
-        writers[files["pt2"].name] = pt2
+                pt2.save(child, path)
+        writers[files["pt2"].name] = write_pt2
     if "hf" in files:
-        def hf(path):
+        def write_hf(path):
             with step(f"save {files['hf']} (Hugging Face checkpoint, reloaded and compared with the child)"):
                 sg.save_hf(child, path, tokenizer=tokenizer)
-        writers[files["hf"].name] = hf
+        writers[files["hf"].name] = write_hf
     if "onnx" in files:
-        def onnx(path):
+        def write_onnx(path):
             with step(f"export {files['onnx']} and check it in onnxruntime"):
                 return sg.export_onnx(child, example, path)
-        writers[files["onnx"].name] = onnx
+        writers[files["onnx"].name] = write_onnx
     if not writers:
         return None
     out_dir = next(iter(files.values())).parent
-    written = outputs.write_all(out_dir, writers, overwrite=overwrite, folders={"hf"},
+    written = destination.write_all(out_dir, writers, overwrite=overwrite, folders={"hf"},
                                 option="overwrite=True (subclone demo --overwrite)")
     return written.get(files["onnx"].name) if "onnx" in files else None
 

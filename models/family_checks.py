@@ -18,7 +18,7 @@
 5. ``grandchild``: the shrunk child, subcloned again (its experts kept: the router's top-k),
    runs at another size with the child's output shape, finite, with fewer parameters;
 6. ``save_hf``: the shrunk child written by ``save_hf`` and loaded by ``from_pretrained`` equals
-   the child at another size (within ``save_hf``'s own tolerance, ``subclone_graph.tolerance``);
+   the child at another size (within ``save_hf``'s own tolerance, ``subclone_graph.export.tolerance``);
 7. ``onnx``: ``export_onnx`` of the shrunk child (parity in onnxruntime).
 
 Each check's outcome: ``ok``, ``refused`` (a one-line error of the library naming what it cannot
@@ -43,7 +43,7 @@ import torch
 
 import subclone_graph as sg
 from subclone_graph.passes.errors import PassError, PostconditionError
-from subclone_graph.tolerance import max_difference, model_dtype, tolerance_for
+from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
 
 from .planting import groups_of, plant_dead, plant_dead_heads, relative_error, run
 
@@ -221,7 +221,7 @@ def _save_hf(f: _Family) -> str:
             warnings.simplefilter("ignore")
             loaded = type(f.model).from_pretrained(path).eval()
         got, want = run(loaded, f.other), run(f.child, f.other)
-    # save_hf's own promise (subclone_graph.tolerance): max |difference| ≤ tolerance × max(1, max |output|)
+    # save_hf's own promise (subclone_graph.export.tolerance): max |difference| ≤ tolerance × max(1, max |output|)
     diff, scale = max_difference([want], [got])
     if not diff <= tolerance_for(model_dtype(f.child)) * scale:
         raise Wrong(f"from_pretrained of save_hf's folder at {tuple(f.other[0].shape)}: max |difference| "

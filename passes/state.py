@@ -27,7 +27,7 @@ from .errors import PreconditionError, StaleStateError
 
 __all__ = [
     "StateKey", "STAGES", "KEYS", "clear_from", "pipeline_table", "channel_groups",
-    "Layer", "ResidualBlock", "AttentionSite", "Rescale", "SizeChange", "TensorOrigin", "track_origin",
+    "Layer", "ResidualBlock", "AttentionSite", "Rescale", "SizeChange", "track_origin",
     "SizeOffset", "NodeChannels", "NodeLiterals", "NodeReduces", "NodeSliceParts", "NodeAttention", "NodeExpertRows",
     "EXAMPLE_INPUTS", "INPUT_GUARDS", "PARENT_CLASS", "PARENT_CONFIG", "PARENT_LAYER_COUNT", "LAYERS", "CHANNEL_GRAPH",
     "ATTENTION", "UNKNOWN_OPS", "SCORES", "SCORE_SOURCE", "LAYER_RATIOS", "TARGET", "KEEP", "SIZES",
@@ -87,19 +87,6 @@ class SizeChange:
     layer: int | None
     parent: int
     child: int
-
-
-@dataclass(frozen=True)
-class TensorOrigin:
-    """Where a child tensor comes from, for a graph whose tensors are placeholders (a streamed
-    parent): parent tensor ``name``, the kept parent indices along each dim (``None``: all), then
-    multiplied by each factor of ``scales`` in turn, each product plus the matching entry of
-    ``offsets`` (missing entries: 0; a ``(c + w)`` gain's rescale shifts its weight)."""
-
-    name: str
-    index: tuple = ()
-    scales: tuple = ()
-    offsets: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -257,10 +244,10 @@ DUPLICATE = _graph("duplicate", "choice", "tuple[int, ...]", "ChooseKeepPass", [
                    "layer indices to repeat (emptied once repeated)")
 RESCALE = _graph("rescale", "rewrite", "Rescale", "RescaleResidualPass", ["save_hf"],
                  "the residual's √(D/d) and the ε scale")
-TENSOR_ORIGINS = _graph("tensor_origins", "trace", "dict[int, tuple[Tensor, TensorOrigin]]",
-                        "subclone_checkpoint (a weightless parent); track_origin in the rewrites",
-                        ["subclone_checkpoint's writer"],
-                        "id(tensor) → (tensor, origin): how each tensor derives from a parent tensor on disk")
+TENSOR_ORIGINS = _graph("tensor_origins", "trace", "dict[int, tuple[Tensor, EditProgram]]",
+                        "weightless_parent (a streamed parent); tensor_edits.edit_tensor in the rewrites",
+                        ["CheckpointWeights (calibration, the writer)"],
+                        "id(tensor) → (tensor, program): the parent tensor on disk and the edits that make it")
 
 CHANNELS = _node("channels", "channels", "NodeChannels", "AnalyzeChannelsPass",
                  ["ScoreChannelsPass", "KeepChannelsPass", "RescaleResidualPass"], "group of each dim")
@@ -317,31 +304,11 @@ def channel_groups(node: fx.Node) -> tuple[int, ...]:
 
 def track_origin(gm: fx.GraphModule, old, new, cuts=(), scale: float | None = None, per_expert=(),
                  offset: float = 0.0) -> None:
-    """Record in ``TENSOR_ORIGINS`` that ``new`` is ``old`` with ``per_expert`` ((dim, (experts,
-    kept) indices, experts dim), ...) gathered, then ``cuts`` ((dim, kept indices), ...), then
-    times ``scale`` plus ``offset``. A no-op unless the graph tracks origins (a weightless
-    streamed parent sets the key); the record keeps the tensor so that its ``id`` stays its own,
-    and the mapping is replaced whole, never mutated. A per-expert index is 2-D, one row per
-    entry of dim 0 (the experts dim, the only one a streamed read can cut per row)."""
-    origins = TENSOR_ORIGINS.get(gm) if hasattr(gm, "meta") else None
-    if origins is None or id(old) not in origins:
-        return
-    origin = origins[id(old)][1]
-    index = list(origin.index) or [None] * old.dim()
-    for dim, kept, experts_dim in per_expert:
-        if experts_dim != 0:
-            raise ValueError(f"{origin.name}: one order per expert along dim {dim} with the experts on dim "
-                             f"{experts_dim}: a streamed read cuts per row of dim 0 only (use --no-stream)")
-        kept = kept.detach().to("cpu").long()
-        before = index[dim]
-        index[dim] = kept if before is None else before[kept] if before.dim() == 1 else before.gather(1, kept)
-    for dim, kept in cuts:
-        kept = kept.detach().to("cpu").long()
-        before = index[dim]
-        index[dim] = kept if before is None else before[kept] if before.dim() == 1 else before[:, kept]
-        if dim == 0:            # fewer experts: each per-expert index keeps the kept experts' rows
-            index = [i if d == 0 or i is None or i.dim() == 1 else i[kept] for d, i in enumerate(index)]
-    scales = origin.scales + ((scale,) if scale is not None else ())
-    offsets = origin.offsets + (0.0,) * (len(origin.scales) - len(origin.offsets)) + ((offset,) if scale is not None else ())
-    origin = TensorOrigin(origin.name, tuple(index), scales, offsets if any(offsets) else ())
-    TENSOR_ORIGINS.set(gm, {**origins, id(new): (new, origin)})
+    """Record that ``new`` is ``old`` with ``per_expert`` ((dim, 2-D index, experts dim), ...)
+    taken, then ``cuts`` ((dim, kept indices), ...), then times ``scale`` plus ``offset``.
+    Kept for rewrites written before ``tensor_edits``: a rewrite should describe its edits
+    once and call ``tensor_edits.edit_tensor``, which applies and records the same edits."""
+    from .tensor_edits import Scale, Take, record_edits
+
+    edits = [Take(dim, kept, rows) for dim, kept, rows in per_expert] + [Take(dim, kept) for dim, kept in cuts]
+    record_edits(gm, old, new, edits + ([Scale(scale, offset)] if scale is not None else []))

@@ -19,20 +19,30 @@ from subclone_graph.passes.infra import log
 from subclone_graph.passes.rewrite import DropBlocksPass, DuplicateLayersPass, KeepChannelsPass, RescaleResidualPass
 from subclone_graph.passes.target import Target
 
-from .device import resolve_device
-from .distributed import DistributedError
-from .tracing import refuse_confined_sizes, trace
+from subclone_graph.runtime import distributed
+from subclone_graph.runtime.device import resolve_device
+from subclone_graph.runtime.distributed import DistributedError
+from subclone_graph.tracing import refuse_confined_sizes, trace
 
 __all__ = ["subclone", "subclone_passes", "run_passes", "Target"]
 
 def subclone_passes(target: Target, calibration=None, drop_layers=None, depth: str = "middle",
                     rescale: bool = True, progress=None, selection: str = "score", device=None,
-                    compute_dtype=torch.float32) -> list:
-    """The subcloning pipeline as a flat list of passes (each ``call(gm) -> PassResult``)."""
+                    compute_dtype=torch.float32, *, weights=None, store=None) -> list:
+    """The subcloning pipeline as a flat list of passes (each ``call(gm) -> PassResult``).
+
+    One pipeline whatever the weights' source: ``weights`` (default: the traced model's own
+    tensors) is where calibration reads them — a checkpoint reader for ``subclone_checkpoint``,
+    with ``store`` the boundary values' budget. Under ``torch.distributed`` the pass scores this
+    rank's share of ``calibration`` and adds every rank's statistics (``distributed.all_reduce_sums``)."""
+    _check_arguments(target, drop_layers, depth, calibration)
+    own = None if calibration is None else distributed.shard(calibration)
     passes = [
         FindResidualBlocksPass(),
         AnalyzeChannelsPass(),
-        ScoreChannelsPass(calibration, progress=progress, device=device, compute_dtype=compute_dtype),
+        ScoreChannelsPass(own, progress=progress, device=None if device is None else resolve_device(device),
+                          compute_dtype=compute_dtype,
+                          weights=weights, reduce=distributed.all_reduce_sums, store=store),
         ChooseKeepPass(target, drop_layers=drop_layers, depth=depth, selection=selection),
         DropBlocksPass(),
         DuplicateLayersPass(),
@@ -100,15 +110,13 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     sequence pins it to the traced length) is refused with the guard and where it was raised,
     unless ``fixed_sizes=True`` accepts a child that runs at those sizes only. Under
     ``torch.distributed`` each rank calibrates on its share of the batches and the statistics are
-    summed before anything is chosen (``subclone_graph.distributed``). Returns a
-    ``torch.fx.GraphModule`` with real parameters that returns outputs of the parent's structure at any batch and sequence size the
-    parent runs at.
+    summed before anything is chosen (``subclone_graph.runtime.distributed``). Returns a
+    ``torch.fx.GraphModule`` with real parameters that returns outputs of the parent's structure
+    at any batch and sequence size the parent runs at.
     """
     target = Target() if target is None else target
-    _check_arguments(target, drop_layers, depth, calibration)
     if calibration is not None and iter(calibration) is calibration:
         calibration = list(calibration)     # a one-shot iterator; a re-iterable (a Shard, a TokenStream) streams
-    resolve_device(device)                  # an unavailable device fails before tracing
     passes = subclone_passes(target, calibration, drop_layers, depth, rescale, progress, selection, device,
                              compute_dtype)
     if isinstance(model, fx.GraphModule):
@@ -129,7 +137,7 @@ def _child_becomes_parent(gm: fx.GraphModule) -> None:
     parent config, so that ``save_hf`` of the grandchild matches sizes against the right numbers."""
     if not state.PARENT_CONFIG.has(gm) or not state.SIZES.has(gm):
         return
-    from .hf_export import HFExportError, child_config
+    from subclone_graph.export.hf import HFExportError, child_config
     try:
         state.PARENT_CONFIG.set(gm, child_config(gm))
     except HFExportError as error:

@@ -26,9 +26,9 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.node import map_arg
 
-from .passes import state
-from .passes.analysis.input_guards import input_guards
-from .passes.fx_utils import as_input_tuple, eval_mode
+from subclone_graph.passes import state
+from subclone_graph.passes.analysis.input_guards import input_guards
+from subclone_graph.passes.fx_utils import as_input_tuple, eval_mode
 
 __all__ = ["trace", "dynamic_shapes_for", "TraceError", "refuse_confined_sizes", "inline_grad_mode_regions"]
 

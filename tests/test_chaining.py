@@ -25,7 +25,7 @@ from torch.fx.passes.infra.pass_manager import PassManager, this_before_that_pas
 
 import subclone_graph as sg
 from subclone_graph import models
-from subclone_graph.onnx_export import run_onnx
+from subclone_graph.export.onnx_export import run_onnx
 from subclone_graph.tracing import dynamic_shapes_for
 
 SIZES = [(1, 5), (3, 11)]

@@ -15,8 +15,9 @@ import torch
 
 import models
 import subclone_graph as sg
-from subclone_graph import data, io
-from subclone_graph.cli import main
+from subclone_graph import data
+from subclone_graph.export import pt2 as io
+from subclone_graph.cli.main import main
 
 TARGET_ARGS = ["--hidden", "32", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--ffn", "48"]
 
@@ -137,7 +138,7 @@ def test_latent_experts_and_fractions_on_a_latent_attention_mixture_of_experts(f
 
 
 def test_every_target_field_is_an_option(factory, tmp_path, capsys):
-    from subclone_graph.cli import TARGET_HELP
+    from subclone_graph.cli.main import TARGET_HELP
     from subclone_graph.passes.target import TARGET_FIELDS
 
     assert sorted(TARGET_HELP) == sorted(TARGET_FIELDS)
@@ -308,7 +309,7 @@ def test_help_has_an_example(command, capsys):
 
 
 def test_help_in_a_subprocess():
-    done = subprocess.run([sys.executable, "-m", "subclone_graph.cli", "--help"],
+    done = subprocess.run([sys.executable, "-m", "subclone_graph", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert all(word in done.stdout for word in ("demo", "run", "inspect", "examples:"))
@@ -352,7 +353,7 @@ def test_run_streams_a_safetensors_folder_and_no_stream_loads_it(tmp_path, capsy
 
 
 def test_calib_dtype_reaches_the_streamed_and_the_in_memory_path(tmp_path, capsys, monkeypatch):
-    import subclone_graph.stream_cli as stream_cli
+    import subclone_graph.cli.run_checkpoint as stream_cli
 
     seen = []
     streamed, in_memory = stream_cli.subclone_checkpoint, sg.subclone

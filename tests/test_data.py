@@ -1,4 +1,4 @@
-"""Tests for subclone_graph.data (calibration helpers) and the SmolLM2 loader."""
+"""Tests for subclone_graph.data.calibration (calibration helpers) and the SmolLM2 loader."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Calibration streamed from disk (subclone_graph.data_stream): the same windows as reading the
+"""Calibration streamed from disk (subclone_graph.data.token_stream): the same windows as reading the
 whole text, read lazily, capped by tokens; token folders of .pt / .safetensors; bad files are
 one-line errors naming them."""
 from __future__ import annotations
@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from subclone_graph import data, data_stream
-from subclone_graph.cli import main
-from subclone_graph.data_stream import TokenStream
+from subclone_graph import data
+from subclone_graph.data import token_stream as data_stream
+from subclone_graph.cli.main import main
+from subclone_graph.data.token_stream import TokenStream
 
 
 class CharTokenizer:

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import subclone_graph as sg
-from subclone_graph.cli import main
-from subclone_graph.device import calibration_copy, resolve_device
+from subclone_graph.cli.main import main
+from subclone_graph.passes.analysis.segments import ResidentWeights, run_segments
+from subclone_graph.runtime.device import resolve_device
 from subclone_graph.models import TinyLlama
 from subclone_graph.passes import state
 
@@ -47,17 +48,15 @@ def test_an_unavailable_cuda_device_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_moved_copy_leaves_the_traced_graph_where_it_was():
+def test_the_runner_moves_weights_and_inputs_and_leaves_the_traced_graph_where_it_was():
     model, batches = _parent()
     gm = sg.trace(model, batches[0])
-    same, device = calibration_copy(gm, "cpu")
-    assert same is gm and device.type == "cpu"
-    moved, device = calibration_copy(gm, "meta")
-    assert device.type == "meta" and moved is not gm
-    assert all(p.device.type == "meta" for p in moved.parameters())
+    seen = set()
+    outputs = run_segments(gm, [list(batches[0])], ResidentWeights(), device="meta",
+                           observe=lambda node, value, env: seen.add(value.device.type)
+                           if isinstance(value, torch.Tensor) else None)
+    assert seen == {"meta"} and all(o.device.type == "meta" for o in outputs[0] if isinstance(o, torch.Tensor))
     assert all(p.device.type == "cpu" for p in gm.parameters())
-    # the statistics are keyed by node name: the copy keeps them
-    assert [n.name for n in moved.graph.nodes] == [n.name for n in gm.graph.nodes]
 
 
 def test_cpu_device_gives_the_default_child_bit_for_bit():

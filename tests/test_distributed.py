@@ -1,4 +1,4 @@
-"""Data-parallel calibration (subclone_graph.distributed): 2 gloo ranks on localhost give the
+"""Data-parallel calibration (subclone_graph.runtime.distributed): 2 gloo ranks on localhost give the
 same keep-sets and a bit-identical float32 child as one process; a dead rank fails the others
 with a clear error within the timeout; sharding and token counting."""
 from __future__ import annotations
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import models
-from subclone_graph import distributed, io
-from subclone_graph.cli import main
+from subclone_graph.runtime import distributed
+from subclone_graph.export import pt2 as io
+from subclone_graph.cli.main import main
 
 TARGET_ARGS = ["--hidden", "32", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--ffn", "48"]
 FACTORY = textwrap.dedent('''
@@ -106,7 +107,7 @@ DEAD_RANK = textwrap.dedent('''
     import datetime, os, sys
     import torch, torch.distributed as dist
     import subclone_graph as sg
-    from subclone_graph.distributed import DistributedError
+    from subclone_graph.runtime.distributed import DistributedError
     from subclone_graph.models import TinyLlama
 
     rank, store = int(sys.argv[1]), sys.argv[2]

@@ -129,7 +129,7 @@ def test_a_width_shared_across_experts_keeps_one_order():
 
 
 def test_bfloat16_experts_keep_their_own_alive_neurons(tmp_path):
-    from subclone_graph.tolerance import tolerance_for
+    from subclone_graph.export.tolerance import tolerance_for
 
     model = hf_families.build("qwen3_moe").to(torch.bfloat16)
     example = hf_zoo.example_inputs(model, 2, 8, 0)

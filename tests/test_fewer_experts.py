@@ -92,7 +92,7 @@ def test_fewer_experts_than_the_top_k_is_refused():
 def test_onnx_matches_a_child_with_fewer_experts(tmp_path):
     import numpy as np
 
-    from subclone_graph.onnx_export import run_onnx
+    from subclone_graph.export.onnx_export import run_onnx
 
     model, example, gm = parent("qwen3_moe")
     child = sg.subclone(gm, example, sg.Target(experts=0.5, ffn=0.5))

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import subclone_graph as sg
-from subclone_graph import io, models
+from subclone_graph import models
+from subclone_graph.export import pt2 as io
 from subclone_graph.models import hf_families
-from subclone_graph.onnx_export import graph_dtype
-from subclone_graph.tolerance import max_difference, model_dtype, tolerance_for
+from subclone_graph.export.onnx_export import graph_dtype
+from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
 
 HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 FAMILIES = ("llama", "qwen2", "gpt2", "bert")
@@ -99,7 +100,7 @@ def test_half_precision_child_through_every_output(name, dtype_name, tmp_path):
 def test_float16_falls_back_to_float32_when_onnxruntime_lacks_a_kernel(tmp_path, monkeypatch):
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
-    from subclone_graph import onnx_export
+    from subclone_graph.export import onnx_export
 
     parent, inputs, target = _parent("gpt2", torch.float16)
     child = sg.subclone(parent, inputs, target)

@@ -1,4 +1,4 @@
-"""Tests for subclone_graph.io: save a child as .pt2, load it back, same outputs, trainable."""
+"""Tests for subclone_graph.export.pt2: save a child as .pt2, load it back, same outputs, trainable."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import models
 import subclone_graph as sg
-from subclone_graph import io
+from subclone_graph.export import pt2 as io
 
 TARGET = sg.Target(hidden=32, layers=2, heads=2, kv_heads=1, ffn=48)
 SIZES = [(2, 8), (3, 13)]

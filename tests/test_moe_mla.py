@@ -85,7 +85,7 @@ def test_a_dead_latent_channel_is_removed_exactly(tmp_path):
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "qwen3_moe"])
 def test_onnx_matches_a_reduced_child(name, tmp_path):
-    from subclone_graph.onnx_export import run_onnx
+    from subclone_graph.export.onnx_export import run_onnx
     import numpy as np
 
     model, example, gm = parent(name)

@@ -17,8 +17,9 @@ import torch
 import torch.utils._pytree as pytree
 
 import subclone_graph as sg
-from subclone_graph import models, onnx_export
-from subclone_graph.onnx_export import OnnxMismatchError, run_onnx
+from subclone_graph import models
+from subclone_graph.export import onnx_export
+from subclone_graph.export.onnx_export import OnnxMismatchError, run_onnx
 
 ATOL = 1e-4
 GQA = {"llama_like", "llama", "qwen3", "mistral", "phi3"}

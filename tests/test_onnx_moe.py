@@ -1,4 +1,4 @@
-"""Grouped (mixture-of-experts) matmuls in ONNX: ``subclone_graph.onnx_moe``.
+"""Grouped (mixture-of-experts) matmuls in ONNX: ``subclone_graph.export.onnx_grouped_mm``.
 
 1. ``subclone_graph::grouped_mm`` equals transformers' reference kernel bit for bit in float32
    (empty experts, rows no expert owns) and ``aten._grouped_mm`` in bfloat16;
@@ -22,9 +22,9 @@ import pytest
 import torch
 
 import subclone_graph as sg
-from subclone_graph import onnx_moe
+from subclone_graph.export import onnx_grouped_mm as onnx_moe
 from subclone_graph.models import hf_families, hf_zoo
-from subclone_graph.onnx_export import run_onnx
+from subclone_graph.export.onnx_export import run_onnx
 from subclone_graph.passes.rewrite.drop_blocks import eliminate_dead_code
 from subclone_testing import relative_error, run
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import subclone_graph as sg
-from subclone_graph import cli
+from subclone_graph.cli import main as cli
 from subclone_graph.passes.target import relative_size
 from subclone_testing import analysed, groups_of, plant_dead, relative_error, run
 

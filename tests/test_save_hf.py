@@ -23,7 +23,7 @@ import torch
 
 import subclone_graph as sg
 from subclone_graph import models
-from subclone_graph.hf_export import HFExportError, child_config, child_state_dict, save_hf
+from subclone_graph.export.hf import HFExportError, child_config, child_state_dict, save_hf
 from subclone_graph.models import hf_zoo
 
 SIZES = [(1, 5), (3, 11)]

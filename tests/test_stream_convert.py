@@ -1,10 +1,10 @@
-"""Reading parameters a checkpoint stores converted (``subclone_graph.stream_convert``).
+"""Reading parameters a checkpoint stores converted (``subclone_graph.checkpoint.converted``).
 
 1. on every family of ``models/hf_families.py`` whose checkpoint ``transformers`` stores converted
    (per-expert tensors fused at load time), every converted parameter read whole equals the one
    ``from_pretrained`` builds, bit for bit, and read cut to per-dim kept indices (unsorted, with
-   duplicates) equals that parameter cut the same way; a per-expert (experts, k) index on the
-   inner dim equals each kept expert cut to its own rows; also with 12 experts (loading's natural
+   duplicates) equals that parameter cut the same way; a per-expert (experts, k) take on the
+   inner dim, replayed (``tensor_edits.EditProgram``), equals each kept expert cut to its own rows; also with 12 experts (loading's natural
    order of expert numbers is not the sorted order) and in bfloat16;
 2. a fused (experts, 2·inner, hidden) tensor cut to kept experts and kept inner rows reads only
    the kept rows of the kept experts' gate and up tensors: the reads asked of the checkpoint are
@@ -23,10 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import subclone_graph as sg
-from subclone_graph.checkpoint import CheckpointReader
+from subclone_graph.checkpoint.files import CheckpointReader
 from subclone_graph.models import hf_families, hf_zoo
-from subclone_graph.stream_convert import ConvertingReader, Joined
-from subclone_graph.stream_parent import parent_class
+from subclone_graph.checkpoint.converted import ConvertingReader, Joined
+from subclone_graph.checkpoint.weightless_parent import parent_class
+from subclone_graph.passes.tensor_edits import EditProgram, Take
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe"]
 
@@ -88,10 +89,11 @@ def test_converted_parameters_read_as_from_pretrained_builds_them(name, experts,
         assert torch.equal(reader.read(pname, index), _cut(parameter, index)), pname
         partial = (torch.tensor([3, 1]), None, torch.tensor([0, 5, 2]))
         assert torch.equal(reader.read(pname, partial), _cut(parameter, partial)), pname
-        # per-expert rows: expert 3 keeps rows (4, 0), expert 1 keeps rows (1, 2)
-        per_expert = (torch.tensor([3, 1]), torch.tensor([[4, 0], [1, 2]]), None)
+        # per-expert rows, replayed entry by entry: expert 3 keeps rows (4, 0), expert 1 keeps rows (1, 2)
+        program = EditProgram(pname, tuple(parameter.shape)).then(Take(0, torch.tensor([3, 1])))
+        program = program.then(Take(1, torch.tensor([[4, 0], [1, 2]]), rows=0))
         expected = torch.stack([parameter[3][[4, 0]], parameter[1][[1, 2]]])
-        assert torch.equal(reader.read(pname, per_expert), expected), pname
+        assert torch.equal(program.replay(reader.read), expected), pname
 
 
 def test_a_fused_expert_tensor_reads_only_its_kept_slices(tmp_path, monkeypatch):

@@ -10,7 +10,12 @@
    where the class cannot hold that child either (its shapes, or ops it cannot express), the
    streamed weights are compared with the class checks skipped. The MoE families, whose
    checkpoints store experts converted (one tensor per expert, fused at load time), are included;
-2. a bfloat16 parent gives a bfloat16 child whose reloaded outputs match the child graph;
+2. in float16 and bfloat16, on every family: the one pipeline run on a graph holding the
+   parent's weights (in memory) and on the same graph holding fake tensors read on demand
+   (streamed) give the same scores and child tensors whose *bits* are equal — the edits applied
+   now and the edit programs replayed from disk are one computation (one trace of each parent
+   shared by both paths; one calibration batch);
+2b. a bfloat16 parent gives a bfloat16 child whose reloaded outputs match the child graph;
 3. the calibration state spilled to disk (a zero budget) gives the same child bit for bit;
 4. several output shards with an index when the shard size is small;
 5. bad input — a missing shard, a truncated shard, a tensor whose shape disagrees with
@@ -18,6 +23,7 @@
 """
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -26,10 +32,13 @@ import pytest
 import torch
 
 from subclone_graph.passes import state
+from subclone_graph.passes.fx_utils import set_attribute
 
 import subclone_graph as sg
-from subclone_graph.checkpoint import CheckpointReader
-from subclone_graph.hf_export import child_state_dict
+from subclone_graph.api import run_passes, subclone_passes
+from subclone_graph.checkpoint.files import CheckpointReader
+from subclone_graph.checkpoint.weightless_parent import CheckpointWeights, is_fake, weightless_parent
+from subclone_graph.export.hf import child_state_dict
 from subclone_graph.models import hf_families, hf_zoo
 
 GQA = {"hidden": 32, "ffn": 64, "heads": 2, "kv_heads": 1, "layers": 2}
@@ -134,7 +143,7 @@ def test_streamed_child_equals_the_in_memory_child(name, tmp_path, monkeypatch):
 
 def _compare_weights_only(model, parent, target, calibration, inputs, folder: Path, monkeypatch):
     """The streamed child's weights and scores with the class checks (config, reload) skipped."""
-    import subclone_graph.streaming as streaming
+    import subclone_graph.checkpoint.streamed as streaming
 
     real_write = streaming.write_child
 
@@ -155,6 +164,64 @@ def _compare_weights_only(model, parent, target, calibration, inputs, folder: Pa
     assert set(report.scores) == set(scores)
     assert all(torch.equal(report.scores[g], scores[g]) for g in scores)
     _assert_same_child(reference, folder / "child")
+
+
+def _cast(inputs, dtype):
+    return tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+
+
+def _resident(gm, weights):
+    """A copy of the weightless graph ``gm`` holding the parent's real tensors (tied ones tied)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = copy.deepcopy(gm)
+    values = {}
+    for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if is_fake(tensor):
+            if id(tensor) not in values:
+                read = weights.tensor(gm, tensor, name).detach()
+                values[id(tensor)] = torch.nn.Parameter(read, tensor.requires_grad) \
+                    if isinstance(tensor, torch.nn.Parameter) else read
+            set_attribute(real, name, values[id(tensor)])
+    state.TENSOR_ORIGINS.clear(real)
+    return real
+
+
+def _trained_like(model) -> None:
+    """Norm gains and biases away from their initial values (a ``(1 + w)`` gain at w = 0 rounds
+    the same way however it is computed: an untrained parent would hide a second rounding)."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().contiguous().view(-1).view(torch.uint8) if tensor.numel() else tensor
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("name", [_param(n) for n in NAMES])
+def test_half_precision_children_are_bit_identical_in_memory_and_streamed(name, dtype, tmp_path):
+    model, target = _family(name)
+    _trained_like(model)
+    parent = _saved(model.to(dtype), tmp_path / "parent", "200KB")
+    inputs = _cast(hf_zoo.example_inputs(model, 2, 8), dtype)
+    weights = CheckpointWeights()
+    streamed = weightless_parent(parent, weights.open(parent), inputs)
+    in_memory = _resident(streamed, weights)
+    run_passes(in_memory, subclone_passes(sg.Target(**target), [inputs]))
+    run_passes(streamed, subclone_passes(sg.Target(**target), [inputs], weights=weights))
+    scores = state.SCORES.need(in_memory)
+    assert all(torch.equal(scores[g], state.SCORES.need(streamed)[g]) for g in scores)
+    expected = in_memory.state_dict(keep_vars=True)
+    written = streamed.state_dict(keep_vars=True)
+    assert expected.keys() == written.keys()
+    for key, tensor in expected.items():
+        replayed = weights.tensor(streamed, written[key], key)
+        assert replayed.dtype == tensor.dtype and replayed.shape == tensor.shape, key
+        assert torch.equal(_bits(replayed), _bits(tensor)), f"{key}: the replayed program differs in {dtype}"
 
 
 def test_bfloat16_parent_gives_a_bfloat16_child(tmp_path):

@@ -24,10 +24,12 @@ import pytest
 import torch
 
 import subclone_graph as sg
-from subclone_graph import io, models, outputs
-from subclone_graph.cli import main
-from subclone_graph.onnx_export import OnnxExportError
-from subclone_graph.outputs import STAGING_PREFIX
+from subclone_graph import models
+from subclone_graph.export import pt2 as io
+from subclone_graph.export import destination as outputs
+from subclone_graph.cli.main import main
+from subclone_graph.export.onnx_export import OnnxExportError
+from subclone_graph.export.destination import STAGING_PREFIX
 
 TARGET = ["--hidden", "32", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--ffn", "48"]
 
@@ -208,7 +210,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, factory, tmp_path
 def test_onnxruntime_errors_are_one_line(factory, tmp_path, capsys, monkeypatch):
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
-    from subclone_graph import onnx_export
+    from subclone_graph.export import onnx_export
 
     def refuse(path, tensors):
         raise state.NotImplemented("Could not find an implementation for Foo(1) node with name 'x'")
@@ -283,7 +285,7 @@ def test_a_killed_writer_leaves_staging_that_the_next_run_removes(tmp_path):
     script = textwrap.dedent(f'''
         import os, signal
         from pathlib import Path
-        from subclone_graph import outputs
+        from subclone_graph.export import destination as outputs
 
         def write(path):
             path.write_bytes(b"x" * 1000)

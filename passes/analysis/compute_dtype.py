@@ -12,9 +12,8 @@ graph in ``dtype``, from the same weights:
   so it runs on the stored tensor and its result is widened — the same values, without a wide
   copy of a vocabulary-sized table.
 
-``call_widened`` is the one place this happens; the in-memory interpreter (``score_channels``)
-and the segment runner (``subclone_graph.segments``) both call it, so the two paths compute the
-same bits. The model is never changed: widened tensors are copies.
+``call_widened`` is the one place this happens: the segment runner (``segments``) calls it for
+every op, whatever the weights' source. The model is never changed: widened tensors are copies.
 """
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ independent channel orders and which rows belong to which expert (``state.EXPERT
    it (``expert_row_sums``); a group's score is then ``(experts, inner)``, and its keep-set too.
    An expert scores the mean over its rows of ‖router weight × its output‖ (REAP;
    ``output_watch_list``); an expert no calibration token reached scores 0.
-3. Slicing: ``gather_per_expert`` keeps, in expert ``e``, the indices of row ``e`` of the keep-set.
+3. Slicing: ``KeepChannelsPass`` keeps, in expert ``e``, the indices of row ``e`` of the keep-set
+   (``tensor_edits.Take`` with ``rows`` = the expert dim).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch.fx as fx
 from .. import state
 from .channel_graph import ChannelGraph
 
-__all__ = ["mark_expert_orders", "row_watch_list", "output_watch_list", "expert_row_sums", "gather_per_expert", "expert_dim"]
+__all__ = ["mark_expert_orders", "row_watch_list", "output_watch_list", "expert_row_sums", "expert_dim"]
 
 
 def _candidates(gm: fx.GraphModule, graph: ChannelGraph) -> dict[int, set]:
@@ -130,10 +131,3 @@ def expert_dim(graph: ChannelGraph, group: int, channels: tuple[int, ...]) -> in
     """The dim of a tensor (its channel groups ``channels``) that picks the expert of ``group``."""
     experts = graph.groups[group].experts
     return channels.index(experts) if experts is not None and experts in channels else None
-
-
-def gather_per_expert(tensor: torch.Tensor, dim: int, experts_dim: int, index: torch.Tensor) -> torch.Tensor:
-    """``tensor`` keeping, along ``dim``, the indices ``index[e]`` in expert ``e`` (``experts_dim``)."""
-    moved = tensor.movedim((experts_dim, dim), (0, 1))
-    picked = torch.stack([moved[e].index_select(0, index[e].to(tensor.device)) for e in range(moved.shape[0])])
-    return picked.movedim((0, 1), (experts_dim, dim))

@@ -40,9 +40,10 @@ import torch.fx as fx
 from .. import state
 from ..analysis.find_blocks import find_layers
 from ..errors import PassError, PostconditionError
-from ..fx_utils import attribute_path, container_of, get_attribute, in_module, module_paths, same_kind
+from ..fx_utils import attribute_path, container_of, get_attribute, in_module, module_paths
 from ..infra import SubclonePass
 from ..state import Layer
+from ..tensor_edits import edit_tensor
 from .drop_blocks import check_layer_state, renumber_attention_sites
 
 __all__ = ["DuplicateLayersPass", "duplicate_layers", "duplicate_layer"]
@@ -112,10 +113,6 @@ def _register(gm: fx.GraphModule, target: str, original: str, value: torch.Tenso
         setattr(owner, name, value)
 
 
-def _clone(tensor: torch.Tensor) -> torch.Tensor:
-    return same_kind(tensor, tensor.detach().clone())
-
-
 class _Copier:
     """Copies one layer's nodes and attributes under a new module path."""
 
@@ -131,8 +128,8 @@ class _Copier:
                 target = self.new_attr + node.target[len(self.old_attr):]
             else:
                 target = f"{self.new_attr}.{node.target.replace('.', '_')}"
-            value = _clone(tensor) if isinstance(tensor, torch.Tensor) else tensor
-            state.track_origin(self.gm, tensor, value)
+            # a copy through the one edit path: a streamed parent's writer reads it from the original
+            value = edit_tensor(self.gm, tensor) if isinstance(tensor, torch.Tensor) else tensor
             _register(self.gm, target, node.target, value)
             self.targets[id(tensor)] = target
         with self.gm.graph.inserting_after(node):

@@ -13,8 +13,9 @@ Cases:
 3. a literal that is a group's last index (``SizeOffset``: a histogram's ``max``) or a sum of
    groups' sizes (a ``tensor_split`` boundary) follows their sizes;
    a group with one order per expert (a ``(experts, kept)`` keep-set) is gathered per expert
-   along the tensor's expert dim (``expert_orders.gather_per_expert``), before any cut of the
-   expert dim itself: still one fused tensor;
+   along the tensor's expert dim (a ``tensor_edits.Take`` with ``rows``), before any cut of the
+   expert dim itself: still one fused tensor. Every tensor changes through
+   ``tensor_edits.edit_tensor`` (a streamed parent's writer replays the same takes);
 4. literals: an entry that is ``-1`` or computed from the input (a symbolic size) is left
    alone; slices get ``start``/``end`` from the new sizes of the parts before and inside them;
    a constant consecutive index (a slice in disguise) becomes that slice.
@@ -31,27 +32,19 @@ import torch
 import torch.fx as fx
 
 from .. import state
-from ..analysis.expert_orders import expert_dim, gather_per_expert
+from ..analysis.expert_orders import expert_dim
 from ..errors import PassError, PostconditionError
-from ..fx_utils import get_attribute, replace_tensors, same_kind
+from ..fx_utils import get_attribute, replace_tensors
 from ..infra import SubclonePass, refresh_meta
+from ..tensor_edits import Take, edit_tensor
 
 __all__ = ["KeepChannelsPass", "keep_channels"]
 
 aten = torch.ops.aten
 
 
-def _sliced(tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor]], per_expert) -> torch.Tensor:
-    new = tensor.detach()
-    for dim, index, experts_dim in per_expert:
-        new = gather_per_expert(new, dim, experts_dim, index)
-    for dim, index in cuts:
-        new = new.index_select(dim, index.to(new.device))
-    return same_kind(tensor, new.clone().contiguous())
-
-
-def _cuts(gm, graph, keep, node, old):
-    """(plain cuts [(dim, kept)], per-expert cuts [(dim, (experts, kept), expert dim)]) of one attribute."""
+def _takes(gm, graph, keep, node, old) -> list[Take]:
+    """The takes of one attribute: per expert first (before any cut of the expert dim), then plain."""
     channels = state.CHANNELS.of(node, graph)
     cuts, per_expert = [], []
     for d, g in enumerate(channels.groups):
@@ -59,14 +52,14 @@ def _cuts(gm, graph, keep, node, old):
         if g not in keep or keep[g].shape[-1] >= graph.groups[g].size or old.shape[d] != graph.groups[g].size:
             continue
         if keep[g].dim() == 1:
-            cuts.append((d, keep[g]))
+            cuts.append(Take(d, keep[g]))
             continue
         experts_dim = expert_dim(graph, g, channels.groups)
         if experts_dim is None:
             raise PassError(f"KeepChannelsPass: {node.target} dim {d} keeps one order per expert, "
                             "but the tensor has no expert dim")
-        per_expert.append((d, keep[g], experts_dim))
-    return cuts, per_expert
+        per_expert.append(Take(d, keep[g], rows=experts_dim))
+    return per_expert + cuts
 
 
 def _slice_attributes(gm: fx.GraphModule, graph, keep) -> int:
@@ -76,10 +69,9 @@ def _slice_attributes(gm: fx.GraphModule, graph, keep) -> int:
         if channels is None:
             continue
         old = get_attribute(gm, node.target)
-        cuts, per_expert = _cuts(gm, graph, keep, node, old)
-        if (cuts or per_expert) and id(old) not in replaced:
-            replaced[id(old)] = _sliced(old, cuts, per_expert)
-            state.track_origin(gm, old, replaced[id(old)], cuts=cuts, per_expert=per_expert)
+        takes = _takes(gm, graph, keep, node, old)
+        if takes and id(old) not in replaced:
+            replaced[id(old)] = edit_tensor(gm, old, takes)
     replace_tensors(gm, replaced)
     return len(replaced)
 

@@ -40,8 +40,9 @@ import torch.fx as fx
 
 from .. import state
 from ..errors import PostconditionError
-from ..fx_utils import CASTS, get_attribute, replace_tensors, same_kind
+from ..fx_utils import CASTS, get_attribute, replace_tensors
 from ..infra import SubclonePass
+from ..tensor_edits import Scale, edit_tensor
 
 __all__ = ["RescaleResidualPass", "rescale_residual"]
 
@@ -203,13 +204,8 @@ class RescaleResidualPass(SubclonePass):
         tensor = get_attribute(gm, node.target)
         if id(tensor) in scaled:
             return
-        with torch.no_grad():
-            if offset:
-                new = (tensor.detach().float() * factor + offset * (factor - 1)).to(tensor.dtype)
-            else:
-                new = tensor.detach() * factor
-        new = same_kind(tensor, new)
-        state.track_origin(gm, tensor, new, scale=factor, offset=offset * (factor - 1))
+        # one rounding in the tensor's dtype (tensor_edits.Scale), replayed as is by a streamed writer
+        new = edit_tensor(gm, tensor, [Scale(factor, offset * (factor - 1))])
         replace_tensors(gm, {id(tensor): new})
         scaled.add(id(new))
 

@@ -33,11 +33,11 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .onnx_moe import portable_grouped_mm, translation_table
-from .outputs import check_destination, staging_folder
-from .passes.fx_utils import as_input_tuple, eval_mode
-from .tolerance import max_difference, model_dtype, tolerance_for
-from .tracing import dynamic_shapes_for
+from subclone_graph.export.onnx_grouped_mm import portable_grouped_mm, translation_table
+from subclone_graph.export.destination import check_destination, staging_folder
+from subclone_graph.passes.fx_utils import as_input_tuple, eval_mode
+from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
+from subclone_graph.tracing import dynamic_shapes_for
 
 __all__ = ["export_onnx", "OnnxExportError", "OnnxMismatchError", "run_onnx", "graph_dtype"]
 

@@ -1,15 +1,17 @@
 """Data-parallel calibration with ``torch.distributed`` (launched by ``torchrun``).
 
-Invariant: the calibration statistics are sums over batches (float64 per-channel sums of mean
-|activation|, their counts, per-layer ratio sums and counts), so summing each rank's share with
-``all_reduce`` gives every rank the statistics of the whole set — up to the order of float64
-additions — and therefore the same scores and keep-sets. Nothing is chosen before the reduction.
+Invariant: the calibration statistics are sums over tokens (float64 per-channel sums of
+|activation| with their token counts, per-layer sums of squares), so summing each rank's share
+with ``all_reduce`` — the sums *and* the counts — gives every rank the statistics of the whole
+set, up to the order of float64 additions, and therefore the same scores, layer ratios and
+keep-sets. Nothing is divided or chosen before the reduction.
 
 1. ``shard(batches)``: rank r of W takes batches r, r+W, r+2W, … (lazily; the batches of the
    other ranks are skipped, not kept) and counts the tokens it took; sharding a ``Shard`` again
    returns it unchanged, so a caller may shard before the pass does.
-2. ``all_reduce_statistics(statistics)``: an ``ActivationStatistics`` summed over every rank of
-   the default group; a rank that ran no batch takes part with zeros (sizes agreed with
+2. ``all_reduce_sums(sums)``: the statistics' sums added over every rank of the default group
+   (``api.subclone_passes`` hands it to ``ScoreChannelsPass`` as its ``reduce``); a rank that
+   ran no batch takes part with zeros (sizes agreed with
    ``all_gather_object``). A peer that died or stopped answering raises ``DistributedError``
    within the group's timeout, never a hang.
 3. ``launch()``: under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the command line
@@ -25,12 +27,11 @@ import datetime
 import math
 import os
 import time
-from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Shard", "shard", "active", "rank", "world_size", "all_reduce_statistics", "gather_counts",
+__all__ = ["Shard", "shard", "active", "rank", "world_size", "all_reduce_sums", "gather_counts",
            "launch", "finish", "abandon", "summary_line", "DistributedError", "batch_tokens", "DEFAULT_TIMEOUT"]
 
 DEFAULT_TIMEOUT = 600.0
@@ -137,31 +138,23 @@ def summary_line(tokens: int, seconds: float) -> str:
     return f"calibration: {ranks}, {' + '.join(f'{c:,}' for c in counts)} tokens in {slowest:.1f} s ({rate})"
 
 
-def all_reduce_statistics(statistics) -> None:
-    """Sum an ``ActivationStatistics`` over every rank, in place (module docstring, 2)."""
+def all_reduce_sums(sums: dict) -> dict:
+    """``sums`` ({key: float64 tensor}, ``ActivationStatistics.sums``) added over every rank
+    (module docstring, 2); the identity in one process."""
     if not active():
-        return
+        return sums
     shapes: dict = {}
-    for part in _gather({key: tuple(total.shape) for key, total in statistics.sums.items()}, "agreeing on statistics"):
+    for part in _gather({key: tuple(total.shape) for key, total in sums.items()}, "agreeing on statistics"):
         shapes.update(part)
-    sizes = {key: math.prod(shape) for key, shape in shapes.items()}
-    keys = sorted(sizes)
-    flat = [statistics.sums[k].reshape(-1).cpu() if k in statistics.sums else torch.zeros(sizes[k], dtype=torch.float64)
-            for k in keys]
-    joined = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
-    counts = torch.tensor([statistics.counts.get(k, 0) for k in keys], dtype=torch.float64)
-    layers = sorted({i for part in _gather(sorted(statistics.ratios), "agreeing on layers") for i in part})
-    ratio_sums = torch.tensor([sum(statistics.ratios.get(i, ())) for i in layers], dtype=torch.float64)
-    ratio_counts = torch.tensor([len(statistics.ratios.get(i, ())) for i in layers], dtype=torch.float64)
-    joined, counts = _reduce(joined, "reducing activation sums"), _reduce(counts, "reducing counts")
-    ratio_sums, ratio_counts = _reduce(ratio_sums, "reducing layer ratios"), _reduce(ratio_counts, "reducing layer ratios")
-    sums, offset = defaultdict(float), 0
+    keys = sorted(shapes, key=repr)
+    flat = [sums[k].reshape(-1).to(torch.float64).cpu() if k in sums
+            else torch.zeros(math.prod(shapes[k]), dtype=torch.float64) for k in keys]
+    joined = _reduce(torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64), "reducing statistics")
+    reduced, offset = {}, 0
     for key in keys:
-        sums[key], offset = joined[offset: offset + sizes[key]].reshape(shapes[key]), offset + sizes[key]
-    statistics.sums = sums
-    statistics.counts = defaultdict(int, {k: int(c) for k, c in zip(keys, counts.tolist()) if c > 0})
-    # one entry per layer holding the mean over every rank's batches: layer_ratios() is sum/len
-    statistics.ratios = defaultdict(list, {i: [float(s / c)] for i, s, c in zip(layers, ratio_sums, ratio_counts) if c > 0})
+        size = math.prod(shapes[key])
+        reduced[key], offset = joined[offset: offset + size].reshape(shapes[key]), offset + size
+    return reduced
 
 
 def _timeout() -> float:

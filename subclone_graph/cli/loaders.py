@@ -31,9 +31,11 @@ from pathlib import Path
 
 import torch
 
-from . import data, io
-from .hf_export import quiet_transformers
-from .data_stream import TokenStream, is_token_folder
+from subclone_graph import data
+from subclone_graph.export import pt2
+from subclone_graph.export.hf import quiet_transformers
+from subclone_graph.data.token_stream import TokenStream, is_token_folder
+from subclone_graph.cli.messages import first_line
 
 __all__ = ["Loaded", "load_model", "load_calibration", "example_inputs", "check_token_ids",
            "check_calibration_options", "check_safetensors"]
@@ -44,11 +46,6 @@ class Loaded:
     model: torch.nn.Module
     inputs: tuple | None = None      # a factory's (or a .pt2's) example inputs
     tokenizer: object | None = None  # a Hugging Face model's tokenizer
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _file_errors() -> tuple:
@@ -80,7 +77,7 @@ def load_model(spec: str) -> Loaded:
 
 
 def _load_pt2(path: Path) -> Loaded:
-    module, inputs = io.load_with_inputs(path)
+    module, inputs = pt2.load_with_inputs(path)
     return Loaded(module, inputs)
 
 
@@ -138,9 +135,9 @@ def _load_hf(folder: Path, **kwargs) -> Loaded:
             model = _from_pretrained(folder, kwargs)
     except _file_errors() as error:
         raise ValueError(f"cannot load a Hugging Face model from {where}: "
-                         f"{_first_line(error)} (a truncated or corrupt file?)") from error
+                         f"{first_line(error)} (a truncated or corrupt file?)") from error
     except ValueError as error:
-        raise ValueError(f"cannot load a Hugging Face model from {where}: {_first_line(error)}") from error
+        raise ValueError(f"cannot load a Hugging Face model from {where}: {first_line(error)}") from error
     return Loaded(model.eval(), tokenizer=_load_tokenizer(folder, kwargs))
 
 
@@ -155,7 +152,7 @@ def _load_tokenizer(folder: Path, kwargs: dict):
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(folder, **kwargs)
     except (*_file_errors(), ValueError, KeyError) as error:
-        raise ValueError(f"{folder}: its tokenizer files cannot be loaded: {_first_line(error)}") from error
+        raise ValueError(f"{folder}: its tokenizer files cannot be loaded: {first_line(error)}") from error
 
 
 def _load_factory(spec: str) -> Loaded:
@@ -167,7 +164,7 @@ def _load_factory(spec: str) -> Loaded:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ImportError(f"cannot import {module_name!r} (from {spec}): {_first_line(error)}") from error
+        raise ImportError(f"cannot import {module_name!r} (from {spec}): {first_line(error)}") from error
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ImportError(f"{module_name!r} has no callable {name!r} (from {spec})")
@@ -222,7 +219,7 @@ def load_calibration(path, loaded: Loaded, batches: int | None = 4, batch_size: 
         windows = data.text_windows(text, loaded.tokenizer, window=seq_len)
     except ValueError as error:
         if "too short" in str(error):
-            raise ValueError(f"--calib {path}: {_first_line(error)} (--seq-len {seq_len})") from error
+            raise ValueError(f"--calib {path}: {first_line(error)} (--seq-len {seq_len})") from error
         raise
     return data.calibration_batches(windows, batch_size, batches)
 

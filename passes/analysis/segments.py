@@ -1,18 +1,32 @@
-"""Run a traced graph segment by segment: every batch through one segment before the next.
+"""The one runner of a traced graph: segment by segment, from any weight source.
 
 The segments are cut at the layer boundaries ``FindResidualBlocksPass`` found (no per-family
 code): the nodes up to the first layer's stream input, then each layer up to its stream
 output, then the rest. Nodes keep graph order, so each segment only reads values computed in
-itself or in earlier ones. A segment's attributes (``get_attr`` targets) are fetched just
-before it runs and dropped after; the values a later segment reads — the stream, rotary
-tables, masks, the inputs, and each layer's input (for the ‖f(x)‖/‖x+f(x)‖ ratio at its
-output) — are kept per batch in a ``BoundaryStore``, in memory up to a byte budget and on disk
-past it. Within a segment a value is freed after its last use, as ``fx.Interpreter`` does.
+itself or in earlier ones. Within a segment a value is freed after its last use, as
+``fx.Interpreter`` does.
+
+Where the weights come from is a *weight source* (``fetch(gm, targets) -> {target: tensor}``
+and ``resident``): ``ResidentWeights`` hands out the module's own tensors (a model in memory); a
+checkpoint reader reads them on demand (``subclone_graph.checkpoint``: a parent larger than
+memory). The runner does the same either way; only the order of the loops differs:
+
+1. resident weights: batch by batch, every segment in turn (the batches may be a lazy stream);
+2. weights read on demand: segment by segment, every batch through one segment before the
+   next; a segment's attributes are fetched just before it runs and dropped after, and the
+   values a later segment reads (the stream, rotary tables, masks, the inputs, each layer's
+   input) are kept per batch in a ``BoundaryStore``, in memory up to a byte budget and on disk
+   past it.
+
+Device placement: with ``device``, every fetched attribute and every input is moved there
+(a floating attribute keeps its ``requires_grad``: ``aten.matmul`` picks its algorithm by it,
+even under no_grad) and the device literals ``torch.export`` wrote (``arange(device=cpu)``) are
+read as it; resident attributes are moved once. A wider compute dtype: ``compute_dtype.call_widened``
+for every op, and each segment's non-gather attributes widened once as they are fetched.
 
 The invariant: every node computes exactly what ``fx.Interpreter`` computes for it (same
-target, same arguments), so statistics gathered node by node are bit-identical to an
-in-memory run; only the order across batches differs, never the per-node order of batches.
-That holds in a wider compute dtype too: both paths call ``compute_dtype.call_widened``.
+target, same arguments), in the same per-node order of batches whichever loop runs, so
+statistics gathered node by node are the same bits from every weight source.
 """
 from __future__ import annotations
 
@@ -28,12 +42,12 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.node import map_arg
 
-from subclone_graph.passes import state
-from subclone_graph.passes.analysis.compute_dtype import call_widened, gather_only_attributes, widen
-from subclone_graph.passes.errors import PassError
-from subclone_graph.passes.fx_utils import written_arguments
+from .. import state
+from ..errors import PassError
+from ..fx_utils import get_attribute, written_arguments
+from .compute_dtype import call_widened, gather_only_attributes, widen
 
-__all__ = ["Segment", "plan_segments", "BoundaryStore", "run_segments", "carried_bytes"]
+__all__ = ["Segment", "plan_segments", "BoundaryStore", "run_segments", "carried_bytes", "ResidentWeights"]
 
 
 @dataclass
@@ -186,59 +200,121 @@ def _run_node(gm: fx.GraphModule, node: fx.Node, env: dict, attributes: dict, de
     raise PassError(f"cannot run node {node.name} ({node.op}) segment by segment")
 
 
-def _widened(fetched: dict, narrow: set, dtype: torch.dtype) -> dict:
-    """``fetched`` widened to ``dtype`` one tensor at a time, each stored tensor let go as its
-    wide copy is made (``fetched`` is emptied): a streamed segment is resident once as stored
-    and once widened only tensor by tensor, not whole. ``narrow``: only gathered, kept as stored."""
-    wide = {}
-    for target in list(fetched):
-        value = fetched.pop(target)
-        wide[target] = value if target in narrow else widen(value, dtype)
-    return wide
+class ResidentWeights:
+    """The weight source of a model in memory: each attribute is the module's own tensor."""
+
+    resident = True
+
+    def fetch(self, gm: fx.GraphModule, targets) -> dict:
+        return {target: get_attribute(gm, target) for target in targets}
 
 
-def run_segments(gm: fx.GraphModule, batches: list[list], fetch, store: BoundaryStore,
-                 observe=None, tick=None, device=None, dtype=None, wanted=None) -> list:
-    """Run every flat input list of ``batches`` through ``gm``, segment by segment.
+def _moved(value, device):
+    if device is None or not isinstance(value, torch.Tensor) or value.device == device:
+        return value
+    moved = value.detach().to(device)
+    return moved.requires_grad_() if value.requires_grad and moved.is_floating_point() else moved
 
-    ``fetch(targets)`` returns {target: tensor} for a segment's attributes; ``observe(node,
-    value, env)`` sees each computed value; ``tick()`` is called after each segment × batch.
-    ``device``: where the nodes run (``fetch`` and ``batches`` give tensors there; the graph's
-    device literals are read as it). ``dtype``: what half-precision ops compute in
-    (``compute_dtype``; each segment's non-gather weights are widened once, as fetched).
-    ``wanted``: node names whose values are needed; only they and what they read run (the
-    outputs then are None). Returns the flat outputs of each batch."""
+
+class _Attributes:
+    """A segment's attributes as the runner needs them: fetched, moved, widened (module docstring)."""
+
+    def __init__(self, gm, weights, device, dtype, narrow: set) -> None:
+        self.gm, self.weights, self.device, self.dtype, self.narrow = gm, weights, device, dtype, narrow
+        self.cache: dict = {}           # resident weights on another device: moved once
+
+    def of(self, segment: Segment) -> dict:
+        if self.weights.resident and self.device is not None:
+            missing = [t for t in segment.attributes if t not in self.cache]
+            self.cache.update({t: _moved(v, self.device) for t, v in self.weights.fetch(self.gm, missing).items()})
+            fetched = {t: self.cache[t] for t in segment.attributes}
+        else:
+            fetched = {t: _moved(v, self.device) for t, v in self.weights.fetch(self.gm, segment.attributes).items()}
+        if self.dtype is None:
+            return fetched
+        # one tensor at a time, each stored tensor let go as its wide copy is made: a segment
+        # read on demand is resident once as stored and once widened tensor by tensor, not whole
+        wide = {}
+        for target in list(fetched):
+            value = fetched.pop(target)
+            wide[target] = value if target in self.narrow else widen(value, self.dtype)
+        return wide
+
+
+def _run_segment(gm, segment: Segment, env: dict, attributes: dict, observe, device, dtype):
+    """Run ``segment``'s nodes in ``env``; return the output node's value (None before the end)."""
+    result = None
+    for node in segment.nodes:
+        if node.op != "placeholder":
+            env[node.name] = _run_node(gm, node, env, attributes, device, dtype)
+        if node.op == "output":
+            result = env.pop(node.name)
+            continue
+        if observe is not None:
+            observe(node, env[node.name], env)
+        for dead in segment.free.get(node.name, ()):
+            env.pop(dead, None)
+    return result
+
+
+def _ticker(progress, total: int):
+    """A ``tick()`` advancing ``progress(range(total))`` (a tqdm bar shows its count only when
+    it refreshes: ``update`` it), and a ``close()``."""
+    if progress is None:
+        return lambda: None, lambda: None
+    bar = progress(range(total))
+    if hasattr(bar, "update"):
+        return lambda: bar.update(1), getattr(bar, "close", lambda: None)
+    steps = iter(bar)
+    return lambda: next(steps, None), lambda: None
+
+
+def run_segments(gm: fx.GraphModule, batches, weights, store: BoundaryStore | None = None,
+                 observe=None, progress=None, device=None, dtype=None, wanted=None) -> list:
+    """Run every flat input list of ``batches`` through ``gm`` (module docstring); return the
+    flat outputs of each batch.
+
+    ``weights``: the weight source. ``observe(node, value, env)`` sees each computed value;
+    ``progress(iterable)`` wraps the batches (resident weights) or the segment × batch steps
+    (weights read on demand). ``device``: where the nodes run. ``dtype``: what half-precision ops compute
+    in (``compute_dtype``). ``wanted``: node names whose values are needed; only they and what
+    they read run (the outputs then are None). ``store``: where boundary values wait between
+    segments (weights read on demand; default: all in memory)."""
     segments = plan_segments(gm, wanted)
     live = None if wanted is None else {n.name for s in segments for n in s.nodes}
-    narrow = gather_only_attributes(gm, live) if dtype is not None else set()
+    device = None if device is None else torch.device(device)
+    attributes = _Attributes(gm, weights, device, dtype, gather_only_attributes(gm, live) if dtype else set())
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+
+    def first_env(flat) -> dict:
+        flat = [_moved(v, device) for v in flat]
+        return dict(zip(placeholders, flat if dtype is None else widen(flat, dtype)))
+
+    if weights.resident:
+        outputs = []
+        for flat in batches if progress is None else progress(batches):
+            env = first_env(flat)
+            for segment in segments:
+                result = _run_segment(gm, segment, env, attributes.of(segment), observe, device, dtype)
+            outputs.append(result)
+            del env
+        return outputs
+    batches = list(batches)
     outputs: list = [None] * len(batches)
+    store = BoundaryStore(2**62) if store is None else store
+    tick, close = _ticker(progress, len(segments) * len(batches))
     try:
         for segment in segments:
-            attributes = fetch(segment.attributes)
-            if dtype is not None:
-                attributes = _widened(attributes, narrow, dtype)
+            fetched = attributes.of(segment)
             for b, flat in enumerate(batches):
-                if segment is segments[0]:
-                    env = dict(zip(placeholders, flat if dtype is None else widen(flat, dtype)))
-                else:
-                    env = store.take(b)
-                for node in segment.nodes:
-                    if node.op != "placeholder":
-                        env[node.name] = _run_node(gm, node, env, attributes, device, dtype)
-                    if node.op == "output":
-                        outputs[b] = env.pop(node.name)
-                        continue
-                    if observe is not None:
-                        observe(node, env[node.name], env)
-                    for dead in segment.free.get(node.name, ()):
-                        env.pop(dead, None)
+                env = first_env(flat) if segment is segments[0] else store.take(b)
+                outputs[b] = _run_segment(gm, segment, env, fetched, observe, device, dtype)
                 if segment is not segments[-1]:
                     store.put(b, {name: env[name] for name in segment.keep})
                 del env
-                if tick is not None:
-                    tick()
-            del attributes
+                tick()
+            del fetched
     finally:
         store.close()
+        close()
     return outputs

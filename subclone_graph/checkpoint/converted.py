@@ -18,9 +18,8 @@ cannot run; ``--no-stream`` loads the model whole).
 The invariant: ``read(name, index)`` returns exactly ``parameter[index]`` of the parameter
 ``from_pretrained`` would build (the same values, the same bits), reading from disk only the
 stored tensors that hold kept entries, and of each only its kept slice. ``index`` gives per dim
-the kept indices (a 1-D integer tensor, or None for all). A 2-D entry (rows, k) for a dim past
-the first gives *per row of dim 0* its own kept indices along that dim (row r for the r-th kept
-index of dim 0): per-expert neuron orders of a fused expert tensor. Such a read goes row by row.
+the kept indices (a 1-D integer tensor, or None for all); per-expert orders are read entry by
+entry by the caller (``passes.tensor_edits.EditProgram.replay``).
 """
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import CheckpointError, CheckpointReader, TensorInfo
+from subclone_graph.checkpoint.files import CheckpointError, CheckpointReader, TensorInfo
 
 __all__ = ["Stored", "Joined", "ConvertingReader", "conversion_plans"]
 
@@ -211,17 +210,4 @@ class ConvertingReader:
         index = tuple(index) or (None,) * len(node.shape)
         if len(index) != len(node.shape):
             raise CheckpointError(f"{self.folder}: tensor {name} has {len(node.shape)} dims, the index {len(index)}")
-        if not any(i is not None and i.dim() == 2 for i in index):
-            return _read_plain(self.reader, node, index)
-        if index[0] is not None and index[0].dim() == 2:
-            raise CheckpointError(f"{self.folder}: tensor {name}: a per-row index cannot be on dim 0")
-        rows = torch.arange(node.shape[0]) if index[0] is None else index[0]
-        pieces = []
-        for r in range(len(rows)):          # each row of dim 0 with its own kept indices
-            row = (rows[r:r + 1],) + tuple(i if i is None or i.dim() == 1 else i[r] for i in index[1:])
-            pieces.append(_read_plain(self.reader, node, row))
-        if not pieces:
-            shape = [0] + [s if i is None else i.shape[-1] for s, i in zip(node.shape[1:], index[1:])]
-            return torch.empty(shape, dtype=node.dtype)
-        return torch.cat(pieces, dim=0)
-
+        return _read_plain(self.reader, node, index)

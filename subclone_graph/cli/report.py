@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .passes import state
+from subclone_graph.passes import state
 
 __all__ = ["Steps", "group_table", "layer_table", "score_tables", "display_kind", "progress_bar",
            "calibration_source"]

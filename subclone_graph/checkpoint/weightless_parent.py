@@ -15,8 +15,10 @@ tensors, and an op mixing them with meta parameters (``embedding(weight, ids)``)
 device propagation; a fake CPU parameter has the inputs' device and no bytes. ``export``
 detects the parameters' ``FakeTensorMode`` and traces in it.
 
-Returns the traced ``GraphModule`` (its parameters fake) and, for every parameter and buffer
-name, the checkpoint key that holds it.
+Returns the traced ``GraphModule``, its parameters fake, each with its ``EditProgram`` (the
+checkpoint tensor that holds it) in ``state.TENSOR_ORIGINS``: the rewrites append their edits
+(``passes.tensor_edits``), and ``CheckpointWeights`` reads any tensor of the graph — the parent's
+for calibration, the child's for writing — by replaying its program.
 """
 from __future__ import annotations
 
@@ -28,11 +30,16 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from .checkpoint import CheckpointError
-from .stream_convert import ConvertingReader
-from .tracing import trace
+from subclone_graph.passes import state
+from subclone_graph.passes.errors import PassError
+from subclone_graph.passes.fx_utils import get_attribute
+from subclone_graph.passes.tensor_edits import EditProgram
 
-__all__ = ["weightless_parent", "is_fake", "parent_class"]
+from subclone_graph.checkpoint.files import CheckpointError, CheckpointReader
+from subclone_graph.checkpoint.converted import ConvertingReader
+from subclone_graph.tracing import trace
+
+__all__ = ["weightless_parent", "CheckpointWeights", "is_fake", "parent_class"]
 
 
 def is_fake(value) -> bool:
@@ -133,12 +140,46 @@ def _swap_in_fakes(model: torch.nn.Module, reader: ConvertingReader, folder: Pat
     return keys
 
 
-def weightless_parent(folder: Path, reader: ConvertingReader, example_inputs) -> tuple[fx.GraphModule, dict]:
-    """The traced parent with fake parameters, and {parameter/buffer name: checkpoint key}."""
+def weightless_parent(folder: Path, reader: ConvertingReader, example_inputs) -> fx.GraphModule:
+    """The traced parent with fake parameters, each with its program in ``state.TENSOR_ORIGINS``
+    (the checkpoint tensor that holds it, no edits yet)."""
     model = _empty_model(folder)
     keys = _swap_in_fakes(model, reader, folder)
     gm = trace(model, example_inputs)
+    programs = {}
     for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
         if is_fake(tensor) and name not in keys:
             raise CheckpointError(f"{folder}: the traced graph reads {name}, which no checkpoint tensor holds")
-    return gm, keys
+        if is_fake(tensor):
+            programs.setdefault(id(tensor), (tensor, EditProgram(keys[name], tuple(tensor.shape))))
+    state.TENSOR_ORIGINS.set(gm, programs)
+    return gm
+
+
+class CheckpointWeights:
+    """The weight source of a weightless graph (``passes.analysis.segments``): a fake tensor is
+    read from the checkpoint by replaying its program — its kept slices, then its steps — and a
+    real one (a computed buffer) is the module's own. Calibration and the writer both read here."""
+
+    resident = False
+
+    def __init__(self, reader=None) -> None:
+        self.reader = reader
+
+    def open(self, folder) -> ConvertingReader:
+        """Read from the checkpoint in ``folder`` (validated: every shard and tensor); its reader."""
+        self.reader = ConvertingReader(CheckpointReader(folder))
+        return self.reader
+
+    def tensor(self, gm: fx.GraphModule, value: torch.Tensor, name: str = "") -> torch.Tensor:
+        if not is_fake(value):
+            return value
+        programs = state.TENSOR_ORIGINS.need(gm)
+        if id(value) not in programs:
+            raise PassError(f"tensor {name} of the child has no recorded program in the parent")
+        read = programs[id(value)][1].replay(self.reader.read)
+        # as the parameter it stands for: aten.matmul picks its algorithm by requires_grad
+        return read.requires_grad_() if value.requires_grad and read.is_floating_point() else read
+
+    def fetch(self, gm: fx.GraphModule, targets) -> dict:
+        return {target: self.tensor(gm, get_attribute(gm, target), target) for target in targets}

@@ -7,7 +7,7 @@
 
 MODEL and ``--calib`` are described in ``loading``. ``run`` checks ``--out`` before loading
 anything, prints each step with its time, stages every format in one folder and moves the set
-into ``--out`` only when all were written and checked (``outputs.write_all``), and closes with
+into ``--out`` only when all were written and checked (``destination.write_all``), and closes with
 the time of each step.
 
 User errors — a missing, truncated or corrupt file, a bad target or option, an existing output
@@ -25,22 +25,27 @@ from pathlib import Path
 
 import subclone_graph as sg
 
-from . import distributed, io, loading, outputs, report
-from .device import resolve_device
-from .hf_export import HFExportError
-from .onnx_export import OnnxExportError
-from .passes import state
-from .passes.analysis.choose_keep import DEPTHS, SELECTIONS
-from .passes.analysis.compute_dtype import COMPUTE_DTYPES
-from .passes.errors import PassError
-from .passes.target import TARGET_FIELDS, Target
-from .stream_cli import run_streamed, streams
-from .tracing import TraceError
+from subclone_graph.runtime import distributed
+from subclone_graph.export import pt2
+from subclone_graph.cli import loaders
+from subclone_graph.export import destination
+from subclone_graph.cli import report
+from subclone_graph.runtime.device import resolve_device
+from subclone_graph.export.hf import HFExportError
+from subclone_graph.export.onnx_export import OnnxExportError
+from subclone_graph.passes import state
+from subclone_graph.passes.analysis.choose_keep import DEPTHS, SELECTIONS
+from subclone_graph.passes.analysis.compute_dtype import COMPUTE_DTYPES
+from subclone_graph.passes.errors import PassError
+from subclone_graph.passes.target import TARGET_FIELDS, Target
+from subclone_graph.cli.run_checkpoint import run_streamed, streams
+from subclone_graph.tracing import TraceError
+from subclone_graph.cli.messages import first_line
 
 __all__ = ["main", "build_parser", "USER_ERRORS"]
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
-               ImportError, PassError, TraceError, HFExportError, OnnxExportError, io.RoundTripError,
+               ImportError, PassError, TraceError, HFExportError, OnnxExportError, pt2.RoundTripError,
                distributed.DistributedError)
 FORMATS = ("pt2", "onnx", "hf")
 OUTPUT_NAMES = {"pt2": "child.pt2", "onnx": "child.onnx", "hf": "hf"}
@@ -53,24 +58,24 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(f"{message} (see `{self.prog} --help`)")
 
 
-def _load_all(args, steps) -> tuple[loading.Loaded, list | None, tuple]:
-    loading.check_calibration_options(args.calib_batches, args.batch_size, args.seq_len, args.calib_tokens)
+def _load_all(args, steps) -> tuple[loaders.Loaded, list | None, tuple]:
+    loaders.check_calibration_options(args.calib_batches, args.batch_size, args.seq_len, args.calib_tokens)
     with steps(f"load {args.model}"):
-        loaded = loading.load_model(args.model)
+        loaded = loaders.load_model(args.model)
     if args.calib is None:
         print("no --calib: scoring channels by weight magnitude")
         calibration = None
     else:
         with steps(f"read calibration data {args.calib}"):
-            calibration = loading.load_calibration(args.calib, loaded, args.calib_batches, args.batch_size,
+            calibration = loaders.load_calibration(args.calib, loaded, args.calib_batches, args.batch_size,
                                                    args.seq_len, args.calib_tokens)
         print(report.calibration_source(calibration, args.calib))
-    return loaded, calibration, loading.example_inputs(loaded, calibration)
+    return loaded, calibration, loaders.example_inputs(loaded, calibration)
 
 
 # ----- commands -----------------------------------------------------------------------------
 def cmd_demo(args) -> int:
-    from .models.demo import run_demo
+    from subclone_graph.models.demo import run_demo
     run_demo(args.out, overwrite=args.overwrite)
     return 0
 
@@ -80,22 +85,22 @@ def _formats(args) -> list[str]:
 
 
 def _writers(child, inputs: tuple, formats: list[str], tokenizer, steps) -> dict:
-    def pt2(path):
+    def write_pt2(path):
         with steps(f"write {OUTPUT_NAMES['pt2']} (reloaded and compared with the child)"):
-            io.save(child, path)
+            pt2.save(child, path)
 
-    def onnx(path):
+    def write_onnx(path):
         with steps(f"export {OUTPUT_NAMES['onnx']} (checked in onnxruntime)"):
             diff = sg.export_onnx(child, inputs, path)
         print(f"    onnxruntime max |difference| from the child: {diff:.3g}")
 
-    def hf(path):
+    def write_hf(path):
         if not state.PARENT_CONFIG.has(child):
             raise ValueError("--format hf needs a Hugging Face MODEL (a folder or .gguf); this model has no config")
         with steps("write hf/ (Hugging Face checkpoint, reloaded and compared with the child)"):
             sg.save_hf(child, path, tokenizer=tokenizer)
 
-    every = {"pt2": pt2, "onnx": onnx, "hf": hf}
+    every = {"pt2": write_pt2, "onnx": write_onnx, "hf": write_hf}
     return {OUTPUT_NAMES[f]: every[f] for f in formats}
 
 
@@ -105,7 +110,7 @@ def cmd_run(args) -> int:
     target = Target(**{name: getattr(args, name) for name in TARGET_FIELDS})
     formats = _formats(args)
     names = {OUTPUT_NAMES[f]: f == "hf" for f in formats}
-    outputs.check_outputs(args.out, names, overwrite=args.overwrite, option="--overwrite")
+    destination.check_outputs(args.out, names, overwrite=args.overwrite, option="--overwrite")
     device = resolve_device(args.device)
     launched = distributed.launch(device)
     try:
@@ -135,7 +140,7 @@ def _run_in_memory(args, target, formats, names, device) -> int:
     parent_count, child_count = sg.count_parameters(loaded.model), sg.count_parameters(child)
     print(f"parent: {parent_count:,} parameters")
     print(f"child:  {child_count:,} parameters ({child_count / parent_count:.2f} of the parent)")
-    outputs.write_all(args.out, _writers(child, inputs, formats, loaded.tokenizer, steps),
+    destination.write_all(args.out, _writers(child, inputs, formats, loaded.tokenizer, steps),
                       overwrite=args.overwrite, folders={"hf"}, option="--overwrite")
     print(f"wrote {', '.join(str(Path(args.out) / n) for n in names)}"
           + (" (from_pretrained loads hf/)" if "hf" in formats else ""))
@@ -181,7 +186,7 @@ RUN_EPILOG = """examples:
   subclone run child/child.pt2 --layers 8 --out grandchild
   subclone run ./latent-attention-moe --ffn 0.5 --latent 0.5 --experts 0.5 --calib corpus.txt --out child --format hf
 
-Omitted sizes keep the parent's. Load the child with subclone_graph.io.load("child/child.pt2"),
+Omitted sizes keep the parent's. Load the child with subclone_graph.load("child/child.pt2"),
 or (--format hf) with from_pretrained("child/hf")."""
 INSPECT_EPILOG = """examples:
   subclone inspect ./my-hf-model
@@ -289,11 +294,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 def _in_option_words(message: str) -> str:
     """The API's names (``Target.kv_heads=3``, ``depth="measured"``) as the options the user typed."""
     message = re.sub(rf"\bTarget\.({'|'.join(TARGET_FIELDS)})=(\S+)",
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     except SystemExit as done:           # --help
         return done.code or 0
     except ValueError as error:
-        print(f"subclone: error: {_first_line(error)}", file=sys.stderr)
+        print(f"subclone: error: {first_line(error)}", file=sys.stderr)
         return 2
     try:
         return args.handler(args)
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as error:
         if args.traceback:
             raise
-        print(f"subclone: error: {_in_option_words(_first_line(error))}", file=sys.stderr)
+        print(f"subclone: error: {_in_option_words(first_line(error))}", file=sys.stderr)
         return 2
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import data
+from subclone_graph import data
 
 __all__ = ["TokenStream", "TOKEN_SUFFIXES", "CHUNK_CHARS", "is_token_folder"]
 

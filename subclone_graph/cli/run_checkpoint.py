@@ -16,17 +16,18 @@ import types
 from pathlib import Path
 
 import subclone_graph as sg
+from subclone_graph.export import pt2
 
-from . import io
-from .checkpoint import INDEX_NAME, SINGLE_NAME
-from .distributed import rank, summary_line
-from .report import calibration_source
-from .hf_export import HFExportError
-from .loading import Loaded, example_inputs, load_calibration
-from .outputs import write_all
-from .passes.analysis.compute_dtype import COMPUTE_DTYPES
-from .stream_parent import parent_class
-from .streaming import subclone_checkpoint
+from subclone_graph.checkpoint.files import INDEX_NAME, SINGLE_NAME
+from subclone_graph.runtime.distributed import rank, summary_line
+from subclone_graph.cli.report import calibration_source
+from subclone_graph.export.hf import HFExportError
+from subclone_graph.cli.loaders import Loaded, example_inputs, load_calibration
+from subclone_graph.export.destination import write_all
+from subclone_graph.passes.analysis.compute_dtype import COMPUTE_DTYPES
+from subclone_graph.checkpoint.weightless_parent import parent_class
+from subclone_graph.checkpoint.streamed import subclone_checkpoint
+from subclone_graph.cli.messages import first_line
 
 __all__ = ["streams", "run_streamed"]
 
@@ -53,10 +54,6 @@ def _bar(iterable):
     return tqdm(iterable, desc="calibration (segments × batches)", unit="step", file=sys.stderr)
 
 
-def _first_line(error: BaseException) -> str:
-    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-
-
 def _gib(count: int) -> str:
     return f"{count / 2**30:.2f} GiB"
 
@@ -68,7 +65,7 @@ def _traced_child(hf_dir: Path, inputs: tuple):
 
 def run_streamed(args, target, files: dict) -> int:
     """Stream the checkpoint folder ``args.model`` into ``files`` (format -> path under ``--out``),
-    all of them staged and moved into place together (``outputs.write_all``)."""
+    all of them staged and moved into place together (``destination.write_all``)."""
     folder, out = Path(args.model), Path(args.out)
     started = time.perf_counter()
     config, _ = parent_class(folder)
@@ -96,13 +93,13 @@ def run_streamed(args, target, files: dict) -> int:
         stream(files.get("hf", out / "hf"))
         return 0
 
-    def hf(path: Path) -> None:
+    def write_hf(path: Path) -> None:
         try:
             made["report"] = stream(path)
         except HFExportError as error:
             if "hf" in files:
                 raise
-            raise ValueError(f"{_first_line(error)} — streaming writes the child as its parent's class first; "
+            raise ValueError(f"{first_line(error)} — streaming writes the child as its parent's class first; "
                              "--no-stream subclones it in memory instead") from error
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(path)
@@ -111,17 +108,17 @@ def run_streamed(args, target, files: dict) -> int:
     def child_graph(path: Path):
         if "child" not in made:          # no hf/ asked for: make it beside, use it, remove it
             with tempfile.TemporaryDirectory(prefix=".hf-", dir=path.parent) as scratch:
-                hf(Path(scratch) / "hf")
+                write_hf(Path(scratch) / "hf")
         return made["child"]
 
-    def pt2(path: Path) -> None:
-        io.save(child_graph(path), path)
+    def write_pt2(path: Path) -> None:
+        pt2.save(child_graph(path), path)
 
-    def onnx(path: Path) -> None:
+    def write_onnx(path: Path) -> None:
         diff = sg.export_onnx(child_graph(path), inputs, path)
         print(f"    onnxruntime max |difference| from the child: {diff:.3g}")
 
-    every = {"hf": hf, "pt2": pt2, "onnx": onnx}
+    every = {"hf": write_hf, "pt2": write_pt2, "onnx": write_onnx}
     writers = {files[f].name: every[f] for f in ("hf", "pt2", "onnx") if f in files}
     write_all(out, writers, overwrite=args.overwrite, folders={files["hf"].name} if "hf" in files else set(),
               option="--overwrite")

@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 import torch.utils._pytree as pytree
 
-from .outputs import check_destination, staging_folder
-from .passes import state
-from .passes.fx_utils import as_input_tuple, set_attribute
-from .tolerance import max_difference, model_dtype, tolerance_for
-from .tracing import dynamic_shapes_for
+from subclone_graph.export.destination import check_destination, staging_folder
+from subclone_graph.passes import state
+from subclone_graph.passes.fx_utils import as_input_tuple, set_attribute
+from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
+from subclone_graph.tracing import dynamic_shapes_for
 
 __all__ = ["save", "load", "load_with_inputs", "RoundTripError"]
 

@@ -37,13 +37,13 @@ from subclone_graph.passes import state
 from subclone_graph.passes.errors import PassError
 from subclone_graph.passes.fx_utils import get_attribute
 from subclone_graph.passes.analysis.score_channels import flat_inputs
+from subclone_graph.passes.analysis.segments import run_segments
 
-from .checkpoint import CheckpointReader, write_shards
-from .hf_export import (HFExportError, child_config, child_state_dict, hf_names, max_output_difference,
+from subclone_graph.checkpoint.files import CheckpointReader, write_shards
+from subclone_graph.export.hf import (HFExportError, child_config, child_state_dict, hf_names, max_output_difference,
                         tensor_outputs)
-from .hf_embedding_scale import embedding_lookups, fold_scale, scale_after
-from .segments import BoundaryStore, run_segments
-from .stream_parent import is_fake
+from subclone_graph.export.hf.embedding_scale import embedding_lookups, fold_scale, scale_after
+from subclone_graph.checkpoint.weightless_parent import CheckpointWeights, is_fake
 
 __all__ = ["write_child", "check_written", "tolerance"]
 
@@ -55,24 +55,9 @@ def tolerance(dtype: torch.dtype, scale: float) -> float:
     return 16 * torch.finfo(dtype).eps * max(1.0, scale)
 
 
-def _producer(gm: fx.GraphModule, reader: CheckpointReader, sources: dict):
-    origins = state.TENSOR_ORIGINS.need(gm)
-
-    def produce(name: str) -> torch.Tensor:
-        tensor = sources[name]
-        if id(tensor) in origins:
-            origin = origins[id(tensor)][1]
-            value = reader.read(origin.name, origin.index)
-            with torch.no_grad():
-                for step, factor in enumerate(origin.scales):
-                    value = value * factor
-                    if step < len(origin.offsets) and origin.offsets[step]:
-                        value = value + origin.offsets[step]      # a (c + w) gain's rescale
-            return value
-        if is_fake(tensor):
-            raise PassError(f"child tensor {name} has no recorded origin in the parent")
-        return tensor.detach().contiguous()
-    return produce
+def _producer(gm: fx.GraphModule, reader, sources: dict):
+    weights = CheckpointWeights(reader)
+    return lambda name: weights.tensor(gm, sources[name], name).detach().contiguous()
 
 
 def _inputs(gm: fx.GraphModule) -> tuple:
@@ -83,12 +68,16 @@ def _inputs(gm: fx.GraphModule) -> tuple:
 def _reference(gm: fx.GraphModule, written: CheckpointReader, names: dict) -> tuple[dict, dict]:
     """The child graph's outputs with the written weights, and the constant it multiplies each
     token table's rows by ({written name: scale}, ``hf_embedding_scale.scale_after``)."""
-    def fetch(targets):
-        values = {}
-        for target in targets:
-            value = get_attribute(gm, target)
-            values[target] = written.read(names[target]) if is_fake(value) else value
-        return values
+    class Written:
+        """The child's tensors as written (the reference runs on what is on disk)."""
+        resident = False
+
+        def fetch(self, gm, targets):
+            values = {}
+            for target in targets:
+                value = get_attribute(gm, target)
+                values[target] = written.read(names[target]) if is_fake(value) else value
+            return values
 
     lookups = embedding_lookups(gm)
     watched = {node for lookup in lookups for node in (lookup, *lookup.users)}
@@ -100,7 +89,7 @@ def _reference(gm: fx.GraphModule, written: CheckpointReader, names: dict) -> tu
 
     flat = flat_inputs(gm, _inputs(gm), 0)
     with torch.no_grad():
-        outputs = run_segments(gm, [flat], fetch, BoundaryStore(2**62), observe)[0]
+        outputs = run_segments(gm, [flat], Written(), observe=observe)[0]
     scales = {names.get(lookup.args[0].target): scale_after(lookup, seen) for lookup in lookups if lookup in seen}
     return tensor_outputs(gm.graph._codegen.process_outputs(outputs)), scales
 

@@ -1,0 +1,233 @@
+"""The child's config: the parent's, with every size the child changed (``save.py``'s docstring,
+step 2), found by building the parent class on the meta device and comparing shapes."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from subclone_graph.passes import state as pass_state
+from subclone_graph.passes.fx_utils import attribute_path, container_item
+
+from subclone_graph.export.hf.common import (HFExportError, example_inputs, max_output_difference, outputs,
+                                             quiet_transformers, required)
+from subclone_graph.export.hf.embedding_scale import fold_embedding_scale
+from subclone_graph.export.hf.weights import child_state_dict, fitted, load_fitted
+
+__all__ = ["child_config"]
+
+_MAX_ROUNDS = 8
+
+
+def _rejections() -> tuple:
+    """What a config class raises when it rejects a combination of sizes while the model is built
+    from it (a width not divisible by the heads, a per-layer list shorter than the layer count, a
+    width derived as a negative difference, a size left None that the class computes with). The
+    candidate is then dropped; whatever is kept is checked against the child's outputs at the end."""
+    plain = (ValueError, AssertionError, ZeroDivisionError, TypeError, IndexError, KeyError, RuntimeError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError   # transformers 5's config validation
+    except ImportError:
+        return plain
+    return (*plain, StrictDataclassError)
+
+
+def _size_map(child: fx.GraphModule) -> dict[int, list[int]]:
+    """Parent size -> the distinct child sizes of the structural groups (and layer count)."""
+    pairs = [(change.parent, change.child) for change in required(child, pass_state.SIZE_CHANGES)]
+    pairs.append((required(child, pass_state.PARENT_LAYER_COUNT), len(required(child, pass_state.LAYERS))))
+    found: dict[int, list[int]] = {}
+    for parent, new in pairs:
+        if isinstance(new, int) and new not in found.setdefault(parent, []):
+            found[parent].append(new)
+    return found
+
+
+def _per_layer_lists(config_dict: dict, child: fx.GraphModule) -> dict:
+    """Top-level lists with one entry per parent layer, cut to the child's layers."""
+    count = required(child, pass_state.PARENT_LAYER_COUNT)
+    layers = required(child, pass_state.LAYERS)
+    changes = {}
+    for name, value in config_dict.items():
+        if not isinstance(value, list) or len(value) != count:
+            continue
+        if all(v == value[0] for v in value):
+            changes[name] = [value[0]] * len(layers)
+            continue
+        indices = [container_item(attribute_path(layer.key)) if layer.key else -1 for layer in layers]
+        if any(i is None or not 0 <= i < count for i in indices):
+            raise HFExportError(f"config.{name} has one entry per layer, but a child layer has no parent index "
+                                "(a duplicated layer?); cannot choose its entry")
+        changes[name] = [value[i] for i in indices]
+    return changes
+
+
+def _configs(config: dict) -> list[dict]:
+    """A config dict and every sub-config dict in it (``text_config``, ``vision_config``: a
+    composite model's sizes live there)."""
+    found = [config]
+    for value in config.values():
+        if isinstance(value, dict) and "model_type" in value:
+            found += _configs(value)
+    return found
+
+
+def _flat(config: dict, prefix: tuple = ()) -> dict[tuple, object]:
+    """Every field as ``{path: value}`` (``("text_config", "hidden_size")``), sub-configs flattened."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and "model_type" in value:
+            flat.update(_flat(value, (*prefix, key)))
+        else:
+            flat[(*prefix, key)] = value
+    return flat
+
+
+def _changed(config: dict, changes: dict[tuple, object]) -> dict:
+    """``config`` with each field at its path set (copied where changed; the rest shared)."""
+    config = dict(config)
+    for path, value in changes.items():
+        node = config
+        for key in path[:-1]:
+            node[key] = dict(node[key])
+            node = node[key]
+        node[path[-1]] = value
+    return config
+
+
+class _Candidates:
+    """Configs of the parent class, scored by how many parameter shapes differ from the child's."""
+
+    def __init__(self, child: fx.GraphModule, state: dict) -> None:
+        self.cls = required(child, pass_state.PARENT_CLASS)
+        self.parent = required(child, pass_state.PARENT_CONFIG)
+        self.base = self.parent.to_dict()
+        for config in _configs(self.base):               # the top level and every sub-config
+            config.update(_per_layer_lists(config, child))
+        if all(t.is_floating_point() for t in state.values()):
+            self.base.pop("quantization_config", None)   # the parent's storage format, not the child's
+        self.flat = _flat(self.base)                     # field path -> value, sub-configs' fields too
+        self.state = state
+        self.rejections: dict[tuple, str] = {}           # candidate -> why the class rejected it
+        self._scores: dict[tuple, int] = {}
+
+    def config(self, changes: dict):
+        return type(self.parent).from_dict(_changed(self.base, changes))
+
+    def build(self, changes: dict, device: str = "cpu") -> torch.nn.Module:
+        with quiet_transformers(), torch.device(device):
+            return self.cls(self.config(changes)).eval()
+
+    def problems(self, changes: dict) -> list[str] | None:
+        """What differs between the class's parameters and the child's; None: the class rejects it."""
+        try:
+            model = self.build(changes, "meta")
+        except _rejections() as error:   # an impossible combination of sizes; the reason is kept
+            self.rejections[tuple(sorted(changes.items()))] = f"{type(error).__name__}: {error}"
+            return None
+        return fitted(model, self.state)[1]
+
+    def score(self, changes: dict) -> int:
+        key = tuple(sorted(changes.items()))
+        if key not in self._scores:
+            problems = self.problems(changes)
+            self._scores[key] = len(self.state) + 1 if problems is None else len(problems)
+        return self._scores[key]
+
+
+def _descend(candidates: _Candidates, options: dict[str, list], changes: dict) -> dict:
+    """Coordinate search: per attribute, take the option that leaves fewest shape mismatches."""
+    changes = dict(changes)
+    for _ in range(_MAX_ROUNDS):
+        improved = False
+        for name, values in options.items():
+            best = candidates.score(changes)
+            for value in values:
+                trial = {**changes, name: value}
+                if candidates.score(trial) < best:
+                    changes, best, improved = trial, candidates.score(trial), True
+            if best == 0:
+                return changes
+        if not improved:
+            break
+    return changes
+
+
+def _shape_changes(candidates: _Candidates, child: fx.GraphModule) -> dict:
+    sizes = _size_map(child)
+    ints = {k: v for k, v in candidates.flat.items() if type(v) is int}
+    options = {k: [s for s in sizes[v] if s != v] + [v] for k, v in ints.items() if any(s != v for s in sizes.get(v, ()))}
+    # two starts: every candidate changed (fields that move together, a width and its head
+    # count), and nothing changed (one parent size that several groups share, heads and
+    # head_dim both 8, where only one of them shrank); the better one wins
+    starts = [{k: values[0] for k, values in options.items()}, {}]
+    changes = min((_descend(candidates, options, start) for start in starts), key=candidates.score)
+    if candidates.score(changes):
+        widths = sorted({s for values in sizes.values() for s in values})
+        unset = {k: [None, *widths] for k, v in candidates.flat.items() if v is None}
+        changes = _descend(candidates, {**options, **unset}, changes)
+    if candidates.score(changes):
+        rejected = candidates.rejections.get(tuple(sorted(changes.items())))
+        listed = "; ".join((candidates.problems(changes) or [f"the class rejects the closest candidate: {rejected}"])[:4])
+        raise HFExportError(f"no config of {candidates.cls.__name__} has the child's parameter shapes ({listed})")
+    return {k: v for k, v in changes.items() if v != candidates.flat.get(k)}
+
+
+def _scaled_floats(candidates: _Candidates, child: fx.GraphModule) -> dict:
+    """Float fields the child scaled: an ε whose scaled value (``state.RESCALE``) is in the graph."""
+    rescale = pass_state.RESCALE.get(child)
+    scale = rescale.eps_scale if rescale is not None else None
+    if not scale or scale == 1:
+        return {}
+    literals = {a for node in child.graph.nodes for a in pytree.tree_leaves((node.args, node.kwargs))
+                if type(a) is float}
+    return {k: v * scale for k, v in candidates.flat.items()
+            if type(v) is float and v and any(math.isclose(v * scale, f, rel_tol=1e-9) for f in literals)}
+
+
+def _needed_changes(candidates: _Candidates, changes: dict, state: dict, child: fx.GraphModule,
+                    found: set = frozenset(), distance=None) -> dict:
+    """Keep a change the shapes do not need only if it brings the outputs closer to the child's
+    (``n_head`` following the width stays; a token id that equals a width goes back). A change
+    in ``found`` (read off the child's graph) stays unless reverting it is strictly closer.
+    ``distance(config)``: max |difference| between the child and the class built from ``config``."""
+    expected = {}
+
+    def in_memory_distance(config) -> float:
+        inputs = example_inputs(child)
+        if not expected:
+            expected.update(outputs(child, inputs))
+        with quiet_transformers():
+            model = candidates.cls(config).eval()
+            load_fitted(model, state)
+            fold_embedding_scale(child, model, inputs)     # as _write will: measure what is saved
+        return max_output_difference(expected, outputs(model, inputs))
+
+    measure = distance or in_memory_distance
+    distance = lambda trial: measure(candidates.config(trial))  # noqa: E731
+
+    current = None
+    for name in list(changes):
+        trial = {k: v for k, v in changes.items() if k != name}
+        if candidates.score(trial):
+            continue                      # the shapes need it
+        current = distance(changes) if current is None else current
+        reverted = distance(trial)
+        if reverted < current or (reverted == current and name not in found):
+            changes, current = trial, reverted
+    return changes
+
+
+def child_config(child: fx.GraphModule, state: dict | None = None, distance=None):
+    """The parent's config with every size the child changed (see module docstring, step 2).
+
+    ``state`` may hold shape-only tensors when ``distance(config)`` is given: the max |difference|
+    between the child's outputs and those of the class built from ``config`` (a streamed child
+    measures it from its written weights)."""
+    state = child_state_dict(child) if state is None else state
+    candidates = _Candidates(child, state)
+    floats = _scaled_floats(candidates, child)
+    changes = {**_shape_changes(candidates, child), **floats}
+    return candidates.config(_needed_changes(candidates, changes, state, child, set(floats), distance))

@@ -1,0 +1,2 @@
+"""Where and how calibration runs: the device (``device.py``), data-parallel ranks
+(``distributed.py``) and the segment-by-segment runner (``segments.py``)."""
