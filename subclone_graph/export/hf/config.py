@@ -25,7 +25,9 @@ def _rejections() -> tuple:
     """What a config class raises when it rejects a combination of sizes while the model is built
     from it (a width not divisible by the heads, a per-layer list shorter than the layer count, a
     width derived as a negative difference, a size left None that the class computes with). The
-    candidate is then dropped; whatever is kept is checked against the child's outputs at the end."""
+    candidate is then dropped; whatever is kept is checked against the child's outputs at the end.
+    A class that raises one of these on the parent's own config has a bug, and that propagates
+    (``_Candidates.problems``)."""
     plain = (ValueError, AssertionError, ZeroDivisionError, TypeError, IndexError, KeyError, RuntimeError)
     try:
         from huggingface_hub.errors import StrictDataclassError   # transformers 5's config validation
@@ -112,6 +114,7 @@ class _Candidates:
         self.state = state
         self.rejections: dict[tuple, str] = {}           # candidate -> why the class rejected it
         self._scores: dict[tuple, int] = {}
+        self._parent_built = False                       # the class built the parent's own config
 
     def config(self, changes: dict):
         return type(self.parent).from_dict(_changed(self.base, changes))
@@ -125,9 +128,18 @@ class _Candidates:
         try:
             model = self.build(changes, "meta")
         except _rejections() as error:   # an impossible combination of sizes; the reason is kept
+            self._check_parent_builds()
             self.rejections[tuple(sorted(changes.items()))] = f"{type(error).__name__}: {error}"
             return None
         return fitted(model, self.state)[1]
+
+    def _check_parent_builds(self) -> None:
+        """A class that raises on the parent's own config has a bug, not a rejection of sizes:
+        the error propagates (checked once, at the first rejection)."""
+        if not self._parent_built:
+            with quiet_transformers(), torch.device("meta"):
+                self.cls(self.parent)
+            self._parent_built = True
 
     def score(self, changes: dict) -> int:
         key = tuple(sorted(changes.items()))
