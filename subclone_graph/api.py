@@ -27,7 +27,7 @@ from subclone_graph.progress import Phases
 from subclone_graph.runtime import distributed
 from subclone_graph.runtime.device import resolve_device
 from subclone_graph.runtime.distributed import DistributedError, world_size
-from subclone_graph.tracing import trace
+from subclone_graph.tracing import refuse_confined_sizes, trace
 
 __all__ = ["subclone", "subclone_passes", "run_passes", "Target", "check_inputs", "check_token_ids", "check_drop_layers",
            "check_checkpoint_arguments", "aligned_target", "batch_count", "phases_steps",
@@ -108,7 +108,8 @@ def _check_arguments(target, drop_layers, depth, calibration) -> None:
 def subclone(model, example_inputs, target: Target | None = None, calibration=None, drop_layers=None, *,
              depth: str = "middle", rescale: bool = True, selection: str = "score",
              example_kwargs: dict | None = None, progress=None, device=None,
-             compute_dtype="auto", grow_noise_db: float | None = None) -> fx.GraphModule:
+             compute_dtype="auto", grow_noise_db: float | None = None,
+             fixed_sizes: bool = False) -> fx.GraphModule:
     """Initialise a smaller child from ``model`` (weight subcloning, arXiv 2312.09299).
 
     ``calibration`` is an iterable of input tuples like ``example_inputs``; without it, channels
@@ -122,7 +123,10 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     where calibration runs, on a moved copy of the traced graph; the child stays on the CPU.
     ``compute_dtype``: what a half-precision model's calibration computes in: ``"auto"`` (float32,
     with the half dtype's matmuls where this machine runs them fast), a dtype, or None (its own
-    dtype; ``passes.analysis.compute_dtype``); the child keeps the model's dtype. Under
+    dtype; ``passes.analysis.compute_dtype``); the child keeps the model's dtype. A model whose
+    trace torch.export confines to input sizes its eager code is not confined to (a loop over the
+    sequence pins it to the traced length) is refused with the guard and where it was raised,
+    unless ``fixed_sizes=True`` accepts a child that runs at those sizes only. Under
     ``torch.distributed`` each rank calibrates on its share of the batches and the statistics are
     summed before anything is chosen (``subclone_graph.runtime.distributed``). ``progress``
     (``tqdm``, or any callable of its signature; ``subclone_graph.progress``) sees the phases
@@ -130,7 +134,7 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     the vocabulary, floats where ids go, ``drop_layers`` that are not layer indices — is a
     one-line ``ValueError`` / ``TypeError`` before anything runs. Returns a
     ``torch.fx.GraphModule`` with real parameters that returns outputs of the parent's
-    structure at any batch and sequence size.
+    structure at any batch and sequence size the parent runs at.
     """
     target = Target() if target is None else target
     if calibration is not None and iter(calibration) is calibration:
@@ -149,7 +153,10 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
             model = copy.deepcopy(model)
         _child_becomes_parent(model)
     with phases("trace"):                   # the trace and the analysis (which no option changes)
-        gm = run_passes(trace(model, example_inputs, example_kwargs), subclone_passes(target)[:2])
+        gm = trace(model, example_inputs, example_kwargs)
+        if not fixed_sizes:
+            refuse_confined_sizes(gm, (state.PARENT_CLASS.get(gm) or type(model)).__name__)
+        gm = run_passes(gm, subclone_passes(target)[:2])
     passes = subclone_passes(aligned_target(gm, target), calibration, drop_layers, depth, rescale, calibration_steps,
                              selection, device, compute_dtype, grow_noise_db=grow_noise_db)
     names = [type(p).__name__ for p in passes]

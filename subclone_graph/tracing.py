@@ -8,6 +8,9 @@ leaves them) or an ``ExportedProgram`` is accepted as is, so our passes chain af
 Dynamic axes: dim 0 of every tensor input (batch), and dim 1 of integer inputs (token ids,
 masks) and of 3-D float inputs (embeddings): the sequence. Images keep their size.
 
+A ``torch.no_grad()`` block inside ``forward`` is inlined between two grad-mode switches
+(``inline_grad_mode_regions``): the analysis sees its ops, the graph still runs it without gradients.
+
 Non-tensor keyword inputs of the example (``use_cache=False``) are baked into the graph as
 constants, so the traced module — and every child made from it — is called with tensors only.
 
@@ -35,9 +38,11 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.node import map_arg
 
 from subclone_graph.passes import state
+from subclone_graph.passes.analysis.input_guards import input_guards
 from subclone_graph.passes.fx_utils import as_input_tuple, eval_mode
 
-__all__ = ["trace", "dynamic_shapes_for", "TraceError", "fast_export_settings"]
+__all__ = ["trace", "dynamic_shapes_for", "TraceError", "fast_export_settings", "refuse_confined_sizes",
+           "inline_grad_mode_regions"]
 
 
 class TraceError(ValueError):
@@ -70,11 +75,11 @@ def dynamic_shapes_for(module: torch.nn.Module, args: tuple, kwargs: dict) -> di
 
 
 def _default_kwargs(model: torch.nn.Module, kwargs: dict) -> dict:
-    # A cache object among the outputs would make the traced outputs differ from the logits.
+    # A cache object among the outputs would make the traced outputs differ from the logits; a
+    # composite model's cache flag may sit on a sub-config only, so it is turned off wherever
+    # forward takes it
     kwargs = dict(kwargs)
-    config = getattr(model, "config", None)
-    accepts = "use_cache" in inspect.signature(model.forward).parameters
-    if accepts and getattr(config, "use_cache", False):
+    if "use_cache" in inspect.signature(model.forward).parameters:
         kwargs.setdefault("use_cache", False)
     return kwargs
 
@@ -100,6 +105,8 @@ def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.Gr
     _allow_train_eval(gm)
     if not state.EXAMPLE_INPUTS.has(gm):
         state.EXAMPLE_INPUTS.set(gm, example_inputs)
+    if not state.INPUT_GUARDS.has(gm):
+        state.INPUT_GUARDS.set(gm, _confining_guards(model, example_inputs, example_kwargs or {}, gm))
     if isinstance(model, torch.nn.Module) and not isinstance(model, fx.GraphModule):
         state.PARENT_CLASS.set(gm, type(model))
         if hasattr(model, "config"):
@@ -110,6 +117,62 @@ def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.Gr
 def _without_views(value):
     """``value`` with every tensor that is a view of another replaced by a copy (module doc)."""
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t, value)
+
+
+def _resized(value, dim: int, size: int):
+    """``value`` cut or repeated along ``dim`` to ``size`` (inputs of another length, same data)."""
+    if not isinstance(value, torch.Tensor) or value.dim() <= dim:
+        return value
+    if value.shape[dim] < size:
+        value = value.repeat_interleave(-(-size // value.shape[dim]), dim=dim) if value.shape[dim] else value
+    return value.narrow(dim, 0, size)
+
+
+def _runs_at(model: torch.nn.Module, args: tuple, kwargs: dict, guard) -> bool | None:
+    """Whether the eager ``model`` runs with the guarded input axes at a size the guard rejects: the
+    least one above the traced size, else the least one; None when that cannot be tried (weights
+    without data, an input the guard names not found)."""
+    if not guard.failing or not guard.inputs or any(
+            p.is_meta or isinstance(p, torch._subclasses.fake_tensor.FakeTensor) for p in model.parameters()):
+        return None
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    if any(name not in bound.arguments for name, _ in guard.inputs):
+        return None
+    name, dim = guard.inputs[0]
+    traced = bound.arguments[name].shape[dim]
+    sizes = [s for s in guard.failing if s > traced][:1] or [guard.failing[0]]
+    for size in sizes:
+        trial = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+        trial.arguments.update({n: _resized(trial.arguments[n], d, size) for n, d in guard.inputs})
+        try:
+            with torch.no_grad(), eval_mode(model):
+                model(*trial.args, **trial.kwargs)
+        except Exception:       # the model's own limit at this size
+            continue
+        return True
+    return False
+
+
+def _confining_guards(model, args: tuple, kwargs: dict, gm: fx.GraphModule) -> tuple[str, ...]:
+    """The guards on input sizes (``input_guards``) at whose rejected size the eager model runs (or
+    could not be tried): the ones that confine the trace and not the model."""
+    guards = input_guards(gm)
+    if guards and isinstance(model, torch.nn.Module) and not isinstance(model, fx.GraphModule):
+        guards = [g for g in guards if _runs_at(model, args, _default_kwargs(model, kwargs), g) is not False]
+    return tuple(str(g) for g in guards)
+
+
+def refuse_confined_sizes(gm: fx.GraphModule, name: str) -> None:
+    """Raise a one-line ``TraceError`` when torch.export confined the traced ``gm`` to input sizes
+    its eager model is not confined to (``state.INPUT_GUARDS``, from ``passes.analysis.input_guards``:
+    an axis pinned to the traced length, a raised least length): its child would not run where the
+    parent runs. The error names the guard and where it was raised, and how to accept fixed sizes."""
+    guards = state.INPUT_GUARDS.get(gm) or ()
+    if guards:
+        shown = "; ".join(guards[:2]) + (f"; {len(guards) - 2} more" if len(guards) > 2 else "")
+        raise TraceError(f"{name} traces only for inputs where {shown}: its code specialises on that size, so the "
+                         "child would not run where the parent runs; trace it with inputs of the size the child "
+                         "will run at and pass fixed_sizes=True to accept")
 
 
 def _allow_train_eval(gm: fx.GraphModule) -> None:
@@ -175,8 +238,34 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise TraceError(f"could not trace {type(model).__name__}: {type(error).__name__}: {first}") from error
     gm = program.module()
+    inline_grad_mode_regions(gm)
     _warn_static_axes(model, args, kwargs, gm)
     return gm
+
+
+def inline_grad_mode_regions(gm: fx.GraphModule) -> None:
+    """Inline each ``wrap_with_set_grad_enabled(enabled, submodule, *args)`` (what export makes of a
+    ``torch.no_grad()`` block inside ``forward``) as its nodes between two grad-mode switches, so the
+    channel analysis sees the ops of the region and the child still runs it without gradients."""
+    hop = torch.ops.higher_order.wrap_with_set_grad_enabled
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is hop]:
+        enabled, holder, *args = node.args
+        region = getattr(gm, holder.target)
+        placeholders = [n for n in region.graph.nodes if n.op == "placeholder"]
+        with gm.graph.inserting_before(node):
+            before = gm.graph.call_function(torch.is_grad_enabled, ())
+            gm.graph.call_function(torch._C._set_grad_enabled, (enabled,))
+            outputs = gm.graph.graph_copy(region.graph, dict(zip(placeholders, args)))
+            gm.graph.call_function(torch._C._set_grad_enabled, (before,))
+        outputs = outputs if isinstance(outputs, (list, tuple)) else (outputs,)
+        for user in list(node.users):
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        if not holder.users:
+            gm.graph.erase_node(holder)
+            delattr(gm, holder.target)
+    gm.recompile()
 
 
 def _warn_static_axes(model, args: tuple, kwargs: dict, gm: fx.GraphModule) -> None:

@@ -37,6 +37,11 @@ def inputs(model, name, batch, seq, seed=0):
     return hf_zoo.example_inputs(model, batch, seq, seed)
 
 
+def subclone(name, *args, **kwargs):
+    """sg.subclone; a family whose trace pins the sequence (Mamba's loop) accepts its fixed sizes."""
+    return sg.subclone(*args, fixed_sizes=hf_families.FAMILIES[name].fixed_seq, **kwargs)
+
+
 @functools.lru_cache(maxsize=None)
 def _parent(name):
     model = hf_families.build(name)
@@ -62,7 +67,7 @@ def test_bloom_heads_are_refused_with_a_reason():
     model, example, gm = parent("bloom")
     assert gm.meta["subclone.attention"]
     with pytest.raises(ValueError, match="aten.arange"):
-        sg.subclone(gm, example, sg.Target(heads=2))
+        subclone("bloom", gm, example, sg.Target(heads=2))
 
 
 @pytest.mark.parametrize("name", PARAMS)
@@ -80,7 +85,7 @@ def test_analysis_finds_stream_and_heads(name):
 @pytest.mark.parametrize("name", PARAMS)
 def test_identity_target_reproduces_the_parent(name):
     model, example, gm = parent(name)
-    child = sg.subclone(gm, example, sg.Target())
+    child = subclone(name, gm, example, sg.Target())
     assert sg.count_parameters(child) == sg.count_parameters(model)
     for batch, seq in ((2, 8), (3, 13)):
         x = inputs(model, name, batch, seq, seed=7)
@@ -92,7 +97,7 @@ def test_real_reduction(name):
     model, example, gm = parent(name)
     family = hf_families.FAMILIES[name]
     calibration = [inputs(model, name, 4, 16, seed=100 + i) for i in range(3)]
-    child = sg.subclone(gm, example, sg.Target(**family.target), calibration=calibration)
+    child = subclone(name, gm, example, sg.Target(**family.target), calibration=calibration)
     x = inputs(model, name, 3, 11, seed=5)
     got, want = run(child, x), run(model, x)
     assert got.shape == want.shape and torch.isfinite(got).all()
@@ -111,7 +116,7 @@ def test_dropping_a_layer_removes_exactly_its_parameters(name):
     # in-place ops in a dropped layer (Falcon's residual add_) must not keep its weights alive
     model, example, gm = parent(name)
     layers = gm.meta["subclone.layers"]
-    child = sg.subclone(gm, example, drop_layers=[1])
+    child = subclone(name, gm, example, drop_layers=[1])
     prefix = layers[1].key.replace("[", ".").replace("]", "") + "."
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     assert {n for n, _ in child.named_parameters(remove_duplicate=False)} <= names
@@ -137,7 +142,7 @@ def test_planted_dead_structure_is_removed_exactly(name):
         dead = [0, 7, 20, stream.size - 1]
         plant_dead(gm, {stream.id: dead})
         target["hidden"] = stream.size - len(dead)
-    child = sg.subclone(gm, example, sg.Target(**target))
+    child = subclone(name, gm, example, sg.Target(**target))
     assert sg.count_parameters(child) < sg.count_parameters(gm)
     for batch, seq in ((2, 8), (3, 13)):
         x = inputs(model, name, batch, seq, seed=7)
@@ -167,16 +172,16 @@ def test_state_is_owned_analysis_repeats_and_a_grandchild_is_right(name):
     sg.analyze_channels(gm)
     assert _node_state(gm) == first
     family = hf_families.FAMILIES[name]
-    child = sg.subclone(gm, example, sg.Target(**family.target))
+    child = subclone(name, gm, example, sg.Target(**family.target))
     code, tensors, meta = child.code, _tensors(child), _node_state(child)
     # half of the child's width again (a fraction stays a fraction: of the child's groups now)
     smaller = {k: 0.5 if isinstance(family.target[k], float) else family.target[k] // 2
                for k in ("hidden", "ffn") if k in family.target}
-    grandchild = sg.subclone(child, example, sg.Target(**smaller))
+    grandchild = subclone(name, child, example, sg.Target(**smaller))
     assert child.code == code and _same_tensors(_tensors(child), tensors) and _node_state(child) == meta
     clean = copy.deepcopy(child)
     state.clear_from(clean, "blocks")
-    reference = sg.subclone(clean, example, sg.Target(**smaller))
+    reference = subclone(name, clean, example, sg.Target(**smaller))
     assert _same_tensors(_tensors(grandchild), _tensors(reference)) and grandchild.code == reference.code
     x = inputs(model, name, 3, 8, seed=5)
     out = run(grandchild, x)

@@ -151,3 +151,24 @@ def test_a_depth_change_without_residual_layers_is_refused():
     with pytest.raises(sg.PassError, match="no residual layers .* depth cannot change") as error:
         sg.subclone(model, (torch.randn(2, 8),), sg.Target(layers=1))
     _one_line(error)
+
+
+class _CacheByDefault(torch.nn.Module):
+    """A forward that returns a cache object unless told not to, with no top-level config flag
+    (a composite model's flag sits on its text sub-config)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11)
+
+    def forward(self, ids, use_cache=True):
+        from transformers import DynamicCache
+        logits = self.head(self.embed(ids))
+        return (logits, DynamicCache()) if use_cache else (logits,)
+
+
+def test_use_cache_is_turned_off_wherever_forward_takes_it():
+    ids = torch.randint(0, 11, (2, 5))
+    gm = sg.trace(_CacheByDefault().eval(), (ids,))
+    out = gm(torch.randint(0, 11, (3, 7)))
+    assert isinstance(out, tuple) and len(out) == 1 and out[0].shape == (3, 7, 11)

@@ -6,7 +6,8 @@ that multiplies the normalised value — and folds the factor into the weight so
 the parent's class computes the child with. Checked: dead residual channels planted in a
 generated ``(1 + w)`` model are removed with outputs unchanged (no ``mul`` inserted); every
 Hugging Face family with that gain saves a shrunk-hidden child that reloads as the parent's class and equals the child, in float32 and
-bfloat16.
+bfloat16. A gain cast before it multiplies (``weight.to(float32) * x``, a decomposed LayerNorm
+computing in float32) takes the factor too.
 """
 from __future__ import annotations
 
@@ -70,3 +71,45 @@ def test_save_hf_of_a_shrunk_hidden_one_plus_w_child_reloads_equal(name, dtype, 
     # stream norms' ε (by D/d), the reloaded class scales both (~1.6e-5 relative here)
     tolerance = 2e-2 if dtype is torch.bfloat16 else 1e-4 if name == "gemma3" else 1e-5
     assert relative_error(run(loaded, example), run(child, example)) < tolerance
+
+
+class _CastGainNorm(torch.nn.Module):
+    """A decomposed RMSNorm computing in float32 whose gain is cast first: ``weight.to(float32) * x``."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(width))
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight.to(torch.float32) * h
+
+
+class _CastGainModel(torch.nn.Module):
+    def __init__(self, d=32, vocab=40):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.norms = torch.nn.ModuleList(_CastGainNorm(d) for _ in range(2))
+        self.mlps = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(d, 48), torch.nn.GELU(),
+                                                            torch.nn.Linear(48, d)) for _ in range(2))
+        self.final, self.head = _CastGainNorm(d), torch.nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for norm, mlp in zip(self.norms, self.mlps):
+            x = x + mlp(norm(x))
+        return self.head(self.final(x))
+
+
+def test_a_gain_cast_before_it_multiplies_takes_the_factor():
+    torch.manual_seed(0)
+    example = (torch.randint(0, 40, (2, 8)),)
+    gm = sg.trace(_CastGainModel().eval(), example)
+    sg.analyze_channels(gm)
+    stream = next(g for g in state.CHANNEL_GRAPH.need(gm).groups.values() if g.kind == "residual")
+    plant_dead(gm, {stream.id: list(range(24, stream.size))})
+    child = sg.subclone(gm, example, sg.Target(hidden=24))
+    assert _float_muls(child) == _float_muls(gm), "the factor went into a mul, not into the cast gain"
+    for x in (example, (torch.randint(0, 40, (3, 5)),)):
+        assert relative_error(run(child, x), run(gm, x)) < 1e-5

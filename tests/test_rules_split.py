@@ -4,6 +4,8 @@ that must follow the shrunk width) and along the sequence (a boundary computed f
 Checks: the MLP and the stream stay prunable (no unknown op); the identity child equals the
 parent; planted dead FFN neurons and residual channels are removed with outputs unchanged; the
 child's boundary literal is the child's width, and the child runs at another sequence length.
+The sequence split's one-token tail makes export refuse length 2 (a contiguity guard the eager
+model lacks): the trace reports it, subclone refuses it unless ``fixed_sizes=True``.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from subclone_testing import groups_of, plant_dead, relative_error, run
 from torch import nn
 
 import subclone_graph as sg
+from subclone_graph.passes.analysis.input_guards import input_guards
 
 VOCAB, D, FFN = 40, 32, 48
 
@@ -68,9 +71,18 @@ def test_tensor_split_at_indices_keeps_the_mlp_and_stream_prunable(parent):
     assert not groups_of(gm, "frozen")
 
 
+def test_the_one_token_tail_is_the_only_confined_length(parent):
+    # export's contiguity check specialises the tail piece (length s - 1) away from 1: the trace,
+    # unlike the eager model, refuses s = 2, and sg.subclone refuses it without fixed_sizes
+    model, inputs, gm = parent
+    assert [g.failing for g in input_guards(gm)] == [(2,)]
+    with pytest.raises(sg.TraceError, match=r"ids.size\(\)\[1\] - 1, 1"):
+        sg.subclone(model, inputs, sg.Target())
+
+
 def test_identity_and_planted_dead_neurons_and_channels(parent):
     model, inputs, gm = parent
-    same = sg.subclone(model, inputs, sg.Target())
+    same = sg.subclone(model, inputs, sg.Target(), fixed_sizes=True)      # every length but 2
     for x in (inputs, _ids(3, 5, 7)):
         assert relative_error(run(same, x), run(model, x)) < 1e-6
     (residual,) = groups_of(gm, "residual")
@@ -78,7 +90,7 @@ def test_identity_and_planted_dead_neurons_and_channels(parent):
     dead[residual.id] = [0, 9]
     plant_dead(gm, dead)
     calib = [_ids(2, 8, 100 + i) for i in range(2)]
-    child = sg.subclone(gm, inputs, sg.Target(hidden=D - 2, ffn=FFN - 3), calibration=calib)
+    child = sg.subclone(gm, inputs, sg.Target(hidden=D - 2, ffn=FFN - 3), calibration=calib, fixed_sizes=True)
     assert child.get_parameter("layers.0.gate_up.weight").shape == (2 * (FFN - 3), D - 2)
     boundaries = [n.args[1] for n in child.graph.nodes if n.target is torch.ops.aten.tensor_split.indices]
     assert [FFN - 3] in boundaries

@@ -110,17 +110,20 @@ def _compared(model, parent, target, calibration, inputs, folder: Path, rescale:
     """Subclone in memory and streamed; False when both refuse to write the child as the class."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = sg.subclone(model, inputs, sg.Target(**target), calibration=calibration, rescale=rescale)
+        # fixed_sizes: the parity of the two paths at the traced size (Mamba's trace pins its length)
+        reference = sg.subclone(model, inputs, sg.Target(**target), calibration=calibration, rescale=rescale,
+                                fixed_sizes=True)
     try:
         saved = sg.save_hf(reference, folder / "in-memory", shard_size=20_000)
     except sg.HFExportError:
         with pytest.raises(sg.HFExportError):
             sg.subclone_checkpoint(parent, folder / "child", sg.Target(**target), calibration,
-                                   example_inputs=inputs, rescale=rescale)
+                                   example_inputs=inputs, rescale=rescale, fixed_sizes=True)
         assert not (folder / "child").exists()
         return False
     report = sg.subclone_checkpoint(parent, folder / "child", sg.Target(**target), calibration,
-                                    example_inputs=inputs, rescale=rescale, shard_size=20_000)
+                                    example_inputs=inputs, rescale=rescale, shard_size=20_000,
+                                    fixed_sizes=True)
     scores = state.SCORES.need(reference)
     assert set(report.scores) == set(scores)
     assert all(torch.equal(report.scores[g], scores[g]) for g in scores)
@@ -159,12 +162,12 @@ def _compare_weights_only(model, parent, target, calibration, inputs, folder: Pa
             return Written(None, {})
 
     monkeypatch.setattr(streaming, "write_folder", write_weights)
-    monkeypatch.setattr(streaming, "check_folder", lambda *args: 0.0)
+    monkeypatch.setattr(streaming, "check_folder", lambda *args, **kwargs: 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = sg.subclone(model, inputs, sg.Target(**target), calibration=calibration)
+        reference = sg.subclone(model, inputs, sg.Target(**target), calibration=calibration, fixed_sizes=True)
     report = sg.subclone_checkpoint(parent, folder / "child", sg.Target(**target), calibration,
-                                    example_inputs=inputs)
+                                    example_inputs=inputs, fixed_sizes=True)
     scores = state.SCORES.need(reference)
     assert set(report.scores) == set(scores)
     assert all(torch.equal(report.scores[g], scores[g]) for g in scores)

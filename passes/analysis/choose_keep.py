@@ -221,6 +221,18 @@ def _enough_to_pick(graph: ChannelGraph, sizes: dict, target: Target) -> None:
                              f"the top {k} of them for each token; keep at least {k}")
 
 
+def _no_looped_layer(layers, changed: list[int]) -> None:
+    """A model with a module that runs several times (a loop over one module: its applications
+    are layers of one key, and the states fed into each cycle are blocks between them) keeps its
+    depth: removing or repeating one application would not remove or repeat its weights, and no
+    config field counts applications."""
+    keys = [layer.key for layer in layers]
+    looped = next((k for k in keys if k is not None and keys.count(k) > 1), None)
+    if changed and looped is not None:
+        raise ValueError(f"Target.layers: module {looped} runs {keys.count(looped)} times (a loop over one module): "
+                         "this model's depth cannot change; leave Target.layers and drop_layers unset")
+
+
 def size_changes(graph: ChannelGraph, sizes: dict) -> tuple[SizeChange, ...]:
     """Parent and child size of every group of a target kind (what a config's fields describe)."""
     kinds = ("residual", "ffn", "latent", "heads", "kv_heads", "head_dim", "experts")
@@ -262,8 +274,10 @@ class ChooseKeepPass(SubclonePass):
         state.SIZES.set(gm, new_sizes)
         state.SIZE_CHANGES.set(gm, size_changes(graph, new_sizes))
         state.FOLDED.set(gm, folded)
-        state.DROP.set(gm, tuple(self._drops(gm)))
-        state.DUPLICATE.set(gm, tuple(self._duplicates(gm)))
+        drops, duplicates = self._drops(gm), self._duplicates(gm)
+        _no_looped_layer(state.LAYERS.need(gm), [*drops, *duplicates])
+        state.DROP.set(gm, tuple(drops))
+        state.DUPLICATE.set(gm, tuple(duplicates))
         return False
 
     def ensures(self, graph_module: fx.GraphModule) -> None:

@@ -6,10 +6,12 @@ tanh-GELU's ``x + 0.044715 x³`` is not a block). Blocks are grouped into layers
 innermost module that contains every node of the branch (or the add itself) and is an item
 of a container (a module path ending in an integer: ``ModuleList`` and ``Sequential``
 children) — ``x = x + block(x)`` written outside the block finds the block too; without such
-a module, each block is its own layer.
+a module, each block is its own layer. Blocks whose container item lies inside another block's
+(a bottleneck layer's inner blocks, in a list of their own) belong to that outer layer.
 
-A layer has one stream input (the skip operand of its first block, followed back out of the
-layer through casts and copies) and one stream output (its last add, followed forward through
+A layer has one stream input (the skip operand of its first block whose skip comes from outside
+the layer — in a bottleneck layer, blocks at an inner width come first —, followed back out of the
+layer through casts and copies) and one stream output (its last add of the input's width, followed forward through
 same-shape ops and views still inside the layer, to the last node with the input's shape: a
 post-norm layer ends in its norm, a layer that flattens the stream to (b·s, h) ends where it
 views it back; when the stream still goes on inside the layer after that — a decomposed
@@ -27,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from .. import state
-from ..fx_utils import CASTS, VIEWS, container_item, in_module, layer_key, module_paths, tensor_shape
+from ..fx_utils import CASTS, VIEWS, attribute_path, container_item, in_module, layer_key, module_paths, tensor_shape
 from ..errors import PostconditionError
 from ..infra import SubclonePass
 from ..state import Layer, ResidualBlock
@@ -104,21 +106,42 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     nodes = {n.name: n for n in gm.graph.nodes}
     grouped: list[tuple[str | None, list[ResidualBlock]]] = []
-    for node in gm.graph.nodes:
-        found = _residual_block(node, order)
-        if found is None:
-            continue
-        block, key = found
+    found = [f for f in (_residual_block(node, order) for node in gm.graph.nodes) if f is not None]
+    outermost = _outermost_keys({key for _, key in found if key is not None})
+    for block, key in found:
+        key = outermost.get(key, key)
         if grouped and key is not None and grouped[-1][0] == key:
             grouped[-1][1].append(block)
         else:
             grouped.append((key, [block]))
     layers = []
     for index, (key, blocks) in enumerate(grouped):
-        stream_in = _stream_input(nodes[blocks[0].skip], key)
-        stream_out = _stream_output(nodes[blocks[-1].add], key, tensor_shape(stream_in))
+        first, last = _stream_blocks(blocks, nodes, key)
+        stream_in = _stream_input(nodes[first.skip], key)
+        stream_out = _stream_output(nodes[last.add], key, tensor_shape(stream_in))
         layers.append(Layer(index, key, tuple(blocks), stream_in.name, stream_out.name))
     return layers
+
+
+def _stream_blocks(blocks: list[ResidualBlock], nodes: dict, key: str | None) -> tuple:
+    """The layer's first and last block on the stream it was given: the first whose skip comes from
+    outside the layer, and the last of that width. A bottleneck layer (the stream projected down,
+    residual blocks at the inner width, projected back up and added to the layer's input) has
+    inner blocks of another width: they stay blocks (their width is a residual group of its own)
+    but do not bound the layer."""
+    outer = [b for b in blocks if not in_module(_uncast(nodes[b.skip]), key)]
+    first = outer[0] if outer else blocks[0]
+    shape = tensor_shape(nodes[first.add])
+    last = [b for b in blocks if tensor_shape(nodes[b.add]) == shape][-1]
+    return first, last
+
+
+def _outermost_keys(keys: set[str]) -> dict[str, str]:
+    """Each key nested in another's module (blocks in a container inside a layer: a bottleneck
+    layer's inner blocks) mapped to the outermost such key: the layer holds them."""
+    def inside(inner: str, outer: str) -> bool:
+        return inner != outer and attribute_path(inner).startswith(attribute_path(outer) + ".")
+    return {k: min((o for o in keys if inside(k, o)), key=len) for k in keys if any(inside(k, o) for o in keys)}
 
 
 def _stream_input(node: fx.Node, key: str | None) -> fx.Node:

@@ -23,7 +23,7 @@ from torch.fx.node import _side_effectful_functions
 from .. import state
 from ..analysis.find_blocks import layer_of_node
 from ..errors import PostconditionError
-from ..fx_utils import get_attribute, in_module, written_arguments
+from ..fx_utils import get_attribute, in_module, module_path, written_arguments
 from ..infra import SubclonePass
 
 __all__ = ["DropBlocksPass", "drop_blocks", "eliminate_dead_code", "renumber_attention_sites", "check_layer_state"]
@@ -130,6 +130,23 @@ def _delete_unused_attributes(gm: fx.GraphModule) -> None:
     gm.delete_all_unused_submodules()
 
 
+def _removable(layer, nodes: dict) -> None:
+    """A layer goes by reading its input where its output was read; a value computed inside it
+    and read after it other than through its output (a second stream it hands to the next layer:
+    mixing weights of several residual streams) would outlive it: refused before anything changes."""
+    if layer.key is None:
+        return
+    output = nodes[layer.output]
+    for node in nodes.values():
+        if node is output or not in_module(node, layer.key) or isinstance(node.meta.get("val"), torch.SymInt):
+            continue
+        outside = next((u for u in node.users if not in_module(u, layer.key)), None)
+        if outside is not None:
+            raise ValueError(f"Target.layers: layer {layer.index} ({layer.key}) cannot be removed: {node.name} computed in "
+                             f"it is read after it by {outside.name} (in {module_path(outside)}), not through its "
+                             "output; leave Target.layers and drop_layers unset")
+
+
 class DropBlocksPass(SubclonePass):
     """Remove the layers listed in ``state.DROP`` (see module docstring)."""
 
@@ -144,6 +161,8 @@ class DropBlocksPass(SubclonePass):
         if not drop:
             return False
         nodes = {n.name: n for n in gm.graph.nodes}
+        for index in sorted(drop):
+            _removable(layers[index], nodes)
         for index in sorted(drop, reverse=True):
             layer = layers[index]
             output, source = nodes[layer.output], nodes[layer.input]

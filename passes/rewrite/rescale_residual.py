@@ -16,7 +16,8 @@ Where the factor goes, for every reduction (``state.REDUCES``) over a shrunk gro
 1. ``layer_norm``/``rms_norm`` ops: into their weight (and bias) — the op's whole output scales;
 2. a decomposed norm (``mean`` … ``rsqrt`` … ``x * r``): the first ``mul``/``div`` that joins the
    reduced statistic back to a stream-wide tensor is the normalised value; a per-channel
-   weight that multiplies it next (through casts) takes the factor; so does a gain written
+   weight that multiplies it next (through casts of either: ``weight.to(float32) * x``) takes
+   the factor; so does a gain written
    ``c + w`` (an ``add`` of a constant to the weight, the ``(1 + w)`` RMSNorm): ``w`` becomes
    ``factor·w + c·(factor − 1)``, so that ``c + w'`` is ``factor·(c + w)`` and the child keeps
    the parent's graph (a class loading its weights computes the same);
@@ -112,9 +113,10 @@ def _gain_weight(other, groups: set[int]) -> tuple[fx.Node, float] | None:
         if len(constants) != 1 or len(tensors) != 1:
             return None
         offset, other = float(constants[0]), tensors[0]
-        # the weight's casts feed only this add: scaling before a cast is scaling after it
-        while isinstance(other, fx.Node) and other.target in CASTS and len(other.users) == 1:
-            other = other.args[0]
+    # the weight's casts feed only this gain (``weight.to(float32) * x``): scaling before a cast
+    # is scaling after it
+    while isinstance(other, fx.Node) and other.target in CASTS and len(other.users) == 1:
+        other = other.args[0]
     if isinstance(other, fx.Node) and other.op == "get_attr" and _has_group(other, groups):
         return other, offset
     return None

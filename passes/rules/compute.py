@@ -2,7 +2,7 @@
 
 Identities each rule states:
 - unary elementwise, casts, dropout, softmax: every out dim equals the same in dim.
-- binary elementwise (add, mul, where, comparisons, masks): right-aligned broadcasting;
+- binary elementwise (add, mul, where, comparisons, masks, min/max of two tensors): right-aligned broadcasting;
   dims of equal size are equal, a size-1 dim broadcasts and joins nothing.
 - reductions (mean, sum, var, amax): kept dims are equal; reduced dims are recorded, since
   the rescale pass compensates a mean over a shrunk residual stream.
@@ -59,7 +59,8 @@ _BINARY = [
     aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.masked_fill.Scalar,
     aten.masked_fill.Tensor, aten.rsub.Tensor, aten.remainder.Tensor, aten.fmod.Tensor,
     aten.floor_divide.default, aten.atan2.default, aten.addcmul.default, aten.lerp.Scalar,
-    aten.clamp.Tensor,
+    aten.clamp.Tensor, aten.clamp_min.Tensor, aten.clamp_max.Tensor, aten.min.other, aten.max.other,
+    aten.fmin.default, aten.fmax.default,
     # in place: the result is ``self``, dims flow as for the out-of-place op
     aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Tensor,
     # self.copy_(src): the result is ``self``; src broadcasts to self's shape (right-aligned),
@@ -318,7 +319,9 @@ def _embedding(ctx):
         ctx.eq(ctx.v(ids, d), ctx.out(d))
 
 
-@register(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+# conv*.padding: the same op with a string padding ("same" / "valid"), which moves no channel
+@register(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+          aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
 def _conv(ctx):
     x, w, bias = ctx.arg(0, "input"), ctx.arg(1, "weight"), ctx.arg(2, "bias")
     groups_index = 8 if ctx.node.target is aten.convolution.default else 6

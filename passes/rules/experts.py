@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..fx_utils import plain_size
 from ..state import SizeOffset
 from .registry import is_weight, register
 
@@ -64,7 +65,9 @@ def _topk(ctx):
             elif shape[d] == ctx.shape(x)[d]:
                 ctx.eq(ctx.v(x, d), ctx.out(d, index))
     ctx.point(1, ctx.v(x, dim))
-    ctx.graph.picks.append((ctx.v(x, dim), k, ctx.origin))
+    # k as a plain size: a k computed in the graph is a Node, which the graph must not hold (a
+    # deep copy of it would walk the whole fx graph node by node)
+    ctx.graph.picks.append((ctx.v(x, dim), plain_size(k), ctx.origin))
 
 
 @register(aten.histc.default)

@@ -3,7 +3,9 @@
 so an indexed dim is frozen; every other dim flows through (see ``op_rules``). One exception:
 a constant index that is consecutive (``qkv[..., [-2]]``, ``x[:, [3, 4, 5]]``) is a slice in
 disguise and is related like ``slice`` (``concat(before, picked, after)``); the rewrite turns it
-into that slice with the child's bounds."""
+into that slice with the child's bounds. Another: an index whose values are the indices of the
+indexed dim itself (a top-k's picks, ``RuleContext.point``) — a per-expert tensor gathered for
+each routed row — relates that dim to the one the values point into, as ``gather`` does."""
 from __future__ import annotations
 
 import torch
@@ -165,6 +167,25 @@ def _index_as_slice(ctx, x, indices) -> bool:
     return True
 
 
+def _index_own_indices(ctx, x, layout) -> bool:
+    """``x[..., idx, ...]`` with one index tensor whose values are the indices of that very dim (a
+    router's top-k picks, sorted: a per-expert tensor gathered for each routed row): index ``e``
+    of the values is index ``e`` of the dim, so the dim is related to the one they point into
+    (it may shrink with it) and the result's index dims are ``idx``'s."""
+    first, last, nodes, broadcast = layout
+    if first != last or ctx.pointer(nodes[0]) is None:
+        return False
+    ctx.read_pointer(nodes[0])
+    ctx.eq(ctx.v(x, first), ctx.pointer(nodes[0]))
+    rank, width = len(ctx.shape(x)), len(broadcast)
+    for d in range(rank):
+        if d != first:
+            ctx.eq(ctx.v(x, d), ctx.out(d if d < first else d - 1 + width))
+    for d in range(len(ctx.shape(nodes[0]))):
+        ctx.eq(ctx.v(nodes[0], d), ctx.out(first + d))
+    return True
+
+
 @register(aten.index.Tensor, aten._unsafe_index.Tensor)
 def _index(ctx):
     x, indices = ctx.arg(0, "self"), list(ctx.arg(1, "indices"))
@@ -173,6 +194,8 @@ def _index(ctx):
     layout = _index_layout(ctx, indices)
     if layout is None:
         ctx.freeze_all("picks elements by a mask or by index tensors that move dims")
+        return
+    if _index_own_indices(ctx, x, layout):
         return
     _relate_indexed(ctx, x, layout, ctx.out, "the index values point into this dim")
 

@@ -251,7 +251,7 @@ def apply_rule(node: fx.Node, graph: ChannelGraph) -> str | None:
 # ops whose output holds the values of their first argument (moved, cast or sorted, output 0)
 VALUE_KEEPING = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.to.dtype,
                  aten._to_copy.default, aten.clone.default, aten.alias.default, aten.contiguous.default,
-                 aten.sort.default, aten.flatten.using_ints}
+                 aten.sort.default, aten.flatten.using_ints, aten.reshape_as.default, aten.view_as.default}
 # ops that look at a tensor's metadata only
 METADATA_ONLY = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
 

@@ -2,12 +2,16 @@
 
 Identities each rule states:
 - view/reshape/flatten/unflatten: dims in matching blocks are merged row-major
-  (``factor``); a block that is neither 1→n nor n→1 freezes its dims.
+  (``factor``); a block that is neither 1→n nor n→1 freezes its dims. ``reshape_as`` /
+  ``view_as`` / ``expand_as`` (other): the same, and each out dim is ``other``'s dim.
 - permute/transpose/t and their aliases (numpy_T, mT, mH, adjoint), unsqueeze/squeeze:
   a permutation of equalities.
 - expand/broadcast_to: an expanded size-1 dim is a new group (the repeat of GQA); others are equal.
 - repeat / repeat_interleave: out = (copies × in) or (in × copies).
+- strided slice ``x[..., j::s]`` of a dim of s·k: the dim is factor(out, s), j fixed (interleaved parts);
 - cat: out = concat(inputs); split/chunk: in = concat(outputs); slice: in = concat(before, out, after);
+  the pieces of an even split (chunk, tensor_split into sections, split by a size) are tied to
+  each other, or frozen when the last is shorter, since the child's split is even too;
   tensor_split at indices: in = concat(outputs), each index the sum of the pieces before it.
 - select/index/gather/pad: in ``rules_index``.
 - creation ops (zeros, ones, full, arange, ...): a literal size; arange's values depend on it,
@@ -60,12 +64,26 @@ def reshape_atoms(in_shape, out_shape):
     return in_atoms, out_atoms, sizes
 
 
+_SHAPED_AS = (aten.reshape_as.default, aten.view_as.default, aten.expand_as.default)
+
+
+def _shaped_as_other(ctx) -> None:
+    """``x.reshape_as(other)`` / ``view_as`` / ``expand_as``: the output has ``other``'s shape at
+    run time, whatever the child's sizes; each out dim is tied to ``other``'s (the one relation
+    that keeps their sizes equal when either shrinks). No literal: the shape is read from ``other``."""
+    other = ctx.arg(1, "other")
+    for d in range(len(ctx.out_shape())):
+        ctx.eq(ctx.v(other, d), ctx.out(d))
+
+
 @register(aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-          aten.flatten.using_ints, aten.unflatten.int)
+          aten.flatten.using_ints, aten.unflatten.int, aten.reshape_as.default, aten.view_as.default)
 def _reshape(ctx):
     x = ctx.arg(0, "self")
     in_shape, out_shape = ctx.shape(x), ctx.out_shape()
-    if ctx.node.target is aten.unflatten.int:
+    if ctx.node.target in _SHAPED_AS:
+        _shaped_as_other(ctx)
+    elif ctx.node.target is aten.unflatten.int:
         first = ctx.arg(1, "dim") % len(in_shape)
         ctx.literal(2, [ctx.out(first + i) for i in range(len(ctx.arg(2, "sizes")))])
     elif ctx.node.target is not aten.flatten.using_ints:
@@ -137,11 +155,14 @@ def _squeeze(ctx):
         ctx.eq(ctx.v(x, a), ctx.out(b))
 
 
-@register(aten.expand.default, aten.broadcast_to.default)
+@register(aten.expand.default, aten.broadcast_to.default, aten.expand_as.default)
 def _expand(ctx):
     x = ctx.arg(0, "self")
     in_shape, out_shape = ctx.shape(x), ctx.out_shape()
-    ctx.literal(1, [ctx.out(d) for d in range(len(out_shape))])
+    if ctx.node.target is aten.expand_as.default:
+        _shaped_as_other(ctx)
+    else:
+        ctx.literal(1, [ctx.out(d) for d in range(len(out_shape))])
     offset = len(out_shape) - len(in_shape)
     for d, s in enumerate(in_shape):
         if same_size(s, out_shape[d + offset]):
@@ -199,6 +220,30 @@ def _stack(ctx):
             ctx.eq(ctx.v(t, d), ctx.out(d if d < dim else d + 1))
 
 
+# splits into pieces of one size, computed from the whole (chunk's and sections' count, split's size)
+_EVEN_SPLITS = (aten.split.Tensor, aten.chunk.default, aten.tensor_split.sections)
+
+
+def _tied_even_pieces(ctx, x, dim: int, pieces: list[int]) -> bool:
+    """An even split cuts the child's dim evenly too: its pieces must keep equal sizes, so they are
+    tied index by index (one keep order for all). An uneven one (a shorter last piece) or one
+    along a dim of unknown size is frozen: shrinking it would move the cut. False when frozen."""
+    sizes = [plain_size(ctx.out_shape(i)[dim]) for i, _ in ctx.output_shapes()]
+    if len(pieces) < 2 or (len(set(sizes)) == 1 and isinstance(sizes[0], int)):
+        for piece in pieces[1:]:
+            ctx.eq(pieces[0], piece)
+        return True
+    if all(isinstance(s, int) for s in sizes):
+        for v in [ctx.v(x, dim), *pieces]:
+            ctx.freeze(v, "an even split with a shorter last piece: shrinking would move its cuts")
+        for i, _ in ctx.output_shapes():
+            for d in range(len(ctx.shape(x))):
+                if d != dim:
+                    ctx.eq(ctx.v(x, d), ctx.out(d, i))
+        return False
+    return True      # a dynamic dim (the sequence): never shrunk
+
+
 @register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
           aten.split_with_sizes_copy.default, aten.tensor_split.sections)
 def _split(ctx):
@@ -207,10 +252,12 @@ def _split(ctx):
     dim = ctx.arg(2, "dim", 0) % rank
     outputs = ctx.output_shapes()
     pieces = [ctx.out(dim, i) for i, _ in outputs]
+    if ctx.node.target in _EVEN_SPLITS and not _tied_even_pieces(ctx, x, dim, pieces):
+        return
     ctx.concat(ctx.v(x, dim), pieces)
     if ctx.node.target is aten.split.Tensor:
         ctx.literal(1, pieces[0])
-    elif ctx.node.target is not aten.chunk.default:
+    elif ctx.node.target not in (aten.chunk.default, aten.tensor_split.sections):
         ctx.literal(1, pieces)
     for i, _ in outputs:
         for d in range(rank):
@@ -277,6 +324,11 @@ def _slice(ctx):
     start = min(max(start + n if start < 0 else start, 0), n)
     if kept == n:
         ctx.eq(ctx.v(x, dim), ctx.out(dim))
+    elif _interleaved(ctx, n, start, kept, step):
+        # x[..., j::s] of a dim of s·k: index i of the result is index i·s + j, the dim is
+        # factor(result, s) row-major with j fixed; every such slice of the dim unifies its result
+        # with the same factor (an interleaved gate/up: gate i and up i are one neuron)
+        ctx.factor(ctx.v(x, dim), [ctx.out(dim), ctx.fresh(step, "stride")])
     elif step != 1:
         ctx.freeze(ctx.v(x, dim), "strided slice")
         ctx.freeze(ctx.out(dim), "strided slice")
@@ -285,6 +337,14 @@ def _slice(ctx):
         after = ctx.fresh(n - start - kept, "after")
         ctx.slice_of(before, ctx.out(dim), after)
         ctx.concat(ctx.v(x, dim), [before, ctx.out(dim), after])
+
+
+def _interleaved(ctx, n: int, start: int, kept, step) -> bool:
+    """A strided slice that takes one of ``step`` interleaved parts whole: ``start < step``,
+    ``step`` divides the dim, and the end is the dim's end (no literal to follow)."""
+    end = ctx.arg(3, "end", None)
+    return (isinstance(step, int) and step > 1 and n % step == 0 and 0 <= start < step and kept == n // step
+            and (end is None or (isinstance(end, int) and end >= n)))
 
 
 @register(aten.zeros.default, aten.ones.default, aten.empty.memory_format, aten.full.default,

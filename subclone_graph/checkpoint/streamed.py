@@ -47,6 +47,7 @@ from subclone_graph.api import (aligned_target, batch_count, check_checkpoint_ar
 from subclone_graph.checkpoint.files import CheckpointError
 from subclone_graph.checkpoint.weightless_parent import CheckpointWeights, weightless_parent
 from subclone_graph.progress import Phases
+from subclone_graph.tracing import refuse_confined_sizes
 from subclone_graph.export.destination import check_destination, staging_folder, write_manifest
 from subclone_graph.export.hf.write import DEFAULT_SHARD_SIZE, check_folder, write_folder
 from subclone_graph.runtime import distributed
@@ -97,7 +98,7 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
                         drop_layers=None, depth: str = "middle", selection: str = "score", rescale: bool = True,
                         shard_size: int = DEFAULT_SHARD_SIZE, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                         spill_dir=None, device="cpu", overwrite: bool = False, progress=None,
-                        compute_dtype="auto") -> StreamReport:
+                        compute_dtype="auto", fixed_sizes: bool = False) -> StreamReport:
     """Subclone the Hugging Face safetensors checkpoint in ``folder`` into ``out_dir`` (a
     ``from_pretrained`` folder of the parent's class), streaming the parent (module docstring).
 
@@ -109,8 +110,9 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     signature; ``subclone_graph.progress``) sees the phases trace, calibrate (segments × batches
     steps), rewrite, write and check. ``compute_dtype``: what a half-precision parent's
     calibration computes in (``"auto"``: float32, with the half dtype's matmuls where they are
-    measured fast; a dtype; None: its own dtype; ``passes.analysis.compute_dtype``). Returns a
-    ``StreamReport``."""
+    measured fast; a dtype; None: its own dtype; ``passes.analysis.compute_dtype``);
+    ``fixed_sizes``: accept a parent that traces for fixed input sizes only (``sg.subclone``).
+    Returns a ``StreamReport``."""
     target = Target() if target is None else target
     if example_inputs is None:
         calibration = None if calibration is None else list(calibration)
@@ -135,6 +137,8 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     phases.begin("trace")
     report.checkpoint_bytes = sum(f.stat().st_size for f in reader.files)
     gm = weightless_parent(Path(folder), reader, example_inputs)
+    if not fixed_sizes:
+        refuse_confined_sizes(gm, state.PARENT_CLASS.need(gm).__name__)
     run_passes(gm, passes[:2])                 # the blocks and the channel graph: shapes only
     passes = passes[:2] + pipeline(aligned_target(gm, target))[2:]   # widths grouped kernels can run
     names = [type(p).__name__ for p in passes]

@@ -110,7 +110,8 @@ def _run_in_memory(args, target, formats, names, device) -> int:
     own = None if calibration is None else distributed.shard(calibration)
     child = sg.subclone(loaded.model, inputs, target, calibration=own, depth=args.depth, device=device,
                         selection=args.selection, progress=steps.progress,
-                        compute_dtype=COMPUTE_DTYPES[args.calib_dtype], grow_noise_db=args.grow_noise_db)
+                        compute_dtype=COMPUTE_DTYPES[args.calib_dtype], grow_noise_db=args.grow_noise_db,
+                        fixed_sizes=args.fixed_sizes)
     line = None if own is None else distributed.summary_line(own.tokens, own.seconds)
     if distributed.rank() != 0:
         return 0

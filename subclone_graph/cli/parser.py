@@ -167,6 +167,9 @@ def _add_run_arguments(parser) -> None:
                              "float32, with the parent's dtype in matmuls where a short measurement finds "
                              "them fast — bfloat16 matrix units, a GPU), float32, float64, or model (the "
                              "parent's own dtype); the child keeps the parent's dtype")
+    parser.add_argument("--fixed-sizes", action="store_true",
+                        help="accept a parent whose trace runs at the traced input sizes only (a loop over "
+                             "the sequence); without it such a parent is refused, naming the guard")
     parser.add_argument("--grow-noise-db", dest="grow_noise_db", type=float, metavar="DB",
                         help="a grown width's copies get symmetry-breaking noise at this signal-to-noise "
                              "ratio (dB), cancelling over the copies: the child still computes the parent's "

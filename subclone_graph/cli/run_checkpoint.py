@@ -79,7 +79,8 @@ def run_streamed(args, target, files: dict) -> int:
         report = subclone_checkpoint(folder, path, target, calibration, example_inputs=inputs, depth=args.depth,
                                      selection=args.selection, overwrite=args.overwrite,
                                      device=getattr(args, "device", "cpu"), progress=steps.progress,
-                                     compute_dtype=COMPUTE_DTYPES[getattr(args, "calib_dtype", "auto")])
+                                     compute_dtype=COMPUTE_DTYPES[getattr(args, "calib_dtype", "auto")],
+                                     fixed_sizes=getattr(args, "fixed_sizes", False))
         # every rank's tokens (a collective: each rank reaches it right after its calibration)
         made["line"] = None if calibration is None else summary_line(report.calibration_tokens,
                                                                      report.seconds["calibrate"])

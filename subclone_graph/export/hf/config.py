@@ -14,7 +14,7 @@ from subclone_graph.passes.fx_utils import attribute_path, container_item
 from subclone_graph.export.hf.common import (HFExportError, example_inputs, max_output_difference, outputs,
                                              quiet_transformers, required)
 from subclone_graph.export.hf.embedding_scale import fold_embedding_scale
-from subclone_graph.export.hf.weights import child_state_dict, fitted
+from subclone_graph.export.hf.weights import child_state_dict, fitted, load_fitted
 
 __all__ = ["child_config"]
 
@@ -22,13 +22,18 @@ _MAX_ROUNDS = 8
 
 
 def _rejections() -> tuple:
-    """What a config class raises when it rejects a combination of sizes (a width not divisible by
-    the heads, a per-layer list of the wrong length); any other exception is a bug and propagates."""
+    """What a config class raises when it rejects a combination of sizes while the model is built
+    from it (a width not divisible by the heads, a per-layer list shorter than the layer count, a
+    width derived as a negative difference, a size left None that the class computes with). The
+    candidate is then dropped; whatever is kept is checked against the child's outputs at the end.
+    A class that raises one of these on the parent's own config has a bug, and that propagates
+    (``_Candidates.problems``)."""
+    plain = (ValueError, AssertionError, ZeroDivisionError, TypeError, IndexError, KeyError, RuntimeError)
     try:
         from huggingface_hub.errors import StrictDataclassError   # transformers 5's config validation
     except ImportError:
-        return (ValueError, AssertionError, ZeroDivisionError)
-    return (ValueError, AssertionError, ZeroDivisionError, StrictDataclassError)
+        return plain
+    return (*plain, StrictDataclassError)
 
 
 def _size_map(child: fx.GraphModule) -> dict[int, list[int]]:
@@ -61,6 +66,39 @@ def _per_layer_lists(config_dict: dict, child: fx.GraphModule) -> dict:
     return changes
 
 
+def _configs(config: dict) -> list[dict]:
+    """A config dict and every sub-config dict in it (``text_config``, ``vision_config``: a
+    composite model's sizes live there)."""
+    found = [config]
+    for value in config.values():
+        if isinstance(value, dict) and "model_type" in value:
+            found += _configs(value)
+    return found
+
+
+def _flat(config: dict, prefix: tuple = ()) -> dict[tuple, object]:
+    """Every field as ``{path: value}`` (``("text_config", "hidden_size")``), sub-configs flattened."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and "model_type" in value:
+            flat.update(_flat(value, (*prefix, key)))
+        else:
+            flat[(*prefix, key)] = value
+    return flat
+
+
+def _changed(config: dict, changes: dict[tuple, object]) -> dict:
+    """``config`` with each field at its path set (copied where changed; the rest shared)."""
+    config = dict(config)
+    for path, value in changes.items():
+        node = config
+        for key in path[:-1]:
+            node[key] = dict(node[key])
+            node = node[key]
+        node[path[-1]] = value
+    return config
+
+
 class _Candidates:
     """Configs of the parent class, scored by how many parameter shapes differ from the child's."""
 
@@ -68,15 +106,18 @@ class _Candidates:
         self.cls = required(child, pass_state.PARENT_CLASS)
         self.parent = required(child, pass_state.PARENT_CONFIG)
         self.base = self.parent.to_dict()
-        self.base.update(_per_layer_lists(self.base, child))
+        for config in _configs(self.base):               # the top level and every sub-config
+            config.update(_per_layer_lists(config, child))
         if all(t.is_floating_point() for t in state.values()):
             self.base.pop("quantization_config", None)   # the parent's storage format, not the child's
+        self.flat = _flat(self.base)                     # field path -> value, sub-configs' fields too
         self.state = state
         self.rejections: dict[tuple, str] = {}           # candidate -> why the class rejected it
         self._scores: dict[tuple, int] = {}
+        self._parent_built = False                       # the class built the parent's own config
 
     def config(self, changes: dict):
-        return type(self.parent).from_dict({**self.base, **changes})
+        return type(self.parent).from_dict(_changed(self.base, changes))
 
     def build(self, changes: dict, device: str = "cpu") -> torch.nn.Module:
         with quiet_transformers(), torch.device(device):
@@ -87,9 +128,18 @@ class _Candidates:
         try:
             model = self.build(changes, "meta")
         except _rejections() as error:   # an impossible combination of sizes; the reason is kept
+            self._check_parent_builds()
             self.rejections[tuple(sorted(changes.items()))] = f"{type(error).__name__}: {error}"
             return None
         return fitted(model, self.state)[1]
+
+    def _check_parent_builds(self) -> None:
+        """A class that raises on the parent's own config has a bug, not a rejection of sizes:
+        the error propagates (checked once, at the first rejection)."""
+        if not self._parent_built:
+            with quiet_transformers(), torch.device("meta"):
+                self.cls(self.parent)
+            self._parent_built = True
 
     def score(self, changes: dict) -> int:
         key = tuple(sorted(changes.items()))
@@ -119,7 +169,7 @@ def _descend(candidates: _Candidates, options: dict[str, list], changes: dict) -
 
 def _shape_changes(candidates: _Candidates, child: fx.GraphModule) -> dict:
     sizes = _size_map(child)
-    ints = {k: v for k, v in candidates.base.items() if type(v) is int}
+    ints = {k: v for k, v in candidates.flat.items() if type(v) is int}
     options = {k: [s for s in sizes[v] if s != v] + [v] for k, v in ints.items() if any(s != v for s in sizes.get(v, ()))}
     # two starts: every candidate changed (fields that move together, a width and its head
     # count), and nothing changed (one parent size that several groups share, heads and
@@ -128,13 +178,13 @@ def _shape_changes(candidates: _Candidates, child: fx.GraphModule) -> dict:
     changes = min((_descend(candidates, options, start) for start in starts), key=candidates.score)
     if candidates.score(changes):
         widths = sorted({s for values in sizes.values() for s in values})
-        unset = {k: [None, *widths] for k, v in candidates.base.items() if v is None}
+        unset = {k: [None, *widths] for k, v in candidates.flat.items() if v is None}
         changes = _descend(candidates, {**options, **unset}, changes)
     if candidates.score(changes):
         rejected = candidates.rejections.get(tuple(sorted(changes.items())))
         listed = "; ".join((candidates.problems(changes) or [f"the class rejects the closest candidate: {rejected}"])[:4])
         raise HFExportError(f"no config of {candidates.cls.__name__} has the child's parameter shapes ({listed})")
-    return {k: v for k, v in changes.items() if v != candidates.base.get(k)}
+    return {k: v for k, v in changes.items() if v != candidates.flat.get(k)}
 
 
 def _scaled_floats(candidates: _Candidates, child: fx.GraphModule) -> dict:
@@ -145,7 +195,7 @@ def _scaled_floats(candidates: _Candidates, child: fx.GraphModule) -> dict:
         return {}
     literals = {a for node in child.graph.nodes for a in pytree.tree_leaves((node.args, node.kwargs))
                 if type(a) is float}
-    return {k: v * scale for k, v in candidates.base.items()
+    return {k: v * scale for k, v in candidates.flat.items()
             if type(v) is float and v and any(math.isclose(v * scale, f, rel_tol=1e-9) for f in literals)}
 
 
@@ -163,7 +213,7 @@ def _needed_changes(candidates: _Candidates, changes: dict, state: dict, child: 
             expected.update(outputs(child, inputs))
         with quiet_transformers():
             model = candidates.cls(config).eval()
-            model.load_state_dict(fitted(model, state)[0], strict=True)
+            load_fitted(model, state)
             fold_embedding_scale(child, model, inputs)     # as _write will: measure what is saved
         return max_output_difference(expected, outputs(model, inputs))
 

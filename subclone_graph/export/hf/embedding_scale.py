@@ -139,6 +139,9 @@ def _class_embedding_scale(model: torch.nn.Module, inputs: tuple) -> float | Non
     embedding, seen = model.get_input_embeddings(), {}
 
     def after(module, args, output):
+        if not isinstance(output, torch.Tensor):        # (rows, scaling): no plain lookup to compare
+            seen.setdefault("scale", None)
+            return
         # the table lookup itself: an embedding module may scale inside its own forward
         looked_up = torch.nn.functional.embedding(args[0], module.weight)
         seen.setdefault("embedded", looked_up)
@@ -210,11 +213,20 @@ def _final_norm(model: torch.nn.Module, inputs: tuple) -> torch.nn.Module | None
     return norm if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
 
 
+def _input_embeddings(model: torch.nn.Module):
+    """The class's token embedding module; None for a class that has none (a vision model's
+    ``get_input_embeddings`` may raise ``NotImplementedError``)."""
+    try:
+        return model.get_input_embeddings()
+    except NotImplementedError:
+        return None
+
+
 def fold_embedding_scale(child: fx.GraphModule, model: torch.nn.Module, inputs: tuple) -> list[str]:
     """Make ``model`` (the class, built from the child's config, holding its weights) scale its
     token embedding as the child does, when the class derives that scale from a size the child
     changed (√hidden); ``fold_scale`` with the child's scale measured on its graph."""
-    table = getattr(model.get_input_embeddings(), "weight", None)
+    table = getattr(_input_embeddings(model), "weight", None)
     if not isinstance(table, torch.Tensor) or table.dim() != 2:
         return []                  # no token table (a patch embedding): nothing to fold
     scales = [scale for target, scale in child_scales(child).items()
@@ -228,7 +240,7 @@ def fold_scale(model: torch.nn.Module, inputs: tuple, wanted: float | None) -> l
     table, back out of the final norm's gain (``a + w`` measured, so ``1 + w`` gains work).
     Returns the names of the tensors it changed. Where no such fold exists the model is left
     alone and the caller's check refuses with the difference."""
-    table = getattr(model.get_input_embeddings(), "weight", None)
+    table = getattr(_input_embeddings(model), "weight", None)
     if not isinstance(table, torch.Tensor) or table.dim() != 2:
         return []
     has = _class_embedding_scale(model, inputs)

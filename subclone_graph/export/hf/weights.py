@@ -3,7 +3,8 @@
 Each layer's module path is renumbered by its position (``x.layers.0, x.layers.2`` →
 ``x.layers.0, x.layers.1``; a duplicated layer takes the index of where it runs); a name the class
 ties to another (an output head tied to the embedding) takes the one tensor the child has under
-either name."""
+either name; a tensor of the class the child has in no layer at all (never read by its graph: a
+decoder-only run's cross-attention, an unused pooler) keeps the class's initialisation."""
 from __future__ import annotations
 
 import itertools
@@ -12,11 +13,11 @@ import torch
 import torch.fx as fx
 
 from subclone_graph.passes import state as pass_state
-from subclone_graph.passes.fx_utils import attribute_path, container_item, container_of
+from subclone_graph.passes.fx_utils import attribute_path, container_item, container_of, get_attribute
 
 from subclone_graph.export.hf.common import HFExportError, required
 
-__all__ = ["hf_names", "child_state_dict", "tied_names", "fitted"]
+__all__ = ["hf_names", "child_state_dict", "tied_names", "fitted", "load_fitted"]
 
 
 def _layer_renames(layers) -> dict[str, str]:
@@ -55,9 +56,12 @@ def hf_names(child: fx.GraphModule) -> dict[str, str]:
 
 
 def child_state_dict(child: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """The child's tensors under the names a parent-class model with contiguous layers uses."""
+    """The child's tensors its graph reads, under the names a parent-class model with contiguous
+    layers uses (a tensor it holds but never reads is no part of what it computes: ``fitted``)."""
     names = hf_names(child)
-    return {names[name]: tensor.detach() for name, tensor in child.state_dict(keep_vars=False).items()}
+    read = {id(get_attribute(child, n.target)) for n in child.graph.nodes if n.op == "get_attr" and n.users}
+    return {names[name]: tensor.detach() for name, tensor in child.state_dict(keep_vars=True).items()
+            if id(tensor) in read}
 
 
 def tied_names(model: torch.nn.Module) -> list[list[str]]:
@@ -68,14 +72,27 @@ def tied_names(model: torch.nn.Module) -> list[list[str]]:
     return list(groups.values())
 
 
+def _pattern(name: str) -> str:
+    """A state-dict name with its container indices as ``*`` (``a.layers.3.w`` → ``a.layers.*.w``)."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
 def fitted(model: torch.nn.Module, state: dict) -> tuple[dict, list[str]]:
-    """``state`` keyed like ``model.state_dict()``, filling tied names; and the problems found."""
+    """``state`` keyed like ``model.state_dict()``, filling tied names; and the problems found.
+
+    A tensor of the class that the child has in no layer at all (a cross-attention a decoder-only
+    run never reads, a pooler the head does not use) is left to the class's own initialisation:
+    the child's graph never read it, so it cannot change what the class computes on the child's
+    inputs — which the final check verifies."""
     wanted = model.state_dict(keep_vars=True)
     partners = {n: names for names in tied_names(model) for n in names}
     non_persistent = {n for n, _ in model.named_buffers(remove_duplicate=False)} - set(wanted)
+    present = {_pattern(n) for n in state}
     fitted, problems = {}, []
     for name, target in wanted.items():
         source = next((s for s in [name, *partners.get(name, ())] if s in state), None)
+        if source is None and _pattern(name) not in present:
+            continue
         if source is None:
             problems.append(f"{name}: missing from the child")
         elif tuple(state[source].shape) != tuple(target.shape):
@@ -84,3 +101,12 @@ def fitted(model: torch.nn.Module, state: dict) -> tuple[dict, list[str]]:
             fitted[name] = state[source]
     problems += [f"{name}: not in the class" for name in state if name not in wanted and name not in non_persistent]
     return fitted, problems
+
+
+def load_fitted(model: torch.nn.Module, state: dict) -> None:
+    """Load the child's tensors into ``model`` (every child tensor, every class tensor the child
+    has a counterpart of; ``fitted``), as ``strict=True`` would except for the tensors it leaves."""
+    found, problems = fitted(model, state)
+    if problems:
+        raise HFExportError(f"the child's tensors do not fit {type(model).__name__}: {'; '.join(problems[:4])}")
+    model.load_state_dict(found, strict=False)

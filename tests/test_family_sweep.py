@@ -1,0 +1,67 @@
+"""The family sweep's checks in CI, on a seeded subset of the families transformers ships.
+
+``benchmarks/family_sweep.py`` runs every family of transformers' auto registries (hours on two
+cores); its results are committed in ``benchmarks/results/family_sweep.json``. Here the same
+checks (``models/family_checks.py``: trace, identity, shrink, dead, grandchild, save_hf; onnx on
+the first) run on 15 families drawn with a fixed seed from the faster half of those the sweep
+built (by its seconds for all checks: CI stays within minutes), and:
+
+1. no check is ``wrong`` or ``crash``;
+2. every check the committed sweep found ``ok`` is still ``ok`` (a regression fails here; a
+   family that improved passes and the sweep's JSON is due a rerun).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import random
+import warnings
+
+import pytest
+
+from subclone_graph.models import family_checks, registry_families
+
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "family_sweep.json"
+SAMPLE, SEED, WITH_ONNX = 15, 19, 1
+
+
+def _subset() -> list[str]:
+    if not RESULTS.exists():
+        return []
+    families = json.loads(RESULTS.read_text())["families"]
+    known = registry_families.registry_families()
+    built = sorted(n for n, r in families.items() if r.get("build") == "ok" and n in known)
+    # the faster half (by the sweep's seconds for all checks), so that CI stays within minutes
+    median = sorted(families[n]["seconds"] for n in built)[len(built) // 2] if built else 0
+    fast = [n for n in built if families[n]["seconds"] <= median]
+    return sorted(random.Random(SEED).sample(fast, min(SAMPLE, len(fast))))
+
+
+SUBSET = _subset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SUBSET)
+def test_family_passes_the_sweep_checks(name):
+    recorded = json.loads(RESULTS.read_text())["families"][name]["checks"]
+    checks = family_checks.CHECKS if SUBSET.index(name) < WITH_ONNX else family_checks.CHECKS[:-1]
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = registry_families.build(name)
+            outcomes = family_checks.run_checks(
+                model, lambda b, s, seed: registry_families.inputs(model, b, s, seed), checks=checks)
+    finally:
+        logging.disable(logging.NOTSET)
+    got = {o.check: o for o in outcomes}
+    bad = [f"{o.check}: {o.status}: {o.detail}" for o in outcomes if o.status in ("wrong", "crash")]
+    assert not bad, bad
+    regressed = [f"{c}: {got[c].status}: {got[c].detail}" for c in checks
+                 if recorded.get(c, {}).get("status") == "ok" and got[c].status != "ok"]
+    assert not regressed, regressed
+
+
+def test_the_subset_is_drawn_from_the_committed_sweep():
+    assert len(SUBSET) == SAMPLE, "benchmarks/results/family_sweep.json is missing or has too few built families"

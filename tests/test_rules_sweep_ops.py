@@ -1,0 +1,196 @@
+"""Rules the family sweep asked for, each on a small hand-written model that shows the construct:
+
+1. ``torch.min(x, other)`` / ``torch.max(x, other)`` (a clamped activation): elementwise, so the
+   MLP stays prunable and planted dead neurons are removed exactly;
+2. ``reshape_as`` / ``view_as`` / ``expand_as`` in attention: each out dim is ``other``'s, so the
+   heads stay prunable and planted dead heads are removed exactly;
+3. an even split (``chunk``) whose pieces would otherwise fall into groups of different sizes (one
+   piece joins the residual stream, the other an MLP): the pieces are tied, so the child's even
+   split still cuts where its pieces end; planted dead residual channels are removed exactly; a
+   split with a shorter last piece is frozen with the reason;
+4. a convolution with a string padding (``padding="valid"``, ``aten.conv2d.padding``) relates its
+   channels as any convolution: a patch embedding's output is the stream, which shrinks exactly.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from subclone_testing import groups_of, plant_dead, plant_dead_heads, relative_error, run
+from torch import nn
+
+import subclone_graph as sg
+from subclone_graph.passes.state import channel_groups
+
+VOCAB, D, FFN, HEADS, HEAD_DIM = 40, 32, 48, 4, 8
+
+
+def _ids(batch, seq, seed):
+    return (torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed)),)
+
+
+class ClampedMlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(D, FFN), nn.Linear(FFN, D)
+        self.ceiling = nn.Parameter(torch.full((FFN,), 0.7))
+
+    def forward(self, x):
+        h = F.relu(self.up(x))
+        h = torch.min(h, self.ceiling) + 0.1 * torch.max(h, 0.5 * self.ceiling)
+        return self.down(h)
+
+
+class AsAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(D, 3 * HEADS * HEAD_DIM), nn.Linear(HEADS * HEAD_DIM, D)
+        self.gate = nn.Parameter(torch.ones(HEADS, 1, 1))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y * self.gate.expand_as(y[0])              # a per-head gate shaped as the output
+        merged = y.transpose(1, 2).reshape(b, s, HEADS * HEAD_DIM)
+        return self.out(merged.view_as(merged).reshape_as(q.transpose(1, 2).flatten(2)))
+
+
+class Layer(nn.Module):
+    def __init__(self, split):
+        super().__init__()
+        self.split = split
+        self.norm1, self.norm2 = nn.RMSNorm(D), nn.RMSNorm(D)
+        self.attn, self.mlp = AsAttention(), ClampedMlp()
+        # the split layer: one projection, chunked into a residual update and an MLP input
+        self.proj, self.down = nn.Linear(D, 2 * D, bias=False), nn.Linear(D, D, bias=False)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        if self.split:
+            update, inner = self.proj(self.norm2(x)).chunk(2, dim=-1)
+            x = x + update + self.down(F.relu(inner))
+        return x
+
+
+class Model(nn.Module):
+    def __init__(self, split=False, layers=2):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.layers = nn.ModuleList(Layer(split) for _ in range(layers))
+        self.norm, self.head = nn.RMSNorm(D), nn.Linear(D, VOCAB, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+def _parent(split):
+    torch.manual_seed(0)
+    model, inputs = Model(split).eval(), _ids(2, 8, 0)
+    gm = sg.trace(model, inputs)
+    sg.analyze_channels(gm)
+    return model, inputs, gm
+
+
+@pytest.fixture(scope="module")
+def parent():
+    return _parent(False)
+
+
+def test_min_max_other_and_as_ops_keep_the_mlp_and_heads_prunable(parent):
+    _, _, gm = parent
+    assert not gm.meta["subclone.unknown_ops"]
+    assert not groups_of(gm, "frozen")
+    assert len(groups_of(gm, "ffn")) == 2 and len(gm.meta["subclone.attention"]) == 2
+    ops = {n.target for n in gm.graph.nodes}
+    aten = torch.ops.aten
+    assert {aten.min.other, aten.max.other, aten.expand_as.default, aten.reshape_as.default,
+            aten.view_as.default} <= ops
+
+
+def test_identity_and_planted_dead_neurons_and_heads(parent):
+    model, inputs, gm = parent
+    same = sg.subclone(gm, inputs, sg.Target())
+    for x in (inputs, _ids(3, 5, 7)):
+        assert relative_error(run(same, x), run(model, x)) < 1e-6
+    plant_dead(gm, {g.id: list(range(1, FFN, 2)) for g in groups_of(gm, "ffn")})
+    heads, kv_heads = plant_dead_heads(gm)
+    checked = [inputs, _ids(3, 5, 7)]
+    child = sg.subclone(gm, inputs, sg.Target(ffn=0.5, heads=heads, kv_heads=kv_heads),
+                        calibration=checked + [_ids(4, 16, 100)])
+    assert child.get_parameter("layers.0.mlp.ceiling").shape == (FFN // 2,)
+    assert child.get_parameter("layers.0.attn.gate").shape == (HEADS - 1, 1, 1)
+    for x in checked:
+        assert relative_error(run(child, x), run(gm, x)) < 1e-5
+
+
+def test_even_split_pieces_are_tied_and_the_child_splits_where_they_end():
+    model, inputs, gm = _parent(True)
+    assert not groups_of(gm, "frozen")
+    (residual,) = groups_of(gm, "residual")
+    chunks = [n for n in gm.graph.nodes if n.target is torch.ops.aten.chunk.default]
+    assert len(chunks) == 2
+    for node in chunks:       # both pieces of the projection's chunk are the stream's channels
+        assert {channel_groups(piece)[-1] for piece in node.users} == {residual.id}
+    plant_dead(gm, {residual.id: [0, 5, D - 1]})
+    checked = [inputs, _ids(3, 5, 7)]
+    child = sg.subclone(gm, inputs, sg.Target(hidden=D - 3), calibration=checked)
+    assert child.get_parameter("layers.0.proj.weight").shape == (2 * (D - 3), D - 3)
+    for x in checked:
+        assert relative_error(run(child, x), run(gm, x)) < 1e-5
+
+
+class UnevenChunk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.up = nn.Embedding(VOCAB, D), nn.Linear(D, 5)
+        self.down, self.head = nn.Linear(3, D), nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        a, b = self.up(x).chunk(2, dim=-1)         # pieces of 3 and 2
+        return self.head(x + self.down(F.relu(a)) + b.sum(-1, keepdim=True))
+
+
+def test_an_uneven_split_is_frozen_with_the_reason():
+    inputs = _ids(2, 8, 0)
+    gm = sg.trace(UnevenChunk().eval(), inputs)
+    sg.analyze_channels(gm)
+    reasons = [g.reason for g in gm.meta["subclone.channel_graph"].groups.values() if g.reason]
+    assert any("aten.chunk" in r and "shorter last piece" in r for r in reasons), reasons
+
+
+class PatchModel(nn.Module):
+    """Images → patches by a convolution with ``padding="valid"`` → residual MLP layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, D, kernel_size=4, stride=4, padding="valid")
+        self.layers = nn.ModuleList(nn.Sequential(nn.RMSNorm(D), nn.Linear(D, FFN), nn.ReLU(), nn.Linear(FFN, D))
+                                    for _ in range(2))
+        self.head = nn.Linear(D, 10)
+
+    def forward(self, images):
+        x = self.patch(images).flatten(2).transpose(1, 2)
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(x.mean(1))
+
+
+def test_a_convolution_with_a_string_padding_keeps_the_stream_prunable():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 16, 16)
+    gm = sg.trace(PatchModel().eval(), (images,))
+    sg.analyze_channels(gm)
+    assert not gm.meta["subclone.unknown_ops"] and not groups_of(gm, "frozen")
+    (stream,) = groups_of(gm, "residual")
+    plant_dead(gm, {stream.id: [0, 3, D - 1]})
+    checked = [(images,), (torch.randn(3, 3, 16, 16),)]
+    child = sg.subclone(gm, (images,), sg.Target(hidden=D - 3), calibration=checked)
+    assert child.get_parameter("patch.weight").shape == (D - 3, 3, 4, 4)
+    for x in checked:
+        assert relative_error(run(child, x), run(gm, x)) < 1e-5

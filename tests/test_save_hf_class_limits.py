@@ -1,0 +1,156 @@
+"""``save_hf`` on a small Hugging Face class of our own that shows two constructs the family sweep
+met (decoder-only runs of encoder-decoder classes, LM heads beside a pooler, per-layer kind lists):
+
+1. tensors of the class the traced graph never reads (a per-layer cross-attention, a pooler) are
+   missing from a shrunk child; ``save_hf`` leaves them to the class's initialisation and the
+   reloaded model equals the child at another size;
+2. a config class that raises ``IndexError`` for a candidate (a per-layer list read by index,
+   shorter than the layer count of that candidate) only rejects that candidate: the child with a
+   layer fewer saves and reloads equal;
+3. a composite config whose sizes live in a sub-config (``text_config``): the sub-config's fields
+   are searched and written, and the reloaded composite model equals the child;
+4. an embedding module that returns ``(rows, scaling)`` (a quantisation-aware embedding): no
+   plain lookup to measure an embedding scale on, so none is folded, and the child saves.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from subclone_testing import relative_error, run
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+import subclone_graph as sg
+
+VOCAB = 40
+
+
+class TinyConfig(PretrainedConfig):
+    model_type = "subclone_tiny_unread"
+
+    def __init__(self, hidden_size=32, intermediate_size=48, num_hidden_layers=3, layer_kinds=None, **kwargs):
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.layer_kinds = layer_kinds if layer_kinds is not None else ["a", "b", "a"][:num_hidden_layers]
+        super().__init__(**kwargs)
+
+
+class Layer(nn.Module):
+    def __init__(self, config, index):
+        super().__init__()
+        self.kind = config.layer_kinds[index]          # IndexError for a list shorter than the layers
+        self.norm = nn.RMSNorm(config.hidden_size)
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.cross = nn.Linear(config.hidden_size, config.hidden_size)       # read only with encoder states
+
+    def forward(self, x, encoder_states=None):
+        x = x + self.down(F.gelu(self.up(self.norm(x))))
+        if encoder_states is not None:
+            x = x + self.cross(encoder_states)
+        return x
+
+
+class TinyModel(PreTrainedModel):
+    config_class = TinyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(VOCAB, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)      # never read by the LM head
+        self.norm, self.head = nn.RMSNorm(config.hidden_size), nn.Linear(config.hidden_size, VOCAB)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+def _ids(batch, seq, seed):
+    return (torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed)),)
+
+
+def test_unread_tensors_and_a_rejected_candidate(tmp_path):
+    torch.manual_seed(0)
+    model = TinyModel(TinyConfig()).eval()
+    inputs = _ids(2, 8, 0)
+    child = sg.subclone(model, inputs, sg.Target(hidden=0.5, ffn=0.5, layers=2), calibration=[inputs])
+    assert not any("cross" in n or "pooler" in n for n in child.state_dict())
+    path = sg.save_hf(child, tmp_path / "child")
+    loaded = TinyModel.from_pretrained(path).eval()
+    assert loaded.config.num_hidden_layers == 2 and len(loaded.config.layer_kinds) == 2
+    assert loaded.config.hidden_size == 16 and loaded.config.intermediate_size == 24
+    x = _ids(3, 11, 5)
+    assert relative_error(run(loaded, x), run(child, x)) < 1e-5
+
+
+class TinyCompositeConfig(PretrainedConfig):
+    model_type = "subclone_tiny_composite"
+    sub_configs = {"text_config": TinyConfig}
+
+    def __init__(self, text_config=None, **kwargs):
+        if isinstance(text_config, dict):
+            text_config = TinyConfig(**text_config)
+        self.text_config = text_config if text_config is not None else TinyConfig()
+        super().__init__(**kwargs)
+
+
+class TinyComposite(PreTrainedModel):
+    config_class = TinyCompositeConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.language_model = TinyModel(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.embed
+
+    def forward(self, input_ids):
+        return self.language_model(input_ids)
+
+
+def test_sizes_in_a_sub_config_are_found_and_written(tmp_path):
+    torch.manual_seed(0)
+    model = TinyComposite(TinyCompositeConfig()).eval()
+    inputs = _ids(2, 8, 0)
+    child = sg.subclone(model, inputs, sg.Target(hidden=0.5, ffn=0.5), calibration=[inputs])
+    path = sg.save_hf(child, tmp_path / "child")
+    loaded = TinyComposite.from_pretrained(path).eval()
+    assert (loaded.config.text_config.hidden_size, loaded.config.text_config.intermediate_size) == (16, 24)
+    x = _ids(3, 11, 5)
+    assert relative_error(run(loaded, x), run(child, x)) < 1e-5
+
+
+class TupleEmbedding(nn.Embedding):
+    def forward(self, ids):
+        return super().forward(ids), None
+
+
+class TupleEmbeddingModel(TinyModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = TupleEmbedding(VOCAB, config.hidden_size)
+        self.post_init()
+
+    def forward(self, input_ids):
+        x, _ = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+def test_an_embedding_that_returns_a_tuple_saves(tmp_path):
+    torch.manual_seed(0)
+    model = TupleEmbeddingModel(TinyConfig()).eval()
+    inputs = _ids(2, 8, 0)
+    child = sg.subclone(model, inputs, sg.Target(hidden=0.5), calibration=[inputs])
+    loaded = TupleEmbeddingModel.from_pretrained(sg.save_hf(child, tmp_path / "child")).eval()
+    x = _ids(3, 11, 5)
+    assert relative_error(run(loaded, x), run(child, x)) < 1e-5
