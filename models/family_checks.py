@@ -101,7 +101,10 @@ def shrink_target(gm) -> sg.Target:
     layers = len(gm.meta.get("subclone.layers") or ())
     if layers >= 2:
         fields["layers"] = layers - 1
-    return sg.Target(**{k: v for k, v in fields.items() if v is not None})
+    asked = {k: v for k, v in fields.items() if v is not None}
+    # nothing found to shrink: ask for the narrower stream anyway, so the library's own one-line
+    # refusal is what the sweep records (an empty target would only return the parent)
+    return sg.Target(**(asked or {"hidden": 0.5}))
 
 
 class _Family:
