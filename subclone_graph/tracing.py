@@ -19,7 +19,7 @@ torch.export would otherwise guard the *base* tensor's sizes (``input_ids._base.
 and every later call with another tensor — each calibration batch — would fail the guard.
 
 Speed: with dynamic axes every op's shapes are sympy expressions, and two of export's defaults
-cost more than they give here (measured on a Llama layer: ~30% of the trace): the fake-tensor
+cost more than they give here (measured on one decoder layer: ~30% of the trace): the fake-tensor
 dispatch cache (a hit rebuilds its symbolic output shapes, slower than computing them afresh)
 and a Python stack trace kept per node (``node.meta["stack_trace"]``, which no pass reads). Both
 are off while we export (``fast_export_settings``); the graph is the same.

@@ -47,7 +47,22 @@ class FixedPosition(nn.Module):
 
 
 class NeedsFour(nn.Module):
-    """A model that itself needs 4 positions (an unpadded kernel of 4): its own limit, not the trace's."""
+    """A model that itself needs 4 positions (it checks, as a kernel of 4 would): its own limit,
+    not the trace's."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix = nn.Embedding(11, 8), nn.Linear(8, 8)
+
+    def forward(self, ids):
+        torch._check(ids.shape[1] >= 4, lambda: "needs 4 positions")
+        x = self.embed(ids)
+        return x + self.mix(x)
+
+
+class WindowOfFour(nn.Module):
+    """Windows of 4 positions: export assumes the s - 3 windows are never exactly 1, so its
+    trace rejects length 4, where the eager model runs — a confinement of the trace."""
 
     def __init__(self):
         super().__init__()
@@ -115,7 +130,17 @@ def test_subclone_refuses_a_raised_least_length_and_not_the_model_s_own():
     with pytest.raises(sg.TraceError, match=r"ids.size\(\)\[1\] (>= 11|> 10)"):
         sg.subclone(FixedPosition().eval(), (torch.randint(0, 11, (2, 12)),), sg.Target())
     child = sg.subclone(NeedsFour().eval(), (torch.randint(0, 11, (2, 6)),), sg.Target())
+    assert child(torch.randint(0, 11, (3, 9))).shape == (3, 9, 8)
+
+
+def test_a_length_the_trace_rejects_where_the_model_runs_is_refused():
+    # the model's own limit is 4; export's trace also rejects exactly 4 (a window count of 1)
+    ids = torch.randint(0, 11, (2, 6))
+    with pytest.raises(sg.TraceError, match=r"Ne\(ids.size\(\)\[1\] - 3, 1\)|ids.size\(\)\[1\]"):
+        sg.subclone(WindowOfFour().eval(), (ids,), sg.Target())
+    child = sg.subclone(WindowOfFour().eval(), (ids,), sg.Target(), fixed_sizes=True)
     assert child(torch.randint(0, 11, (3, 9))).shape == (3, 6, 8)
+    WindowOfFour()(torch.randint(0, 11, (3, 4)))                       # the eager model runs at 4
 
 
 class LoopNeedsFour(Loop):

@@ -4,12 +4,17 @@
 reads; ``save_hf`` (tensors in memory) and ``subclone_checkpoint`` (tensors read on demand, each
 replayed from its edit program) both call it, so one child gives one folder, byte for byte:
 
-1. weights: every tensor of the child under the name a parent-class model with contiguous
-   layers uses (``weights.hf_names``), in the child's state-dict order, streamed into
+1. weights: every tensor the child's graph reads, under the name a parent-class model with
+   contiguous layers uses (``weights.hf_names``), in the child's state-dict order, streamed into
    safetensors shards of bounded size (``checkpoint.files.write_shards``) one tensor at a time.
    A tensor the class ties under several names (an output head tied to the embedding) is
    stored once, under its first name; the class ties the others when it loads. Experts are
-   stored fused, as the module holds them (transformers 5 loads that layout directly);
+   stored fused, as the module holds them (transformers 5 loads that layout directly). A
+   tensor the child holds but its graph never reads (a decoder-only run's cross-attention, an
+   unused pooler) is no part of what it computes and is not written: the class initialises it
+   as it does any missing weight, and the check below verifies the class does not read it
+   either (while the config is searched it holds seeded random values, so a class that does
+   read it differs from the child);
 2. config: ``config.child_config``, its output distance measured on the class built from a
    candidate config holding the *written* weights against the reference — the child's graph run
    by the segment runner on the written weights (so both sources give the same reference bits);
@@ -96,8 +101,11 @@ def _stored(child: fx.GraphModule, names: dict) -> dict[str, str]:
         if hasattr(model, "tie_weights"):      # as from_pretrained ties, outside the context
             model.tie_weights()
     tied = {n: set(group) for group in tied_names(model) for n in group}
+    read = {id(get_attribute(child, n.target)) for n in child.graph.nodes if n.op == "get_attr" and n.users}
     stored, first = {}, {}
     for name, tensor in child.state_dict(keep_vars=True).items():
+        if id(tensor) not in read:
+            continue
         hf = names[name]
         kept = first.setdefault(id(tensor), hf)
         if kept != hf and hf in tied.get(kept, ()):      # the class ties it to the one stored
@@ -145,11 +153,29 @@ def _load(cls, config, written: CheckpointReader) -> torch.nn.Module:
     result = model.load_state_dict({name: written.read(name) for name in written.tensors}, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    _fill_unwritten(model, set(written.tensors))
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing or result.unexpected_keys:
         raise HFExportError(f"{written.folder}: the written tensors do not fit {cls.__name__} "
                             f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
     return model.eval()
+
+
+def _pattern(name: str) -> str:
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
+def _fill_unwritten(model: torch.nn.Module, written: set) -> None:
+    """Give the class's tensors of a kind the child wrote none of (module docstring, step 1)
+    seeded random values; a tensor of a written kind that is missing stays meta (an error)."""
+    kinds = {_pattern(name) for name in written}
+    generator = torch.Generator().manual_seed(0)
+    for name, tensor in list(model.named_parameters()):
+        if tensor.is_meta and _pattern(name) not in kinds:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            value = torch.randn(tensor.shape, generator=generator).to(tensor.dtype)
+            setattr(module, leaf, torch.nn.Parameter(value, requires_grad=tensor.requires_grad))
 
 
 def _folded(model: torch.nn.Module, inputs: tuple, scales: dict) -> list[str]:
