@@ -144,7 +144,14 @@ class ScaleClonedReadsPass(SubclonePass):
 
     def run(self, gm: fx.GraphModule) -> bool:
         graph, keep, sizes = state.CHANNEL_GRAPH.need(gm), state.KEEP.need(gm), state.SIZES.need(gm)
-        factors = {g: 1.0 / n for g, n in grown_groups(graph, keep, sizes).items()}
+        grown = grown_groups(graph, keep, sizes)
+        uneven = [g for g, n in grown.items() if n is None]
+        if uneven:      # no one factor divides its reads: cloning cannot keep the function
+            g = graph.groups[uneven[0]]
+            raise ValueError(f"cannot grow this model by cloning: a {g.kind} width (group {g.id} of size {g.size}"
+                             f"{'' if g.layer is None else f', layer {g.layer}'}) is tied to grown widths that "
+                             "copy its channels unevenly; leave the widths it is tied to at the parent's size")
+        factors = {g: 1.0 / n for g, n in grown.items()}
         for g, copies in folded_groups(graph, state.FOLDED.get(gm) or {}).items():
             factors[g] = factors.get(g, 1.0) * copies
         self.needed, self.handled = set(), set()
