@@ -47,8 +47,10 @@ from subclone_testing import family, groups_of, relative_error, run, traced
 T2 = sg.Times(2)
 ALL = dict(hidden=T2, ffn=T2, heads=T2, kv_heads=T2)
 HEADS_REFUSED = {"bloom": "aten.arange"}
-# Mamba's x_proj output (dt rank, B, C) is tied to its inner width unevenly: refused, hidden grows
-FFN_REFUSED = {"mamba": "copy its channels unevenly"}
+# Mamba's inner width grows exactly (test below), but its way back does not fold yet: x_proj's
+# output (dt rank, B, C) is a concatenation in which the grown width's copies sit unevenly, and
+# the subclone back rescales by √(1.2) — kept out of the every-family targets until it folds
+FFN_NOT_FOLDED_BACK = {"mamba"}
 NAMES = list(models.MODEL_NAMES) + list(hf_families.FAMILIES)
 FAST = {"llama_like", "gpt_like", "vit_like", "llama", "gpt2", "bert", "gemma", "qwen2_moe", "deepseek_v3", "falcon"}
 PARAMS = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in NAMES]
@@ -79,7 +81,7 @@ def inputs(model, name, batch, seq, seed=0):
 
 def full_target(gm, name) -> dict:
     target = {"hidden": T2}
-    if groups_of(gm, "ffn") and name not in FFN_REFUSED:
+    if groups_of(gm, "ffn") and name not in FFN_NOT_FOLDED_BACK:
         target["ffn"] = T2
     if gm.meta["subclone.attention"] and name not in HEADS_REFUSED:
         target.update(heads=T2, kv_heads=T2)
@@ -119,12 +121,12 @@ def test_heads_that_cannot_grow_are_refused_naming_the_op(name, op):
     assert "\n" not in str(raised.value)
 
 
-@pytest.mark.parametrize("name, why", [pytest.param(n, w, marks=pytest.mark.slow) for n, w in FFN_REFUSED.items()])
-def test_an_mlp_that_cannot_grow_evenly_is_refused(name, why):
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in sorted(FFN_NOT_FOLDED_BACK)])
+def test_an_inner_width_tied_unevenly_grows_exactly(name):
     model, example, gm = parent(name)
-    with pytest.raises(ValueError, match=f"cannot grow this model by cloning: .*{why}") as raised:
-        subclone(gm, example, sg.Target(ffn=T2))
-    assert "\n" not in str(raised.value)
+    child = subclone(gm, example, sg.Target(hidden=T2, ffn=T2))
+    grown_sizes_are_doubled(child, {"residual", "ffn"})
+    equal_to_parent(child, model, name)
 
 
 # ----- 2. each width alone -----------------------------------------------------------------------
@@ -196,7 +198,10 @@ def test_save_hf_reloads_the_grown_child_as_the_parents_class(name, tmp_path):
     assert sg.count_parameters(back) == sg.count_parameters(child)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     parent_config = model.config.to_dict()
-    for field in ("hidden_size", "n_embd", "intermediate_size", "num_attention_heads", "n_head"):
+    # an MLP width field the class reads doubled (a tiny MoE's dense intermediate_size may be unused)
+    widths = [f for f in config if "intermediate_size" in f and isinstance(parent_config.get(f), int)]
+    assert not widths or any(config[f] == 2 * parent_config[f] for f in widths), widths
+    for field in ("hidden_size", "n_embd", "num_attention_heads", "n_head"):
         if isinstance(parent_config.get(field), int) and field in config:
             assert config[field] == 2 * parent_config[field], field
     equal_to_parent(back, model, name)

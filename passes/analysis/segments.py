@@ -18,10 +18,14 @@ memory). The runner does the same either way; only the order of the loops differ
    input) are kept per batch in a ``BoundaryStore``, in memory up to a byte budget and on disk
    past it.
 
-Weights read on demand are fetched one segment ahead, in a background thread, while the
+Weights read on demand can be fetched one segment ahead, in a background thread, while the
 current segment runs (reading a file releases the interpreter lock): the disk and the matrix
 units work at once. Only a segment whose fetched attributes take at most ``prefetch_bytes``
-is fetched ahead, so peak memory grows by at most that much.
+is fetched ahead, so peak memory grows by at most that much. It is off by default
+(``PREFETCH_BYTES = 0``): torch ops in the second thread take cores from the running
+segment's kernels, whose float32 sums then come out in another order — the streamed scores of
+a half-precision Mamba differed from the in-memory ones in the last bits, and the two paths
+must give the same bits.
 
 Device placement: with ``device``, every fetched attribute and every input is moved there
 (a floating attribute keeps its ``requires_grad``: ``aten.matmul`` picks its algorithm by it,
@@ -59,8 +63,8 @@ __all__ = ["Segment", "plan_segments", "BoundaryStore", "run_segments", "carried
            "PREFETCH_BYTES"]
 
 # a segment read on demand is fetched ahead while the one before it runs when its attributes
-# (as the runner holds them: widened or stored) take at most this many bytes
-PREFETCH_BYTES = 1 * 2**30
+# (as the runner holds them: widened or stored) take at most this many bytes (0: never; module doc)
+PREFETCH_BYTES = 0
 
 
 @dataclass
@@ -342,7 +346,8 @@ def run_segments(gm: fx.GraphModule, batches, weights, store: BoundaryStore | No
             for k, segment in enumerate(segments):
                 fetched = attributes.of(segment) if pending is None else pending.result()
                 following = segments[k + 1] if k + 1 < len(segments) else None
-                fits = following is not None and attributes.held_bytes(following) <= prefetch_bytes
+                fits = (prefetch_bytes > 0 and following is not None
+                        and attributes.held_bytes(following) <= prefetch_bytes)
                 pending = ahead.submit(attributes.of, following) if fits else None
                 for b, flat in enumerate(batches):
                     env = first_env(flat) if k == 0 else store.take(b)

@@ -145,13 +145,8 @@ class ScaleClonedReadsPass(SubclonePass):
     def run(self, gm: fx.GraphModule) -> bool:
         graph, keep, sizes = state.CHANNEL_GRAPH.need(gm), state.KEEP.need(gm), state.SIZES.need(gm)
         grown = grown_groups(graph, keep, sizes)
-        uneven = [g for g, n in grown.items() if n is None]
-        if uneven:      # no one factor divides its reads: cloning cannot keep the function
-            g = graph.groups[uneven[0]]
-            raise ValueError(f"cannot grow this model by cloning: a {g.kind} width (group {g.id} of size {g.size}"
-                             f"{'' if g.layer is None else f', layer {g.layer}'}) is tied to grown widths that "
-                             "copy its channels unevenly; leave the widths it is tied to at the parent's size")
-        factors = {g: 1.0 / n for g, n in grown.items()}
+        self._refuse_uneven_contractions(gm, graph, [g for g, n in grown.items() if n is None])
+        factors = {g: 1.0 / n for g, n in grown.items() if n is not None}
         for g, copies in folded_groups(graph, state.FOLDED.get(gm) or {}).items():
             factors[g] = factors.get(g, 1.0) * copies
         self.needed, self.handled = set(), set()
@@ -188,6 +183,22 @@ class ScaleClonedReadsPass(SubclonePass):
                                      "was not divided by its copies")
 
     # ----- which weight reads which grown width ----------------------------------------------
+    @staticmethod
+    def _refuse_uneven_contractions(gm, graph, uneven: list) -> None:
+        """A group holding its channels unevenly (a concatenation of a grown and a kept width, as a
+        projection whose output is split into both) needs no factor unless something contracts
+        it: then no one factor keeps the function, and the growth is refused in one line."""
+        for node in gm.graph.nodes:
+            contracts = state.CONTRACTS.of(node, graph)
+            if contracts is None:
+                continue
+            hit = [graph.find(v) for v in contracts.vertices if graph.find(v) in uneven]
+            if hit:
+                g = graph.groups[hit[0]]
+                raise ValueError(f"cannot grow this model by cloning: {node.target} ({node.name}) contracts a "
+                                 f"{g.kind} width (group {g.id} of size {g.size}) whose channels the growth copies "
+                                 "unevenly; leave the widths it is tied to at the parent's size")
+
     def _reads(self, gm, graph, factors) -> dict[str, tuple[float, fx.Node, tuple]]:
         """contraction node name → (its factor, its weight's attribute node, contracted dims there)."""
         reads = {}

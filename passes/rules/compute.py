@@ -279,13 +279,12 @@ def _einsum(ctx):
         w = operands.index(weights[0])
         for letter in summed:
             ctx.contract(ctx.v(operands[1 - w], terms[1 - w].index(letter)), ctx.v(operands[w], terms[w].index(letter)))
+        for d, letter in enumerate(output):
+            if letter in terms[w] and not all(letter in t for t in terms):
+                ctx.produce(ctx.out(d))
     else:
         for letter in summed:
             ctx.contract_values(ctx.v(operands[0], terms[0].index(letter)), ctx.v(operands[1], terms[1].index(letter)))
-        w_term = terms[operands.index(weights[0])]
-        for d, letter in enumerate(output):
-            if letter in w_term and not all(letter in t for t in terms):
-                ctx.produce(ctx.out(d))
 
 
 def _note_einsum_attention(ctx, terms, output, operands, seen) -> None:

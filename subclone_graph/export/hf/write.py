@@ -180,7 +180,10 @@ def _fill_unwritten(model: torch.nn.Module, written: set) -> None:
 
 def _folded(model: torch.nn.Module, inputs: tuple, scales: dict) -> list[str]:
     """``fold_scale`` with the child's scale of the class's token table; the changed names."""
-    table = getattr(model.get_input_embeddings(), "weight", None)
+    try:
+        table = getattr(model.get_input_embeddings(), "weight", None)
+    except NotImplementedError:         # a class without a token table (a vision model): nothing to fold
+        return []
     names = [n for n, t in model.state_dict(keep_vars=True).items() if t is table]
     wanted = next((scales[n] for n in names if n in scales), None)
     return fold_scale(model, inputs, wanted) if names else []
