@@ -24,7 +24,7 @@ units work at once. Only a segment whose fetched attributes take at most ``prefe
 is fetched ahead, so peak memory grows by at most that much. It is off by default
 (``PREFETCH_BYTES = 0``): torch ops in the second thread take cores from the running
 segment's kernels, whose float32 sums then come out in another order — the streamed scores of
-a half-precision Mamba differed from the in-memory ones in the last bits, and the two paths
+a half-precision state-space model differed from the in-memory ones in the last bits, and the two paths
 must give the same bits.
 
 Device placement: with ``device``, every fetched attribute and every input is moved there
