@@ -30,7 +30,7 @@ from subclone_graph.runtime.distributed import DistributedError, world_size
 from subclone_graph.tracing import refuse_confined_sizes, trace
 
 __all__ = ["subclone", "subclone_passes", "run_passes", "Target", "check_inputs", "check_token_ids", "check_drop_layers",
-           "check_checkpoint_arguments", "aligned_target", "batch_count", "phases_steps",
+           "check_checkpoint_arguments", "aligned_target", "calibration_batches", "phases_steps",
            "grouped_kernel_multiple"]
 
 def subclone_passes(target: Target, calibration=None, drop_layers=None, depth: str = "middle",
@@ -160,7 +160,7 @@ def subclone(model, example_inputs, target: Target | None = None, calibration=No
     passes = subclone_passes(aligned_target(gm, target), calibration, drop_layers, depth, rescale, calibration_steps,
                              selection, device, compute_dtype, grow_noise_db=grow_noise_db)
     names = [type(p).__name__ for p in passes]
-    with phases("calibrate", _batch_count(calibration)) as steps["tick"]:
+    with phases("calibrate", calibration_batches(calibration)) as steps["tick"]:
         gm = run_passes(gm, passes[2:3], ran=names[:2])
     with phases("rewrite"):
         gm = run_passes(gm, passes[3:], ran=names[:3])
@@ -222,20 +222,16 @@ def phases_steps(batches, tick):
         tick()
 
 
-def _batch_count(calibration) -> int | None:
-    """The calibrate phase's steps: one without data (weight magnitude), else one per batch."""
+def calibration_batches(calibration) -> int | None:
+    """The calibrate phase's batch count: 1 without data (one step: weight magnitude), else the
+    batches given; None where it is not known ahead — a rank's share, or a stream (a
+    ``TokenStream``, or a ``Shard`` of one) counted as it is read."""
     if calibration is None:
         return 1
     if world_size() > 1:
-        return None                         # a rank's share: counted as it goes
-    return batch_count(calibration)
-
-
-def batch_count(batches) -> int | None:
-    """How many batches ``batches`` holds, or None for a stream (a ``TokenStream``, or a
-    ``Shard`` of one) that is counted as it is read."""
+        return None
     try:
-        return len(batches)
+        return len(calibration)
     except TypeError:
         return None
 

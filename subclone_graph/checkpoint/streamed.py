@@ -42,8 +42,8 @@ from subclone_graph.passes import state
 from subclone_graph.passes.analysis.segments import BoundaryStore
 from subclone_graph.passes.target import Target
 
-from subclone_graph.api import (aligned_target, batch_count, check_checkpoint_arguments, phases_steps, run_passes,
-                                subclone_passes)
+from subclone_graph.api import (aligned_target, calibration_batches, check_checkpoint_arguments, phases_steps,
+                                run_passes, subclone_passes)
 from subclone_graph.checkpoint.files import CheckpointError
 from subclone_graph.checkpoint.weightless_parent import CheckpointWeights, weightless_parent
 from subclone_graph.progress import Phases
@@ -80,14 +80,10 @@ def _child_bytes(gm: fx.GraphModule) -> int:
 
 
 def _calibration_steps(gm: fx.GraphModule, batches) -> int | None:
-    """The calibrate phase's steps: one without data (weight magnitude), else segments × batches
-    (None where the count is not known ahead: a rank's share, a stream)."""
-    if batches is None:
-        return 1
-    count = batch_count(batches)
-    if distributed.world_size() > 1 or count is None:
-        return None
-    return (len(state.LAYERS.need(gm)) + 2) * count
+    """The calibrate phase's steps: segments × batches (one without data; None where the batch
+    count is not known ahead: ``api.calibration_batches``)."""
+    count = calibration_batches(batches)
+    return count if batches is None or count is None else (len(state.LAYERS.need(gm)) + 2) * count
 
 
 def _parameter_count(gm: fx.GraphModule) -> int:

@@ -17,7 +17,7 @@ from subclone_graph.passes.fx_utils import attribute_path, container_item, conta
 
 from subclone_graph.export.hf.common import HFExportError, required
 
-__all__ = ["hf_names", "child_state_dict", "tied_names", "fitted", "load_fitted"]
+__all__ = ["hf_names", "child_state_dict", "tied_names", "name_pattern", "fitted", "load_fitted"]
 
 
 def _layer_renames(layers) -> dict[str, str]:
@@ -72,7 +72,7 @@ def tied_names(model: torch.nn.Module) -> list[list[str]]:
     return list(groups.values())
 
 
-def _pattern(name: str) -> str:
+def name_pattern(name: str) -> str:
     """A state-dict name with its container indices as ``*`` (``a.layers.3.w`` → ``a.layers.*.w``)."""
     return ".".join("*" if part.isdigit() else part for part in name.split("."))
 
@@ -87,11 +87,11 @@ def fitted(model: torch.nn.Module, state: dict) -> tuple[dict, list[str]]:
     wanted = model.state_dict(keep_vars=True)
     partners = {n: names for names in tied_names(model) for n in names}
     non_persistent = {n for n, _ in model.named_buffers(remove_duplicate=False)} - set(wanted)
-    present = {_pattern(n) for n in state}
+    present = {name_pattern(n) for n in state}
     fitted, problems = {}, []
     for name, target in wanted.items():
         source = next((s for s in [name, *partners.get(name, ())] if s in state), None)
-        if source is None and _pattern(name) not in present:
+        if source is None and name_pattern(name) not in present:
             continue
         if source is None:
             problems.append(f"{name}: missing from the child")

@@ -58,7 +58,7 @@ from subclone_graph.export.hf.common import (HFExportError, example_inputs, max_
                                              quiet_transformers, required, tensor_outputs)
 from subclone_graph.export.hf.config import child_config
 from subclone_graph.export.hf.embedding_scale import child_scales, fold_scale
-from subclone_graph.export.hf.weights import child_state_dict, hf_names, tied_names
+from subclone_graph.export.hf.weights import child_state_dict, hf_names, name_pattern, tied_names
 from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
 
 __all__ = ["write_folder", "check_folder", "Written", "ConfigChange", "DEFAULT_SHARD_SIZE", "TOKENIZER_FILES"]
@@ -161,17 +161,13 @@ def _load(cls, config, written: CheckpointReader) -> torch.nn.Module:
     return model.eval()
 
 
-def _pattern(name: str) -> str:
-    return ".".join("*" if part.isdigit() else part for part in name.split("."))
-
-
 def _fill_unwritten(model: torch.nn.Module, written: set) -> None:
     """Give the class's tensors of a kind the child wrote none of (module docstring, step 1)
     seeded random values; a tensor of a written kind that is missing stays meta (an error)."""
-    kinds = {_pattern(name) for name in written}
+    kinds = {name_pattern(name) for name in written}
     generator = torch.Generator().manual_seed(0)
     for name, tensor in list(model.named_parameters()):
-        if tensor.is_meta and _pattern(name) not in kinds:
+        if tensor.is_meta and name_pattern(name) not in kinds:
             owner, _, leaf = name.rpartition(".")
             module = model.get_submodule(owner)
             value = torch.randn(tensor.shape, generator=generator).to(tensor.dtype)
