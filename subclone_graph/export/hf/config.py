@@ -77,13 +77,17 @@ def _configs(config: dict) -> list[dict]:
 
 
 def _flat(config: dict, prefix: tuple = ()) -> dict[tuple, object]:
-    """Every field as ``{path: value}`` (``("text_config", "hidden_size")``), sub-configs flattened."""
+    """Every field as ``{path: value}`` (``("text_config", "hidden_size")``), sub-configs flattened;
+    each entry of a list of integers also as ``(..., name, index)`` (a width per stage:
+    ``hidden_sizes[1]``), so that the search sets it alone."""
     flat = {}
     for key, value in config.items():
         if isinstance(value, dict) and "model_type" in value:
             flat.update(_flat(value, (*prefix, key)))
         else:
             flat[(*prefix, key)] = value
+            if isinstance(value, list) and all(type(v) is int for v in value):
+                flat.update({(*prefix, key, i): v for i, v in enumerate(value)})
     return flat
 
 
@@ -93,7 +97,7 @@ def _changed(config: dict, changes: dict[tuple, object]) -> dict:
     for path, value in changes.items():
         node = config
         for key in path[:-1]:
-            node[key] = dict(node[key])
+            node[key] = list(node[key]) if isinstance(node[key], list) else dict(node[key])
             node = node[key]
         node[path[-1]] = value
     return config
