@@ -52,7 +52,7 @@ from subclone_graph.export.destination import check_destination, staging_folder
 from subclone_graph.passes.fx_utils import as_input_tuple, eval_mode
 from subclone_graph.progress import Phases
 from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
-from subclone_graph.tracing import dynamic_shapes_for
+from subclone_graph.tracing import dynamic_shapes_for, fast_export_settings
 
 __all__ = ["export_onnx", "OnnxExportError", "OnnxMismatchError", "run_onnx", "graph_dtype"]
 
@@ -152,7 +152,8 @@ def _export_and_run(module, args: tuple, kwargs: dict, staged: Path, opset: int 
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     if isinstance(module, fx.GraphModule):
         module = portable_grouped_mm(module)      # a new graph when it has expert matmuls (onnx_moe)
-    with torch.no_grad(), eval_mode(module), _quiet_export():
+    # export's fake-tensor cache and per-node stack traces cost ~30% here and change no graph (tracing.py)
+    with torch.no_grad(), eval_mode(module), _quiet_export(), fast_export_settings():
         try:
             torch.onnx.export(module, args, str(staged), kwargs=kwargs, dynamo=True, opset_version=opset, optimize=optimize,
                               dynamic_shapes=dynamic_shapes_for(module, args, kwargs),
