@@ -202,7 +202,8 @@ def export_onnx(child: torch.nn.Module, example_inputs, path, *, example_kwargs:
     (None: the exporter's default); ``optimize=False`` skips the exporter's graph optimisation
     (faster; the parity check is the same); ``fixed_sizes=True`` exports at the example's sizes, no
     dynamic axes (a child subcloned with ``fixed_sizes=True`` runs at those only; a static graph also
-    exports faster: 3.9 s against 11.3 s for a tiny grown Llama on this 2-core CPU). ``progress`` (``subclone_graph.progress``) sees the
+    exports faster: 3.9 s against 11.3 s for a tiny grown decoder on this 2-core CPU). ``progress``
+    (``subclone_graph.progress``) sees the
     phases ``write`` (the export) and ``check`` (onnxruntime and the reference). Raises ``FileExistsError`` for an existing ``path``
     without ``overwrite``, ``OnnxMismatchError`` / ``OnnxExportError`` (nothing written) when
     the check fails.
