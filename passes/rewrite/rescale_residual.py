@@ -23,6 +23,9 @@ Where the factor goes, for every reduction (``state.REDUCES``) over a shrunk gro
    the parent's graph (a class loading its weights computes the same);
 3. otherwise (no weight, or a weight also used elsewhere) a ``mul`` by the factor is inserted
    after the normalised value.
+A weight shared by several norms (a layer applied several times in a loop, or one norm module
+reused) is scaled once when every use of it is the gain (or bias) of a norm taking the same
+factor and offset: scaling it scales each of them, as one weight per norm would.
 A reduction that meets the stream only by subtraction (LayerNorm's centring) needs nothing.
 The factor is applied once per weight tensor, so a tied weight is scaled for all its uses or
 none; the embedding and output head are never touched (the factor sits in the norms).
@@ -145,8 +148,7 @@ class RescaleResidualPass(SubclonePass):
         ratio = shrunk[residual[0]] if residual else next(iter(shrunk.values()))
         state.RESCALE.set(gm, state.Rescale(factor=math.sqrt(ratio), eps_scale=ratio))
         scaled: set[int] = set()
-        use_count = self._use_counts(gm)
-        modified = False
+        norms = []
         for node in list(gm.graph.nodes):
             # a norm over a shrunk residual, or over any other shrunk width (a QK-norm over the
             # whole heads·head_dim projection): the same statistic, the same correction
@@ -154,10 +156,13 @@ class RescaleResidualPass(SubclonePass):
             reduced = {graph.find(v) for v in reduces.vertices} & set(shrunk) if reduces is not None else set()
             if reduced and _is_normalisation(node, set(shrunk)):
                 self.needed.add(node.name)
-                factor = math.sqrt(math.prod(shrunk[g] for g in reduced))
-                if self._rescale_at(gm, node, set(shrunk), factor, scaled, use_count):
-                    self.handled.add(node.name)
-                    modified = True
+                norms.append((node, math.sqrt(math.prod(shrunk[g] for g in reduced))))
+        foldable = self._foldable(gm, norms, set(shrunk))
+        modified = False
+        for node, factor in norms:
+            if self._rescale_at(gm, node, set(shrunk), factor, scaled, foldable):
+                self.handled.add(node.name)
+                modified = True
         return modified
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
@@ -179,28 +184,54 @@ class RescaleResidualPass(SubclonePass):
                 counts[key] = counts.get(key, 0) + len(uses)
         return counts
 
-    def _rescale_at(self, gm, node, groups, factor, scaled, use_count) -> bool:
+    @staticmethod
+    def _gains(node, groups) -> list | None:
+        """The (weight get_attr, offset) pairs that take the factor of the norm at ``node``, or
+        None where the factor cannot go into a weight (no weight: a ``mul`` is inserted)."""
         if node.target in _NORM_OPS:
-            weight_args, eps_arg = _NORM_OPS[node.target]
+            weight_args, _ = _NORM_OPS[node.target]
+            weights = [node.args[i] if len(node.args) > i else None for i in weight_args]
+            if not isinstance(weights[0], fx.Node):
+                return None
+            return [(w, 0.0) for w in weights if isinstance(w, fx.Node) and w.op == "get_attr"]
+        point, _ = _normalised(node, groups)
+        gain = _gain(point, groups) if point is not None else None
+        return [gain] if gain is not None else None
+
+    def _foldable(self, gm, norms, groups) -> set[fx.Node]:
+        """The norms whose factor goes into their weights: each weight is used only as the gain
+        (or bias) of norms taking one factor and offset (module docstring)."""
+        use_count, claims, planned = self._use_counts(gm), {}, {}
+        for node, factor in norms:
+            gains = self._gains(node, groups)
+            if gains is None:
+                continue
+            planned[node] = gains
+            for weight, offset in gains:
+                claims.setdefault(id(get_attribute(gm, weight.target)), []).append((factor, offset))
+        return {node for node, gains in planned.items()
+                if all(len(claims[key]) == use_count[key] and len(set(claims[key])) == 1
+                       for key in (id(get_attribute(gm, w.target)) for w, _ in gains))}
+
+    def _rescale_at(self, gm, node, groups, factor, scaled, foldable) -> bool:
+        if node.target in _NORM_OPS:
+            _, eps_arg = _NORM_OPS[node.target]
             if len(node.args) > eps_arg and isinstance(node.args[eps_arg], float):
                 node.args = node.args[:eps_arg] + (node.args[eps_arg] * factor**2,) + node.args[eps_arg + 1:]
-            weights = [node.args[i] if len(node.args) > i else None for i in weight_args]
-            if weights[0] is not None and all(w is None or use_count[id(get_attribute(gm, w.target))] == 1
-                                              for w in weights if isinstance(w, fx.Node)):
-                for w in weights:
-                    if isinstance(w, fx.Node) and w.op == "get_attr":
-                        self._scale_attribute(gm, w, factor, scaled)
-                return True
-            return self._insert_mul(gm, node, factor)
+            if node not in foldable:
+                return self._insert_mul(gm, node, factor)
+            for weight, offset in self._gains(node, groups):
+                self._scale_attribute(gm, weight, factor, scaled, offset)
+            return True
         point, path = _normalised(node, groups)
         if point is None:
             return False
         _scale_epsilon(path, factor**2)
-        gain = _gain(point, groups)
-        if gain is not None and use_count[id(get_attribute(gm, gain[0].target))] == 1:
-            self._scale_attribute(gm, gain[0], factor, scaled, offset=gain[1])
-            return True
-        return self._insert_mul(gm, point, factor)
+        if node not in foldable:
+            return self._insert_mul(gm, point, factor)
+        for weight, offset in self._gains(node, groups):
+            self._scale_attribute(gm, weight, factor, scaled, offset)
+        return True
 
     @staticmethod
     def _scale_attribute(gm, node, factor, scaled, offset: float = 0.0) -> None:
