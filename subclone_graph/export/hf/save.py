@@ -33,11 +33,14 @@ stream shrank).
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch.fx as fx
 
 from subclone_graph.export.destination import check_destination, staging_folder, write_manifest
+from subclone_graph.export.hf.common import HFExportError
+from subclone_graph.export.hf.stream_scale import fold_stream_scale
 from subclone_graph.export.hf.write import DEFAULT_SHARD_SIZE, check_folder, write_folder
 
 __all__ = ["save_hf", "SavedFolder"]
@@ -67,9 +70,7 @@ def save_hf(child: fx.GraphModule, out_dir, *, tokenizer=None, overwrite: bool =
     out_dir = check_destination(out_dir, overwrite=overwrite, folder=True)
     with staging_folder(out_dir.parent) as staging:
         staged = staging / out_dir.name
-        staged.mkdir()
-        written = write_folder(child, staged, shard_size=shard_size, tokenizer=tokenizer)
-        difference = check_folder(child, staged, written, out_dir)
+        written, difference = _write_checked(child, staged, out_dir, shard_size, tokenizer)
         write_manifest(staged)
         if out_dir.is_dir() and any(out_dir.iterdir()):
             os.replace(out_dir, staging / "old")
@@ -79,3 +80,26 @@ def save_hf(child: fx.GraphModule, out_dir, *, tokenizer=None, overwrite: bool =
     saved = SavedFolder(out_dir)
     saved.config_changes, saved.max_difference = written.changes, difference
     return saved
+
+
+def _write_checked(child, staged: Path, out_dir: Path, shard_size: int, tokenizer):
+    """The written folder and its max difference; where the class differs from the child and
+    the stream's norms carry the rescale's ε·D/d, the same child with that ε folded into the
+    stream's scale (``stream_scale``) is written instead, and the first error is raised if
+    that one differs too."""
+    staged.mkdir()
+    try:
+        written = write_folder(child, staged, shard_size=shard_size, tokenizer=tokenizer)
+        return written, check_folder(child, staged, written, out_dir)
+    except HFExportError as error:
+        folded = fold_stream_scale(child)
+        if folded is None:
+            raise
+        first = error
+    shutil.rmtree(staged)
+    staged.mkdir()
+    try:
+        written = write_folder(folded, staged, shard_size=shard_size, tokenizer=tokenizer)
+        return written, check_folder(folded, staged, written, out_dir)
+    except HFExportError as error:
+        raise first from error
