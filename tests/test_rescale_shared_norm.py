@@ -100,3 +100,37 @@ def test_a_shared_gain_read_elsewhere_keeps_the_inserted_mul():
     torch.manual_seed(0)
     gm, child = _dead_stream_child(Looped(cycles=2, gain_elsewhere=True))
     assert _float_muls(child) == _float_muls(gm) + 2, "one mul per use of the shared norm"
+
+
+class Weightless(nn.Module):
+    """Pre-norm layers whose RMSNorm has no weight of its own (``F.rms_norm(x, (d,))``); the
+    final norm's output is also added to a bias-free read that is not a ``linear`` when ``mixed``."""
+
+    def __init__(self, mixed=False):
+        super().__init__()
+        self.mixed = mixed
+        self.embed = nn.Embedding(VOCAB, D)
+        self.ups = nn.ModuleList(nn.Linear(D, FFN) for _ in range(2))
+        self.downs = nn.ModuleList(nn.Linear(FFN, D) for _ in range(2))
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for up, down in zip(self.ups, self.downs):
+            x = x + down(torch.relu(up(torch.nn.functional.rms_norm(x, (D,), eps=1e-6))))
+        out = torch.nn.functional.rms_norm(x, (D,), eps=1e-6)
+        return self.head(out) + (out.sum(-1, keepdim=True) if self.mixed else 0)
+
+
+def test_a_norm_without_weight_read_only_by_linears_scales_their_weights():
+    torch.manual_seed(0)
+    gm, child = _dead_stream_child(Weightless())
+    assert _float_muls(child) == _float_muls(gm), "the factor went into a mul, not into the reading weights"
+    up = dict(child.named_parameters())["ups.0.weight"]
+    assert torch.allclose(up, dict(gm.named_parameters())["ups.0.weight"][:, :24] * (D / 24) ** 0.5, rtol=1e-6)
+
+
+def test_a_norm_without_weight_read_otherwise_keeps_the_inserted_mul():
+    torch.manual_seed(0)
+    gm, child = _dead_stream_child(Weightless(mixed=True))
+    assert _float_muls(child) == _float_muls(gm) + 1, "the final norm's read by a sum needs the mul"

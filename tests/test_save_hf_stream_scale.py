@@ -10,7 +10,8 @@ the reloaded class equals the child. Shown on small Hugging Face classes of our 
 1. constant ε: a post-embedding LayerNorm, pre-norm layers, position table, output head tied to
    the token table: the reloaded model equals the child at another size; the ε is the class's;
 2. one ε field for the stream norms and a per-head RMSNorm (a QK-norm's form): the config keeps
-   the parent's ε, the reloaded model equals the child;
+   the parent's ε, the reloaded model equals the child; also where the stream's norms have no
+   gain (the one after the embedding too: the rescale's inserted ``mul`` takes the scale);
 3. a post-norm class (its layers read the stream itself, not through a norm) cannot be folded:
    ``save_hf`` still refuses in one line, writing nothing.
 """
@@ -54,10 +55,16 @@ class Layer(nn.Module):
         if self.form == "post":          # the stream read by the layer itself, normalised after
             x = self.norm(x + self.o(F.gelu(self.v(x))))
             return self.mlp_norm(x + self.down(F.gelu(self.up(x))))
-        v = self.v(self.norm(x))
+        v = self.v(self.normed(x))
         v = self.head_norm(v.unflatten(-1, (HEADS, -1))).flatten(-2)
         x = x + self.o(v)
-        return x + self.down(F.gelu(self.up(self.mlp_norm(x))))
+        return x + self.down(F.gelu(self.up(self.normed(x, self.mlp_norm))))
+
+    def normed(self, x, norm=None):
+        norm = norm or self.norm
+        if self.form == "weightless":
+            return F.rms_norm(x, x.shape[-1:], eps=self.head_norm.eps)
+        return norm(x)
 
 
 class StreamModel(PreTrainedModel):
@@ -84,7 +91,10 @@ class StreamModel(PreTrainedModel):
 
     def forward(self, input_ids):
         x = self.embed(input_ids) + self.positions(torch.arange(input_ids.shape[1]))
-        x = self.embed_norm(x)
+        if self.config.form == "weightless":      # a norm without a gain written into the stream
+            x = F.rms_norm(x, x.shape[-1:], eps=self.config.rms_norm_eps)
+        else:
+            x = self.embed_norm(x)
         for layer in self.layers:
             x = layer(x)
         return self.head(self.norm(x))
@@ -92,7 +102,8 @@ class StreamModel(PreTrainedModel):
 
 def _model(form):
     torch.manual_seed(0)
-    model = StreamModel(StreamConfig(form=form)).eval()
+    # unit-scale stream after a weightless norm: an ε large enough to show
+    model = StreamModel(StreamConfig(form=form, rms_norm_eps=0.05 if form == "weightless" else 1e-5)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:                             # gains and biases away from 1 and 0
@@ -115,7 +126,7 @@ def _child(model):
     return child
 
 
-@pytest.mark.parametrize("form", ["constant", "shared"])
+@pytest.mark.parametrize("form", ["constant", "shared", "weightless"])
 def test_a_class_without_the_rescaled_eps_saves_with_it_folded_into_the_stream(form, tmp_path):
     model = _model(form)
     child = _child(model)

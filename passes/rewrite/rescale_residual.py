@@ -21,8 +21,10 @@ Where the factor goes, for every reduction (``state.REDUCES``) over a shrunk gro
    ``c + w`` (an ``add`` of a constant to the weight, the ``(1 + w)`` RMSNorm): ``w`` becomes
    ``factor·w + c·(factor − 1)``, so that ``c + w'`` is ``factor·(c + w)`` and the child keeps
    the parent's graph (a class loading its weights computes the same);
-3. otherwise (no weight, or a weight also used elsewhere) a ``mul`` by the factor is inserted
-   after the normalised value.
+3. no weight (or a weight also used elsewhere), but every read of the normalised value is a
+   ``linear`` whose weight is read nowhere else: those weights take the factor
+   (``linear(f·x, W, b) = linear(x, f·W, b)``), so the child keeps the parent's graph;
+4. otherwise a ``mul`` by the factor is inserted after the normalised value.
 A weight shared by several norms (a layer applied several times in a loop, or one norm module
 reused) is scaled once when every use of it is the gain (or bias) of a norm taking the same
 factor and offset: scaling it scales each of them, as one weight per norm would.
@@ -44,7 +46,7 @@ import torch.fx as fx
 from .. import state
 from ..errors import PostconditionError
 from ..analysis.clones import folded_groups
-from ..fx_utils import CASTS, get_attribute, replace_tensors
+from ..fx_utils import CASTS, VIEWS, get_attribute, replace_tensors
 from ..infra import SubclonePass
 from ..tensor_edits import Scale, edit_tensor
 
@@ -157,7 +159,7 @@ class RescaleResidualPass(SubclonePass):
             if reduced and _is_normalisation(node, set(shrunk)):
                 self.needed.add(node.name)
                 norms.append((node, math.sqrt(math.prod(shrunk[g] for g in reduced))))
-        foldable = self._foldable(gm, norms, set(shrunk))
+        foldable, self._uses = self._foldable(gm, norms, set(shrunk)), self._use_counts(gm)
         modified = False
         for node, factor in norms:
             if self._rescale_at(gm, node, set(shrunk), factor, scaled, foldable):
@@ -219,7 +221,7 @@ class RescaleResidualPass(SubclonePass):
             if len(node.args) > eps_arg and isinstance(node.args[eps_arg], float):
                 node.args = node.args[:eps_arg] + (node.args[eps_arg] * factor**2,) + node.args[eps_arg + 1:]
             if node not in foldable:
-                return self._insert_mul(gm, node, factor)
+                return self._scale_readers(gm, node, factor, scaled) or self._insert_mul(gm, node, factor)
             for weight, offset in self._gains(node, groups):
                 self._scale_attribute(gm, weight, factor, scaled, offset)
             return True
@@ -228,7 +230,7 @@ class RescaleResidualPass(SubclonePass):
             return False
         _scale_epsilon(path, factor**2)
         if node not in foldable:
-            return self._insert_mul(gm, point, factor)
+            return self._scale_readers(gm, point, factor, scaled) or self._insert_mul(gm, point, factor)
         for weight, offset in self._gains(node, groups):
             self._scale_attribute(gm, weight, factor, scaled, offset)
         return True
@@ -243,6 +245,31 @@ class RescaleResidualPass(SubclonePass):
         new = edit_tensor(gm, tensor, [Scale(factor, offset * (factor - 1))])
         replace_tensors(gm, {id(tensor): new})
         scaled.add(id(new))
+
+    def _scale_readers(self, gm, node, factor, scaled) -> bool:
+        """Case 3 of the module docstring: the weights of the ``linear`` ops reading ``node``
+        (through casts) take the factor, when each is read there only; False where not."""
+        reads, frontier = [], [node]
+        while frontier:
+            current = frontier.pop()
+            for user in current.users:
+                if user.target is aten._assert_tensor_metadata.default:
+                    continue
+                # casts and views carry the values on (a head reads ``hidden[:, -k:]``)
+                if user.target in CASTS | VIEWS | {aten.slice.Tensor} or (
+                        user.target is aten.type_as.default and user.args[0] is current):
+                    frontier.append(user)
+                elif user.target is aten.linear.default and user.args[0] is not user.args[1]:
+                    reads.append(user)
+                else:
+                    return False
+        weights = [read.args[1] for read in reads]
+        if not reads or any(not isinstance(w, fx.Node) or w.op != "get_attr" or any(r.args[0] is w for r in reads)
+                            or self._uses.get(id(get_attribute(gm, w.target))) != 1 for w in weights):
+            return False
+        for weight in weights:
+            self._scale_attribute(gm, weight, factor, scaled)
+        return True
 
     @staticmethod
     def _insert_mul(gm, node, factor) -> bool:

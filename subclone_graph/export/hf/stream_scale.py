@@ -62,7 +62,7 @@ def _carries(node, graph, residual: set[int], last: bool = False) -> bool:
 
 
 # ops whose output is their first input's values, some of them: a scale passes through them
-_PASS_THROUGH = CASTS | VIEWS | {aten.slice.Tensor, aten.select.int, aten.unsqueeze.default}
+_PASS_THROUGH = CASTS | VIEWS | {aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.type_as.default}
 
 
 def _through_casts(node):
@@ -154,8 +154,18 @@ def _norm_gains(node: fx.Node, graph, residual) -> tuple[fx.Node, list[tuple[fx.
     return None
 
 
+def _constant_mul(node: fx.Node) -> fx.Node | None:
+    """The ``mul`` by a constant that is the only user of a norm without a gain (the factor
+    ``RescaleResidualPass`` inserted there), which then takes the stream's scale."""
+    users = [u for u in _users_through(node) if u.target is not aten._assert_tensor_metadata.default]
+    if len(users) == 1 and users[0].target is aten.mul.Tensor and sum(type(a) is float for a in users[0].args) == 1:
+        return users[0]
+    return None
+
+
 def _plan(gm, graph, residual, norms) -> dict[fx.Node, tuple[float, float]] | None:
-    """{get_attr node: (the power of s it takes, the offset c of a ``c + w`` gain)}, or None
+    """{get_attr node (or constant ``mul``): (the power of s it takes, the offset c of a ``c + w``
+    gain)}, or None
     where a norm adds into the stream, or a tied head reads, with no gain to take the scale."""
     writers, ops = _writes(gm, graph, residual)
     if not writers:
@@ -167,10 +177,12 @@ def _plan(gm, graph, residual, norms) -> dict[fx.Node, tuple[float, float]] | No
         if found is None:
             return None
         outputs[found[0]] = found[1]
-        if any(u.target in _ADDS and _carries(u, graph, residual, last=True) for u in _users_through(found[0])):
-            if not found[1]:             # a norm written into the stream itself (after the embedding)
+        constant = _constant_mul(found[0]) if not found[1] else None
+        reads = _users_through(constant if constant is not None else found[0])
+        if any(u.target in _ADDS and _carries(u, graph, residual, last=True) for u in reads):
+            if not found[1] and constant is None:   # a norm written into the stream (after the embedding)
                 return None
-            plan.update({w: (1.0, c) for w, c in found[1]})
+            plan.update({w: (1.0, c) for w, c in found[1]} if found[1] else {constant: (1.0, 0.0)})
     for writer in writers:               # a table also read as a weight (a tied output head)
         for read in [u for u in writer.users if u not in ops and u.target is not aten._assert_tensor_metadata.default]:
             source = _through_casts(read.args[0]) if read.target is aten.linear.default else None
@@ -199,7 +211,11 @@ def fold_stream_scale(child: fx.GraphModule) -> fx.GraphModule | None:
     for node, index in norms:
         node.args = node.args[:index] + (node.args[index] / k,) + node.args[index + 1:]
     for node, (power, offset) in plan.items():
-        tensor, factor = get_attribute(folded, node.target), k ** (-0.5 * power)
+        factor = k ** (-0.5 * power)
+        if node.op == "call_function":   # a mul by a constant (``_constant_mul``)
+            node.args = tuple(a * factor if type(a) is float else a for a in node.args)
+            continue
+        tensor = get_attribute(folded, node.target)
         if id(tensor) not in done:       # c + w' = factor · (c + w)
             done[id(tensor)] = edit_tensor(folded, tensor, [Scale(factor, offset * (factor - 1))])
     replace_tensors(folded, done)
