@@ -17,7 +17,11 @@ child's sizes; ``weights.py``: the names; ``embedding_scale.py``: a scale the cl
 2. check: the written folder, run as its class segment by segment, is compared with the child;
    on a mismatch the staging folder is removed and the error gives the max difference. A child
    whose graph holds what the class cannot express — a √(D/d) ``mul`` that
-   ``RescaleResidualPass`` inserted after a norm without its own weight — fails here, not silently;
+   ``RescaleResidualPass`` inserted after a norm without its own weight — fails here, not silently.
+   Where the class differs by more than rounding and the stream's norms carry the rescale's
+   ε·D/d (a class whose norms' ε is a constant, or one field that a norm over another width
+   reads too), the child with that ε folded into the stream's scale (``stream_scale.py``) is
+   written and checked too, and the closer folder kept;
 3. the staging folder is renamed to ``out_dir``. ``out_dir`` is checked before any work
    (``destination.check_destination``): an existing empty folder is written into; a non-empty
    one is replaced only with ``overwrite`` and only if it holds nothing but what ``save_hf``
@@ -42,6 +46,7 @@ from subclone_graph.export.destination import check_destination, staging_folder,
 from subclone_graph.export.hf.common import HFExportError
 from subclone_graph.export.hf.stream_scale import fold_stream_scale
 from subclone_graph.export.hf.write import DEFAULT_SHARD_SIZE, check_folder, write_folder
+from subclone_graph.export.tolerance import model_dtype, tolerance_for
 
 __all__ = ["save_hf", "SavedFolder"]
 
@@ -83,23 +88,37 @@ def save_hf(child: fx.GraphModule, out_dir, *, tokenizer=None, overwrite: bool =
 
 
 def _write_checked(child, staged: Path, out_dir: Path, shard_size: int, tokenizer):
-    """The written folder and its max difference; where the class differs from the child and
-    the stream's norms carry the rescale's ε·D/d, the same child with that ε folded into the
-    stream's scale (``stream_scale``) is written instead, and the first error is raised if
-    that one differs too."""
+    """The written folder and its max difference. Where the class differs from the child by
+    more than a tenth of the tolerance — more than any correct re-implementation's rounding:
+    a real difference, such as a class that cannot take the rescale's ε·D/d, that another
+    batch or length could push over the tolerance — and the stream's norms carry that ε, the
+    same child with the ε folded into the stream's scale (``stream_scale``) is written too, and
+    the closer of the two is kept; the first error is raised if both differ."""
     staged.mkdir()
     try:
         written = write_folder(child, staged, shard_size=shard_size, tokenizer=tokenizer)
-        return written, check_folder(child, staged, written, out_dir)
+        difference, first = check_folder(child, staged, written, out_dir), None
     except HFExportError as error:
-        folded = fold_stream_scale(child)
-        if folded is None:
-            raise
-        first = error
-    shutil.rmtree(staged)
-    staged.mkdir()
+        written, difference, first = None, float("inf"), error
+    scale = max([1.0] + [float(v.abs().max()) for v in written.reference.values() if v.numel()]) if written else 1.0
+    folded = fold_stream_scale(child) if difference > tolerance_for(model_dtype(child)) * scale / 10 else None
+    if folded is None:
+        if first is not None:
+            raise first
+        return written, difference
+    other = staged.with_name(staged.name + ".folded")
+    other.mkdir()
     try:
-        written = write_folder(folded, staged, shard_size=shard_size, tokenizer=tokenizer)
-        return written, check_folder(folded, staged, written, out_dir)
+        folded_written = write_folder(folded, other, shard_size=shard_size, tokenizer=tokenizer)
+        folded_difference = check_folder(folded, other, folded_written, out_dir)
     except HFExportError as error:
-        raise first from error
+        shutil.rmtree(other)
+        if first is not None:
+            raise first from error
+        return written, difference
+    if folded_difference >= difference:
+        shutil.rmtree(other)
+        return written, difference
+    shutil.rmtree(staged)
+    os.replace(other, staged)
+    return folded_written, folded_difference
