@@ -134,3 +134,4 @@ def test_a_norm_without_weight_read_otherwise_keeps_the_inserted_mul():
     torch.manual_seed(0)
     gm, child = _dead_stream_child(Weightless(mixed=True))
     assert _float_muls(child) == _float_muls(gm) + 1, "the final norm's read by a sum needs the mul"
+    assert len(state.RESCALE.need(child).inserted) == 1, "recorded, for save_hf's refusal to name"

@@ -141,6 +141,7 @@ def test_a_class_without_the_rescaled_eps_saves_with_it_folded_into_the_stream(f
 
 def test_a_post_norm_class_is_still_refused(tmp_path):
     child = _child(_model("post"))
-    with pytest.raises(sg.HFExportError, match=r"differs from the child by .*nothing written to"):
+    with pytest.raises(sg.HFExportError, match=r"differs from the child by .*: the child's norms add the rescale's "
+                       r"ε·D/d \(× 2\) and the class's cannot, nor can it be folded into the stream's scale"):
         sg.save_hf(child, tmp_path / "child")
     assert not (tmp_path / "child").exists()

@@ -160,11 +160,14 @@ class RescaleResidualPass(SubclonePass):
                 self.needed.add(node.name)
                 norms.append((node, math.sqrt(math.prod(shrunk[g] for g in reduced))))
         foldable, self._uses = self._foldable(gm, norms, set(shrunk)), self._use_counts(gm)
-        modified = False
+        modified, self._inserted = False, []
         for node, factor in norms:
             if self._rescale_at(gm, node, set(shrunk), factor, scaled, foldable):
                 self.handled.add(node.name)
                 modified = True
+        if self._inserted:         # what a class loading the weights cannot hold (save_hf says so)
+            state.RESCALE.set(gm, state.Rescale(factor=math.sqrt(ratio), eps_scale=ratio,
+                                                inserted=tuple(dict.fromkeys(self._inserted))))
         return modified
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
@@ -271,8 +274,9 @@ class RescaleResidualPass(SubclonePass):
             self._scale_attribute(gm, weight, factor, scaled)
         return True
 
-    @staticmethod
-    def _insert_mul(gm, node, factor) -> bool:
+    def _insert_mul(self, gm, node, factor) -> bool:
+        stack = node.meta.get("nn_module_stack") or {}
+        self._inserted.append(next(reversed(stack.values()))[0] if stack else node.name)
         with gm.graph.inserting_after(node):
             product = gm.graph.call_function(aten.mul.Tensor, (node, factor))
         node.replace_all_uses_with(product, delete_user_cb=lambda user: user is not product)
