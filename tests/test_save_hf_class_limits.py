@@ -12,7 +12,9 @@ met (decoder-only runs of encoder-decoder classes, LM heads beside a pooler, per
 4. an embedding module that returns ``(rows, scaling)`` (a quantisation-aware embedding): no
    plain lookup to measure an embedding scale on, so none is folded, and the child saves;
 5. a buffer the class computes from its width instead of loading it (a sinusoidal position table):
-   the child's kept channels of the parent's differ from it, and ``save_hf`` refuses naming it.
+   the child's kept channels of the parent's differ from it, and ``save_hf`` refuses naming it;
+6. a field the config class derives from the layer count (a backbone's ``out_features``) is
+   derived anew for the child (a tiny DINOv2 built from a config).
 """
 from __future__ import annotations
 
@@ -206,3 +208,21 @@ def test_a_buffer_the_class_computes_from_the_width_is_named_in_the_refusal(tmp_
                                                  r"it, and the child's \(kept channels of the parent's\) differ"):
         sg.save_hf(child, tmp_path / "child")
     assert not (tmp_path / "child").exists()
+
+
+def test_a_field_the_config_derives_from_the_layer_count_is_derived_anew(tmp_path):
+    """6. a backbone config's ``out_features: ['stage3']`` names the last of its layers: a child
+    with a layer fewer gets the field the class derives for two layers, not the parent's."""
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                          image_size=32, patch_size=8, num_labels=5)
+    model = Dinov2ForImageClassification(config).eval()
+    pixels = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
+    child = sg.subclone(model, pixels, sg.Target(layers=2), calibration=[pixels])
+    path = sg.save_hf(child, tmp_path / "child")
+    loaded = Dinov2ForImageClassification.from_pretrained(path).eval()
+    assert loaded.config.num_hidden_layers == 2 and loaded.config.out_features == ["stage2"]
+    other = (torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)),)
+    assert relative_error(run(loaded, other), run(child, other)) < 1e-5
