@@ -36,7 +36,7 @@ from .channel_graph import ChannelGraph
 from .grow import problems
 from .keep_sets import derive_keep
 
-__all__ = ["clone_classes", "folded_groups", "has_near_ties", "fold_candidates"]
+__all__ = ["clone_classes", "folded_groups", "unfolded_sizes", "has_near_ties", "fold_candidates"]
 
 
 def has_near_ties(scores: torch.Tensor, rtol: float = 1e-6) -> bool:
@@ -131,6 +131,29 @@ def folded_groups(graph: ChannelGraph, folded: dict[int, int]) -> dict[int, int]
             elif all(p in out for p in parts) and len({out[p] for p in parts}) == 1:
                 out[whole] = out[parts[0]]
                 changed = True
+    return out
+
+
+def unfolded_sizes(graph: ChannelGraph, folded: dict[int, int]) -> dict[int, float]:
+    """The width each group touched by a fold had before its copies were made: ``size / copies``
+    for a folded group and its evenly folded composites, and for a composite whose parts stand
+    for different numbers of copies (a projection's output split into a folded part and a kept
+    one, as a state-space block's dt rank beside its B and C), the sum (a concatenation) or the
+    product (a factor) of its parts' widths. A group is shrunk only where its child size is
+    below this width: removing copies alone loses nothing."""
+    out = {g: graph.groups[g].size / copies for g, copies in folded_groups(graph, folded).items()
+           if graph.groups[g].static}
+    changed = True
+    while changed:
+        changed = False
+        for rel in graph.relations:
+            whole, parts = graph.find(rel.whole), graph.part_groups(rel)
+            if whole in out or not any(p in out for p in parts) \
+                    or not all(graph.groups[p].static for p in [whole, *parts]):
+                continue
+            widths = [out.get(p, graph.groups[p].size) for p in parts]
+            out[whole] = math.prod(widths) if rel.kind == "factor" else sum(widths)
+            changed = True
     return out
 
 

@@ -45,7 +45,7 @@ import torch.fx as fx
 
 from .. import state
 from ..errors import PostconditionError
-from ..analysis.clones import folded_groups
+from ..analysis.clones import unfolded_sizes
 from ..fx_utils import CASTS, VIEWS, get_attribute, replace_tensors
 from ..infra import SubclonePass
 from ..tensor_edits import Scale, edit_tensor
@@ -139,10 +139,10 @@ class RescaleResidualPass(SubclonePass):
     def run(self, gm: fx.GraphModule) -> bool:
         graph, sizes = state.CHANNEL_GRAPH.need(gm), state.SIZES.need(gm)
         # a group whose removed indices were copies of kept ones (state.FOLDED) lost only what
-        # each kept index stands for: its statistic counts D / copies as the parent's width
-        folded = folded_groups(graph, state.FOLDED.get(gm) or {})
-        shrunk = {g.id: g.size / folded.get(g.id, 1) / sizes[g.id] for g in graph.groups.values()
-                  if g.static and sizes.get(g.id, g.size) * folded.get(g.id, 1) < g.size}
+        # each kept index stands for: its statistic counts its width before cloning as the parent's
+        unfolded = unfolded_sizes(graph, state.FOLDED.get(gm) or {})
+        shrunk = {g.id: unfolded.get(g.id, g.size) / sizes[g.id] for g in graph.groups.values()
+                  if g.static and sizes.get(g.id, g.size) < unfolded.get(g.id, g.size)}
         self.needed, self.handled = set(), set()
         if not shrunk or state.RESCALE.has(gm):      # nothing shrank, or already corrected
             return False

@@ -77,13 +77,17 @@ def _configs(config: dict) -> list[dict]:
 
 
 def _flat(config: dict, prefix: tuple = ()) -> dict[tuple, object]:
-    """Every field as ``{path: value}`` (``("text_config", "hidden_size")``), sub-configs flattened."""
+    """Every field as ``{path: value}`` (``("text_config", "hidden_size")``), sub-configs flattened;
+    each entry of a list of integers also as ``(..., name, index)`` (a width per stage:
+    ``hidden_sizes[1]``), so that the search sets it alone."""
     flat = {}
     for key, value in config.items():
         if isinstance(value, dict) and "model_type" in value:
             flat.update(_flat(value, (*prefix, key)))
         else:
             flat[(*prefix, key)] = value
+            if isinstance(value, list) and all(type(v) is int for v in value):
+                flat.update({(*prefix, key, i): v for i, v in enumerate(value)})
     return flat
 
 
@@ -93,20 +97,23 @@ def _changed(config: dict, changes: dict[tuple, object]) -> dict:
     for path, value in changes.items():
         node = config
         for key in path[:-1]:
-            node[key] = dict(node[key])
+            node[key] = list(node[key]) if isinstance(node[key], list) else dict(node[key])
             node = node[key]
         node[path[-1]] = value
     return config
 
 
 def _derived(parent, base: dict) -> list[str]:
-    """The top-level list and string fields that the config class derives from the others (a
-    backbone's ``out_features: ['stage3']``, the last of ``num_hidden_layers`` stages): left
-    out of the candidates, the class derives them from each one's sizes. A per-layer list
-    (``_per_layer_lists``) keeps the child's layers' entries instead."""
+    """The top-level string fields and lists of them that the config class derives from the
+    others (a backbone's ``out_features: ['stage3']``, the last of ``num_hidden_layers`` stages,
+    derived from ``out_indices``, whose entries the search sets): left out of the candidates,
+    the class derives them from each one's sizes. A per-layer list (``_per_layer_lists``) keeps
+    the child's layers' entries instead."""
     found = []
     for name, value in base.items():
-        if not isinstance(value, (list, str)) or name in ("model_type", "architectures"):
+        # a list of integers may hold sizes (stage widths): those the search sets, entry by entry
+        if not isinstance(value, (list, str)) or name in ("model_type", "architectures") or (
+                isinstance(value, list) and value and all(type(v) is int for v in value)):
             continue
         try:
             again = type(parent).from_dict({k: v for k, v in base.items() if k != name})
