@@ -76,6 +76,7 @@ class AttentionSite:
 class Rescale:
     factor: float        # √(D/d) of the residual stream
     eps_scale: float     # D/d: what the ε added to a shrunk statistic was multiplied by
+    inserted: tuple[str, ...] = ()   # the modules of the norms after which a ``mul`` was inserted
 
 
 @dataclass(frozen=True)

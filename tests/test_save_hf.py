@@ -33,14 +33,16 @@ GQA = sg.Target(hidden=32, ffn=64, heads=2, kv_heads=1, layers=2)
 MHA = sg.Target(hidden=32, ffn=64, heads=2, layers=2)
 
 # name -> (target, config fields of the saved model). ε doubles with the width halved (D/d = 2:
-# RescaleResidualPass scales the ε added to a shrunk statistic, the config must follow).
+# RescaleResidualPass scales the ε added to a shrunk statistic, the config must follow) — but
+# Qwen3's QK-norms over the unshrunk head width read the same field: the writer folds the ε into
+# the stream's scale instead (export/hf/stream_scale.py) and the parent's ε stays.
 CASES = {
     "llama": (GQA, dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
                         num_hidden_layers=2, head_dim=16, vocab_size=97, eos_token_id=2, bos_token_id=1,
                         tie_word_embeddings=True, rms_norm_eps=pytest.approx(2e-6, rel=1e-9))),
     "qwen3": (GQA, dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
                         num_hidden_layers=2, head_dim=16, eos_token_id=2, max_window_layers=28,
-                        layer_types=["full_attention"] * 2, rms_norm_eps=pytest.approx(2e-6, rel=1e-9))),
+                        layer_types=["full_attention"] * 2, rms_norm_eps=pytest.approx(1e-6, rel=1e-9))),
     "phi3": (GQA, dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
                        num_hidden_layers=2, eos_token_id=2, rms_norm_eps=pytest.approx(2e-5, rel=1e-9))),
     "gpt2": (MHA, dict(n_embd=32, n_head=2, n_layer=2, n_inner=64, n_positions=64, vocab_size=97,

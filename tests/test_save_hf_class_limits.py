@@ -10,10 +10,15 @@ met (decoder-only runs of encoder-decoder classes, LM heads beside a pooler, per
 3. a composite config whose sizes live in a sub-config (``text_config``): the sub-config's fields
    are searched and written, and the reloaded composite model equals the child;
 4. an embedding module that returns ``(rows, scaling)`` (a quantisation-aware embedding): no
-   plain lookup to measure an embedding scale on, so none is folded, and the child saves.
+   plain lookup to measure an embedding scale on, so none is folded, and the child saves;
+5. a buffer the class computes from its width instead of loading it (a sinusoidal position table):
+   the child's kept channels of the parent's differ from it, and ``save_hf`` refuses naming it;
+6. a field the config class derives from the layer count (a backbone's ``out_features``) is
+   derived anew for the child (a tiny DINOv2 built from a config).
 """
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from subclone_testing import relative_error, run
@@ -154,3 +159,70 @@ def test_an_embedding_that_returns_a_tuple_saves(tmp_path):
     loaded = TupleEmbeddingModel.from_pretrained(sg.save_hf(child, tmp_path / "child")).eval()
     x = _ids(3, 11, 5)
     assert relative_error(run(loaded, x), run(child, x)) < 1e-5
+
+
+class SinusoidConfig(PretrainedConfig):
+    model_type = "subclone_tiny_sinusoid"
+
+    def __init__(self, hidden_size=32, intermediate_size=48, num_hidden_layers=2, **kwargs):
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        super().__init__(**kwargs)
+
+
+class SinusoidModel(PreTrainedModel):
+    """A position table the class computes from its width (a non-persistent buffer, never loaded)."""
+
+    config_class = SinusoidConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        d = config.hidden_size
+        self.embed = nn.Embedding(VOCAB, d)
+        angles = torch.arange(64)[:, None] / 100 ** (torch.arange(d)[None] / d)
+        self.positions = nn.Buffer(torch.sin(angles), persistent=False)
+        self.layers = nn.ModuleList(nn.Sequential(nn.RMSNorm(d), nn.Linear(d, config.intermediate_size), nn.GELU(),
+                                                  nn.Linear(config.intermediate_size, d))
+                                    for _ in range(config.num_hidden_layers))
+        self.norm, self.head = nn.RMSNorm(d), nn.Linear(d, VOCAB)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids) + self.positions[: input_ids.shape[1]]
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(self.norm(x))
+
+
+def test_a_buffer_the_class_computes_from_the_width_is_named_in_the_refusal(tmp_path):
+    """5. the child keeps channels of the parent's sinusoid; the class computes a new one for the
+    narrower width: a limit of the class, refused naming the buffer, nothing written."""
+    torch.manual_seed(0)
+    model = SinusoidModel(SinusoidConfig()).eval()
+    inputs = _ids(2, 8, 0)
+    child = sg.subclone(model, inputs, sg.Target(hidden=0.5), calibration=[inputs])
+    with pytest.raises(sg.HFExportError, match=r"the class computes positions from its config instead of loading "
+                                                 r"it, and the child's \(kept channels of the parent's\) differ"):
+        sg.save_hf(child, tmp_path / "child")
+    assert not (tmp_path / "child").exists()
+
+
+def test_a_field_the_config_derives_from_the_layer_count_is_derived_anew(tmp_path):
+    """6. a backbone config's ``out_features: ['stage3']`` names the last of its layers: a child
+    with a layer fewer gets the field the class derives for two layers, not the parent's."""
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                          image_size=32, patch_size=8, num_labels=5)
+    model = Dinov2ForImageClassification(config).eval()
+    pixels = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
+    child = sg.subclone(model, pixels, sg.Target(layers=2), calibration=[pixels])
+    path = sg.save_hf(child, tmp_path / "child")
+    loaded = Dinov2ForImageClassification.from_pretrained(path).eval()
+    assert loaded.config.num_hidden_layers == 2 and loaded.config.out_features == ["stage2"]
+    other = (torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)),)
+    assert relative_error(run(loaded, other), run(child, other)) < 1e-5

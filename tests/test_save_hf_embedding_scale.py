@@ -40,3 +40,28 @@ def test_an_embedding_scale_from_the_config_is_folded(tied, tmp_path):
     assert relative_error(run(loaded, inputs), run(child, inputs)) < 1e-5
     other = (torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(1)),)
     assert relative_error(run(loaded, other), run(child, other)) < 1e-5
+
+
+def test_a_tied_head_reading_a_post_norm_layer_takes_the_fold_in_that_layers_norm(tmp_path):
+    """A post-norm decoder with no final norm: the head reads the last layer's output, which is
+    that layer's last norm's; the layer module returns it too but has no gain, its norm has."""
+    torch.manual_seed(0)
+    config = transformers.BartConfig(vocab_size=97, d_model=64, decoder_layers=2, decoder_attention_heads=4,
+                                     decoder_ffn_dim=96, encoder_layers=1, encoder_attention_heads=4,
+                                     encoder_ffn_dim=96, max_position_embeddings=64, scale_embedding=True,
+                                     tie_word_embeddings=True, use_cache=False, pad_token_id=0, bos_token_id=1,
+                                     eos_token_id=2)
+    model = transformers.BartForCausalLM(config).eval()
+    with torch.no_grad():       # gains away from their init, so that a wrong fold shows
+        for name, p in model.named_parameters():
+            if "layer_norm" in name or "layernorm" in name:
+                p.normal_(0.5 if name.endswith("weight") else 0.0, 0.3)
+    inputs = (torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(0)),)
+    child = sg.subclone(model, inputs, sg.Target(hidden=32, heads=2), rescale=False)
+    path = sg.save_hf(child, tmp_path / "child")
+    loaded = transformers.BartForCausalLM.from_pretrained(path).eval()
+    assert loaded.config.d_model == 32
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    other = (torch.randint(3, 97, (3, 5), generator=torch.Generator().manual_seed(1)),)
+    for x in (inputs, other):
+        assert relative_error(run(loaded, x), run(child, x)) < 1e-5

@@ -21,8 +21,13 @@ Where the factor goes, for every reduction (``state.REDUCES``) over a shrunk gro
    ``c + w`` (an ``add`` of a constant to the weight, the ``(1 + w)`` RMSNorm): ``w`` becomes
    ``factor·w + c·(factor − 1)``, so that ``c + w'`` is ``factor·(c + w)`` and the child keeps
    the parent's graph (a class loading its weights computes the same);
-3. otherwise (no weight, or a weight also used elsewhere) a ``mul`` by the factor is inserted
-   after the normalised value.
+3. no weight (or a weight also used elsewhere), but every read of the normalised value is a
+   ``linear`` whose weight is read nowhere else: those weights take the factor
+   (``linear(f·x, W, b) = linear(x, f·W, b)``), so the child keeps the parent's graph;
+4. otherwise a ``mul`` by the factor is inserted after the normalised value.
+A weight shared by several norms (a layer applied several times in a loop, or one norm module
+reused) is scaled once when every use of it is the gain (or bias) of a norm taking the same
+factor and offset: scaling it scales each of them, as one weight per norm would.
 A reduction that meets the stream only by subtraction (LayerNorm's centring) needs nothing.
 The factor is applied once per weight tensor, so a tied weight is scaled for all its uses or
 none; the embedding and output head are never touched (the factor sits in the norms).
@@ -41,7 +46,7 @@ import torch.fx as fx
 from .. import state
 from ..errors import PostconditionError
 from ..analysis.clones import unfolded_sizes
-from ..fx_utils import CASTS, get_attribute, replace_tensors
+from ..fx_utils import CASTS, VIEWS, get_attribute, replace_tensors
 from ..infra import SubclonePass
 from ..tensor_edits import Scale, edit_tensor
 
@@ -145,8 +150,7 @@ class RescaleResidualPass(SubclonePass):
         ratio = shrunk[residual[0]] if residual else next(iter(shrunk.values()))
         state.RESCALE.set(gm, state.Rescale(factor=math.sqrt(ratio), eps_scale=ratio))
         scaled: set[int] = set()
-        use_count = self._use_counts(gm)
-        modified = False
+        norms = []
         for node in list(gm.graph.nodes):
             # a norm over a shrunk residual, or over any other shrunk width (a QK-norm over the
             # whole heads·head_dim projection): the same statistic, the same correction
@@ -154,10 +158,16 @@ class RescaleResidualPass(SubclonePass):
             reduced = {graph.find(v) for v in reduces.vertices} & set(shrunk) if reduces is not None else set()
             if reduced and _is_normalisation(node, set(shrunk)):
                 self.needed.add(node.name)
-                factor = math.sqrt(math.prod(shrunk[g] for g in reduced))
-                if self._rescale_at(gm, node, set(shrunk), factor, scaled, use_count):
-                    self.handled.add(node.name)
-                    modified = True
+                norms.append((node, math.sqrt(math.prod(shrunk[g] for g in reduced))))
+        foldable, self._uses = self._foldable(gm, norms, set(shrunk)), self._use_counts(gm)
+        modified, self._inserted = False, []
+        for node, factor in norms:
+            if self._rescale_at(gm, node, set(shrunk), factor, scaled, foldable):
+                self.handled.add(node.name)
+                modified = True
+        if self._inserted:         # what a class loading the weights cannot hold (save_hf says so)
+            state.RESCALE.set(gm, state.Rescale(factor=math.sqrt(ratio), eps_scale=ratio,
+                                                inserted=tuple(dict.fromkeys(self._inserted))))
         return modified
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
@@ -179,28 +189,54 @@ class RescaleResidualPass(SubclonePass):
                 counts[key] = counts.get(key, 0) + len(uses)
         return counts
 
-    def _rescale_at(self, gm, node, groups, factor, scaled, use_count) -> bool:
+    @staticmethod
+    def _gains(node, groups) -> list | None:
+        """The (weight get_attr, offset) pairs that take the factor of the norm at ``node``, or
+        None where the factor cannot go into a weight (no weight: a ``mul`` is inserted)."""
         if node.target in _NORM_OPS:
-            weight_args, eps_arg = _NORM_OPS[node.target]
+            weight_args, _ = _NORM_OPS[node.target]
+            weights = [node.args[i] if len(node.args) > i else None for i in weight_args]
+            if not isinstance(weights[0], fx.Node):
+                return None
+            return [(w, 0.0) for w in weights if isinstance(w, fx.Node) and w.op == "get_attr"]
+        point, _ = _normalised(node, groups)
+        gain = _gain(point, groups) if point is not None else None
+        return [gain] if gain is not None else None
+
+    def _foldable(self, gm, norms, groups) -> set[fx.Node]:
+        """The norms whose factor goes into their weights: each weight is used only as the gain
+        (or bias) of norms taking one factor and offset (module docstring)."""
+        use_count, claims, planned = self._use_counts(gm), {}, {}
+        for node, factor in norms:
+            gains = self._gains(node, groups)
+            if gains is None:
+                continue
+            planned[node] = gains
+            for weight, offset in gains:
+                claims.setdefault(id(get_attribute(gm, weight.target)), []).append((factor, offset))
+        return {node for node, gains in planned.items()
+                if all(len(claims[key]) == use_count[key] and len(set(claims[key])) == 1
+                       for key in (id(get_attribute(gm, w.target)) for w, _ in gains))}
+
+    def _rescale_at(self, gm, node, groups, factor, scaled, foldable) -> bool:
+        if node.target in _NORM_OPS:
+            _, eps_arg = _NORM_OPS[node.target]
             if len(node.args) > eps_arg and isinstance(node.args[eps_arg], float):
                 node.args = node.args[:eps_arg] + (node.args[eps_arg] * factor**2,) + node.args[eps_arg + 1:]
-            weights = [node.args[i] if len(node.args) > i else None for i in weight_args]
-            if weights[0] is not None and all(w is None or use_count[id(get_attribute(gm, w.target))] == 1
-                                              for w in weights if isinstance(w, fx.Node)):
-                for w in weights:
-                    if isinstance(w, fx.Node) and w.op == "get_attr":
-                        self._scale_attribute(gm, w, factor, scaled)
-                return True
-            return self._insert_mul(gm, node, factor)
+            if node not in foldable:
+                return self._scale_readers(gm, node, factor, scaled) or self._insert_mul(gm, node, factor)
+            for weight, offset in self._gains(node, groups):
+                self._scale_attribute(gm, weight, factor, scaled, offset)
+            return True
         point, path = _normalised(node, groups)
         if point is None:
             return False
         _scale_epsilon(path, factor**2)
-        gain = _gain(point, groups)
-        if gain is not None and use_count[id(get_attribute(gm, gain[0].target))] == 1:
-            self._scale_attribute(gm, gain[0], factor, scaled, offset=gain[1])
-            return True
-        return self._insert_mul(gm, point, factor)
+        if node not in foldable:
+            return self._scale_readers(gm, point, factor, scaled) or self._insert_mul(gm, point, factor)
+        for weight, offset in self._gains(node, groups):
+            self._scale_attribute(gm, weight, factor, scaled, offset)
+        return True
 
     @staticmethod
     def _scale_attribute(gm, node, factor, scaled, offset: float = 0.0) -> None:
@@ -213,8 +249,34 @@ class RescaleResidualPass(SubclonePass):
         replace_tensors(gm, {id(tensor): new})
         scaled.add(id(new))
 
-    @staticmethod
-    def _insert_mul(gm, node, factor) -> bool:
+    def _scale_readers(self, gm, node, factor, scaled) -> bool:
+        """Case 3 of the module docstring: the weights of the ``linear`` ops reading ``node``
+        (through casts) take the factor, when each is read there only; False where not."""
+        reads, frontier = [], [node]
+        while frontier:
+            current = frontier.pop()
+            for user in current.users:
+                if user.target is aten._assert_tensor_metadata.default:
+                    continue
+                # casts and views carry the values on (a head reads ``hidden[:, -k:]``)
+                if user.target in CASTS | VIEWS | {aten.slice.Tensor} or (
+                        user.target is aten.type_as.default and user.args[0] is current):
+                    frontier.append(user)
+                elif user.target is aten.linear.default and user.args[0] is not user.args[1]:
+                    reads.append(user)
+                else:
+                    return False
+        weights = [read.args[1] for read in reads]
+        if not reads or any(not isinstance(w, fx.Node) or w.op != "get_attr" or any(r.args[0] is w for r in reads)
+                            or self._uses.get(id(get_attribute(gm, w.target))) != 1 for w in weights):
+            return False
+        for weight in weights:
+            self._scale_attribute(gm, weight, factor, scaled)
+        return True
+
+    def _insert_mul(self, gm, node, factor) -> bool:
+        stack = node.meta.get("nn_module_stack") or {}
+        self._inserted.append(next(reversed(stack.values()))[0] if stack else node.name)
         with gm.graph.inserting_after(node):
             product = gm.graph.call_function(aten.mul.Tensor, (node, factor))
         node.replace_all_uses_with(product, delete_user_cb=lambda user: user is not product)

@@ -103,6 +103,27 @@ def _changed(config: dict, changes: dict[tuple, object]) -> dict:
     return config
 
 
+def _derived(parent, base: dict) -> list[str]:
+    """The top-level string fields and lists of them that the config class derives from the
+    others (a backbone's ``out_features: ['stage3']``, the last of ``num_hidden_layers`` stages,
+    derived from ``out_indices``, whose entries the search sets): left out of the candidates,
+    the class derives them from each one's sizes. A per-layer list (``_per_layer_lists``) keeps
+    the child's layers' entries instead."""
+    found = []
+    for name, value in base.items():
+        # a list of integers may hold sizes (stage widths): those the search sets, entry by entry
+        if not isinstance(value, (list, str)) or name in ("model_type", "architectures") or (
+                isinstance(value, list) and value and all(type(v) is int for v in value)):
+            continue
+        try:
+            again = type(parent).from_dict({k: v for k, v in base.items() if k != name})
+        except _rejections():
+            continue
+        if getattr(again, name, None) == value and again.to_dict().get(name) == value:
+            found.append(name)
+    return found
+
+
 class _Candidates:
     """Configs of the parent class, scored by how many parameter shapes differ from the child's."""
 
@@ -112,6 +133,8 @@ class _Candidates:
         self.base = self.parent.to_dict()
         for config in _configs(self.base):               # the top level and every sub-config
             config.update(_per_layer_lists(config, child))
+        for name in _derived(self.parent, self.base):    # derived anew from each candidate's sizes
+            del self.base[name]
         if all(t.is_floating_point() for t in state.values()):
             self.base.pop("quantization_config", None)   # the parent's storage format, not the child's
         self.flat = _flat(self.base)                     # field path -> value, sub-configs' fields too

@@ -206,11 +206,12 @@ def _final_norm(model: torch.nn.Module, inputs: tuple) -> torch.nn.Module | None
         for handle in handles:
             handle.remove()
     read = found.get("read")
-    # by value: the head may read a view of it (``hidden[:, -k:]``)
-    norm = next((m for m, o in reversed(outputs) if isinstance(o, torch.Tensor) and isinstance(read, torch.Tensor)
-                 and o.shape == read.shape and torch.equal(o, read)), None)
-    weight = getattr(norm, "weight", None)
-    return norm if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
+    # by value: the head may read a view of it (``hidden[:, -k:]``); the module with a 1-D weight
+    # among those returning it (a post-norm layer returns its last norm's output: the layer has
+    # no weight, its norm has; ``fold_scale`` measures that the weight is a gain before using it)
+    return next((m for m, o in reversed(outputs) if isinstance(o, torch.Tensor) and isinstance(read, torch.Tensor)
+                 and o.shape == read.shape and torch.equal(o, read)
+                 and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1), None)
 
 
 def _input_embeddings(model: torch.nn.Module):

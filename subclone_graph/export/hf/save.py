@@ -17,7 +17,11 @@ child's sizes; ``weights.py``: the names; ``embedding_scale.py``: a scale the cl
 2. check: the written folder, run as its class segment by segment, is compared with the child;
    on a mismatch the staging folder is removed and the error gives the max difference. A child
    whose graph holds what the class cannot express — a √(D/d) ``mul`` that
-   ``RescaleResidualPass`` inserted after a norm without its own weight — fails here, not silently;
+   ``RescaleResidualPass`` inserted after a norm without its own weight — fails here, not silently.
+   Where the class differs by more than rounding and the stream's norms carry the rescale's
+   ε·D/d (a class whose norms' ε is a constant, or one field that a norm over another width
+   reads too), the child with that ε folded into the stream's scale (``stream_scale.py``) is
+   written and checked too, and the closer folder kept;
 3. the staging folder is renamed to ``out_dir``. ``out_dir`` is checked before any work
    (``destination.check_destination``): an existing empty folder is written into; a non-empty
    one is replaced only with ``overwrite`` and only if it holds nothing but what ``save_hf``
@@ -33,12 +37,16 @@ stream shrank).
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch.fx as fx
 
 from subclone_graph.export.destination import check_destination, staging_folder, write_manifest
+from subclone_graph.export.hf.common import HFExportError
+from subclone_graph.export.hf.stream_scale import fold_stream_scale
 from subclone_graph.export.hf.write import DEFAULT_SHARD_SIZE, check_folder, write_folder
+from subclone_graph.export.tolerance import model_dtype, tolerance_for
 
 __all__ = ["save_hf", "SavedFolder"]
 
@@ -67,9 +75,7 @@ def save_hf(child: fx.GraphModule, out_dir, *, tokenizer=None, overwrite: bool =
     out_dir = check_destination(out_dir, overwrite=overwrite, folder=True)
     with staging_folder(out_dir.parent) as staging:
         staged = staging / out_dir.name
-        staged.mkdir()
-        written = write_folder(child, staged, shard_size=shard_size, tokenizer=tokenizer)
-        difference = check_folder(child, staged, written, out_dir)
+        written, difference = _write_checked(child, staged, out_dir, shard_size, tokenizer)
         write_manifest(staged)
         if out_dir.is_dir() and any(out_dir.iterdir()):
             os.replace(out_dir, staging / "old")
@@ -79,3 +85,40 @@ def save_hf(child: fx.GraphModule, out_dir, *, tokenizer=None, overwrite: bool =
     saved = SavedFolder(out_dir)
     saved.config_changes, saved.max_difference = written.changes, difference
     return saved
+
+
+def _write_checked(child, staged: Path, out_dir: Path, shard_size: int, tokenizer):
+    """The written folder and its max difference. Where the class differs from the child by
+    more than a tenth of the tolerance — more than any correct re-implementation's rounding:
+    a real difference, such as a class that cannot take the rescale's ε·D/d, that another
+    batch or length could push over the tolerance — and the stream's norms carry that ε, the
+    same child with the ε folded into the stream's scale (``stream_scale``) is written too, and
+    the closer of the two is kept; the first error is raised if both differ."""
+    staged.mkdir()
+    try:
+        written = write_folder(child, staged, shard_size=shard_size, tokenizer=tokenizer)
+        difference, first = check_folder(child, staged, written, out_dir), None
+    except HFExportError as error:
+        written, difference, first = None, float("inf"), error
+    scale = max([1.0] + [float(v.abs().max()) for v in written.reference.values() if v.numel()]) if written else 1.0
+    folded = fold_stream_scale(child) if difference > tolerance_for(model_dtype(child)) * scale / 10 else None
+    if folded is None:
+        if first is not None:
+            raise first
+        return written, difference
+    other = staged.with_name(staged.name + ".folded")
+    other.mkdir()
+    try:
+        folded_written = write_folder(folded, other, shard_size=shard_size, tokenizer=tokenizer)
+        folded_difference = check_folder(folded, other, folded_written, out_dir)
+    except HFExportError as error:
+        shutil.rmtree(other)
+        if first is not None:
+            raise first from error
+        return written, difference
+    if folded_difference >= difference:
+        shutil.rmtree(other)
+        return written, difference
+    shutil.rmtree(staged)
+    os.replace(other, staged)
+    return folded_written, folded_difference

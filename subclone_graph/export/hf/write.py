@@ -342,7 +342,42 @@ def check_folder(child: fx.GraphModule, staging: Path, written: Written, out_dir
     allowed = tolerance_for(dtype) * scale
     if not diff <= allowed:
         raise HFExportError(f"the saved {cls.__name__} differs from the child by {diff:.3g} (> {tolerance_for(dtype):g} "
-                            f"× {scale:.3g}): the child computes something the class cannot express (e.g. a √(D/d) "
-                            "multiply inserted after a norm without its own weight; subclone with rescale=False); "
-                            f"nothing written to {out_dir}")
+                            f"× {scale:.3g}): {_why_different(child, staging)}; nothing written to {out_dir}")
     return diff
+
+
+def _recomputed_buffers(child, staging: Path) -> list[str]:
+    """The written tensors the class does not load but computes from its config (a
+    non-persistent buffer: a sinusoidal table of the width) and that differ from the child's."""
+    cls = required(child, pass_state.PARENT_CLASS)
+    try:
+        with quiet_transformers():
+            loaded = cls.from_pretrained(staging, dtype=model_dtype(child))
+    except Exception:                   # the caller's error already says it does not load
+        return []
+    tensors = child.state_dict()
+    # a constant the graph reads but does not hold as state keeps its attribute name
+    ours = {n.target: get_attribute(child, n.target) for n in child.graph.nodes if n.op == "get_attr"}
+    ours.update({hf: tensors[name] for name, hf in hf_names(child).items() if name in tensors})
+    persistent = set(loaded.state_dict())
+    return [name for name, buffer in loaded.named_buffers() if name in ours and name not in persistent
+            and (buffer.shape != ours[name].shape or not torch.equal(buffer, ours[name].to(buffer.dtype)))]
+
+
+def _why_different(child, staging: Path) -> str:
+    """What the class cannot express, as precisely as the child's state says."""
+    recomputed = _recomputed_buffers(child, staging)
+    if recomputed:
+        return (f"the class computes {', '.join(recomputed[:3])} from its config instead of loading it, and the "
+                "child's (kept channels of the parent's) differ")
+    rescale = pass_state.RESCALE.get(child)
+    if rescale is not None and rescale.inserted:
+        return (f"the child multiplies the output of {len(rescale.inserted)} norm(s) without a weight of their own "
+                f"({', '.join(rescale.inserted[:3])}) by √(D/d), a multiply the class has no weight to hold; "
+                "subclone with rescale=False")
+    if rescale is not None and rescale.eps_scale != 1:
+        return (f"the child's norms add the rescale's ε·D/d (× {rescale.eps_scale:.4g}) and the class's cannot, nor can "
+                "it be folded into the stream's scale (a stream read otherwise than through norms); or the class "
+                "derives a constant or a fused layout from a size the child changed")
+    return ("the class computes something else than the child (a constant or a fused projection's layout it "
+            "derives from a size the child changed)")

@@ -1,0 +1,233 @@
+"""The √(D/d) rescale's ε, folded into the residual stream's scale, for a class that cannot take ε·D/d.
+
+``RescaleResidualPass`` gives every norm over the shrunk stream the ε ``ε·k`` (k = D/d). A class
+whose norms take ε as a constant (``nn.LayerNorm(width)``), or from one config field that its
+norms over another width read too (a QK-norm over the unshrunk head width), cannot hold that.
+The same function has another form the class can hold: for LayerNorm and RMSNorm alike,
+
+    norm(x, ε·k) = norm(s·x, ε)        with s = 1/√k,
+
+so where every read of the stream is such a norm (a pre-norm network), scaling every write into
+the stream by ``s`` and giving each of its norms back the parent's ε leaves every output as it
+was. ``fold_stream_scale(child)`` returns that copy of the child, or None where it cannot:
+
+1. the norms: every ``layer_norm`` / ``rms_norm`` op, or decomposed ``add(mean(x·x), ε)``,
+   whose input carries the residual group in its last dim; its ε divided by k;
+2. the writes: every weight whose op's output carries the residual group while the op's other
+   inputs do not (a token or position table's lookup, a branch's output projection and its
+   bias, an expert's down projection), and a bias added to such an output; scaled by s;
+3. a written table also read as a weight elsewhere (an output head tied to the token table):
+   the head's input comes from a norm op over the stream with a weight of its own, whose weight
+   and bias take 1/s, so that the head computes what it did;
+4. the copy's outputs are compared with the child's on its example inputs: a network that reads
+   its stream otherwise than through a norm (a post-norm one) differs, and None is returned.
+
+Every scale is a ``tensor_edits.Scale`` (one rounding in the tensor's dtype), recorded like the
+passes' edits.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.fx as fx
+
+from subclone_graph.passes import state as pass_state
+from subclone_graph.passes.fx_utils import CASTS, VIEWS, get_attribute, replace_tensors
+from subclone_graph.passes.tensor_edits import Scale, edit_tensor
+
+from subclone_graph.export.hf.common import example_inputs, tensor_outputs
+from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
+
+__all__ = ["fold_stream_scale"]
+
+aten = torch.ops.aten
+_NORM_EPS = {aten.layer_norm.default: 4, aten.native_layer_norm.default: 4, aten.rms_norm.default: 3,
+             aten._fused_rms_norm.default: 3}
+_NORM_WEIGHTS = {aten.layer_norm.default: (2, 3), aten.native_layer_norm.default: (2, 3),
+                 aten.rms_norm.default: (2,), aten._fused_rms_norm.default: (2,)}
+_MEANS = {aten.mean.dim, aten.mean.default}
+_ADDS = {aten.add.Tensor, aten.add.Scalar}
+
+
+def _carries(node, graph, residual: set[int], last: bool = False) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    channels = pass_state.CHANNELS.of(node, graph)
+    if channels is None or not channels.groups:
+        return False
+    groups = {graph.find(g) for g in (channels.groups[-1:] if last else channels.groups) if g is not None}
+    return bool(groups & residual)
+
+
+# ops whose output is their first input's values, some of them: a scale passes through them
+_PASS_THROUGH = CASTS | VIEWS | {aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.type_as.default}
+
+
+def _through_casts(node):
+    while isinstance(node, fx.Node) and node.target in _PASS_THROUGH and node.op == "call_function":
+        node = node.args[0]
+    return node
+
+
+def _norm_eps(gm, graph, residual) -> list[tuple[fx.Node, int]]:
+    """(node, argument index of its ε) of every norm over the stream (module docstring, 1)."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _NORM_EPS and _carries(node.args[0], graph, residual, last=True):
+            index = _NORM_EPS[node.target]
+            if len(node.args) > index and isinstance(node.args[index], float):
+                found.append((node, index))
+        elif node.target in _ADDS and any(type(a) is float for a in node.args):
+            mean = next((a for a in node.args if isinstance(a, fx.Node)), None)
+            if mean is not None and mean.target in _MEANS and _carries(mean.args[0], graph, residual, last=True):
+                found.append((node, next(i for i, a in enumerate(node.args) if type(a) is float)))
+    return found
+
+
+def _writes(gm, graph, residual) -> tuple[set[fx.Node], list[fx.Node]]:
+    """(the get_attr nodes written into the stream, the ops they write through) (module docstring, 2)."""
+    writers, ops = set(), []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not _carries(node, graph, residual, last=True):
+            continue
+        inputs = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+        weights = [a for a in inputs if _through_casts(a).op == "get_attr"]
+        others = [a for a in inputs if a not in weights]
+        if weights and not any(_carries(a, graph, residual) for a in others):
+            writers.update(_through_casts(w) for w in weights if _carries(_through_casts(w), graph, residual))
+            ops.append(node)
+    for node in gm.graph.nodes:          # a bias added to a written output
+        if node.target in _ADDS and node.op == "call_function":
+            tensors = [a for a in node.args if isinstance(a, fx.Node)]
+            weights = [a for a in tensors if _through_casts(a).op == "get_attr"]
+            if len(tensors) == 2 and len(weights) == 1 and _through_casts(
+                    next(a for a in tensors if a not in weights)) in ops:
+                writers.add(_through_casts(weights[0]))
+    return writers, ops
+
+
+def _users_through(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node``, looked through the ops that pass its values on."""
+    found = []
+    for user in node.users:
+        found += _users_through(user) if user.target in _PASS_THROUGH else [user]
+    return found
+
+
+def _gain_of(node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, float] | None]:
+    """(the norm's output, its gain as (get_attr, offset c) of ``c + w``) after the normalised
+    value ``node``: the next ``mul`` by a weight, through casts (None: no gain)."""
+    users = [u for u in _users_through(node) if u.target is not aten._assert_tensor_metadata.default]
+    if len(users) != 1 or users[0].target is not aten.mul.Tensor:
+        return node, None
+    other = next((a for a in users[0].args if isinstance(a, fx.Node) and _through_casts(a) is not node), None)
+    offset = 0.0
+    if isinstance(other, fx.Node) and other.target in _ADDS and len(other.args) == 2:
+        constants = [a for a in other.args if type(a) in (int, float)]
+        tensors = [a for a in other.args if isinstance(a, fx.Node)]
+        if len(constants) == 1 and len(tensors) == 1:
+            offset, other = float(constants[0]), tensors[0]
+    other = _through_casts(other)
+    if isinstance(other, fx.Node) and other.op == "get_attr" and len(other.users) == 1:
+        return users[0], (other, offset)
+    return node, None
+
+
+def _norm_gains(node: fx.Node, graph, residual) -> tuple[fx.Node, list[tuple[fx.Node, float]]] | None:
+    """(output, [(gain or bias get_attr, offset)]) of the norm whose ε is at ``node`` (a norm op,
+    or the ``add`` of a decomposed one); None where its normalised value is not found."""
+    if node.target in _NORM_WEIGHTS:
+        weights = [node.args[i] for i in _NORM_WEIGHTS[node.target] if len(node.args) > i]
+        return node, [(w, 0.0) for w in weights if isinstance(w, fx.Node) and w.op == "get_attr"]
+    frontier = list(node.users)
+    while frontier:                      # ε → rsqrt → the mul/div joining it with the stream
+        user = frontier.pop(0)
+        if user.target in (aten.mul.Tensor, aten.div.Tensor) and any(
+                _carries(a, graph, residual, last=True) for a in user.args if isinstance(a, fx.Node)):
+            out, gain = _gain_of(user)
+            return out, [gain] if gain is not None else []
+        frontier += list(user.users)
+    return None
+
+
+def _constant_mul(node: fx.Node) -> fx.Node | None:
+    """The ``mul`` by a constant that is the only user of a norm without a gain (the factor
+    ``RescaleResidualPass`` inserted there), which then takes the stream's scale."""
+    users = [u for u in _users_through(node) if u.target is not aten._assert_tensor_metadata.default]
+    if len(users) == 1 and users[0].target is aten.mul.Tensor and sum(type(a) is float for a in users[0].args) == 1:
+        return users[0]
+    return None
+
+
+def _plan(gm, graph, residual, norms) -> dict[fx.Node, tuple[float, float]] | None:
+    """{get_attr node (or constant ``mul``): (the power of s it takes, the offset c of a ``c + w``
+    gain)}, or None
+    where a norm adds into the stream, or a tied head reads, with no gain to take the scale."""
+    writers, ops = _writes(gm, graph, residual)
+    if not writers:
+        return None
+    plan = {w: (1.0, 0.0) for w in writers}
+    outputs = {}
+    for node, _ in norms:
+        found = _norm_gains(node, graph, residual)
+        if found is None:
+            return None
+        outputs[found[0]] = found[1]
+        constant = _constant_mul(found[0]) if not found[1] else None
+        reads = _users_through(constant if constant is not None else found[0])
+        if any(u.target in _ADDS and _carries(u, graph, residual, last=True) for u in reads):
+            if not found[1] and constant is None:   # a norm written into the stream (after the embedding)
+                return None
+            plan.update({w: (1.0, c) for w, c in found[1]} if found[1] else {constant: (1.0, 0.0)})
+    for writer in writers:               # a table also read as a weight (a tied output head)
+        for read in [u for u in writer.users if u not in ops and u.target is not aten._assert_tensor_metadata.default]:
+            source = _through_casts(read.args[0]) if read.target is aten.linear.default else None
+            if not outputs.get(source):
+                return None
+            plan.update({w: (-1.0, c) for w, c in outputs[source]})
+    return plan
+
+
+def fold_stream_scale(child: fx.GraphModule) -> fx.GraphModule | None:
+    """A copy of ``child`` computing the same with its stream norms at the parent's ε (module
+    docstring); None where the child has no such ε, or the copy does not compute the same."""
+    rescale = pass_state.RESCALE.get(child)
+    graph = pass_state.CHANNEL_GRAPH.get(child)
+    if rescale is None or graph is None or rescale.eps_scale == 1:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folded = copy.deepcopy(child)
+    residual = {graph.find(g.id) for g in graph.groups.values() if g.kind == "residual"}
+    norms = _norm_eps(folded, graph, residual)
+    plan = _plan(folded, graph, residual, norms)
+    if not norms or plan is None:
+        return None
+    k, done = rescale.eps_scale, {}
+    for node, index in norms:
+        node.args = node.args[:index] + (node.args[index] / k,) + node.args[index + 1:]
+    for node, (power, offset) in plan.items():
+        factor = k ** (-0.5 * power)
+        if node.op == "call_function":   # a mul by a constant (``_constant_mul``)
+            node.args = tuple(a * factor if type(a) is float else a for a in node.args)
+            continue
+        tensor = get_attribute(folded, node.target)
+        if id(tensor) not in done:       # c + w' = factor · (c + w)
+            done[id(tensor)] = edit_tensor(folded, tensor, [Scale(factor, offset * (factor - 1))])
+    replace_tensors(folded, done)
+    folded.recompile()
+    return folded if _same_outputs(child, folded) else None
+
+
+def _same_outputs(child, folded) -> bool:
+    inputs = example_inputs(child)
+    with torch.no_grad():
+        want, got = tensor_outputs(child(*inputs)), tensor_outputs(folded(*inputs))
+    if set(want) != set(got):
+        return False
+    diff, scale = max_difference(list(want.values()), [got[k] for k in want])
+    return diff <= tolerance_for(model_dtype(child)) * scale
