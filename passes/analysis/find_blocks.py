@@ -11,7 +11,8 @@ a module, each block is its own layer. Blocks whose container item lies inside a
 
 A layer has one stream input (the skip operand of its first block whose skip comes from outside
 the layer — in a bottleneck layer, blocks at an inner width come first —, followed back out of the
-layer through casts and copies) and one stream output (its last add of the input's width, followed forward through
+layer through casts and copies; a skip computed inside the layer, after a branch without weights
+that is no block, is followed back to the one value of its shape entering the layer) and one stream output (its last add of the input's width, followed forward through
 same-shape ops and views still inside the layer, to the last node with the input's shape: a
 post-norm layer ends in its norm, a layer that flattens the stream to (b·s, h) ends where it
 views it back; when the stream still goes on inside the layer after that — a decomposed
@@ -147,7 +148,28 @@ def _outermost_keys(keys: set[str]) -> dict[str, str]:
 def _stream_input(node: fx.Node, key: str | None) -> fx.Node:
     while node.op == "call_function" and node.target in CASTS and in_module(node, key):
         node = node.args[0]
+    if node.op == "call_function" and in_module(node, key):
+        return _entering(node, key) or node
     return node
+
+
+def _entering(node: fx.Node, key: str | None) -> fx.Node | None:
+    """The one value of ``node``'s shape that enters the layer and that ``node`` is computed
+    from, where the skip of the layer's first block is computed inside the layer (a branch
+    without weights before it — a Fourier mixing sublayer — is no block, so the first block's
+    skip is that sublayer's output); None when there is not exactly one."""
+    shape, seen, frontier, entering = tensor_shape(node), {node}, [node], set()
+    while frontier:
+        current = frontier.pop()
+        for source in current.all_input_nodes:
+            if source in seen:
+                continue
+            seen.add(source)
+            if source.op == "call_function" and in_module(source, key):
+                frontier.append(source)
+            elif tensor_shape(source) == shape:
+                entering.add(source)
+    return next(iter(entering)) if len(entering) == 1 else None
 
 
 def _stream_output(node: fx.Node, key: str | None, input_shape) -> fx.Node:
