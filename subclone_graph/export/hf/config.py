@@ -76,6 +76,11 @@ def _configs(config: dict) -> list[dict]:
     return found
 
 
+def _sizes_list(value) -> bool:
+    """A non-empty list of integers: sizes the search may set entry by entry (a width per stage)."""
+    return isinstance(value, list) and bool(value) and all(type(v) is int for v in value)
+
+
 def _flat(config: dict, prefix: tuple = ()) -> dict[tuple, object]:
     """Every field as ``{path: value}`` (``("text_config", "hidden_size")``), sub-configs flattened;
     each entry of a list of integers also as ``(..., name, index)`` (a width per stage:
@@ -86,7 +91,7 @@ def _flat(config: dict, prefix: tuple = ()) -> dict[tuple, object]:
             flat.update(_flat(value, (*prefix, key)))
         else:
             flat[(*prefix, key)] = value
-            if isinstance(value, list) and all(type(v) is int for v in value):
+            if _sizes_list(value):
                 flat.update({(*prefix, key, i): v for i, v in enumerate(value)})
     return flat
 
@@ -112,8 +117,7 @@ def _derived(parent, base: dict) -> list[str]:
     found = []
     for name, value in base.items():
         # a list of integers may hold sizes (stage widths): those the search sets, entry by entry
-        if not isinstance(value, (list, str)) or name in ("model_type", "architectures") or (
-                isinstance(value, list) and value and all(type(v) is int for v in value)):
+        if not isinstance(value, (list, str)) or name in ("model_type", "architectures") or _sizes_list(value):
             continue
         try:
             again = type(parent).from_dict({k: v for k, v in base.items() if k != name})
