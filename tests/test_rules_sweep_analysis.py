@@ -1,0 +1,84 @@
+"""Analysis fixes the family sweep asked for, each on a small hand-written model that shows the
+construct:
+
+1. a reshape between a token dim merged with channels and another such merge (``(b, s·32, 3) →
+   (b, 2·s, 48)``: an "unroll" of tokens into channels) refines into an atom whose size sympy
+   computes from the dynamic sizes (``32·s / 2·s = 16``): that size is an ``int``, so the group it
+   lands in is static (a sympy number reached ``torch.arange`` and crashed the choice);
+"""
+from __future__ import annotations
+
+import sympy
+import torch
+import torch.nn.functional as F
+from subclone_testing import groups_of, plant_dead, relative_error, run
+from torch import nn
+
+import subclone_graph as sg
+
+VOCAB, D, FFN = 40, 32, 48
+
+
+def _ids(batch, seq, seed):
+    return (torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed)),)
+
+
+class UnrolledMlp(nn.Module):
+    """An MLP whose 96 hidden channels are unrolled with the tokens and rolled back."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(D, 96), nn.Linear(96, D)
+        self.mix, self.ff = nn.Linear(48, 48), nn.Linear(D, FFN)
+        self.ff_down = nn.Linear(FFN, D)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        h = self.up(x).reshape(b, s * 32, 3)
+        h = self.mix(F.gelu(h.reshape(b, 2 * s, 48)))      # atoms 2·s, 16, 3: 16 is sympy's 32·s / 2·s
+        y = self.down(h.reshape(b, s, 96))
+        return y + self.ff_down(F.relu(self.ff(x)))
+
+
+class Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.mlp = nn.RMSNorm(D), UnrolledMlp()
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class UnrollNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.layers = nn.ModuleList(Layer() for _ in range(2))
+        self.norm, self.head = nn.RMSNorm(D), nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+def test_a_size_sympy_computes_is_an_int_and_the_unrolled_model_subclones():
+    torch.manual_seed(0)
+    model, inputs = UnrollNet().eval(), _ids(2, 8, 0)
+    gm = sg.trace(model, inputs)
+    sg.analyze_channels(gm)
+    graph = gm.meta["subclone.channel_graph"]
+    sizes = graph.sizes + [g.size for g in graph.groups.values()]
+    assert not [s for s in sizes if isinstance(s, sympy.Basic) and s.is_number]
+    same = sg.subclone(gm, inputs, sg.Target())          # crashed: arange(sympy.Integer)
+    checked = [inputs, _ids(3, 5, 7)]
+    for x in checked:
+        assert relative_error(run(same, x), run(model, x)) < 1e-6
+    ffn = [g for g in groups_of(gm, "ffn") if g.size == FFN]
+    assert len(ffn) == 2
+    plant_dead(gm, {g.id: list(range(1, FFN, 2)) for g in ffn})
+    child = sg.subclone(gm, inputs, sg.Target(ffn=0.5), calibration=checked + [_ids(4, 16, 100)])
+    assert child.get_parameter("layers.0.mlp.ff.weight").shape == (FFN // 2, D)
+    for x in checked:
+        assert relative_error(run(child, x), run(gm, x)) < 1e-5
