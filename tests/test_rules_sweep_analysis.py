@@ -8,6 +8,9 @@ construct:
 """
 from __future__ import annotations
 
+import re
+
+import pytest
 import sympy
 import torch
 import torch.nn.functional as F
@@ -82,3 +85,67 @@ def test_a_size_sympy_computes_is_an_int_and_the_unrolled_model_subclones():
     assert child.get_parameter("layers.0.mlp.ff.weight").shape == (FFN // 2, D)
     for x in checked:
         assert relative_error(run(child, x), run(gm, x)) < 1e-5
+
+
+class Mlp(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        return self.down(F.relu(self.up(x)))
+
+
+class StageLayer(nn.Module):
+    """A residual layer; ``widen``: its first part projects the stream to twice the width and
+    adds a branch (a stage transition: ``proj(x) + lift(f(x))`` — no block)."""
+
+    def __init__(self, width, widen):
+        super().__init__()
+        self.widen, out = widen, 2 * width if widen else width
+        self.norm, self.norm2 = nn.RMSNorm(width), nn.RMSNorm(out)
+        self.proj, self.branch = (nn.Linear(width, out), Mlp(width)) if widen else (None, None)
+        self.lift = nn.Linear(width, out) if widen else None
+        self.mlp = Mlp(out)
+
+    def forward(self, x):
+        if self.widen:
+            h = self.norm(x)
+            x = self.proj(h) + self.lift(self.branch(h))
+        return x + self.mlp(self.norm2(x))
+
+
+class StageNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.layers = nn.ModuleList([StageLayer(D, False), StageLayer(D, True), StageLayer(2 * D, False)])
+        self.head = nn.Linear(2 * D, VOCAB)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_a_layer_that_changes_the_stream_is_not_removed_and_says_so_in_one_line():
+    torch.manual_seed(0)
+    model, inputs = StageNet().eval(), _ids(2, 8, 0)
+    gm = sg.trace(model, inputs)
+    sg.analyze_channels(gm)
+    assert len(gm.meta["subclone.layers"]) == 3
+    with pytest.raises(ValueError) as error:        # the middle one: a PostconditionError of DropBlocksPass before
+        sg.subclone(gm, inputs, sg.Target(layers=2))
+    assert re.fullmatch(
+        r"ChooseKeepPass: Target\.layers: layer 1 \(layers\.1\) cannot be removed: its first part changes the stream "
+        r"\(s\d+×s\d+×32 → s\d+×s\d+×64\) and is no residual block; keep it \(drop_layers=\[\.\.\.\] names layers "
+        r"that can go\)", str(error.value)), str(error.value)
+    assert "\n" not in str(error.value)
+    # a layer that is a residual block as a whole goes: the child is the parent without it
+    gm.get_parameter("layers.2.mlp.down.weight").data.zero_()
+    gm.get_parameter("layers.2.mlp.down.bias").data.zero_()
+    child = sg.subclone(gm, inputs, sg.Target(), drop_layers=[2])
+    assert not any(name.startswith("layers.2.") for name, _ in child.named_parameters())
+    for x in (inputs, _ids(3, 6, 7)):
+        assert relative_error(run(child, x), run(gm, x)) < 1e-6

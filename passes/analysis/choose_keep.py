@@ -18,7 +18,9 @@ Decisions (the paper's recipe, ties broken by the lower index, kept indices in o
    classes of exact copies keeps one representative per class it keeps, the best-scoring
    classes; ``state.FOLDED`` says how many copies each kept index stands for;
 7. layers: ``drop_layers`` as given, else ``depth="middle"`` drops the middle ones and
-   ``depth="measured"`` the ones with the smallest ‖f(x)‖/‖x+f(x)‖ (needs calibration).
+   ``depth="measured"`` the ones with the smallest ‖f(x)‖/‖x+f(x)‖ (needs calibration); a layer
+   whose stream input is computed inside it (a stage transition changing the stream's width
+   before its first block) is refused in one line rather than half removed.
 
 Every other group follows (``keep_sets.derive_keep``). A frozen group that would lose an index is
 an error naming the op that froze it.
@@ -35,6 +37,7 @@ import torch
 import torch.fx as fx
 
 from .. import state
+from ..fx_utils import in_module, tensor_shape
 from ..errors import PassError, PostconditionError, PreconditionError
 from ..infra import SubclonePass
 from ..state import SizeChange
@@ -233,6 +236,41 @@ def _no_looped_layer(layers, changed: list[int]) -> None:
                          "this model's depth cannot change; leave Target.layers and drop_layers unset")
 
 
+def _removable(gm: fx.GraphModule, drops: list[int]) -> None:
+    """A layer is removed by reading its stream input where its output was read; a layer whose
+    stream input is computed inside it (its first part changes the stream's shape — a stage
+    transition that projects and pools the stream — and is no residual block) cannot be."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for layer in state.LAYERS.need(gm):
+        start = nodes[layer.input]
+        if layer.index in drops and start.op == "call_function" and in_module(start, layer.key):
+            entering = _entering_tensors(start, layer.key)
+            shapes = f" ({_shape(entering[0])} → {_shape(start)})" if len(entering) == 1 else ""
+            raise ValueError(f"Target.layers: layer {layer.index} ({layer.key}) cannot be removed: its first part "
+                             f"changes the stream{shapes} and is no residual block; keep it (drop_layers=[...] "
+                             "names layers that can go)")
+
+
+def _entering_tensors(node: fx.Node, key: str) -> list[fx.Node]:
+    """The tensors from outside module ``key`` that ``node`` (inside it) is computed from."""
+    seen, frontier, entering = {node}, [node], []
+    while frontier:
+        for source in frontier.pop().all_input_nodes:
+            if source in seen:
+                continue
+            seen.add(source)
+            if source.op == "call_function" and in_module(source, key):
+                frontier.append(source)
+            elif source.op != "get_attr" and tensor_shape(source) is not None:
+                entering.append(source)
+    return entering
+
+
+def _shape(node: fx.Node) -> str:
+    shape = tensor_shape(node)
+    return "×".join(str(s) for s in shape) if shape is not None else "?"
+
+
 def size_changes(graph: ChannelGraph, sizes: dict) -> tuple[SizeChange, ...]:
     """Parent and child size of every group of a target kind (what a config's fields describe)."""
     kinds = ("residual", "ffn", "latent", "heads", "kv_heads", "head_dim", "experts")
@@ -276,6 +314,7 @@ class ChooseKeepPass(SubclonePass):
         state.FOLDED.set(gm, folded)
         drops, duplicates = self._drops(gm), self._duplicates(gm)
         _no_looped_layer(state.LAYERS.need(gm), [*drops, *duplicates])
+        _removable(gm, drops)
         state.DROP.set(gm, tuple(drops))
         state.DUPLICATE.set(gm, tuple(duplicates))
         return False
