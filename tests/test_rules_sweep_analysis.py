@@ -19,7 +19,7 @@ from torch import nn
 
 import subclone_graph as sg
 
-VOCAB, D, FFN = 40, 32, 48
+VOCAB, D, FFN, HEADS, HEAD_DIM = 40, 32, 48, 4, 8
 
 
 def _ids(batch, seq, seed):
@@ -149,3 +149,89 @@ def test_a_layer_that_changes_the_stream_is_not_removed_and_says_so_in_one_line(
     assert not any(name.startswith("layers.2.") for name, _ in child.named_parameters())
     for x in (inputs, _ids(3, 6, 7)):
         assert relative_error(run(child, x), run(gm, x)) < 1e-6
+
+
+class PairedAttention(nn.Module):
+    """Differential-style attention: head ``i`` and head ``i + HEADS/2`` are combined, the
+    output's heads are ``cat(p, p)`` of one group of pairs (``chunk`` then ``o1 - λ·o2``)."""
+
+    def __init__(self, grouped=False):
+        super().__init__()
+        self.grouped = grouped
+        self.q, self.k, self.v = (nn.Linear(D, HEADS * HEAD_DIM) for _ in range(3))
+        self.lam = nn.Parameter(torch.tensor(0.3))
+        self.out = nn.Linear(HEADS // 2 * HEAD_DIM, D)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, HEADS, HEAD_DIM).transpose(1, 2) for p in (self.q, self.k, self.v))
+        if self.grouped:        # the values' halves each repeated back to every head (a repeat: kv grouping)
+            v = v[:, : HEADS // 2].repeat(1, 2, 1, 1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        first, second = y.chunk(2, dim=1)
+        y = first - self.lam * second
+        return self.out(y.transpose(1, 2).reshape(b, s, HEADS // 2 * HEAD_DIM))
+
+
+class PairedLayer(nn.Module):
+    def __init__(self, grouped):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(D), nn.RMSNorm(D)
+        self.attn, self.mlp = PairedAttention(grouped), Mlp(D)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PairedNet(nn.Module):
+    def __init__(self, grouped=False):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.layers = nn.ModuleList(PairedLayer(grouped) for _ in range(2))
+        self.norm, self.head = nn.RMSNorm(D), nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+def test_heads_that_pair_across_two_halves_keep_whole_pairs_and_dead_pairs_go_exactly():
+    torch.manual_seed(0)
+    model, inputs = PairedNet().eval(), _ids(2, 8, 0)
+    gm = sg.trace(model, inputs)
+    sg.analyze_channels(gm)
+    same = sg.subclone(gm, inputs, sg.Target())
+    checked = [inputs, _ids(3, 5, 7)]
+    for x in checked:
+        assert relative_error(run(same, x), run(model, x)) < 1e-6
+    for i in range(2):          # pair 1 (heads 1 and 3) dead: its values are zero
+        v = gm.get_submodule(f"layers.{i}.attn.v")
+        for head in (1, 3):
+            v.weight.data[head * HEAD_DIM:(head + 1) * HEAD_DIM] = 0
+            v.bias.data[head * HEAD_DIM:(head + 1) * HEAD_DIM] = 0
+    child = sg.subclone(gm, inputs, sg.Target(heads=2), calibration=checked + [_ids(4, 16, 100)])
+    # was a PassError: the heads' top-2 did not keep whole pairs
+    assert child.get_parameter("layers.0.attn.q.weight").shape == (2 * HEAD_DIM, D)
+    assert child.get_parameter("layers.0.attn.out.weight").shape == (D, HEAD_DIM)
+    for x in checked:
+        assert relative_error(run(child, x), run(gm, x)) < 1e-5
+    with pytest.raises(ValueError, match=r"^ChooseKeepPass: Target.heads: .* a multiple of 2, not 3$"):
+        sg.subclone(gm, inputs, sg.Target(heads=3))
+
+
+def test_paired_heads_also_grouped_by_a_repeat_of_the_values_refuse_in_one_line():
+    torch.manual_seed(0)
+    model, inputs = PairedNet(grouped=True).eval(), _ids(2, 8, 0)
+    gm = sg.trace(model, inputs)
+    sg.analyze_channels(gm)
+    with pytest.raises(ValueError) as error:
+        sg.subclone(gm, inputs, sg.Target(heads=0.5, kv_heads=0.5))
+    assert str(error.value) == (
+        "ChooseKeepPass: Target.heads cannot shrink this model: aten.chunk.default (chunk in layers.0.attn) makes "
+        "its 4 heads 2 copies of one group of heads (head i pairs with head i + 2) and its attention also groups "
+        "them by key/value head; the two orders cannot both be kept")
+    child = sg.subclone(gm, inputs, sg.Target(hidden=0.5, ffn=0.5))       # the rest still shrinks
+    assert child.get_parameter("layers.0.attn.q.weight").shape == (HEADS * HEAD_DIM, D // 2)

@@ -8,6 +8,8 @@ Decisions (the paper's recipe, ties broken by the lower index, kept indices in o
    expert (``ChannelGroup.experts``) keeps each expert's own best ones (a ``(experts, k)`` keep);
 3. experts: per mixture-of-experts layer, the ``experts`` best by router-weighted output; at least
    the k its router's top-k picks per token (else a one-line error);
+   a group that is one group concatenated with itself (``cat(p, p)``) keeps the best of ``p``'s
+   indices (scores summed over the copies) in every copy;
 4. heads: per attention op, the ``kv_heads`` best kv groups (a group scores the sum of its query
    heads), then in each kept group its ``heads / kv_heads`` best query heads (query head ``r`` of
    kv group ``g`` is head ``g · (parent's heads per group) + r``);
@@ -45,7 +47,7 @@ from ..target import Target, Times, is_fraction, is_relative
 from .channel_graph import ChannelGraph
 from .clones import fold_candidates
 from .grow import check_growable, grow_heads, grow_keep
-from .keep_sets import derive_keep
+from .keep_sets import derive_keep, tiling
 
 __all__ = ["ChooseKeepPass", "choose", "top_k", "pick", "middle_layers", "SELECTIONS", "DEPTHS"]
 
@@ -166,6 +168,14 @@ def _choose_heads(graph, site, target, scores, keep, sizes, selection, gm=None, 
     _not_frozen(graph, hq, "heads")
     head_scores = scores[hq]
     folded = {} if folded is None else folded
+    tiled = tiling(graph, hq)
+    if tiled is not None and rep is None:
+        _choose_tile(graph, hq, "heads", heads, head_scores, keep, selection)
+        return
+    if tiled is not None:
+        raise ValueError(f"Target.heads cannot shrink this model: {tiled[2]} makes its {n_heads} heads {tiled[1]} "
+                         f"copies of one group of heads (head i pairs with head i + {n_heads // tiled[1]}) and "
+                         "its attention also groups them by key/value head; the two orders cannot both be kept")
     if rep is None:
         keep[hq] = _pick_or_fold(gm, graph, hq, head_scores, heads, selection, folded)
         return
@@ -178,6 +188,19 @@ def _choose_heads(graph, site, target, scores, keep, sizes, selection, gm=None, 
     kept = [g * per_group + r for g in groups.tolist()
             for r in pick(by_group[g], heads // kv_heads, selection).tolist()]
     keep[kv], keep[hq], sizes[rep] = groups, torch.tensor(kept), heads // kv_heads
+
+
+def _choose_tile(graph: ChannelGraph, gid: int, what: str, size: int, scores, keep: dict, selection: str) -> None:
+    """A tiled group (``keep_sets.tiling``) keeps ``size / copies`` indices of its part, the best by their
+    scores summed over the copies; ``derive_keep`` repeats them in every copy."""
+    part, copies, origin = tiling(graph, gid)
+    if size % copies:
+        raise ValueError(f"Target.{what}: {origin} makes a group of {graph.groups[gid].size} from {copies} copies of one "
+                         f"group, so the child keeps a multiple of {copies}, not {size}")
+    reason = graph.groups[part].reason
+    if reason is not None:
+        raise ValueError(f"Target.{what} cannot shrink this model: {origin} repeats a group that is frozen: {reason}")
+    keep[part] = pick(scores.view(copies, -1).sum(0), size // copies, selection)
 
 
 def choose(graph: ChannelGraph, attention, target: Target, scores, selection: str = "score", gm=None,
@@ -203,6 +226,9 @@ def choose(graph: ChannelGraph, attention, target: Target, scores, selection: st
             _check(what, size, group.size, f"{kind} width")
             if size < group.size:
                 _not_frozen(graph, group.id, what)
+                if tiling(graph, group.id) is not None and scores[group.id].dim() == 1:
+                    _choose_tile(graph, group.id, what, size, scores[group.id], keep, selection)
+                    continue
                 keep[group.id] = _pick_or_fold(gm, graph, group.id, scores[group.id], size, selection, folded)
     if (target.heads or target.kv_heads) and not attention:
         raise ValueError("Target.heads: this model has no attention op whose heads could be removed")
