@@ -14,7 +14,7 @@ import pytest
 import sympy
 import torch
 import torch.nn.functional as F
-from subclone_testing import groups_of, plant_dead, relative_error, run
+from subclone_testing import groups_of, plant_dead, plant_dead_heads, relative_error, run
 from torch import nn
 
 import subclone_graph as sg
@@ -235,3 +235,50 @@ def test_paired_heads_also_grouped_by_a_repeat_of_the_values_refuse_in_one_line(
         "them by key/value head; the two orders cannot both be kept")
     child = sg.subclone(gm, inputs, sg.Target(hidden=0.5, ffn=0.5))       # the rest still shrinks
     assert child.get_parameter("layers.0.attn.q.weight").shape == (HEADS * HEAD_DIM, D // 2)
+
+
+class ChunkedAttention(nn.Module):
+    """Attention whose queries are mixed within chunks of 4 tokens (the sequence padded to a
+    multiple of 4, viewed as chunks: ``(b, h, S, d) → (b, h, S // 4, 4, d)`` with ``S`` a padded
+    length sympy cannot divide), as a chunked linear attention does."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(D, HEADS * HEAD_DIM) for _ in range(3))
+        self.out = nn.Linear(HEADS * HEAD_DIM, D)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, HEADS, HEAD_DIM).transpose(1, 2) for p in (self.q, self.k, self.v))
+        pad = (4 - s % 4) % 4 + 4                # at least two chunks: one would be a size export guards
+        chunks = F.pad(q, (0, 0, 0, pad)).reshape(b, HEADS, -1, 4, HEAD_DIM)
+        mixed = (chunks * torch.linspace(0.5, 1.0, 4)[:, None]).sum(3, keepdim=True).expand_as(chunks)
+        q = q + 0.1 * mixed.reshape(b, HEADS, -1, HEAD_DIM)[:, :, :s]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, s, HEADS * HEAD_DIM))
+
+
+class ChunkedNet(PairedNet):
+    def __init__(self):
+        super().__init__()
+        for layer in self.layers:
+            layer.attn = ChunkedAttention()
+
+
+def test_an_undivided_reshape_freezes_only_the_dims_between_the_ends_both_shapes_share():
+    torch.manual_seed(0)
+    model, inputs = ChunkedNet().eval(), _ids(2, 8, 0)
+    gm = sg.trace(model, inputs)
+    sg.analyze_channels(gm)
+    graph = gm.meta["subclone.channel_graph"]
+    frozen = [g for g in graph.groups.values() if g.reason and "do not divide" in g.reason]
+    assert frozen and all(not g.static for g in frozen)        # the padded sequence only
+    sites = gm.meta["subclone.attention"]
+    assert len(sites) == 2 and all(graph.groups[s.heads].reason is None for s in sites)
+    checked = [inputs, _ids(3, 5, 7)]
+    heads, kv_heads = plant_dead_heads(gm)          # was refused: the heads were frozen by the reshape
+    child = sg.subclone(gm, inputs, sg.Target(heads=heads, kv_heads=kv_heads),
+                        calibration=checked + [_ids(4, 16, 100)])
+    assert child.get_parameter("layers.0.attn.q.weight").shape == ((HEADS - 1) * HEAD_DIM, D)
+    for x in checked + [_ids(2, 7, 3)]:
+        assert relative_error(run(child, x), run(gm, x)) < 1e-5
