@@ -5,6 +5,22 @@ construct:
    (b, 2·s, 48)``: an "unroll" of tokens into channels) refines into an atom whose size sympy
    computes from the dynamic sizes (``32·s / 2·s = 16``): that size is an ``int``, so the group it
    lands in is static (a sympy number reached ``torch.arange`` and crashed the choice);
+2. a stage transition (a layer whose first part projects the stream to another width and is no
+   residual block) cannot be dropped: a one-line refusal naming the layer, not a half-removed
+   layer; a layer that is a block as a whole still drops exactly;
+3. heads paired across two halves (differential attention: ``o1, o2 = y.chunk(2, heads)``,
+   ``o1 - λ·o2``): the heads group is ``cat(p, p)`` of one group of pairs, so whole pairs are
+   kept (the best by their summed scores) and a dead pair goes exactly; where a repeat of the
+   values also groups the heads by kv head, the two orders conflict: a one-line refusal, and the
+   rest of the target shrinks (both were a ``PassError`` of the choice);
+4. a reshape whose sizes do not divide (a chunked attention's padded length viewed as chunks,
+   ``(b, h, S, d) → (b, h, S // 4, 4, d)``) freezes only the dims between the leading and trailing
+   dims both shapes share: the heads stay free, and planted dead heads go exactly (the heads were
+   frozen: ``Target.heads`` refused);
+5. two streams through one stack of layers (global tokens beside the sequence): the last layer's
+   update of the stream nothing reads is dead code, no block (it was the layer's output, and
+   removing another layer erased it: a crash of DropBlocksPass' postcondition); removing a layer
+   that carries the second stream on is refused in one line before anything changes.
 """
 from __future__ import annotations
 
@@ -282,3 +298,49 @@ def test_an_undivided_reshape_freezes_only_the_dims_between_the_ends_both_shapes
     assert child.get_parameter("layers.0.attn.q.weight").shape == ((HEADS - 1) * HEAD_DIM, D)
     for x in checked + [_ids(2, 7, 3)]:
         assert relative_error(run(child, x), run(gm, x)) < 1e-5
+
+
+class TwoStreamLayer(nn.Module):
+    """Carries two streams: ``x`` reads ``g`` (as global tokens do), ``g`` goes on by itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.norm_g = nn.RMSNorm(D), nn.RMSNorm(D)
+        self.mlp, self.mlp_g, self.read = Mlp(D), Mlp(D), nn.Linear(D, D)
+
+    def forward(self, x, g):
+        x = x + self.mlp(self.norm(x) + self.read(g))
+        g = g + self.mlp_g(self.norm_g(g))
+        return x, g
+
+
+class TwoStreamNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.embed_g = nn.Embedding(VOCAB, D), nn.Embedding(VOCAB, D)
+        self.layers = nn.ModuleList(TwoStreamLayer() for _ in range(3))
+        self.norm, self.head = nn.RMSNorm(D), nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        x, g = self.embed(ids), self.embed_g(ids)
+        for layer in self.layers:
+            x, g = layer(x, g)
+        return self.head(self.norm(x))          # the last layer's update of g is dead code
+
+
+def test_a_dead_add_is_no_block_and_a_layer_carrying_a_second_stream_on_refuses_in_one_line():
+    torch.manual_seed(0)
+    model, inputs = TwoStreamNet().eval(), _ids(2, 8, 0)
+    gm = sg.trace(model, inputs)
+    sg.analyze_channels(gm)
+    layers = gm.meta["subclone.layers"]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert len(layers) == 3
+    assert len(layers[2].blocks) == 1 and nodes[layers[2].output].users      # its g update was the output: dead
+    with pytest.raises(ValueError) as error:          # a PostconditionError of DropBlocksPass before
+        sg.subclone(gm, inputs, sg.Target(), drop_layers=[2])
+    assert re.fullmatch(r"DropBlocksPass: Target\.layers: layer 2 \(layers\.2\) cannot be removed: add_\d+, the stream of "
+                        r"layer 1 \(layers\.1\), is read only by the dropped layers \(they carry a second stream on\); "
+                        r"leave Target\.layers and drop_layers unset", str(error.value)), str(error.value)
+    child = sg.subclone(gm, inputs, sg.Target(ffn=0.5))     # the rest still subclones
+    assert child.get_parameter("layers.2.mlp.up.weight").shape == (D, D)
