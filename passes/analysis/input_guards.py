@@ -91,6 +91,8 @@ def _failing_sizes(expr, symbol) -> list[int] | None:
     for n in SIZES:
         try:
             holds = bool(expr.subs({symbol: n}))
+        except ZeroDivisionError:       # the guard divides by a size that is 0 at n: n cannot run
+            holds = False
         except (TypeError, ValueError):
             return None
         if not holds:
