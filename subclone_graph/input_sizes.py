@@ -9,7 +9,8 @@ input axis the sizes from 2 to 64 none of its guards rejects.
 
 ``fitting_size(gm, batch, length)``: the (batch, length) nearest the wanted one where ``gm`` runs.
 ``another_example(gm, example)``: ``example`` at another batch and sequence length (one more row,
-five more positions, each the nearest size ``gm`` runs at; the data tiled from the example's own,
+five more positions, each the nearest size ``gm`` runs at — an axis its graph holds static, as
+torch.export holds one of size 1, keeps its size —; the data tiled from the example's own,
 so token ids stay in the vocabulary and masks stay masks), or None when ``gm`` runs at the
 example's sizes only.
 """
@@ -64,6 +65,16 @@ def resized(value, dim: int, size: int):
     return value.narrow(dim, 0, size).clone()
 
 
+def _static_axes(gm) -> set[int]:
+    """The batch (0) and sequence (1) axes some input of ``gm``'s graph holds at a fixed size."""
+    static = set()
+    for node in getattr(getattr(gm, "graph", None), "nodes", ()):
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor):
+            static |= {axis for axis in dynamic_axes(value) if not isinstance(value.shape[axis], torch.SymInt)}
+    return static
+
+
 def another_example(gm, example: tuple) -> tuple | None:
     """``example`` at another batch and sequence length where ``gm`` runs (module docstring)."""
     leaves = [v for v in pytree.tree_leaves(example) if dynamic_axes(v)]
@@ -73,6 +84,10 @@ def another_example(gm, example: tuple) -> tuple | None:
     long = [v for v in leaves if len(dynamic_axes(v)) > 1]
     length = long[0].shape[1] if long else None
     new_batch, new_length = fitting_size(gm, batch + MORE_ROWS, (length or 0) + MORE_POSITIONS)
+    static = _static_axes(gm)
+    # torch.export specialises an axis of size 0 or 1, and the graph keeps what it traced static
+    new_batch = batch if batch <= 1 or 0 in static else new_batch
+    new_length = length if length is None or length <= 1 or 1 in static else new_length
     if new_batch == batch and (length is None or new_length == length):
         return None
 
