@@ -15,7 +15,8 @@
 4. ``dead``: every other FFN neuron and the last kv group (or head) of every attention op
    planted dead, then removed: outputs unchanged at both sizes (the checked inputs are in the
    calibration: a live ReLU neuron silent on other batches would tie with the dead ones);
-5. ``grandchild``: the shrunk child, subcloned again (its experts kept: the router's top-k),
+5. ``grandchild``: the shrunk child, subcloned again with the shrink's target less the kinds the
+   child's own analysis no longer finds (its experts kept: the router's top-k),
    runs at another size with the child's output shape, finite, with fewer parameters;
 6. ``save_hf``: the shrunk child written by ``save_hf`` and loaded by ``from_pretrained`` equals
    the child at another size (within ``save_hf``'s own tolerance, ``subclone_graph.export.tolerance``);
@@ -246,7 +247,18 @@ def _dead(f: _Family) -> str:
 
 
 def _grandchild(f: _Family) -> str:
-    smaller = f.subclone(f.child, dataclasses.replace(f.target, experts=None), calibration=f.calibration)
+    # the child's target, less the kinds the child no longer has (a hybrid whose dropped layer held
+    # its only attention op has no heads to ask for)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysed = sg.trace(copy.deepcopy(f.child), f.example)
+        sg.analyze_channels(analysed)
+    found = {k for k, v in dataclasses.asdict(shrink_target(analysed)).items() if v is not None}
+    gone = {k: None for k in ("hidden", "ffn", "heads", "kv_heads") if k not in found}
+    target = dataclasses.replace(f.target, experts=None, **gone)
+    if target == sg.Target():
+        return "skip"
+    smaller = f.subclone(f.child, target, calibration=f.calibration)
     got = run(smaller, f.other)
     if got.shape != run(f.child, f.other).shape or not torch.isfinite(got).all():
         raise Wrong(f"shrunk grandchild: shape {tuple(got.shape)}, finite {bool(torch.isfinite(got).all())}")
