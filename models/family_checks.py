@@ -299,8 +299,8 @@ def _anywhere(f: _Family, loaded) -> str:
     rows, positions = fitting_size(f.gm, batch, length)
     if rows > batch or positions >= length or parent.dim() < 2 or parent.shape[:2] != (batch, length):
         return f"{where} the class runs (the parent's shape, finite; no output per position to compare)"
-    prefix = tuple(t[:rows, :positions] if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[:2] == (batch, length)
-                   else t for t in x)
+    per_position = lambda t: isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[:2] == (batch, length)  # noqa: E731
+    prefix = tuple(t[:rows, :positions] if per_position(t) else t for t in x)
     if relative_error(parent[:rows, :positions], run(f.model, prefix)) > EXACT:
         return f"{where} the class runs (the parent's shape, finite; its first positions depend on later ones)"
     _saved_close(got[:rows, :positions], run(f.child, prefix), f.child,
@@ -310,7 +310,8 @@ def _anywhere(f: _Family, loaded) -> str:
 
 def _onnx(f: _Family) -> str:
     with tempfile.TemporaryDirectory() as folder:
-        diff = sg.export_onnx(f.child, f.example, Path(folder) / "child.onnx", optimize=False, fixed_sizes=bool(f.limit))
+        diff = sg.export_onnx(f.child, f.example, Path(folder) / "child.onnx", optimize=False,
+                              fixed_sizes=bool(f.limit))
     return f"max |difference| {diff:.2g}"
 
 

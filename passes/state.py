@@ -29,7 +29,8 @@ __all__ = [
     "StateKey", "STAGES", "KEYS", "clear_from", "pipeline_table", "channel_groups",
     "Layer", "ResidualBlock", "AttentionSite", "Rescale", "SizeChange", "track_origin",
     "SizeOffset", "NodeChannels", "NodeLiterals", "NodeReduces", "NodeSliceParts", "NodeAttention", "NodeExpertRows",
-    "EXAMPLE_INPUTS", "INPUT_GUARDS", "INPUT_SIZES", "PARENT_CLASS", "PARENT_CONFIG", "PARENT_LAYER_COUNT", "LAYERS", "CHANNEL_GRAPH",
+    "EXAMPLE_INPUTS", "INPUT_GUARDS", "INPUT_SIZES", "PARENT_CLASS", "PARENT_CONFIG", "PARENT_LAYER_COUNT", "LAYERS",
+    "CHANNEL_GRAPH",
     "ATTENTION", "UNKNOWN_OPS", "SCORES", "SCORE_SOURCE", "LAYER_RATIOS", "TARGET", "KEEP", "SIZES",
     "SIZE_CHANGES", "FOLDED", "DROP", "DUPLICATE", "RESCALE", "CLONED_READS", "TENSOR_ORIGINS",
     "CHANNELS", "LITERALS", "REDUCES", "SLICE_PARTS", "ATTENTION_OP", "EXPERT_ROWS", "CONTRACTS",
@@ -289,7 +290,8 @@ CONTRACTS = _node("contracts", "channels", "NodeContracts", "AnalyzeChannelsPass
                    ["ChooseKeepPass", "ScaleClonedReadsPass"], "a contraction's contracted dims and weight operand")
 
 KEYS: tuple[StateKey, ...] = (
-    EXAMPLE_INPUTS, INPUT_GUARDS, INPUT_SIZES, PARENT_CLASS, PARENT_CONFIG, PARENT_LAYER_COUNT, LAYERS, CHANNEL_GRAPH, ATTENTION,
+    EXAMPLE_INPUTS, INPUT_GUARDS, INPUT_SIZES, PARENT_CLASS, PARENT_CONFIG, PARENT_LAYER_COUNT, LAYERS, CHANNEL_GRAPH,
+    ATTENTION,
     UNKNOWN_OPS, SCORES, SCORE_SOURCE, LAYER_RATIOS, TARGET, KEEP, SIZES, SIZE_CHANGES, FOLDED, DROP, DUPLICATE,
     RESCALE, CLONED_READS, TENSOR_ORIGINS, CHANNELS, LITERALS, REDUCES, SLICE_PARTS, ATTENTION_OP, EXPERT_ROWS,
     CONTRACTS,
