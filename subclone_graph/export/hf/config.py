@@ -47,22 +47,39 @@ def _size_map(child: fx.GraphModule) -> dict[int, list[int]]:
     return found
 
 
+def _layer_key(key) -> int | None:
+    """A per-layer dict's key as a layer index (``2`` or ``"2"``, as JSON writes it); None if not one."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    return int(key) if isinstance(key, str) and key.isdigit() else None
+
+
 def _per_layer_lists(config_dict: dict, child: fx.GraphModule) -> dict:
-    """Top-level lists with one entry per parent layer, cut to the child's layers."""
+    """Top-level lists with one entry per parent layer, cut to the child's layers; dicts keyed
+    by layer index (a sparse ``per_layer_config`` of overrides) re-keyed by the child's."""
     count = required(child, pass_state.PARENT_LAYER_COUNT)
     layers = required(child, pass_state.LAYERS)
+
+    def parent_indices(name: str) -> list[int]:
+        indices = [container_item(attribute_path(layer.key)) if layer.key else -1 for layer in layers]
+        if any(i is None or not 0 <= i < count for i in indices):
+            raise HFExportError(f"config.{name} has one entry per layer, but a child layer has no parent index "
+                                "(a duplicated layer?); cannot choose its entry")
+        return indices
+
     changes = {}
     for name, value in config_dict.items():
+        if isinstance(value, dict) and value and all(
+                isinstance(v, dict) and _layer_key(k) is not None and _layer_key(k) < count for k, v in value.items()):
+            keys = {_layer_key(k): k for k in value}
+            changes[name] = {type(keys[i])(j): value[keys[i]] for j, i in enumerate(parent_indices(name)) if i in keys}
+            continue
         if not isinstance(value, list) or len(value) != count:
             continue
         if all(v == value[0] for v in value):
             changes[name] = [value[0]] * len(layers)
             continue
-        indices = [container_item(attribute_path(layer.key)) if layer.key else -1 for layer in layers]
-        if any(i is None or not 0 <= i < count for i in indices):
-            raise HFExportError(f"config.{name} has one entry per layer, but a child layer has no parent index "
-                                "(a duplicated layer?); cannot choose its entry")
-        changes[name] = [value[i] for i in indices]
+        changes[name] = [value[i] for i in parent_indices(name)]
     return changes
 
 

@@ -19,8 +19,13 @@ was. ``fold_stream_scale(child)`` returns that copy of the child, or None where 
 3. a written table also read as a weight elsewhere (an output head tied to the token table):
    the head's input comes from a norm op over the stream with a weight of its own, whose weight
    and bias take 1/s, so that the head computes what it did;
-4. the copy's outputs are compared with the child's on its example inputs: a network that reads
-   its stream otherwise than through a norm (a post-norm one) differs, and None is returned.
+4. the reads: a linear that reads the stream itself, not a norm's output (a post-norm network's
+   attention and MLP inputs), would now see ``s·x``; its weight takes 1/s. Which reads see the
+   scaled stream is measured, not guessed: the copy runs on the example inputs beside the child,
+   each read's input compared with the child's (``_scaled_reads``: ``s·x`` or ``x``, anything else
+   and the fold gives up);
+5. the copy's outputs are compared with the child's on its example inputs: a network that reads
+   its stream otherwise (a nonlinearity on the stream itself) differs, and None is returned.
 
 Every scale is a ``tensor_edits.Scale`` (one rounding in the tensor's dtype), recorded like the
 passes' edits.
@@ -34,7 +39,7 @@ import torch
 import torch.fx as fx
 
 from subclone_graph.passes import state as pass_state
-from subclone_graph.passes.fx_utils import CASTS, VIEWS, get_attribute, replace_tensors
+from subclone_graph.passes.fx_utils import WEIGHT_PASS_THROUGH, get_attribute, replace_tensors
 from subclone_graph.passes.tensor_edits import Scale, edit_tensor
 
 from subclone_graph.export.hf.common import example_inputs, tensor_outputs
@@ -49,6 +54,8 @@ _NORM_WEIGHTS = {aten.layer_norm.default: (2, 3), aten.native_layer_norm.default
                  aten.rms_norm.default: (2,), aten._fused_rms_norm.default: (2,)}
 _MEANS = {aten.mean.dim, aten.mean.default}
 _ADDS = {aten.add.Tensor, aten.add.Scalar}
+_LINEARS = {aten.linear.default: (0, 1), aten.mm.default: (0, 1), aten.matmul.default: (0, 1),
+            aten.addmm.default: (1, 2)}     # op: (argument index of its input, of its weight)
 
 
 def _carries(node, graph, residual: set[int], last: bool = False) -> bool:
@@ -62,9 +69,8 @@ def _carries(node, graph, residual: set[int], last: bool = False) -> bool:
 
 
 # ops whose output is their first input's values, some of them: a scale passes through them
-_PASS_THROUGH = CASTS | VIEWS | {aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.type_as.default,
-                                 aten.transpose.int, aten.permute.default, aten.t.default, aten.clone.default,
-                                 aten.expand.default}
+_PASS_THROUGH = WEIGHT_PASS_THROUGH | {aten.slice.Tensor, aten.select.int, aten.unsqueeze.default,
+                                       aten.type_as.default, aten.clone.default, aten.expand.default}
 
 
 def _through_casts(node):
@@ -224,8 +230,108 @@ def fold_stream_scale(child: fx.GraphModule) -> fx.GraphModule | None:
         if id(tensor) not in done:       # c + w' = factor · (c + w)
             done[id(tensor)] = edit_tensor(folded, tensor, [Scale(factor, offset * (factor - 1))])
     replace_tensors(folded, done)
+    edited = {id(t) for t in done.values()}     # a tied head's table: its reads took the scale above
+    reads = _scaled_reads(child, folded, graph, residual, k ** -0.5, edited)
+    if reads is None:
+        return None
+    tensors = {id(t): t for t in (get_attribute(folded, w.target) for w in reads)}
+    replace_tensors(folded, {i: edit_tensor(folded, t, [Scale(k ** 0.5)]) for i, t in tensors.items()})
     folded.recompile()
     return folded if _same_outputs(child, folded) else None
+
+
+def _stream_reads(gm, graph, residual) -> dict[fx.Node, tuple[fx.Node, fx.Node]]:
+    """{linear op: (its input, its weight's get_attr)} of every linear whose input carries the stream
+    in its last dim and whose output does not (a read, not a write)."""
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _LINEARS or _carries(node, graph, residual, last=True):
+            continue
+        i, w = _LINEARS[node.target]
+        weight = node.args[w]
+        while isinstance(weight, fx.Node) and weight.op == "call_function" and weight.target in WEIGHT_PASS_THROUGH:
+            weight = weight.args[0]
+        if isinstance(weight, fx.Node) and weight.op == "get_attr" and _carries(node.args[i], graph, residual, last=True):
+            found[node] = (node.args[i], weight)
+    return found
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a module, keeping the values of ``wanted`` nodes (by name)."""
+
+    def __init__(self, gm, wanted: set[str]) -> None:
+        super().__init__(gm)
+        self.wanted, self.kept = wanted, {}
+
+    def run_node(self, n):
+        value = super().run_node(n)
+        if n.name in self.wanted:
+            self.kept[n.name] = value
+        return value
+
+
+class _Reader(fx.Interpreter):
+    """Runs the folded copy; each stream read's input is compared with the child's (``want``) and
+    divided by the scale found, as the read's weight will be: ``found`` maps the weight to the scale."""
+
+    def __init__(self, gm, reads, want: dict, s: float) -> None:
+        super().__init__(gm)
+        self.reads, self.want, self.s = reads, want, s
+        self.found: dict[fx.Node, float] = {}
+
+    def run_node(self, n):
+        if n not in self.reads:
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        i = _LINEARS[n.target][0]
+        ratio = _ratio(args[i], self.want[n.name], self.s)
+        if ratio is None or self.found.setdefault(self.reads[n][1], ratio) != ratio:
+            raise _NotFoldable
+        args = args[:i] + (args[i] / ratio,) + args[i + 1:]
+        return getattr(self, n.op)(n.target, args, kwargs)
+
+
+def _ratio(got: torch.Tensor, want: torch.Tensor, s: float) -> float | None:
+    """1 or ``s``, whichever ``got`` is times ``want`` to within ten times the dtype's tolerance,
+    relative to ``want``'s size (a small stream is judged as well as a large one); None when
+    neither is (a nonlinearity between the stream and the read)."""
+    limit = min(0.1 * abs(1 - s), 10 * tolerance_for(want.dtype))
+    got, want = got.double(), want.double()
+    size = float(want.norm())
+    if size == 0:
+        return 1.0
+    errors = {c: float((got - c * want).norm()) / size for c in (1.0, s)}
+    best = min(errors, key=errors.get)
+    return best if errors[best] < limit else None
+
+
+class _NotFoldable(Exception):
+    pass
+
+
+def _scaled_reads(child, folded, graph, residual, s: float, edited: set[int]) -> list[fx.Node] | None:
+    """The get_attr weights of the stream reads (``_stream_reads``; those of a tensor in ``edited``
+    left out) whose input, in ``folded`` on the example inputs, is ``s`` times the child's (module
+    docstring, 4); None where one is neither."""
+    reads = {n: r for n, r in _stream_reads(folded, graph, residual).items()
+             if id(get_attribute(folded, r[1].target)) not in edited}
+    if not reads:
+        return []
+    inputs = example_inputs(child)
+    names = {n.name for n in reads}
+    recorder = _Recorder(child, {x.name for x, _ in reads.values()})
+    child_nodes = {n.name: n for n in child.graph.nodes}
+    if not names <= set(child_nodes):
+        return None
+    with torch.no_grad():
+        recorder.run(*inputs)
+        want = {n.name: recorder.kept[x.name] for n, (x, _) in reads.items()}
+        reader = _Reader(folded, reads, want, s)
+        try:
+            reader.run(*inputs)
+        except _NotFoldable:
+            return None
+    return [w for w, ratio in reader.found.items() if ratio != 1.0]
 
 
 def _same_outputs(child, folded) -> bool:
