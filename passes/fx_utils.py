@@ -88,8 +88,11 @@ def plain_size(size):
         # would drag fake tensors into every deep copy of the graph
         size = size.meta.get("val")
     if isinstance(size, torch.SymInt):
-        expr = size.node.expr
-        return int(expr) if expr.is_number else expr
+        size = size.node.expr
+    if isinstance(size, sympy.Basic) and size.is_number:
+        # a sympy number (a size a rule computed from a SymInt's expression, ``s0 // s0``) is an
+        # int: torch calls and ``ChannelGroup.static`` need one
+        return int(size)
     return int(size) if isinstance(size, int) else size
 
 

@@ -8,6 +8,8 @@ Decisions (the paper's recipe, ties broken by the lower index, kept indices in o
    expert (``ChannelGroup.experts``) keeps each expert's own best ones (a ``(experts, k)`` keep);
 3. experts: per mixture-of-experts layer, the ``experts`` best by router-weighted output; at least
    the k its router's top-k picks per token (else a one-line error);
+   a group that is one group concatenated with itself (``cat(p, p)``) keeps the best of ``p``'s
+   indices (scores summed over the copies) in every copy;
 4. heads: per attention op, the ``kv_heads`` best kv groups (a group scores the sum of its query
    heads), then in each kept group its ``heads / kv_heads`` best query heads (query head ``r`` of
    kv group ``g`` is head ``g · (parent's heads per group) + r``);
@@ -18,7 +20,9 @@ Decisions (the paper's recipe, ties broken by the lower index, kept indices in o
    classes of exact copies keeps one representative per class it keeps, the best-scoring
    classes; ``state.FOLDED`` says how many copies each kept index stands for;
 7. layers: ``drop_layers`` as given, else ``depth="middle"`` drops the middle ones and
-   ``depth="measured"`` the ones with the smallest ‖f(x)‖/‖x+f(x)‖ (needs calibration).
+   ``depth="measured"`` the ones with the smallest ‖f(x)‖/‖x+f(x)‖ (needs calibration); a layer
+   whose stream input is computed inside it (a stage transition changing the stream's width
+   before its first block) is refused in one line rather than half removed.
 
 Every other group follows (``keep_sets.derive_keep``). A frozen group that would lose an index is
 an error naming the op that froze it.
@@ -35,6 +39,7 @@ import torch
 import torch.fx as fx
 
 from .. import state
+from ..fx_utils import in_module, tensor_shape
 from ..errors import PassError, PostconditionError, PreconditionError
 from ..infra import SubclonePass
 from ..state import SizeChange
@@ -42,7 +47,7 @@ from ..target import Target, Times, is_fraction, is_relative
 from .channel_graph import ChannelGraph
 from .clones import fold_candidates
 from .grow import check_growable, grow_heads, grow_keep
-from .keep_sets import derive_keep
+from .keep_sets import derive_keep, tiling
 
 __all__ = ["ChooseKeepPass", "choose", "top_k", "pick", "middle_layers", "SELECTIONS", "DEPTHS"]
 
@@ -163,6 +168,14 @@ def _choose_heads(graph, site, target, scores, keep, sizes, selection, gm=None, 
     _not_frozen(graph, hq, "heads")
     head_scores = scores[hq]
     folded = {} if folded is None else folded
+    tiled = tiling(graph, hq)
+    if tiled is not None and rep is None:
+        _choose_tile(graph, hq, "heads", heads, head_scores, keep, selection)
+        return
+    if tiled is not None:
+        raise ValueError(f"Target.heads cannot shrink this model: {tiled[2]} makes its {n_heads} heads {tiled[1]} "
+                         f"copies of one group of heads (head i pairs with head i + {n_heads // tiled[1]}) and "
+                         "its attention also groups them by key/value head; the two orders cannot both be kept")
     if rep is None:
         keep[hq] = _pick_or_fold(gm, graph, hq, head_scores, heads, selection, folded)
         return
@@ -175,6 +188,19 @@ def _choose_heads(graph, site, target, scores, keep, sizes, selection, gm=None, 
     kept = [g * per_group + r for g in groups.tolist()
             for r in pick(by_group[g], heads // kv_heads, selection).tolist()]
     keep[kv], keep[hq], sizes[rep] = groups, torch.tensor(kept), heads // kv_heads
+
+
+def _choose_tile(graph: ChannelGraph, gid: int, what: str, size: int, scores, keep: dict, selection: str) -> None:
+    """A tiled group (``keep_sets.tiling``) keeps ``size / copies`` indices of its part, the best by their
+    scores summed over the copies; ``derive_keep`` repeats them in every copy."""
+    part, copies, origin = tiling(graph, gid)
+    if size % copies:
+        raise ValueError(f"Target.{what}: {origin} makes a group of {graph.groups[gid].size} from {copies} copies of one "
+                         f"group, so the child keeps a multiple of {copies}, not {size}")
+    reason = graph.groups[part].reason
+    if reason is not None:
+        raise ValueError(f"Target.{what} cannot shrink this model: {origin} repeats a group that is frozen: {reason}")
+    keep[part] = pick(scores.view(copies, -1).sum(0), size // copies, selection)
 
 
 def choose(graph: ChannelGraph, attention, target: Target, scores, selection: str = "score", gm=None,
@@ -200,6 +226,9 @@ def choose(graph: ChannelGraph, attention, target: Target, scores, selection: st
             _check(what, size, group.size, f"{kind} width")
             if size < group.size:
                 _not_frozen(graph, group.id, what)
+                if tiling(graph, group.id) is not None and scores[group.id].dim() == 1:
+                    _choose_tile(graph, group.id, what, size, scores[group.id], keep, selection)
+                    continue
                 keep[group.id] = _pick_or_fold(gm, graph, group.id, scores[group.id], size, selection, folded)
     if (target.heads or target.kv_heads) and not attention:
         raise ValueError("Target.heads: this model has no attention op whose heads could be removed")
@@ -231,6 +260,41 @@ def _no_looped_layer(layers, changed: list[int]) -> None:
     if changed and looped is not None:
         raise ValueError(f"Target.layers: module {looped} runs {keys.count(looped)} times (a loop over one module): "
                          "this model's depth cannot change; leave Target.layers and drop_layers unset")
+
+
+def _removable(gm: fx.GraphModule, drops: list[int]) -> None:
+    """A layer is removed by reading its stream input where its output was read; a layer whose
+    stream input is computed inside it (its first part changes the stream's shape — a stage
+    transition that projects and pools the stream — and is no residual block) cannot be."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for layer in state.LAYERS.need(gm):
+        start = nodes[layer.input]
+        if layer.index in drops and start.op == "call_function" and in_module(start, layer.key):
+            entering = _entering_tensors(start, layer.key)
+            shapes = f" ({_shape(entering[0])} → {_shape(start)})" if len(entering) == 1 else ""
+            raise ValueError(f"Target.layers: layer {layer.index} ({layer.key}) cannot be removed: its first part "
+                             f"changes the stream{shapes} and is no residual block; keep it (drop_layers=[...] "
+                             "names layers that can go)")
+
+
+def _entering_tensors(node: fx.Node, key: str) -> list[fx.Node]:
+    """The tensors from outside module ``key`` that ``node`` (inside it) is computed from."""
+    seen, frontier, entering = {node}, [node], []
+    while frontier:
+        for source in frontier.pop().all_input_nodes:
+            if source in seen:
+                continue
+            seen.add(source)
+            if source.op == "call_function" and in_module(source, key):
+                frontier.append(source)
+            elif source.op != "get_attr" and tensor_shape(source) is not None:
+                entering.append(source)
+    return entering
+
+
+def _shape(node: fx.Node) -> str:
+    shape = tensor_shape(node)
+    return "×".join(str(s) for s in shape) if shape is not None else "?"
 
 
 def size_changes(graph: ChannelGraph, sizes: dict) -> tuple[SizeChange, ...]:
@@ -276,6 +340,7 @@ class ChooseKeepPass(SubclonePass):
         state.FOLDED.set(gm, folded)
         drops, duplicates = self._drops(gm), self._duplicates(gm)
         _no_looped_layer(state.LAYERS.need(gm), [*drops, *duplicates])
+        _removable(gm, drops)
         state.DROP.set(gm, tuple(drops))
         state.DUPLICATE.set(gm, tuple(duplicates))
         return False

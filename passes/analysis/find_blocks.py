@@ -2,7 +2,8 @@
 
 A residual add is an ``add`` of two tensors of one shape where one operand ``x`` is an
 ancestor of the other ``f(x)`` and the path between them reads a weight matrix (so the
-tanh-GELU's ``x + 0.044715 x³`` is not a block). Blocks are grouped into layers by the
+tanh-GELU's ``x + 0.044715 x³`` is not a block), and that the output reads (an unused stream's
+last update is dead code, no block). Blocks are grouped into layers by the
 innermost module that contains every node of the branch (or the add itself) and is an item
 of a container (a module path ending in an integer: ``ModuleList`` and ``Sequential``
 children) — ``x = x + block(x)`` written outside the block finds the block too; without such
@@ -107,7 +108,8 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     nodes = {n.name: n for n in gm.graph.nodes}
     grouped: list[tuple[str | None, list[ResidualBlock]]] = []
-    found = [f for f in (_residual_block(node, order) for node in gm.graph.nodes) if f is not None]
+    live = _live(gm)
+    found = [f for f in (_residual_block(node, order) for node in gm.graph.nodes if node in live) if f is not None]
     outermost = _outermost_keys({key for _, key in found if key is not None})
     for block, key in found:
         key = outermost.get(key, key)
@@ -122,6 +124,20 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
         stream_out = _stream_output(nodes[last.add], key, tensor_shape(stream_in))
         layers.append(Layer(index, key, tuple(blocks), stream_in.name, stream_out.name))
     return layers
+
+
+def _live(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes the graph's output or a write reads: an add nothing reads (a second stream's last
+    update, unused after the last layer) is no block — removing a layer erases it as dead code."""
+    roots = [n for n in gm.graph.nodes if n.op == "output" or (
+        n.op == "call_function" and getattr(getattr(n.target, "_schema", None), "is_mutable", False))]
+    live, frontier = set(roots), list(roots)
+    while frontier:
+        for source in frontier.pop().all_input_nodes:
+            if source not in live:
+                live.add(source)
+                frontier.append(source)
+    return live
 
 
 def _stream_blocks(blocks: list[ResidualBlock], nodes: dict, key: str | None) -> tuple:

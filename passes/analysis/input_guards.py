@@ -114,12 +114,15 @@ def input_guards(gm: fx.GraphModule) -> list[InputGuard]:
         return []
     names = _input_symbols(env)
     found: list[InputGuard] = []
+    tried: dict = {}                    # one expression guards many ops: try each once
     for guard in env.guards:
         symbols = list(guard.expr.free_symbols)
         if len(symbols) != 1 or symbols[0] not in names:
             continue        # a relation between axes, or none of the inputs'
         (symbol,) = symbols
-        failing = _failing_sizes(guard.expr, symbol)
+        if guard.expr not in tried:
+            tried[guard.expr] = _failing_sizes(guard.expr, symbol)
+        failing = tried[guard.expr]
         if _confines(failing):
             axis, inputs = names[symbol]
             found.append(InputGuard(axis, _readable(guard.expr, names), str(guard.sloc).strip("() "), inputs,

@@ -15,7 +15,9 @@ Cases (``derive_keep``):
    per head gives its ``cat(q_bias, k_bias, v_bias)`` parts their heads);
 3. afterwards every relation must agree with the keep-sets (``check_relations``), else
    ``PassError``; a frozen group that would lose an index is an error naming the op that froze it;
-4. a group with one order per expert keeps a ``(experts, kept)`` tensor, row ``e`` for expert ``e``;
+4. a group that is one group concatenated with itself (``tiling``) is decided through that group:
+   it keeps the same indices in every copy (``ChooseKeepPass``);
+5. a group with one order per expert keeps a ``(experts, kept)`` tensor, row ``e`` for expert ``e``;
    a composite of it composes row by row (a part kept alike in every expert is repeated per row).
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from ..errors import PassError
 from .channel_graph import ChannelGraph
 
-__all__ = ["derive_keep", "check_relations", "compose"]
+__all__ = ["derive_keep", "check_relations", "compose", "tiling"]
 
 
 def derive_keep(graph: ChannelGraph, keep: dict, sizes: dict) -> tuple[dict, dict]:
@@ -65,6 +67,17 @@ def derive_keep(graph: ChannelGraph, keep: dict, sizes: dict) -> tuple[dict, dic
         if group.reason is not None and group.static and new_sizes[gid] != group.size:
             raise ValueError(f"cannot {'grow' if new_sizes[gid] > group.size else 'shrink'} a group of size {group.size}: {group.reason}")
     return keep, new_sizes
+
+
+def tiling(graph: ChannelGraph, gid: int) -> tuple[int, int, str] | None:
+    """``(part, copies, origin)`` when group ``gid`` is one group concatenated with itself
+    (``cat(p, p)``: a sinusoidal table's sin and cos halves of one frequency group, heads
+    paired across two halves): it keeps the part's indices in every copy, never a top-k of its own."""
+    for rel in graph.relations_of(gid, "concat"):
+        parts = graph.part_groups(rel)
+        if len(parts) > 1 and len(set(parts)) == 1:
+            return parts[0], len(parts), rel.origin
+    return None
 
 
 def _split_down(graph: ChannelGraph, keep: dict, sizes: dict, whole: int, parts: list[int]) -> bool:

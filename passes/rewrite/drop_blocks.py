@@ -182,6 +182,24 @@ def _move_out_of(nodes: set[fx.Node], key: str) -> None:
                                         if not (v[0] == key or v[0].startswith(key + "."))}
 
 
+def _no_stream_lost(layers, drop: set, nodes: dict) -> None:
+    """A kept layer's stream input or output that only dropped layers read, and that is no
+    dropped layer's input (read on by the layer after it), would die with them: the dropped layer
+    carries a second stream the kept one hands it (two streams through one stack of layers).
+    Refused before anything changes."""
+    keys = [layers[i].key for i in drop if layers[i].key is not None]
+    handed_on = {layers[i].input for i in drop}
+    for layer in layers:
+        if layer.index in drop:
+            continue
+        for name in (layer.input, layer.output):
+            readers = list(nodes[name].users)
+            if name not in handed_on and readers and all(any(in_module(u, k) for k in keys) for u in readers):
+                raise ValueError(f"Target.layers: layer {min(drop)} ({layers[min(drop)].key}) cannot be removed: "
+                                 f"{name}, the stream of layer {layer.index} ({layer.key}), is read only by the "
+                                 "dropped layers (they carry a second stream on); leave Target.layers and drop_layers unset")
+
+
 class DropBlocksPass(SubclonePass):
     """Remove the layers listed in ``state.DROP`` (see module docstring)."""
 
@@ -197,7 +215,8 @@ class DropBlocksPass(SubclonePass):
             return False
         nodes = {n.name: n for n in gm.graph.nodes}
         outliving = {index: _removable(layers[index], nodes) for index in sorted(drop)}
-        for index, kept in outliving.items():
+        _no_stream_lost(layers, drop, nodes)
+        for index, kept in outliving.items():       # only once nothing refused
             _move_out_of(kept, layers[index].key)
         for index in sorted(drop, reverse=True):
             layer = layers[index]

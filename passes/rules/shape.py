@@ -2,7 +2,9 @@
 
 Identities each rule states:
 - view/reshape/flatten/unflatten: dims in matching blocks are merged row-major
-  (``factor``); a block that is neither 1→n nor n→1 freezes its dims. ``reshape_as`` /
+  (``factor``); a block that is neither 1→n nor n→1 freezes its dims; where the sizes do not
+  divide at all (a padded length sympy cannot divide), the leading and trailing dims both shapes
+  share size for size are equal and only the dims between them are frozen. ``reshape_as`` /
   ``view_as`` / ``expand_as`` (other): the same, and each out dim is ``other``'s dim.
 - permute/transpose/t and their aliases (numpy_T, mT, mH, adjoint), unsqueeze/squeeze:
   a permutation of equalities.
@@ -90,7 +92,7 @@ def _reshape(ctx):
         ctx.literal(1, [ctx.out(d) for d in range(len(out_shape))])
     refined = reshape_atoms(in_shape, out_shape)
     if refined is None:
-        ctx.freeze_all("reshape between shapes whose sizes do not divide each other")
+        _undivided_reshape(ctx, x, in_shape, out_shape)
         return
     in_atoms, out_atoms, sizes = refined
     sides = ((in_atoms, lambda d: ctx.v(x, d)), (out_atoms, ctx.out))
@@ -109,6 +111,28 @@ def _reshape(ctx):
         for d, ids in atoms.items():
             if len(ids) > 1:
                 ctx.factor(vertex(d), [atom_vertex[i] for i in ids])
+
+
+def _undivided_reshape(ctx, x, in_shape, out_shape) -> None:
+    """A reshape whose sizes do not divide (``(b, h, S, d) → (b, h, S // 64, 64, d)``, ``S`` a
+    padded length sympy cannot divide): the leading and the trailing dims both shapes share, size
+    for size, map one to one (row-major) and stay free; the dims between them are frozen."""
+    shortest = min(len(in_shape), len(out_shape))
+    lead = 0
+    while lead < shortest and same_size(in_shape[lead], out_shape[lead]):
+        lead += 1
+    trail = 0
+    while trail < shortest - lead and same_size(in_shape[-1 - trail], out_shape[-1 - trail]):
+        trail += 1
+    why = "reshape between shapes whose sizes do not divide each other"
+    for d in range(lead, len(in_shape) - trail):
+        ctx.freeze(ctx.v(x, d), why)
+    for d in range(lead, len(out_shape) - trail):
+        ctx.freeze(ctx.out(d), why)
+    for d in range(lead):
+        ctx.eq(ctx.v(x, d), ctx.out(d))
+    for k in range(1, trail + 1):
+        ctx.eq(ctx.v(x, len(in_shape) - k), ctx.out(len(out_shape) - k))
 
 
 def _reordered(ctx, order) -> None:
