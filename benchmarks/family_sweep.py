@@ -139,6 +139,12 @@ def outcome(record: dict) -> str:
     return "pass"
 
 
+def class_limit(record: dict) -> str:
+    """The limit of the class a family passed under (``limit: fixed sequence length 8: ...``), or ""."""
+    detail = record.get("checks", {}).get("trace", {}).get("detail", "")
+    return next((part for part in detail.split(" | ") if part.startswith("limit: ")), "")
+
+
 def subclone_seconds(record: dict) -> float:
     """The time to subclone the family: trace and analyse, then the shrunk child."""
     return round(sum(record["checks"].get(c, {}).get("seconds", 0.0) for c in ("trace", "shrink")), 1)
@@ -150,6 +156,7 @@ def summary(families: dict) -> dict:
     slowest = max(built.items(), key=lambda kv: kv[1]["seconds"], default=(None, {"seconds": 0}))
     slowest_subclone = max(built, key=lambda k: subclone_seconds(built[k]), default=None)
     return {"tried": len(families), "built": len(built), **counts,
+            "pass_with_limit": sorted(k for k, v in built.items() if outcome(v) == "pass" and class_limit(v)),
             "pass_share_of_built": round(counts["pass"] / len(built), 3) if built else None,
             "slowest": {"family": slowest[0], "seconds": slowest[1]["seconds"]},
             "slowest_subclone": {"family": slowest_subclone,
@@ -223,7 +230,9 @@ def table(result: dict) -> str:
     s, v = result["summary"], result["versions"]
     lines = [f"transformers {v['transformers']}, torch {v['torch']} ({result['cpu']['model']}, "
              f"{result['cpu']['cores']} cores shared); {s['tried']} families tried, {s['built']} build tiny; of "
-             f"those {s['pass']} pass every check ({100 * (s['pass_share_of_built'] or 0):.0f}%), {s['refused']} "
+             f"those {s['pass']} pass every check ({100 * (s['pass_share_of_built'] or 0):.0f}%; "
+             f"{len(s.get('pass_with_limit', ()))} of them at the input sizes their class's code specialises on, "
+             f"marked ✓ᶠ and named under why), {s['refused']} "
              f"refused, {s['wrong']} wrong, {s['crash']} crash, {s['timeout']} over the {result['limit_s']:g} s "
              f"limit for all checks. Slowest subclone (trace + shrink): {s['slowest_subclone']['family']} "
              f"({s['slowest_subclone']['seconds']:.0f} s); over 60 s: {len(s['subclone_over_60_s'])}. "
@@ -234,9 +243,11 @@ def table(result: dict) -> str:
         if record.get("build") != "ok":
             continue
         checks = record["checks"]
+        fixed = "ᶠ" if class_limit(record) else ""
         marks = [_MARK.get(checks.get(c, {}).get("status", "skip"), "?") for c in CHECKS[1:]]
+        marks = [m + fixed if m == "✓" else m for m in marks]
         why = next((f"{c}: {checks[c]['detail']}" for c in CHECKS
-                    if checks.get(c, {}).get("status") in ("refused", "wrong", "crash", "timeout")), "")
+                    if checks.get(c, {}).get("status") in ("refused", "wrong", "crash", "timeout")), class_limit(record))
         why = why.replace("|", "\\|")[:160]
         lines.append(f"| {name} | {record['class']} | " + " | ".join(marks)
                      + f" | {subclone_seconds(record):.0f} | {record['seconds']:.0f} | {why} |")

@@ -15,11 +15,23 @@
 4. ``dead``: every other FFN neuron and the last kv group (or head) of every attention op
    planted dead, then removed: outputs unchanged at both sizes (the checked inputs are in the
    calibration: a live ReLU neuron silent on other batches would tie with the dead ones);
-5. ``grandchild``: the shrunk child, subcloned again (its experts kept: the router's top-k),
+5. ``grandchild``: the shrunk child, subcloned again with the shrink's target less the kinds the
+   child's own analysis no longer finds (its experts kept: the router's top-k),
    runs at another size with the child's output shape, finite, with fewer parameters;
 6. ``save_hf``: the shrunk child written by ``save_hf`` and loaded by ``from_pretrained`` equals
    the child at another size (within ``save_hf``'s own tolerance, ``subclone_graph.export.tolerance``);
 7. ``onnx``: ``export_onnx`` of the shrunk child (parity in onnxruntime).
+
+A model whose trace torch.export confines to input sizes its eager code is not confined to (a
+loop over the sequence pins the traced length) is checked as its refusal tells a user to: every
+subclone with ``fixed_sizes=True``, the graph children calibrated and compared at the sizes the
+guards allow (``subclone_graph.input_sizes``: the other batch at the traced length when the length
+is pinned), ONNX exported at fixed sizes; ``save_hf``'s reloaded class is compared with the graph
+child at an allowed size, and at the other batch and sequence size — where the class runs, as its
+parent does — it must give the parent's output shape, finite, and, where the parent's outputs at
+the first positions do not depend on later ones (a causal model), the graph child's outputs on
+that prefix. Every ``ok`` of such a family names the limit (``limit: fixed sequence length 8:
+the class's code specialises on it``).
 
 Each check's outcome: ``ok``, ``refused`` (a one-line error of the library naming what it cannot
 do: a ``ValueError``/``TypeError``, a ``TraceError``, ``HFExportError``, ``OnnxExportError`` or a
@@ -42,6 +54,8 @@ from typing import Callable
 import torch
 
 import subclone_graph as sg
+from subclone_graph.input_sizes import fitting_size
+from subclone_graph.passes import state
 from subclone_graph.passes.errors import PassError, PostconditionError
 from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
 
@@ -113,10 +127,23 @@ class _Family:
     def __init__(self, model, make_inputs: Callable[[int, int, int], tuple]) -> None:
         self.model, self.make_inputs = model, make_inputs
         self.example = make_inputs(*EXAMPLE, 0)
-        self.other = make_inputs(*OTHER, 7)
+        self.other = self.anywhere = make_inputs(*OTHER, 7)       # anywhere: where the parent's class runs
         self.calibration = [self.example, self.other] + [make_inputs(b, s, 100 + i) for i, (b, s) in enumerate(CALIBRATION)]
         self.gm = self.child = None
         self.target = None
+        self.limit = ""         # the sizes the trace is confined to, when it is (module docstring)
+
+    def confine(self) -> None:
+        """Check at the sizes the traced graph runs at (``fixed_sizes=True``), naming the limit."""
+        if not state.INPUT_GUARDS.get(self.gm):
+            return
+        self.limit = _limit(self.gm)
+        self.other = self.make_inputs(*fitting_size(self.gm, *OTHER), 7)
+        self.calibration = [self.example, self.other] + [self.make_inputs(*fitting_size(self.gm, b, s), 100 + i)
+                                                         for i, (b, s) in enumerate(CALIBRATION)]
+
+    def subclone(self, model, target: sg.Target, **kwargs):
+        return sg.subclone(model, self.example, target, fixed_sizes=bool(self.limit), **kwargs)
 
     def copy(self):
         with warnings.catch_warnings():
@@ -124,21 +151,33 @@ class _Family:
             return copy.deepcopy(self.gm)
 
 
+def _limit(gm) -> str:
+    """``fixed sequence length 8: the class's code specialises on it`` (or the sizes allowed)."""
+    parts = []
+    for (name, dim), sizes in sorted((state.INPUT_SIZES.get(gm) or {}).items()):
+        axis = "batch" if dim == 0 else "sequence length" if dim == 1 else f"{name} axis {dim}"
+        shown = ", ".join(map(str, sizes[:4])) + (", …" if len(sizes) > 4 else "")
+        parts.append(f"fixed {axis} {sizes[0]}" if len(sizes) == 1 else f"{axis} in {{{shown}}}")
+    return f"limit: {'; '.join(dict.fromkeys(parts)) or 'fixed input sizes'}: the class's code specialises on it"
+
+
 def _trace(f: _Family) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         f.gm = sg.trace(f.model, f.example)
         sg.analyze_channels(f.gm)
+    f.confine()
     graph = f.gm.meta["subclone.channel_graph"]
     frozen = sorted({g.reason.split(": ")[0] for g in graph.groups.values() if g.kind == "frozen" and g.reason})
     unknown = sorted(set(f.gm.meta.get("subclone.unknown_ops") or ()))
-    notes = [f"unknown ops: {', '.join(unknown)}"] if unknown else []
+    notes = [f.limit] if f.limit else []
+    notes += [f"unknown ops: {', '.join(unknown)}"] if unknown else []
     notes += [f"frozen by: {'; '.join(frozen[:3])}"] if frozen else []
     return " | ".join(notes)
 
 
 def _identity(f: _Family) -> str:
-    child = sg.subclone(f.copy(), f.example, sg.Target())
+    child = f.subclone(f.copy(), sg.Target())
     for x in (f.example, f.other):
         _close(run(child, x), run(f.model, x), EXACT, f"identity child at {tuple(x[0].shape)}")
     return ""
@@ -154,7 +193,7 @@ def _shrunk_child(f: _Family, target: sg.Target) -> tuple[sg.Target, list[str]]:
     refusals = []
     while True:
         try:
-            f.child = sg.subclone(f.copy(), f.example, target, calibration=f.calibration)
+            f.child = f.subclone(f.copy(), target, calibration=f.calibration)
             return target, refusals
         except ValueError as error:
             field = re.search(r"Target\.(\w+)", str(error))
@@ -199,7 +238,7 @@ def _dead(f: _Family) -> str:
         planted.append("heads")
     if not fields:
         return "skip"
-    child = sg.subclone(gm, f.example, sg.Target(**fields), calibration=f.calibration)
+    child = f.subclone(gm, sg.Target(**fields), calibration=f.calibration)
     if not sg.count_parameters(child) < sg.count_parameters(gm):
         raise Wrong("planted-dead child has as many parameters as the parent")
     for x in (f.example, f.other):
@@ -208,7 +247,18 @@ def _dead(f: _Family) -> str:
 
 
 def _grandchild(f: _Family) -> str:
-    smaller = sg.subclone(f.child, f.example, dataclasses.replace(f.target, experts=None), calibration=f.calibration)
+    # the child's target, less the kinds the child no longer has (a hybrid whose dropped layer held
+    # its only attention op has no heads to ask for)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysed = sg.trace(copy.deepcopy(f.child), f.example)
+        sg.analyze_channels(analysed)
+    found = {k for k, v in dataclasses.asdict(shrink_target(analysed)).items() if v is not None}
+    gone = {k: None for k in ("hidden", "ffn", "heads", "kv_heads") if k not in found}
+    target = dataclasses.replace(f.target, experts=None, **gone)
+    if target == sg.Target():
+        return "skip"
+    smaller = f.subclone(f.child, target, calibration=f.calibration)
     got = run(smaller, f.other)
     if got.shape != run(f.child, f.other).shape or not torch.isfinite(got).all():
         raise Wrong(f"shrunk grandchild: shape {tuple(got.shape)}, finite {bool(torch.isfinite(got).all())}")
@@ -223,18 +273,45 @@ def _save_hf(f: _Family) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loaded = type(f.model).from_pretrained(path).eval()
-        got, want = run(loaded, f.other), run(f.child, f.other)
+        _saved_close(run(loaded, f.other), run(f.child, f.other), f.child, f"at {tuple(f.other[0].shape)}")
+        return _anywhere(f, loaded) if f.other is not f.anywhere else ""
+
+
+def _saved_close(got, want, child, where: str) -> None:
     # save_hf's own promise (subclone_graph.export.tolerance): max |difference| ≤ tolerance × max(1, max |output|)
     diff, scale = max_difference([want], [got])
-    if not diff <= tolerance_for(model_dtype(f.child)) * scale:
-        raise Wrong(f"from_pretrained of save_hf's folder at {tuple(f.other[0].shape)}: max |difference| "
-                    f"{diff:.3g} > {tolerance_for(model_dtype(f.child)):g} × {scale:.3g}")
-    return ""
+    if not diff <= tolerance_for(model_dtype(child)) * scale:
+        raise Wrong(f"from_pretrained of save_hf's folder {where}: max |difference| "
+                    f"{diff:.3g} > {tolerance_for(model_dtype(child)):g} × {scale:.3g}")
+
+
+def _anywhere(f: _Family, loaded) -> str:
+    """The reloaded class at the other batch and sequence size, where the graph child cannot run
+    (module docstring): the parent's shape, finite, and on a prefix the graph child's outputs
+    when the parent's first positions do not depend on later ones."""
+    x = f.anywhere
+    got, parent = run(loaded, x), run(f.model, x)
+    where = f"at {tuple(x[0].shape)}"
+    if got.shape != parent.shape or not torch.isfinite(got).all():
+        raise Wrong(f"from_pretrained of save_hf's folder {where}: shape {tuple(got.shape)} (parent "
+                    f"{tuple(parent.shape)}), finite: {bool(torch.isfinite(got).all())}")
+    batch, length = x[0].shape[:2]
+    rows, positions = fitting_size(f.gm, batch, length)
+    if rows > batch or positions >= length or parent.dim() < 2 or parent.shape[:2] != (batch, length):
+        return f"{where} the class runs (the parent's shape, finite; no output per position to compare)"
+    per_position = lambda t: isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[:2] == (batch, length)  # noqa: E731
+    prefix = tuple(t[:rows, :positions] if per_position(t) else t for t in x)
+    if relative_error(parent[:rows, :positions], run(f.model, prefix)) > EXACT:
+        return f"{where} the class runs (the parent's shape, finite; its first positions depend on later ones)"
+    _saved_close(got[:rows, :positions], run(f.child, prefix), f.child,
+                 f"{where}, its first {positions} positions against the graph child's on them")
+    return f"{where} the class's first {positions} positions = the graph child's on them"
 
 
 def _onnx(f: _Family) -> str:
     with tempfile.TemporaryDirectory() as folder:
-        diff = sg.export_onnx(f.child, f.example, Path(folder) / "child.onnx", optimize=False)
+        diff = sg.export_onnx(f.child, f.example, Path(folder) / "child.onnx", optimize=False,
+                              fixed_sizes=bool(f.limit))
     return f"max |difference| {diff:.2g}"
 
 
@@ -257,6 +334,8 @@ def run_checks(model, make_inputs: Callable[[int, int, int], tuple], report: Cal
             try:
                 detail = step(family)
                 outcome = Outcome(name, "skip", "nothing to plant") if detail == "skip" else Outcome(name, "ok", detail)
+                if family.limit and name != "trace" and outcome.status == "ok":
+                    outcome.detail = "; ".join(filter(None, (detail, family.limit)))
             except Exception as error:      # the outcome says what it was
                 outcome = Outcome(name, *classify(error))
         outcome.seconds = round(time.perf_counter() - start, 2)

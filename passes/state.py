@@ -29,7 +29,8 @@ __all__ = [
     "StateKey", "STAGES", "KEYS", "clear_from", "pipeline_table", "channel_groups",
     "Layer", "ResidualBlock", "AttentionSite", "Rescale", "SizeChange", "track_origin",
     "SizeOffset", "NodeChannels", "NodeLiterals", "NodeReduces", "NodeSliceParts", "NodeAttention", "NodeExpertRows",
-    "EXAMPLE_INPUTS", "INPUT_GUARDS", "PARENT_CLASS", "PARENT_CONFIG", "PARENT_LAYER_COUNT", "LAYERS", "CHANNEL_GRAPH",
+    "EXAMPLE_INPUTS", "INPUT_GUARDS", "INPUT_SIZES", "PARENT_CLASS", "PARENT_CONFIG", "PARENT_LAYER_COUNT", "LAYERS",
+    "CHANNEL_GRAPH",
     "ATTENTION", "UNKNOWN_OPS", "SCORES", "SCORE_SOURCE", "LAYER_RATIOS", "TARGET", "KEEP", "SIZES",
     "SIZE_CHANGES", "FOLDED", "DROP", "DUPLICATE", "RESCALE", "CLONED_READS", "TENSOR_ORIGINS",
     "CHANNELS", "LITERALS", "REDUCES", "SLICE_PARTS", "ATTENTION_OP", "EXPERT_ROWS", "CONTRACTS",
@@ -224,6 +225,9 @@ EXAMPLE_INPUTS = _graph("example_inputs", "trace", "tuple[Tensor, ...]", "trace"
 INPUT_GUARDS = _graph("input_guards", "trace", "tuple[str, ...]", "trace",
                       ["subclone", "subclone_checkpoint"],
                       "guards confining the traced inputs' sizes where the eager model ran (input_guards)")
+INPUT_SIZES = _graph("input_sizes", "trace", "dict[tuple[str, int], tuple[int, ...]]", "trace",
+                     ["subclone_graph.input_sizes (family checks, save_hf's second size)"],
+                     "per input axis a confining guard names: the sizes 2..64 it still runs at (allowed_sizes)")
 PARENT_CLASS = _graph("parent_class", "trace", "type", "trace", ["save_hf"], "the traced model's class")
 PARENT_CONFIG = _graph("parent_config", "trace", "PretrainedConfig", "trace (subclone: the child's derived one)",
                        ["save_hf"], "the Hugging Face config of the model subcloned")
@@ -286,7 +290,8 @@ CONTRACTS = _node("contracts", "channels", "NodeContracts", "AnalyzeChannelsPass
                    ["ChooseKeepPass", "ScaleClonedReadsPass"], "a contraction's contracted dims and weight operand")
 
 KEYS: tuple[StateKey, ...] = (
-    EXAMPLE_INPUTS, INPUT_GUARDS, PARENT_CLASS, PARENT_CONFIG, PARENT_LAYER_COUNT, LAYERS, CHANNEL_GRAPH, ATTENTION,
+    EXAMPLE_INPUTS, INPUT_GUARDS, INPUT_SIZES, PARENT_CLASS, PARENT_CONFIG, PARENT_LAYER_COUNT, LAYERS, CHANNEL_GRAPH,
+    ATTENTION,
     UNKNOWN_OPS, SCORES, SCORE_SOURCE, LAYER_RATIOS, TARGET, KEEP, SIZES, SIZE_CHANGES, FOLDED, DROP, DUPLICATE,
     RESCALE, CLONED_READS, TENSOR_ORIGINS, CHANNELS, LITERALS, REDUCES, SLICE_PARTS, ATTENTION_OP, EXPERT_ROWS,
     CONTRACTS,

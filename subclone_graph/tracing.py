@@ -38,7 +38,8 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.node import map_arg
 
 from subclone_graph.passes import state
-from subclone_graph.passes.analysis.input_guards import input_guards
+from subclone_graph.input_sizes import dynamic_axes, resized
+from subclone_graph.passes.analysis.input_guards import allowed_sizes, input_guards
 from subclone_graph.passes.fx_utils import as_input_tuple, eval_mode
 
 __all__ = ["trace", "dynamic_shapes_for", "TraceError", "fast_export_settings", "refuse_confined_sizes",
@@ -50,12 +51,7 @@ class TraceError(ValueError):
 
 
 def _axes(value):
-    if not isinstance(value, torch.Tensor) or value.dim() == 0:
-        return None
-    axes = {0: torch.export.Dim.AUTO}
-    if value.dim() >= 2 and (not value.is_floating_point() or value.dim() == 3):
-        axes[1] = torch.export.Dim.AUTO
-    return axes
+    return {axis: torch.export.Dim.AUTO for axis in dynamic_axes(value)} or None
 
 
 def dynamic_shapes_for(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -106,7 +102,9 @@ def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.Gr
     if not state.EXAMPLE_INPUTS.has(gm):
         state.EXAMPLE_INPUTS.set(gm, example_inputs)
     if not state.INPUT_GUARDS.has(gm):
-        state.INPUT_GUARDS.set(gm, _confining_guards(model, example_inputs, example_kwargs or {}, gm))
+        guards = _confining_guards(model, example_inputs, example_kwargs or {}, gm)
+        state.INPUT_GUARDS.set(gm, tuple(str(g) for g in guards))
+        state.INPUT_SIZES.set(gm, allowed_sizes(guards))
     if isinstance(model, torch.nn.Module) and not isinstance(model, fx.GraphModule):
         state.PARENT_CLASS.set(gm, type(model))
         if hasattr(model, "config"):
@@ -117,15 +115,6 @@ def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.Gr
 def _without_views(value):
     """``value`` with every tensor that is a view of another replaced by a copy (module doc)."""
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t, value)
-
-
-def _resized(value, dim: int, size: int):
-    """``value`` cut or repeated along ``dim`` to ``size`` (inputs of another length, same data)."""
-    if not isinstance(value, torch.Tensor) or value.dim() <= dim:
-        return value
-    if value.shape[dim] < size:
-        value = value.repeat_interleave(-(-size // value.shape[dim]), dim=dim) if value.shape[dim] else value
-    return value.narrow(dim, 0, size)
 
 
 def _runs_at(model: torch.nn.Module, args: tuple, kwargs: dict, guard) -> bool | None:
@@ -143,7 +132,7 @@ def _runs_at(model: torch.nn.Module, args: tuple, kwargs: dict, guard) -> bool |
     sizes = [s for s in guard.failing if s > traced][:1] or [guard.failing[0]]
     for size in sizes:
         trial = inspect.signature(model.forward).bind_partial(*args, **kwargs)
-        trial.arguments.update({n: _resized(trial.arguments[n], d, size) for n, d in guard.inputs})
+        trial.arguments.update({n: resized(trial.arguments[n], d, size) for n, d in guard.inputs})
         try:
             with torch.no_grad(), eval_mode(model):
                 model(*trial.args, **trial.kwargs)
@@ -153,13 +142,13 @@ def _runs_at(model: torch.nn.Module, args: tuple, kwargs: dict, guard) -> bool |
     return False
 
 
-def _confining_guards(model, args: tuple, kwargs: dict, gm: fx.GraphModule) -> tuple[str, ...]:
+def _confining_guards(model, args: tuple, kwargs: dict, gm: fx.GraphModule) -> list:
     """The guards on input sizes (``input_guards``) at whose rejected size the eager model runs (or
     could not be tried): the ones that confine the trace and not the model."""
     guards = input_guards(gm)
     if guards and isinstance(model, torch.nn.Module) and not isinstance(model, fx.GraphModule):
         guards = [g for g in guards if _runs_at(model, args, _default_kwargs(model, kwargs), g) is not False]
-    return tuple(str(g) for g in guards)
+    return guards
 
 
 def refuse_confined_sizes(gm: fx.GraphModule, name: str) -> None:

@@ -9,10 +9,16 @@
    and reloads within the bfloat16 tolerance (it was refused: "differs from the child by 2.14");
 5. the embedding-scale probe cannot be fooled: a one-token example, or one token repeated,
    makes an untrained uniform-gain norm look like a scale only to a probe of one row; the
-   child's scale is measured on distinct tokens (1 where there is none, √hidden for Gemma).
+   child's scale is measured on distinct tokens (1 where there is none, √hidden for Gemma);
+6. the written folder is checked at the example's size and at another batch and sequence length:
+   a class that differs from the child only beyond the example's length (as a class whose ε its
+   norms over another width read too differed by 8.6e-5 at the example, 1.7e-4 at (3, 13)) is
+   refused in one line naming that size, in memory and streamed segment by segment, nothing
+   written.
 """
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -107,3 +113,33 @@ def test_the_embedding_scale_probe_is_not_fooled_by_one_token(ids, tmp_path):
     assert relative_error(run(loaded, (ids,)), run(child, (ids,))) < 1e-5
     gemma = _child(_gemma(torch.float32, hidden=64), (ids,), sg.Target(hidden=32), rescale=False)
     assert list(child_scales(gemma).values()) == [pytest.approx(64 ** 0.5)]
+
+
+def _drifting_beyond_the_example(monkeypatch, narrower_than: int) -> None:
+    """From now on a LlamaForCausalLM narrower than ``narrower_than`` adds 1e-3 per position beyond
+    the example's 8 to its logits: a class whose code differs from the child at other sizes only."""
+    real = transformers.LlamaForCausalLM.forward
+
+    @functools.wraps(real)              # its signature (the trace turns use_cache off by it)
+    def forward(self, input_ids=None, *args, **kwargs):
+        out = real(self, input_ids, *args, **kwargs)
+        if self.config.hidden_size < narrower_than:
+            out.logits = out.logits + 1e-3 * (input_ids.shape[1] - 8)
+        return out
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "forward", forward)
+
+
+def test_a_class_that_differs_only_at_another_size_is_refused(tmp_path, monkeypatch):
+    model = hf_zoo.llama(0)
+    inputs = hf_zoo.example_inputs(model, 2, 8)
+    child = _child(model, inputs, calibration=[inputs])
+    sg.save_hf(child, tmp_path / "before")                 # the class as it is: the same at both sizes
+    _drifting_beyond_the_example(monkeypatch, model.config.hidden_size)
+    with pytest.raises(sg.HFExportError, match=r"differs from the child by 0\.005.* at inputs of size \(3, 13\)"):
+        sg.save_hf(child, tmp_path / "child")
+    assert not (tmp_path / "child").exists()
+    parent = _parent_folder(model, tmp_path / "parent")
+    with pytest.raises(sg.HFExportError, match=r"at inputs of size \(3, 13\).*nothing written"):
+        sg.subclone_checkpoint(parent, tmp_path / "streamed", TARGET, [inputs], memory_budget=0)
+    assert not (tmp_path / "streamed").exists()

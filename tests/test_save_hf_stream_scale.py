@@ -12,9 +12,12 @@ the reloaded class equals the child. Shown on small Hugging Face classes of our 
 2. one ε field for the stream norms and a per-head RMSNorm (a QK-norm's form): the config keeps
    the parent's ε, the reloaded model equals the child; also where the stream's norms have no
    gain (the one after the embedding too: the rescale's inserted ``mul`` takes the scale);
-3. a post-norm class (its layers read the stream itself, not through a norm: each such linear
+3. the same with a gate whose weight is read cast to the stream's dtype (a router's form) and a
+   down projection stored transposed (fused experts' form): the cast is no write into the stream
+   (its scale would move the gate), the transposed projection is one;
+4. a post-norm class (its layers read the stream itself, not through a norm: each such linear
    read takes √(D/d) back into its weight) saves the same way;
-4. a class whose layers pass the stream itself through a nonlinearity cannot be folded (no scale
+5. a class whose layers pass the stream itself through a nonlinearity cannot be folded (no scale
    passes a GELU): ``save_hf`` still refuses in one line, writing nothing.
 """
 from __future__ import annotations
@@ -47,11 +50,15 @@ class Layer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.form, d, inner = config.form, config.hidden_size, HEADS * config.head_dim
-        shared = config.form == "shared"
+        shared, self.gated = config.form in ("shared", "gated"), config.form == "gated"
         self.norm = nn.RMSNorm(d, eps=config.rms_norm_eps) if shared else nn.LayerNorm(d)
         self.head_norm = nn.RMSNorm(config.head_dim, eps=config.rms_norm_eps)      # over the head width
         self.v, self.o = nn.Linear(d, inner), nn.Linear(inner, d)
-        self.up, self.down = nn.Linear(d, config.intermediate_size), nn.Linear(config.intermediate_size, d)
+        self.up = nn.Linear(d, config.intermediate_size)
+        if self.gated:              # a router-like gate, and a down projection read transposed
+            self.gate, self.down_t = nn.Parameter(torch.empty(1, d)), nn.Parameter(torch.empty(d, config.intermediate_size))
+        else:
+            self.down = nn.Linear(config.intermediate_size, d)
         self.mlp_norm = nn.RMSNorm(d, eps=config.rms_norm_eps) if shared else nn.LayerNorm(d)
 
     def forward(self, x):
@@ -64,7 +71,11 @@ class Layer(nn.Module):
         v = self.v(self.normed(x))
         v = self.head_norm(v.unflatten(-1, (HEADS, -1))).flatten(-2)
         x = x + self.o(v)
-        return x + self.down(F.gelu(self.up(self.normed(x, self.mlp_norm))))
+        h = self.normed(x, self.mlp_norm)
+        if self.gated:
+            gate = torch.sigmoid(F.linear(h, self.gate.to(torch.float32)))
+            return x + gate * (F.gelu(self.up(h)) @ self.down_t.transpose(0, 1))
+        return x + self.down(F.gelu(self.up(h)))
 
     def normed(self, x, norm=None):
         norm = norm or self.norm
@@ -132,7 +143,7 @@ def _child(model):
     return child
 
 
-@pytest.mark.parametrize("form", ["constant", "shared", "weightless", "post"])
+@pytest.mark.parametrize("form", ["constant", "shared", "weightless", "gated", "post"])
 def test_a_class_without_the_rescaled_eps_saves_with_it_folded_into_the_stream(form, tmp_path):
     model = _model(form)
     child = _child(model)

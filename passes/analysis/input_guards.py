@@ -13,7 +13,9 @@ place (``<= max_position_embeddings``). A guard that holds at every size (``Mod(
 which export did not simplify) is no confinement. Relations between two inputs' axes (a decoder
 as long as its encoder) are not reported. Each finding names the guard and where it was raised,
 the inputs that axis sizes, and the sizes it rejects (``trace`` runs the eager model at some of
-them: a limit the model has itself is no confinement of the trace).
+them: a limit the model has itself is no confinement of the trace). ``allowed_sizes(guards)``: per
+confined input axis, the sizes from 2 to 64 that none of the guards rejects — where a child
+traced with fixed sizes can still be run (another batch at a pinned length; another multiple of 4).
 
 ``input_guards(gm)`` reads the shape environment of the fake values torch.export left on the
 placeholders; a graph without them (not traced by torch.export) has none to report.
@@ -25,7 +27,7 @@ import re
 import torch
 import torch.fx as fx
 
-__all__ = ["input_guards", "InputGuard"]
+__all__ = ["input_guards", "InputGuard", "allowed_sizes"]
 
 # the sizes a guard is tried at: torch.export specialises 0 and 1, so a dynamic axis starts at 2
 SIZES = tuple(range(2, 65))
@@ -89,6 +91,8 @@ def _failing_sizes(expr, symbol) -> list[int] | None:
     for n in SIZES:
         try:
             holds = bool(expr.subs({symbol: n}))
+        except ZeroDivisionError:       # the guard divides by a size that is 0 at n: n cannot run
+            holds = False
         except (TypeError, ValueError):
             return None
         if not holds:
@@ -124,3 +128,15 @@ def input_guards(gm: fx.GraphModule) -> list[InputGuard]:
             found.append(InputGuard(axis, _readable(guard.expr, names), str(guard.sloc).strip("() "), inputs,
                                     tuple(failing or ())))
     return found
+
+
+def allowed_sizes(guards) -> dict[tuple[str, int], tuple[int, ...]]:
+    """``(input name, dim) -> the sizes from 2 to 64 no guard on that axis rejects``, for every
+    input axis one of ``guards`` confines (a guard that could not be evaluated leaves only the
+    traced size, which the caller knows: an empty tuple)."""
+    allowed: dict[tuple[str, int], set[int]] = {}
+    for guard in guards:
+        rejected = set(guard.failing) if guard.failing else set(SIZES)
+        for axis in guard.inputs:
+            allowed[axis] = allowed.get(axis, set(SIZES)) - rejected
+    return {axis: tuple(sorted(sizes)) for axis, sizes in allowed.items()}

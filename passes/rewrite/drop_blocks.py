@@ -4,7 +4,9 @@ Invariant: for each dropped layer, every use of its stream output outside the la
 its stream input (``FindResidualBlocksPass`` found both), so the layer computes the identity;
 every node that no longer reaches the output is erased (metadata assertions on dead tensors
 too), and every attribute and submodule no remaining node reads is deleted. A pre-norm layer
-whose branches output zero is removed exactly; a post-norm layer is removed with its norm.
+whose branches output zero is removed exactly; a post-norm layer is removed with its norm. A value
+the layer computes from nothing it owns (a mask from the inputs) and hands to later layers stays,
+as code outside the layer; one made from its stream or weights refuses the drop.
 
 Layers are dropped last to first, so that consecutive dropped layers chain correctly. The
 remaining layers are renumbered in ``state.LAYERS``, the attention sites of dropped layers leave
@@ -23,7 +25,7 @@ from torch.fx.node import _side_effectful_functions
 from .. import state
 from ..analysis.find_blocks import layer_of_node
 from ..errors import PostconditionError
-from ..fx_utils import get_attribute, in_module, module_path, written_arguments
+from ..fx_utils import attribute_path, get_attribute, in_module, module_path, written_arguments
 from ..infra import SubclonePass
 
 __all__ = ["DropBlocksPass", "drop_blocks", "eliminate_dead_code", "renumber_attention_sites", "check_layer_state"]
@@ -130,21 +132,54 @@ def _delete_unused_attributes(gm: fx.GraphModule) -> None:
     gm.delete_all_unused_submodules()
 
 
-def _removable(layer, nodes: dict) -> None:
-    """A layer goes by reading its input where its output was read; a value computed inside it
-    and read after it other than through its output (a second stream it hands to the next layer:
-    mixing weights of several residual streams) would outlive it: refused before anything changes."""
+def _removable(layer, nodes: dict) -> set[fx.Node]:
+    """A layer goes by reading its input where its output was read. A value computed inside it and
+    read after it other than through its output outlives it: where it depends on nothing the
+    layer owns (a mask made from the inputs in the first layer that needs it, then handed on), it
+    is returned with the layer's nodes it needs, to stay as code outside the layer; where it
+    depends on the layer's stream input or weights (a second stream it hands to the next layer:
+    mixing weights of several residual streams), refused before anything changes."""
     if layer.key is None:
-        return
-    output = nodes[layer.output]
+        return set()
+    output, kept = nodes[layer.output], set()
     for node in nodes.values():
         if node is output or not in_module(node, layer.key) or isinstance(node.meta.get("val"), torch.SymInt):
             continue
         outside = next((u for u in node.users if not in_module(u, layer.key)), None)
-        if outside is not None:
+        if outside is None:
+            continue
+        needed = _unowned_ancestry(node, layer, nodes[layer.input])
+        if needed is None:
             raise ValueError(f"Target.layers: layer {layer.index} ({layer.key}) cannot be removed: {node.name} computed in "
                              f"it is read after it by {outside.name} (in {module_path(outside)}), not through its "
                              "output; leave Target.layers and drop_layers unset")
+        kept |= needed
+    return kept
+
+
+def _unowned_ancestry(node: fx.Node, layer, stream_input: fx.Node) -> set[fx.Node] | None:
+    """The nodes computed in ``layer`` that ``node`` is made from (itself included), or None where
+    it depends on what the layer owns: its stream input or a weight under its path."""
+    prefix = attribute_path(layer.key) + "."
+    found, frontier = set(), [node]
+    while frontier:
+        current = frontier.pop()
+        if current is stream_input or (current.op == "get_attr" and current.target.startswith(prefix)):
+            return None
+        if current in found or current.op != "call_function" or not in_module(current, layer.key):
+            continue          # a graph input, another weight, or computed before the layer
+        found.add(current)
+        frontier.extend(current.all_input_nodes)
+    return found
+
+
+def _move_out_of(nodes: set[fx.Node], key: str) -> None:
+    """Record ``nodes`` as computed outside the module at ``key`` (its frames left out of their
+    module stacks): they are no longer the layer's code."""
+    for node in nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        node.meta["nn_module_stack"] = {k: v for k, v in stack.items()
+                                        if not (v[0] == key or v[0].startswith(key + "."))}
 
 
 def _no_stream_lost(layers, drop: set, nodes: dict) -> None:
@@ -179,9 +214,10 @@ class DropBlocksPass(SubclonePass):
         if not drop:
             return False
         nodes = {n.name: n for n in gm.graph.nodes}
-        for index in sorted(drop):
-            _removable(layers[index], nodes)
+        outliving = {index: _removable(layers[index], nodes) for index in sorted(drop)}
         _no_stream_lost(layers, drop, nodes)
+        for index, kept in outliving.items():       # only once nothing refused
+            _move_out_of(kept, layers[index].key)
         for index in sorted(drop, reverse=True):
             layer = layers[index]
             output, source = nodes[layer.output], nodes[layer.input]

@@ -141,8 +141,10 @@ class RescaleResidualPass(SubclonePass):
         # a group whose removed indices were copies of kept ones (state.FOLDED) lost only what
         # each kept index stands for: its statistic counts its width before cloning as the parent's
         unfolded = unfolded_sizes(graph, state.FOLDED.get(gm) or {})
+        # a group kept whole at zero (every channel of one part of a concatenated stream removed)
+        # leaves no statistic of its own: the norms read the groups it was part of
         shrunk = {g.id: unfolded.get(g.id, g.size) / sizes[g.id] for g in graph.groups.values()
-                  if g.static and sizes.get(g.id, g.size) < unfolded.get(g.id, g.size)}
+                  if g.static and 0 < sizes.get(g.id, g.size) < unfolded.get(g.id, g.size)}
         self.needed, self.handled = set(), set()
         if not shrunk or state.RESCALE.has(gm):      # nothing shrank, or already corrected
             return False

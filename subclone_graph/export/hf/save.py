@@ -70,7 +70,7 @@ def save_hf(child: fx.GraphModule, out_dir, *, tokenizer=None, overwrite: bool =
     ``overwrite``, or one holding files ``save_hf`` did not write; ``HFExportError`` (leaving
     nothing behind) if the child cannot be expressed as the parent's class or the written
     model's outputs differ from the child's by more than ``tolerance_for(child's dtype)`` ×
-    max(1, max |output|).
+    max(1, max |output|), on the example inputs or on them at another batch and sequence length.
     """
     out_dir = check_destination(out_dir, overwrite=overwrite, folder=True)
     with staging_folder(out_dir.parent) as staging:

@@ -39,7 +39,7 @@ import torch
 import torch.fx as fx
 
 from subclone_graph.passes import state as pass_state
-from subclone_graph.passes.fx_utils import CASTS, VIEWS, WEIGHT_PASS_THROUGH, get_attribute, replace_tensors
+from subclone_graph.passes.fx_utils import WEIGHT_PASS_THROUGH, get_attribute, replace_tensors
 from subclone_graph.passes.tensor_edits import Scale, edit_tensor
 
 from subclone_graph.export.hf.common import example_inputs, tensor_outputs
@@ -69,7 +69,8 @@ def _carries(node, graph, residual: set[int], last: bool = False) -> bool:
 
 
 # ops whose output is their first input's values, some of them: a scale passes through them
-_PASS_THROUGH = CASTS | VIEWS | {aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.type_as.default}
+_PASS_THROUGH = WEIGHT_PASS_THROUGH | {aten.slice.Tensor, aten.select.int, aten.unsqueeze.default,
+                                       aten.type_as.default, aten.clone.default, aten.expand.default}
 
 
 def _through_casts(node):
@@ -104,7 +105,9 @@ def _writes(gm, graph, residual) -> tuple[set[fx.Node], list[fx.Node]]:
         inputs = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
         weights = [a for a in inputs if _through_casts(a).op == "get_attr"]
         others = [a for a in inputs if a not in weights]
-        if weights and not any(_carries(a, graph, residual) for a in others):
+        # a weight only cast or viewed (a router's weight cast to the stream's dtype) is written
+        # nowhere yet: the write is the op that meets the values it reads (token ids, activations)
+        if weights and others and not any(_carries(a, graph, residual) for a in others):
             writers.update(_through_casts(w) for w in weights if _carries(_through_casts(w), graph, residual))
             ops.append(node)
     for node in gm.graph.nodes:          # a bias added to a written output
@@ -191,7 +194,8 @@ def _plan(gm, graph, residual, norms) -> dict[fx.Node, tuple[float, float]] | No
                 return None
             plan.update({w: (1.0, c) for w, c in found[1]} if found[1] else {constant: (1.0, 0.0)})
     for writer in writers:               # a table also read as a weight (a tied output head)
-        for read in [u for u in writer.users if u not in ops and u.target is not aten._assert_tensor_metadata.default]:
+        for read in [u for u in _users_through(writer) if u not in ops
+                     and u.target is not aten._assert_tensor_metadata.default]:
             source = _through_casts(read.args[0]) if read.target is aten.linear.default else None
             if not outputs.get(source):
                 return None

@@ -27,7 +27,11 @@ replayed from its edit program) both call it, so one child gives one folder, byt
    parent's, with why (``ConfigChange``).
 
 ``check_folder`` then runs the written folder as its class and compares it with the reference
-within ``tolerance.tolerance_for`` the child's dtype: loaded with ``from_pretrained`` as a user
+within ``tolerance.tolerance_for`` the child's dtype, on the example inputs and on the example at
+another batch and sequence length (``input_sizes.another_example``: one more row, five more
+positions, or the nearest sizes a child traced with fixed sizes runs at) — a class that computes
+something slightly else (an ε its norms over another width read too) can stay under the tolerance
+at one size and not at another: loaded with ``from_pretrained`` as a user
 loads it, or — for a child larger than the memory it may take (``subclone_checkpoint``'s
 ``memory_budget``) — segment by segment: the class traced with fake weights from the written
 ``config.json`` (``checkpoint.weightless_parent``) and run by the same segment runner, each
@@ -60,6 +64,7 @@ from subclone_graph.export.hf.config import child_config
 from subclone_graph.export.hf.embedding_scale import child_scales, fold_scale
 from subclone_graph.export.hf.weights import child_state_dict, hf_names, name_pattern, tied_names
 from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
+from subclone_graph.input_sizes import another_example
 
 __all__ = ["write_folder", "check_folder", "Written", "ConfigChange", "DEFAULT_SHARD_SIZE", "TOKENIZER_FILES"]
 
@@ -88,6 +93,7 @@ class Written:
     reference: dict                       # the child's outputs on its example inputs (written weights)
     changes: list[ConfigChange] = field(default_factory=list)
     copied: list[str] = field(default_factory=list)     # files taken from the parent's folder
+    checked: list = field(default_factory=list)     # [(inputs, the child's outputs)]: example, another size
 
 
 def _stored(child: fx.GraphModule, names: dict) -> dict[str, str]:
@@ -137,11 +143,18 @@ class _WrittenWeights:
         return values
 
 
-def _reference(child: fx.GraphModule, weights) -> dict:
-    flat = flat_inputs(child, example_inputs(child), 0)
+def _checked_inputs(child: fx.GraphModule) -> list[tuple]:
+    """The inputs the written folder is checked at: the example, and it at another size (module doc)."""
+    example = example_inputs(child)
+    other = another_example(child, example)
+    return [example] if other is None else [example, other]
+
+
+def _outputs(gm: fx.GraphModule, inputs: list[tuple], weights) -> list[dict]:
+    """``gm`` run by the segment runner on each of ``inputs``, its weights from ``weights``."""
+    flat = [flat_inputs(gm, x, i) for i, x in enumerate(inputs)]
     with torch.no_grad():
-        outputs = run_segments(child, [flat], weights)[0]
-    return tensor_outputs(child.graph._codegen.process_outputs(outputs))
+        return [tensor_outputs(gm.graph._codegen.process_outputs(out)) for out in run_segments(gm, flat, weights)]
 
 
 def _load(cls, config, written: CheckpointReader) -> torch.nn.Module:
@@ -281,7 +294,9 @@ def write_folder(child: fx.GraphModule, staging: Path, weights=None, *, shard_si
     with torch.no_grad():
         write_shards(staging, entries, lambda hf: weights.tensor(child, tensors[stored[hf]], hf).detach(), shard_size)
     source = _WrittenWeights(child, stored, CheckpointReader(staging))
-    reference = _reference(child, source)
+    inputs = _checked_inputs(child)
+    checked = list(zip(inputs, _outputs(child, inputs, source)))
+    reference = checked[0][1]
     table_of = lambda node: source.fetch(child, [node.target])[node.target]  # noqa: E731
     scales = {source.name_of(get_attribute(child, target)): scale
               for target, scale in child_scales(child, table_of).items()}
@@ -293,11 +308,11 @@ def write_folder(child: fx.GraphModule, staging: Path, weights=None, *, shard_si
     config.save_pretrained(staging)
     folder = Path(parent_folder) if parent_folder is not None else _parent_folder(child)
     copied = _companions(child, staging, config, folder, tokenizer)
-    return Written(config, reference, config_changes(parent, config, child), copied)
+    return Written(config, reference, config_changes(parent, config, child), copied, checked=checked)
 
 
-def _run_whole(child, staging: Path) -> dict:
-    """The written folder loaded as users load it (``from_pretrained``) and run on the example."""
+def _run_whole(child, staging: Path, inputs: list[tuple]) -> list[dict]:
+    """The written folder loaded as users load it (``from_pretrained``) and run on ``inputs``."""
     cls, dtype = required(child, pass_state.PARENT_CLASS), model_dtype(child)
     with quiet_transformers():
         loaded = cls.from_pretrained(staging, dtype=dtype).eval()
@@ -305,19 +320,17 @@ def _run_whole(child, staging: Path) -> dict:
         raise HFExportError(f"{staging.name} loads as {type(loaded).__name__} in {model_dtype(loaded)}, "
                             f"not {cls.__name__} in {dtype}")
     with torch.no_grad():
-        return tensor_outputs(loaded(*example_inputs(child)))
+        return [tensor_outputs(loaded(*x)) for x in inputs]
 
 
-def _run_by_segments(child, staging: Path) -> dict:
+def _run_by_segments(child, staging: Path, inputs: list[tuple]) -> list[dict]:
     """The class traced with fake weights from the written ``config.json`` and run segment by
     segment, each segment's weights read from the written shards: one segment in memory."""
     weights = CheckpointWeights()
     with quiet_transformers():
         loaded = weightless_parent(staging, weights.open(staging), example_inputs(child))
     FindResidualBlocksPass()(loaded)
-    flat = flat_inputs(loaded, example_inputs(child), 0)
-    with torch.no_grad():
-        return tensor_outputs(loaded.graph._codegen.process_outputs(run_segments(loaded, [flat], weights)[0]))
+    return _outputs(loaded, inputs, weights)
 
 
 def check_folder(child: fx.GraphModule, staging: Path, written: Written, out_dir, *, by_segments: bool = False) -> float:
@@ -326,24 +339,32 @@ def check_folder(child: fx.GraphModule, staging: Path, written: Written, out_dir
     segment by segment (module docstring) rather than loaded whole with ``from_pretrained`` —
     for a child larger than the memory it may take."""
     cls, dtype = required(child, pass_state.PARENT_CLASS), model_dtype(child)
+    checked = written.checked or [(example_inputs(child), written.reference)]
     try:
-        got = (_run_by_segments if by_segments else _run_whole)(child, staging)
+        runs = (_run_by_segments if by_segments else _run_whole)(child, staging, [x for x, _ in checked])
     except HFExportError as error:
         raise HFExportError(f"{error}; nothing written to {out_dir}") from error
     except Exception as error:
         first = str(error).splitlines()[0] if str(error) else ""
         raise HFExportError(f"the written folder does not run as {cls.__name__} ({type(error).__name__}: {first}); "
                             f"nothing written to {out_dir}") from error
-    expected = written.reference
-    if set(expected) - set(got):
-        raise HFExportError(f"the saved {cls.__name__} lacks the child's outputs {sorted(set(expected) - set(got))}; "
-                            f"nothing written to {out_dir}")
-    diff, scale = max_difference(list(expected.values()), [got[k] for k in expected])
-    allowed = tolerance_for(dtype) * scale
-    if not diff <= allowed:
-        raise HFExportError(f"the saved {cls.__name__} differs from the child by {diff:.3g} (> {tolerance_for(dtype):g} "
-                            f"× {scale:.3g}): {_why_different(child, staging)}; nothing written to {out_dir}")
-    return diff
+    largest = 0.0
+    for (inputs, expected), got in zip(checked, runs):
+        if set(expected) - set(got):
+            raise HFExportError(f"the saved {cls.__name__} lacks the child's outputs {sorted(set(expected) - set(got))}; "
+                                f"nothing written to {out_dir}")
+        diff, scale = max_difference(list(expected.values()), [got[k] for k in expected])
+        if not diff <= tolerance_for(dtype) * scale:
+            raise HFExportError(f"the saved {cls.__name__} differs from the child by {diff:.3g} (> {tolerance_for(dtype):g} "
+                                f"× {scale:.3g}) at inputs of size {_sizes(inputs)}: {_why_different(child, staging)}; "
+                                f"nothing written to {out_dir}")
+        largest = max(largest, diff)
+    return largest
+
+
+def _sizes(inputs: tuple) -> tuple:
+    first = next((x for x in inputs if isinstance(x, torch.Tensor)), None)
+    return tuple(first.shape) if first is not None else ()
 
 
 def _recomputed_buffers(child, staging: Path) -> list[str]:
