@@ -7,6 +7,7 @@ The intended direction, lowest first (a module may import its own layer and any 
                 to ScoreChannelsPass as arguments, never imported)
     progress    the progress= protocol (phases and their steps): imports nothing of the package
     runtime     where and how calibration runs: devices, ranks
+    input_sizes the input sizes a traced graph runs at (read from its guards), and inputs made at them
     tracing     torch.export of a model into the graph the passes read
     data        calibration and evaluation data
     checkpoint  a safetensors checkpoint read and written tensor by tensor; a parent traced with
@@ -29,7 +30,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ["passes", "progress", "runtime", "tracing", "data", "checkpoint", "export", "convert", "api", "streamed",
+LAYERS = ["passes", "progress", "runtime", "input_sizes", "tracing", "data", "checkpoint", "export", "convert", "api", "streamed",
           "cli"]
 TOP = {"__init__", "__main__"}
 
