@@ -318,11 +318,7 @@ def _scaled_reads(child, folded, graph, residual, s: float, edited: set[int]) ->
     if not reads:
         return []
     inputs = example_inputs(child)
-    names = {n.name for n in reads}
-    recorder = _Recorder(child, {x.name for x, _ in reads.values()})
-    child_nodes = {n.name: n for n in child.graph.nodes}
-    if not names <= set(child_nodes):
-        return None
+    recorder = _Recorder(child, {x.name for x, _ in reads.values()})     # folded is child's copy: same names
     with torch.no_grad():
         recorder.run(*inputs)
         want = {n.name: recorder.kept[x.name] for n, (x, _) in reads.items()}
