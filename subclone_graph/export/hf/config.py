@@ -232,7 +232,22 @@ def _shape_changes(candidates: _Candidates, child: fx.GraphModule) -> dict:
         rejected = candidates.rejections.get(tuple(sorted(changes.items())))
         listed = "; ".join((candidates.problems(changes) or [f"the class rejects the closest candidate: {rejected}"])[:4])
         raise HFExportError(f"no config of {candidates.cls.__name__} has the child's parameter shapes ({listed})")
-    return {k: v for k, v in changes.items() if v != candidates.flat.get(k)}
+    found = [changes] + _same_shapes(candidates, options, changes)
+    return [{k: v for k, v in c.items() if v != candidates.flat.get(k)} for c in found]
+
+
+def _same_shapes(candidates: _Candidates, options: dict[str, list], changes: dict) -> list[dict]:
+    """Other configs with the child's shapes: each changed field held at the parent's value and
+    the rest searched again. Shapes alone cannot tell ``heads=8, head_dim=128`` from ``heads=16,
+    head_dim=64`` (one projection of 1024 rows): the class computes with each differently (its
+    per-head norms and its ``head_dim**-0.5``), so ``child_config`` measures them."""
+    found = []
+    for name in [k for k, v in changes.items() if v != candidates.flat.get(k)]:
+        held = {k: v for k, v in options.items() if k != name}
+        trial = _descend(candidates, held, {k: v for k, v in changes.items() if k != name})
+        if not candidates.score(trial) and trial not in [changes, *found]:
+            found.append(trial)
+    return found
 
 
 def _scaled_floats(candidates: _Candidates, child: fx.GraphModule) -> dict:
@@ -247,12 +262,9 @@ def _scaled_floats(candidates: _Candidates, child: fx.GraphModule) -> dict:
             if type(v) is float and v and any(math.isclose(v * scale, f, rel_tol=1e-9) for f in literals)}
 
 
-def _needed_changes(candidates: _Candidates, changes: dict, state: dict, child: fx.GraphModule,
-                    found: set = frozenset(), distance=None) -> dict:
-    """Keep a change the shapes do not need only if it brings the outputs closer to the child's
-    (``n_head`` following the width stays; a token id that equals a width goes back). A change
-    in ``found`` (read off the child's graph) stays unless reverting it is strictly closer.
-    ``distance(config)``: max |difference| between the child and the class built from ``config``."""
+def _measure(candidates: _Candidates, state: dict, child: fx.GraphModule, distance=None):
+    """changes -> max |difference| between the child and the class built from them (``distance``
+    of its config where given; else the class holding ``state``, built in memory)."""
     expected = {}
 
     def in_memory_distance(config) -> float:
@@ -266,8 +278,14 @@ def _needed_changes(candidates: _Candidates, changes: dict, state: dict, child: 
         return max_output_difference(expected, outputs(model, inputs))
 
     measure = distance or in_memory_distance
-    distance = lambda trial: measure(candidates.config(trial))  # noqa: E731
+    return lambda trial: measure(candidates.config(trial))
 
+
+def _needed_changes(candidates: _Candidates, changes: dict, distance, found: set = frozenset()) -> dict:
+    """Keep a change the shapes do not need only if it brings the outputs closer to the child's
+    (``n_head`` following the width stays; a token id that equals a width goes back). A change
+    in ``found`` (read off the child's graph) stays unless reverting it is strictly closer.
+    ``distance(changes)``: ``_measure``'s."""
     current = None
     for name in list(changes):
         trial = {k: v for k, v in changes.items() if k != name}
@@ -289,5 +307,8 @@ def child_config(child: fx.GraphModule, state: dict | None = None, distance=None
     state = child_state_dict(child) if state is None else state
     candidates = _Candidates(child, state)
     floats = _scaled_floats(candidates, child)
-    changes = {**_shape_changes(candidates, child), **floats}
-    return candidates.config(_needed_changes(candidates, changes, state, child, set(floats), distance))
+    measure = _measure(candidates, state, child, distance)
+    found = [_needed_changes(candidates, {**shapes, **floats}, measure, set(floats))
+             for shapes in _shape_changes(candidates, child)]
+    # configs with the same shapes (``_same_shapes``): the one whose class computes closest to the child
+    return candidates.config(found[0] if len(found) == 1 else min(found, key=measure))
