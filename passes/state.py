@@ -78,6 +78,8 @@ class Rescale:
     factor: float        # √(D/d) of the residual stream
     eps_scale: float     # D/d: what the ε added to a shrunk statistic was multiplied by
     inserted: tuple[str, ...] = ()   # the modules of the norms after which a ``mul`` was inserted
+    # every ε scaled: (the node holding it, the node whose values the norm normalises, the scale)
+    eps: tuple[tuple[str, str, float], ...] = ()
 
 
 @dataclass(frozen=True)

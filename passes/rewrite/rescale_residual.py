@@ -6,7 +6,9 @@ so ``x·rsqrt(mean_d(x²) + ε·D/d) = √(d/D)·x·rsqrt(mean_D(x²) + ε)``: w
 statistic scaled by D/d like the statistic itself, every normalised output is the parent's times √(d/D), and
 multiplying it by √(D/d) restores it exactly. That makes removing all-zero residual channels
 from an RMSNorm model output-preserving, and gives the paper's rescaling of the weights that
-read the stream. ``state.RESCALE`` records the factor and the ε scale.
+read the stream. ``state.RESCALE`` records the factor and the ε scale, and each ε scaled (the node
+holding it, the node whose values it normalises, its scale: a writer whose class cannot hold it folds
+it into the scale of those values, ``export/hf/norm_inputs.py``).
 
 The same holds for a norm over any other shrunk width — a QK-norm over a whole ``heads·head_dim``
 projection loses heads —, so every reduction over a shrunk group gets the correction, with
@@ -85,11 +87,14 @@ def _normalised(reduction: fx.Node, groups: set[int]) -> tuple[fx.Node | None, l
     return None, path
 
 
-def _scale_epsilon(path: list[fx.Node], eps_scale: float) -> None:
-    """An ε added to the statistic scales with it (see the module docstring)."""
+def _scale_epsilon(path: list[fx.Node], eps_scale: float) -> list[fx.Node]:
+    """An ε added to the statistic scales with it (see the module docstring); the adds scaled."""
+    scaled = []
     for node in path:
-        if node.target in (aten.add.Tensor, aten.add.Scalar):
+        if node.target in (aten.add.Tensor, aten.add.Scalar) and any(isinstance(a, float) for a in node.args):
             node.args = tuple(a * eps_scale if isinstance(a, float) else a for a in node.args)
+            scaled.append(node)
+    return scaled
 
 
 def _gain(node: fx.Node, groups: set[int]) -> tuple[fx.Node, float] | None:
@@ -162,14 +167,14 @@ class RescaleResidualPass(SubclonePass):
                 self.needed.add(node.name)
                 norms.append((node, math.sqrt(math.prod(shrunk[g] for g in reduced))))
         foldable, self._uses = self._foldable(gm, norms, set(shrunk)), self._use_counts(gm)
-        modified, self._inserted = False, []
+        modified, self._inserted, self._eps = False, [], []
         for node, factor in norms:
             if self._rescale_at(gm, node, set(shrunk), factor, scaled, foldable):
                 self.handled.add(node.name)
                 modified = True
-        if self._inserted:         # what a class loading the weights cannot hold (save_hf says so)
-            state.RESCALE.set(gm, state.Rescale(factor=math.sqrt(ratio), eps_scale=ratio,
-                                                inserted=tuple(dict.fromkeys(self._inserted))))
+        # what a class loading the weights cannot hold (save_hf says so), and the ε it may fold
+        state.RESCALE.set(gm, state.Rescale(factor=math.sqrt(ratio), eps_scale=ratio,
+                                            inserted=tuple(dict.fromkeys(self._inserted)), eps=tuple(self._eps)))
         return modified
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
@@ -225,6 +230,7 @@ class RescaleResidualPass(SubclonePass):
             _, eps_arg = _NORM_OPS[node.target]
             if len(node.args) > eps_arg and isinstance(node.args[eps_arg], float):
                 node.args = node.args[:eps_arg] + (node.args[eps_arg] * factor**2,) + node.args[eps_arg + 1:]
+                self._eps.append((node.name, node.args[0].name, factor**2))
             if node not in foldable:
                 return self._scale_readers(gm, node, factor, scaled) or self._insert_mul(gm, node, factor)
             for weight, offset in self._gains(node, groups):
@@ -233,7 +239,8 @@ class RescaleResidualPass(SubclonePass):
         point, path = _normalised(node, groups)
         if point is None:
             return False
-        _scale_epsilon(path, factor**2)
+        normalised = next(a for a in point.args if isinstance(a, fx.Node) and _has_group(a, groups))
+        self._eps += [(add.name, normalised.name, factor**2) for add in _scale_epsilon(path, factor**2)]
         if node not in foldable:
             return self._scale_readers(gm, point, factor, scaled) or self._insert_mul(gm, point, factor)
         for weight, offset in self._gains(node, groups):

@@ -24,7 +24,10 @@ was. ``fold_stream_scale(child)`` returns that copy of the child, or None where 
    scaled stream is measured, not guessed: the copy runs on the example inputs beside the child,
    each read's input compared with the child's (``_scaled_reads``: ``s·x`` or ``x``, anything else
    and the fold gives up);
-5. the copy's outputs are compared with the child's on its example inputs: a network that reads
+5. a norm over a shrunk width inside a layer (a sub-norm over the attention output or the MLP's
+   inner width: ε·k of that width's k) takes the parent's ε too, the weights its values are
+   linear in scaled by 1/√k instead (``norm_inputs.py``: the value projection, ``up``);
+6. the copy's outputs are compared with the child's on its example inputs: a network that reads
    its stream otherwise (a nonlinearity on the stream itself) differs, and None is returned.
 
 Every scale is a ``tensor_edits.Scale`` (one rounding in the tensor's dtype), recorded like the
@@ -43,6 +46,7 @@ from subclone_graph.passes.fx_utils import WEIGHT_PASS_THROUGH, get_attribute, r
 from subclone_graph.passes.tensor_edits import Scale, edit_tensor
 
 from subclone_graph.export.hf.common import example_inputs, tensor_outputs
+from subclone_graph.export.hf.norm_inputs import inner_norm_folds
 from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
 
 __all__ = ["fold_stream_scale"]
@@ -204,8 +208,8 @@ def _plan(gm, graph, residual, norms) -> dict[fx.Node, tuple[float, float]] | No
 
 
 def fold_stream_scale(child: fx.GraphModule) -> fx.GraphModule | None:
-    """A copy of ``child`` computing the same with its stream norms at the parent's ε (module
-    docstring); None where the child has no such ε, or the copy does not compute the same."""
+    """A copy of ``child`` computing the same with its norms at the parent's ε (module docstring);
+    None where the child has no such ε, or the copy does not compute the same."""
     rescale = pass_state.RESCALE.get(child)
     graph = pass_state.CHANNEL_GRAPH.get(child)
     if rescale is None or graph is None or rescale.eps_scale == 1:
@@ -215,10 +219,22 @@ def fold_stream_scale(child: fx.GraphModule) -> fx.GraphModule | None:
         folded = copy.deepcopy(child)
     residual = {graph.find(g.id) for g in graph.groups.values() if g.kind == "residual"}
     norms = _norm_eps(folded, graph, residual)
-    plan = _plan(folded, graph, residual, norms)
-    if not norms or plan is None:
+    plan = _plan(folded, graph, residual, norms) if norms else None
+    inner = inner_norm_folds(folded, rescale.eps, {n.name for n, _ in norms})
+    if (norms and plan is None) or not (norms or inner):
         return None
-    k, done = rescale.eps_scale, {}
+    if plan is not None and not _fold_stream(child, folded, graph, residual, norms, plan, rescale.eps_scale):
+        return None
+    if not _fold_inner(folded, inner):
+        return None
+    folded.recompile()
+    return folded if _same_outputs(child, folded) else None
+
+
+def _fold_stream(child, folded, graph, residual, norms, plan, k: float) -> bool:
+    """The stream's norms at the parent's ε, its writes × 1/√k (module docstring, 1-4); False
+    where a read of the stream sees neither its old values nor them scaled."""
+    done = {}
     for node, index in norms:
         node.args = node.args[:index] + (node.args[index] / k,) + node.args[index + 1:]
     for node, (power, offset) in plan.items():
@@ -231,13 +247,27 @@ def fold_stream_scale(child: fx.GraphModule) -> fx.GraphModule | None:
             done[id(tensor)] = edit_tensor(folded, tensor, [Scale(factor, offset * (factor - 1))])
     replace_tensors(folded, done)
     edited = {id(t) for t in done.values()}     # a tied head's table: its reads took the scale above
+    folded.recompile()
     reads = _scaled_reads(child, folded, graph, residual, k ** -0.5, edited)
     if reads is None:
-        return None
+        return False
     tensors = {id(t): t for t in (get_attribute(folded, w.target) for w in reads)}
     replace_tensors(folded, {i: edit_tensor(folded, t, [Scale(k ** 0.5)]) for i, t in tensors.items()})
-    folded.recompile()
-    return folded if _same_outputs(child, folded) else None
+    return True
+
+
+def _fold_inner(folded, inner) -> bool:
+    """Each inner norm at the parent's ε, the weights its values are linear in × 1/√k
+    (``norm_inputs``); False where one weight would take two scales."""
+    scales: dict[int, tuple] = {}
+    for node, index, k, sources in inner:
+        node.args = node.args[:index] + (node.args[index] / k,) + node.args[index + 1:]
+        for source in sources:
+            tensor = get_attribute(folded, source.target)
+            if scales.setdefault(id(tensor), (tensor, k))[1] != k:
+                return False
+    replace_tensors(folded, {i: edit_tensor(folded, t, [Scale(k ** -0.5)]) for i, (t, k) in scales.items()})
+    return True
 
 
 def _stream_reads(gm, graph, residual) -> dict[fx.Node, tuple[fx.Node, fx.Node]]:
