@@ -17,10 +17,10 @@ from subclone_graph.passes.fx_utils import attribute_path, container_item, conta
 
 from subclone_graph.export.hf.common import HFExportError, required
 
-__all__ = ["hf_names", "child_state_dict", "tied_names", "name_pattern", "fitted", "load_fitted"]
+__all__ = ["layer_renames", "hf_names", "child_state_dict", "tied_names", "name_pattern", "fitted", "load_fitted"]
 
 
-def _layer_renames(layers) -> dict[str, str]:
+def layer_renames(layers) -> dict[str, str]:
     """Old module path of each layer -> the path with its position in its container."""
     renames, counts = {}, {}
     for layer in layers:
@@ -45,7 +45,7 @@ def _renamed(name: str, renames: dict[str, str]) -> str:
 
 def hf_names(child: fx.GraphModule) -> dict[str, str]:
     """Each state-dict name of the child -> its name in a parent-class model with contiguous layers."""
-    renames = _layer_renames(required(child, pass_state.LAYERS))
+    renames = layer_renames(required(child, pass_state.LAYERS))
     names = {}
     for name in child.state_dict(keep_vars=True):
         new = _renamed(name, renames)

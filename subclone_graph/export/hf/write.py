@@ -62,6 +62,7 @@ from subclone_graph.export.hf.common import (HFExportError, example_inputs, max_
                                              quiet_transformers, required, tensor_outputs)
 from subclone_graph.export.hf.config import child_config
 from subclone_graph.export.hf.embedding_scale import child_scales, fold_scale
+from subclone_graph.export.hf.layer_constants import moved_layer_constants
 from subclone_graph.export.hf.weights import child_state_dict, hf_names, name_pattern, tied_names
 from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
 from subclone_graph.input_sizes import another_example
@@ -385,12 +386,24 @@ def _recomputed_buffers(child, staging: Path) -> list[str]:
             and (buffer.shape != ours[name].shape or not torch.equal(buffer, ours[name].to(buffer.dtype)))]
 
 
+def _moved_constants(child, staging: Path) -> list[str]:
+    try:
+        config = type(required(child, pass_state.PARENT_CONFIG)).from_pretrained(staging)
+    except Exception:                   # no config written: the caller's error says why
+        return []
+    return moved_layer_constants(child, config)
+
+
 def _why_different(child, staging: Path) -> str:
     """What the class cannot express, as precisely as the child's state says."""
     recomputed = _recomputed_buffers(child, staging)
     if recomputed:
         return (f"the class computes {', '.join(recomputed[:3])} from its config instead of loading it, and the "
                 "child's (kept channels of the parent's) differ")
+    moved = _moved_constants(child, staging)
+    if moved:
+        return (f"the class derives {', '.join(moved[:2])} from the index of a layer that the child moved (a "
+                "dropped layer before it); keep the layers in place, or drop only the last ones")
     rescale = pass_state.RESCALE.get(child)
     if rescale is not None and rescale.inserted:
         return (f"the child multiplies the output of {len(rescale.inserted)} norm(s) without a weight of their own "
