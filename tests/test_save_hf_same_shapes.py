@@ -7,6 +7,9 @@ class built from the wrong one splits the same weights into other heads. The wri
 every config with the child's shapes (``export/hf/config.py``, ``_same_shapes``) and keeps the
 one whose class computes the child. Shown on a small Hugging Face class of our own whose config
 lists the head counts before ``head_dim`` (the order the search visits them in), at two sizes.
+
+The same config keeps ``init_std = 0.25`` although the graph holds a ``0.5`` (an output scale)
+and the stream's ε scale is 2: only a float that a norm of the graph adds is a rescaled ε.
 """
 from __future__ import annotations
 
@@ -25,10 +28,11 @@ class HeadsConfig(PretrainedConfig):
     model_type = "subclone_tiny_same_shapes"
 
     def __init__(self, hidden_size=32, intermediate_size=16, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=16, num_hidden_layers=2, rms_norm_eps=1e-6, **kwargs):
+                 head_dim=16, num_hidden_layers=2, rms_norm_eps=1e-6, init_std=0.25, **kwargs):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_attention_heads, self.num_key_value_heads = num_attention_heads, num_key_value_heads
         self.head_dim, self.num_hidden_layers, self.rms_norm_eps = head_dim, num_hidden_layers, rms_norm_eps
+        self.init_std = init_std            # read by no computation: only where weights start
         super().__init__(**kwargs)
 
 
@@ -70,7 +74,7 @@ class HeadsModel(PreTrainedModel):
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x)
-        return self.head(self.norm(x))
+        return self.head(self.norm(x)) * 0.5
 
 
 def _ids(batch, seq, seed):
@@ -90,5 +94,6 @@ def test_of_two_configs_with_the_childs_shapes_the_one_that_computes_the_child_i
     config = loaded.config
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 16)
     assert config.intermediate_size == 8 and config.hidden_size == 16
+    assert config.init_std == 0.25 and config.rms_norm_eps == 2e-6
     for x in (inputs, _ids(3, 11, 5)):
         assert relative_error(run(loaded, x), run(child, x)) < 1e-5

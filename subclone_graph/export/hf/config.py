@@ -251,13 +251,16 @@ def _same_shapes(candidates: _Candidates, options: dict[str, list], changes: dic
 
 
 def _scaled_floats(candidates: _Candidates, child: fx.GraphModule) -> dict:
-    """Float fields the child scaled: an ε whose scaled value (``state.RESCALE``) is in the graph."""
+    """Float fields the child scaled: an ε whose scaled value is one a norm of the graph adds
+    (``state.Rescale.eps`` names the nodes holding them; another float that happens to equal a
+    field times the scale, an activation's constant, is no ε)."""
     rescale = pass_state.RESCALE.get(child)
     scale = rescale.eps_scale if rescale is not None else None
     if not scale or scale == 1:
         return {}
-    literals = {a for node in child.graph.nodes for a in pytree.tree_leaves((node.args, node.kwargs))
-                if type(a) is float}
+    holders = {name for name, _, _ in rescale.eps}
+    literals = {a for node in child.graph.nodes if node.name in holders
+                for a in pytree.tree_leaves((node.args, node.kwargs)) if type(a) is float}
     return {k: v * scale for k, v in candidates.flat.items()
             if type(v) is float and v and any(math.isclose(v * scale, f, rel_tol=1e-9) for f in literals)}
 
