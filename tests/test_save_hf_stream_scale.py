@@ -18,7 +18,10 @@ the reloaded class equals the child. Shown on small Hugging Face classes of our 
 4. a post-norm class (its layers read the stream itself, not through a norm: each such linear
    read takes √(D/d) back into its weight) saves the same way;
 5. a class whose layers pass the stream itself through a nonlinearity cannot be folded (no scale
-   passes a GELU): ``save_hf`` still refuses in one line, writing nothing.
+   passes a GELU): ``save_hf`` still refuses in one line, writing nothing;
+6. a norm without a weight before an output head tied to the token table (which writes the
+   stream): the √(D/d) after that norm has no weight to go into — the table takes the stream's
+   scale for its write, and its read would need the inverse — so ``save_hf`` refuses, saying so.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 import subclone_graph as sg
+from subclone_graph.export.hf import HFExportError
 from subclone_graph.export.hf.stream_scale import fold_stream_scale
 from subclone_graph.passes import state
 
@@ -79,7 +83,7 @@ class Layer(nn.Module):
 
     def normed(self, x, norm=None):
         norm = norm or self.norm
-        if self.form == "weightless":
+        if self.form in ("weightless", "weightless_head"):
             return F.rms_norm(x, x.shape[-1:], eps=self.head_norm.eps)
         return norm(x)
 
@@ -108,19 +112,22 @@ class StreamModel(PreTrainedModel):
 
     def forward(self, input_ids):
         x = self.embed(input_ids) + self.positions(torch.arange(input_ids.shape[1]))
-        if self.config.form == "weightless":      # a norm without a gain written into the stream
+        weightless = self.config.form in ("weightless", "weightless_head")
+        if weightless:                            # a norm without a gain written into the stream
             x = F.rms_norm(x, x.shape[-1:], eps=self.config.rms_norm_eps)
         else:
             x = self.embed_norm(x)
         for layer in self.layers:
             x = layer(x)
+        if self.config.form == "weightless_head":   # ... and read by the tied head
+            return self.head(F.rms_norm(x, x.shape[-1:], eps=self.config.rms_norm_eps))
         return self.head(self.norm(x))
 
 
 def _model(form):
     torch.manual_seed(0)
     # unit-scale stream after a weightless norm: an ε large enough to show
-    model = StreamModel(StreamConfig(form=form, rms_norm_eps=0.05 if form == "weightless" else 1e-5)).eval()
+    model = StreamModel(StreamConfig(form=form, rms_norm_eps=0.05 if "weightless" in form else 1e-5)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:                             # gains and biases away from 1 and 0
@@ -160,3 +167,13 @@ def test_a_stream_read_through_a_nonlinearity_is_not_folded():
     # GELU(s·x) is not s·GELU(x): the fold gives up (None) rather than return a copy that computes
     # something else; save_hf then writes the child as it is, or refuses (its own reload check)
     assert fold_stream_scale(_child(_model("nonlinear"))) is None
+
+
+def test_a_norm_without_a_weight_before_a_tied_head_is_refused_naming_the_tie(tmp_path):
+    child = _child(_model("weightless_head"))
+    assert fold_stream_scale(child) is None
+    with pytest.raises(HFExportError, match=r"without a weight of their own \(rms_norm, rms_norm_\d+\) by √\(D/d\)[^\n]*, nor can the stream's "
+                                            r"scale take it \((embed|head)\.weight writes the stream and is read again "
+                                            r"in head \(tied\)[^\n]*; subclone with rescale=False"):
+        sg.save_hf(child, tmp_path / "child")
+    assert not (tmp_path / "child").exists()

@@ -285,7 +285,7 @@ class RescaleResidualPass(SubclonePass):
 
     def _insert_mul(self, gm, node, factor) -> bool:
         stack = node.meta.get("nn_module_stack") or {}
-        self._inserted.append(next(reversed(stack.values()))[0] if stack else node.name)
+        self._inserted.append((next(reversed(stack.values()))[0] if stack else "") or node.name)   # root: ""
         with gm.graph.inserting_after(node):
             product = gm.graph.call_function(aten.mul.Tensor, (node, factor))
         node.replace_all_uses_with(product, delete_user_cb=lambda user: user is not product)

@@ -49,7 +49,7 @@ from subclone_graph.export.hf.common import example_inputs, tensor_outputs
 from subclone_graph.export.hf.norm_inputs import inner_norm_folds
 from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
 
-__all__ = ["fold_stream_scale"]
+__all__ = ["fold_stream_scale", "stream_fold_limit"]
 
 aten = torch.ops.aten
 _NORM_EPS = {aten.layer_norm.default: 4, aten.native_layer_norm.default: 4, aten.rms_norm.default: 3,
@@ -177,34 +177,51 @@ def _constant_mul(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _plan(gm, graph, residual, norms) -> dict[fx.Node, tuple[float, float]] | None:
+def _module(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return (next(reversed(stack.values()))[0] if stack else "") or node.name     # the root module: ""
+
+
+def _plan(gm, graph, residual, norms) -> dict[fx.Node, tuple[float, float]] | str:
     """{get_attr node (or constant ``mul``): (the power of s it takes, the offset c of a ``c + w``
-    gain)}, or None
-    where a norm adds into the stream, or a tied head reads, with no gain to take the scale."""
+    gain)}, or why there is none: a norm adds into the stream, or a tied head reads, with no gain
+    to take the scale."""
     writers, ops = _writes(gm, graph, residual)
     if not writers:
-        return None
+        return "no weight writes the stream"
     plan = {w: (1.0, 0.0) for w in writers}
     outputs = {}
     for node, _ in norms:
         found = _norm_gains(node, graph, residual)
         if found is None:
-            return None
+            return f"the norm of {_module(node)} has no normalised value the fold finds"
         outputs[found[0]] = found[1]
         constant = _constant_mul(found[0]) if not found[1] else None
         reads = _users_through(constant if constant is not None else found[0])
         if any(u.target in _ADDS and _carries(u, graph, residual, last=True) for u in reads):
             if not found[1] and constant is None:   # a norm written into the stream (after the embedding)
-                return None
+                return f"{_module(node)} writes a norm without a weight of its own into the stream"
             plan.update({w: (1.0, c) for w, c in found[1]} if found[1] else {constant: (1.0, 0.0)})
     for writer in writers:               # a table also read as a weight (a tied output head)
         for read in [u for u in _users_through(writer) if u not in ops
                      and u.target is not aten._assert_tensor_metadata.default]:
             source = _through_casts(read.args[0]) if read.target is aten.linear.default else None
             if not outputs.get(source):
-                return None
+                return (f"{writer.target} writes the stream and is read again in {_module(read)} (tied), after no "
+                        "norm with a weight of its own to take the stream's scale back")
             plan.update({w: (-1.0, c) for w, c in outputs[source]})
     return plan
+
+
+def stream_fold_limit(child: fx.GraphModule) -> str | None:
+    """Why the rescale's ε cannot be folded into the stream's scale (``_plan``), or None."""
+    rescale, graph = pass_state.RESCALE.get(child), pass_state.CHANNEL_GRAPH.get(child)
+    if rescale is None or graph is None or rescale.eps_scale == 1:
+        return None
+    residual = {graph.find(g.id) for g in graph.groups.values() if g.kind == "residual"}
+    norms = _norm_eps(child, graph, residual)
+    plan = _plan(child, graph, residual, norms) if norms else None
+    return plan if isinstance(plan, str) else None
 
 
 def fold_stream_scale(child: fx.GraphModule) -> fx.GraphModule | None:
@@ -221,7 +238,7 @@ def fold_stream_scale(child: fx.GraphModule) -> fx.GraphModule | None:
     norms = _norm_eps(folded, graph, residual)
     plan = _plan(folded, graph, residual, norms) if norms else None
     inner = inner_norm_folds(folded, rescale.eps, {n.name for n, _ in norms})
-    if (norms and plan is None) or not (norms or inner):
+    if isinstance(plan, str) or not (norms or inner):
         return None
     if plan is not None and not _fold_stream(child, folded, graph, residual, norms, plan, rescale.eps_scale):
         return None

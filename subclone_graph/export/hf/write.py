@@ -63,6 +63,7 @@ from subclone_graph.export.hf.common import (HFExportError, example_inputs, max_
 from subclone_graph.export.hf.config import child_config
 from subclone_graph.export.hf.embedding_scale import child_scales, fold_scale
 from subclone_graph.export.hf.layer_constants import moved_layer_constants
+from subclone_graph.export.hf.stream_scale import stream_fold_limit
 from subclone_graph.export.hf.weights import child_state_dict, hf_names, name_pattern, tied_names
 from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
 from subclone_graph.input_sizes import another_example
@@ -406,9 +407,10 @@ def _why_different(child, staging: Path) -> str:
                 "dropped layer before it); keep the layers in place, or drop only the last ones")
     rescale = pass_state.RESCALE.get(child)
     if rescale is not None and rescale.inserted:
+        limit = stream_fold_limit(child)
         return (f"the child multiplies the output of {len(rescale.inserted)} norm(s) without a weight of their own "
-                f"({', '.join(rescale.inserted[:3])}) by √(D/d), a multiply the class has no weight to hold; "
-                "subclone with rescale=False")
+                f"({', '.join(rescale.inserted[:3])}) by √(D/d), a multiply the class has no weight to hold"
+                + (f", nor can the stream's scale take it ({limit})" if limit else "") + "; subclone with rescale=False")
     if rescale is not None and rescale.eps_scale != 1:
         return (f"the child's norms add the rescale's ε·D/d (× {rescale.eps_scale:.4g}) and the class's cannot, nor can "
                 "it be folded into the stream's scale (a stream read otherwise than through norms); or the class "
