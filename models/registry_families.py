@@ -205,6 +205,10 @@ def tiny_config_changes(defaults: dict) -> dict:
             new = _shrunk_list(name, value, layers)
             if new is not None and new != value:
                 changes[name] = new
+        elif value is None and name == "vocab_size":      # a class whose checkpoints name its vocabulary
+            changes[name] = VOCAB                           # (and its special tokens: below)
+            changes.update({key: {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}.get(key, 3)
+                            for key, token in defaults.items() if key.endswith("_token_id") and token is None})
     _token_ids(changes, defaults)
     return changes
 

@@ -70,3 +70,15 @@ def test_family_passes_the_sweep_checks(name):
 
 def test_the_subset_is_drawn_from_the_committed_sweep():
     assert len(SUBSET) == SAMPLE, "benchmarks/results/family_sweep.json is missing or has too few built families"
+
+
+def test_a_config_without_a_vocabulary_gets_a_tiny_one_and_its_special_tokens():
+    # a config class whose checkpoints name the vocabulary (vocab_size None by default) builds
+    # tiny with one, and its unset special tokens inside it
+    defaults = {"vocab_size": None, "pad_token_id": None, "mask_token_id": None, "eos_token_id": 5,
+                "hidden_size": 768}
+    changes = registry_families.tiny_config_changes(defaults)
+    assert changes == {"vocab_size": registry_families.VOCAB, "pad_token_id": 0, "mask_token_id": 3,
+                       "hidden_size": registry_families.HIDDEN}
+    # a vocabulary given keeps unset special tokens unset
+    assert "pad_token_id" not in registry_families.tiny_config_changes({"vocab_size": 50000, "pad_token_id": None})
