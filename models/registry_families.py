@@ -210,7 +210,20 @@ def tiny_config_changes(defaults: dict) -> dict:
             changes.update({key: {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}.get(key, 3)
                             for key, token in defaults.items() if key.endswith("_token_id") and token is None})
     _token_ids(changes, defaults)
+    _expanded_heads(changes, defaults)
     return changes
+
+
+def _expanded_heads(changes: dict, defaults: dict) -> None:
+    """Heads that tile the expanded inner width (``hidden_size × expand = num_heads × head_dim``, a
+    state-space mixer's) tile the tiny one: the config class checks the product."""
+    hidden, expand, heads, head_dim = (defaults.get(k) for k in ("hidden_size", "expand", "num_heads", "head_dim"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (hidden, expand, heads, head_dim)) \
+            or hidden * expand != heads * head_dim:
+        return
+    inner, tiny_dim = changes.get("hidden_size", hidden) * expand, changes.get("head_dim", head_dim)
+    if inner % tiny_dim == 0:
+        changes["num_heads"] = inner // tiny_dim
 
 
 def tiny_config(family: RegistryFamily):

@@ -82,3 +82,14 @@ def test_a_config_without_a_vocabulary_gets_a_tiny_one_and_its_special_tokens():
                        "hidden_size": registry_families.HIDDEN}
     # a vocabulary given keeps unset special tokens unset
     assert "pad_token_id" not in registry_families.tiny_config_changes({"vocab_size": 50000, "pad_token_id": None})
+
+
+def test_heads_that_tile_the_expanded_width_keep_tiling_it():
+    # hidden × expand = heads × head_dim in the defaults (a state-space mixer's heads): the tiny
+    # config keeps the product, which its class checks
+    defaults = {"hidden_size": 4096, "expand": 2, "num_heads": 128, "head_dim": 64}
+    changes = registry_families.tiny_config_changes(defaults)
+    assert changes["hidden_size"] * 2 == changes["num_heads"] * changes["head_dim"]
+    # heads that do not tile it are shrunk by the ordinary rule
+    assert registry_families.tiny_config_changes({"hidden_size": 4096, "expand": 2, "num_heads": 32,
+                                                  "head_dim": 64})["num_heads"] == registry_families.HEADS
