@@ -211,6 +211,11 @@ def tiny_config_changes(defaults: dict) -> dict:
                             for key, token in defaults.items() if key.endswith("_token_id") and token is None})
     _token_ids(changes, defaults)
     _expanded_heads(changes, defaults)
+    # kv heads unset: as many as the heads, what the classes that fill it in take it to mean (one
+    # that does not would not build)
+    heads = changes.get("num_attention_heads", defaults.get("num_attention_heads"))
+    changes.update({name: heads for name, value in defaults.items()
+                    if value is None and isinstance(heads, int) and _match(_COUNTS[1:2], name)[1] is not None})
     return changes
 
 

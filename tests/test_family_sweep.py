@@ -93,3 +93,8 @@ def test_heads_that_tile_the_expanded_width_keep_tiling_it():
     # heads that do not tile it are shrunk by the ordinary rule
     assert registry_families.tiny_config_changes({"hidden_size": 4096, "expand": 2, "num_heads": 32,
                                                   "head_dim": 64})["num_heads"] == registry_families.HEADS
+
+
+def test_unset_kv_heads_are_as_many_as_the_heads():
+    changes = registry_families.tiny_config_changes({"num_key_value_heads": None, "num_attention_heads": 32})
+    assert changes == {"num_attention_heads": registry_families.HEADS, "num_key_value_heads": registry_families.HEADS}
