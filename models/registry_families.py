@@ -216,6 +216,10 @@ def tiny_config_changes(defaults: dict) -> dict:
     heads = changes.get("num_attention_heads", defaults.get("num_attention_heads"))
     changes.update({name: heads for name, value in defaults.items()
                     if value is None and isinstance(heads, int) and _match(_COUNTS[1:2], name)[1] is not None})
+    # experts routed per token unset where the class has routed experts: the tiny top-k
+    if any(isinstance(defaults.get(name), int) and _match(_COUNTS[3:4], name)[1] is not None for name in defaults):
+        changes.update({name: PER_TOKEN for name, value in defaults.items()
+                        if value is None and _match(_COUNTS[4:5], name)[1] is not None})
     return changes
 
 

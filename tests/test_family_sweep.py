@@ -98,3 +98,9 @@ def test_heads_that_tile_the_expanded_width_keep_tiling_it():
 def test_unset_kv_heads_are_as_many_as_the_heads():
     changes = registry_families.tiny_config_changes({"num_key_value_heads": None, "num_attention_heads": 32})
     assert changes == {"num_attention_heads": registry_families.HEADS, "num_key_value_heads": registry_families.HEADS}
+
+
+def test_unset_experts_per_token_get_the_tiny_top_k_where_experts_are_routed():
+    changes = registry_families.tiny_config_changes({"n_routed_experts": 64, "num_experts_per_tok": None})
+    assert changes == {"n_routed_experts": registry_families.EXPERTS, "num_experts_per_tok": registry_families.PER_TOKEN}
+    assert registry_families.tiny_config_changes({"num_experts_per_tok": None}) == {}      # no experts: left unset
