@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import logging
 
-import torch
 import torch.fx as fx
-from torch._dispatch.python import enable_python_dispatcher
-from torch._guards import detect_fake_mode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from . import state
 from .errors import PassError, PreconditionError
+from .refresh import refresh_meta
 
 __all__ = ["SubclonePass", "log", "refresh_meta"]
 
@@ -66,24 +63,3 @@ class SubclonePass(PassBase):
 
     def run(self, gm: fx.GraphModule) -> bool:
         raise NotImplementedError
-
-
-class _AttributesAsFake(FakeTensorProp):
-    def get_attr(self, target, args, kwargs):
-        value = super().get_attr(target, args, kwargs)
-        if isinstance(value, torch.Tensor):
-            return self._mode.from_tensor(value, static_shapes=True)
-        return value
-
-
-def refresh_meta(gm: fx.GraphModule) -> None:
-    """Recompute every node's ``meta["val"]`` after a rewrite changed shapes.
-
-    Runs the graph on the placeholders' own fake values (so dynamic axes stay symbolic)."""
-    inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
-    if mode is None:
-        raise PreconditionError("placeholders carry no fake values: trace the model with subclone_graph.trace first")
-    # symbolic-size meta kernels (baddbmm's expand) need the python dispatcher, as export had
-    with enable_python_dispatcher():
-        _AttributesAsFake(gm, mode).propagate_dont_convert_inputs(*inputs)
