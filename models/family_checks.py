@@ -14,7 +14,9 @@
    ``refused``, and the rest of the target is tried again so that the later checks get a child;
 4. ``dead``: every other FFN neuron and the last kv group (or head) of every attention op
    planted dead, then removed: outputs unchanged at both sizes (the checked inputs are in the
-   calibration: a live ReLU neuron silent on other batches would tie with the dead ones);
+   calibration: a live ReLU neuron silent on other batches would tie with the dead ones); heads
+   whose keys and values are one copy broadcast over them (multi-query) are not planted: their
+   outputs mix the shared values, so no weight makes them dead to an activation score;
 5. ``grandchild``: the shrunk child, subcloned again with the shrink's target less the kinds the
    child's own analysis no longer finds (its experts kept: the router's top-k),
    runs at another size with the child's output shape, finite, with fewer parameters;
@@ -59,7 +61,7 @@ from subclone_graph.passes import state
 from subclone_graph.passes.errors import PassError, PostconditionError
 from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
 
-from .planting import groups_of, plant_dead, plant_dead_heads, relative_error, run
+from .planting import groups_of, heads_share_values, plant_dead, plant_dead_heads, relative_error, run
 
 __all__ = ["Outcome", "run_checks", "classify", "CHECKS", "shrink_target"]
 
@@ -232,7 +234,8 @@ def _dead(f: _Family) -> str:
         plant_dead(gm, {g.id: list(range(1, g.size, 2)) for g in ffn})
         fields["ffn"], planted = 0.5, ["ffn neurons"]
     sites = [s for s in gm.meta.get("subclone.attention") or () if graph.groups[s.heads].kind == "heads"]
-    if sites and len(sites) == len(gm.meta["subclone.attention"]) and all(
+    shared = any(heads_share_values(gm, s) for s in sites)      # no weight kills such a head's activation
+    if sites and not shared and len(sites) == len(gm.meta["subclone.attention"]) and all(
             graph.groups[s.kv_heads].size >= 2 or graph.groups[s.heads].size >= 2 for s in sites):
         fields["heads"], fields["kv_heads"] = plant_dead_heads(gm)
         planted.append("heads")
@@ -243,7 +246,7 @@ def _dead(f: _Family) -> str:
         raise Wrong("planted-dead child has as many parameters as the parent")
     for x in (f.example, f.other):
         _close(run(child, x), run(gm, x), DEAD, f"dead {' and '.join(planted)} removed, at {tuple(x[0].shape)}")
-    return " and ".join(planted)
+    return " and ".join(planted) + (" (heads not planted: one key/value head shared by all)" if shared else "")
 
 
 def _grandchild(f: _Family) -> str:

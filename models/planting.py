@@ -11,11 +11,11 @@ import torch
 import torch.utils._pytree as pytree
 
 from subclone_graph.passes.analysis.keep_sets import derive_keep
-from subclone_graph.passes.fx_utils import get_attribute
+from subclone_graph.passes.fx_utils import get_attribute, tensor_shape
 from subclone_graph.passes.state import channel_groups
 
 __all__ = ["output_tensor", "run", "relative_error", "groups_of", "plant_dead", "plant_dead_per_expert",
-           "plant_dead_heads"]
+           "plant_dead_heads", "heads_share_values"]
 
 
 def output_tensor(out) -> torch.Tensor:
@@ -104,3 +104,27 @@ def plant_dead_heads(gm, per_site: int = 1) -> tuple[int, int]:
             heads, kv_heads = (n_kv - per_site) * rep, n_kv - per_site
     plant_dead(gm, dead, sizes)
     return heads, kv_heads
+
+
+def heads_share_values(gm, site) -> bool:
+    """Whether an attention op's keys or values reach its heads by broadcasting one copy over them
+    (multi-query attention: one key/value head, ``expand``ed to every query head, the analysis
+    seeing one heads group). Such a head's output mixes the shared values: zeroing its query and
+    output weights makes it dead to the model's output but not to an activation score, so a
+    calibrated subclone need not pick it — planting it dead checks nothing."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    todo = [a for a in nodes[site.node].args[1:3] if isinstance(a, torch.fx.Node)]
+    seen = set()
+    while todo:
+        node = todo.pop()
+        if node in seen or site.heads not in channel_groups(node):
+            continue
+        seen.add(node)
+        if node.target is torch.ops.aten.expand.default:
+            source, out = tensor_shape(node.args[0]) or (), tensor_shape(node) or ()
+            offset = len(out) - len(source)
+            if any(source[d - offset] == 1 != out[d] for d, g in enumerate(channel_groups(node))
+                   if g == site.heads and d >= offset):
+                return True
+        todo.extend(node.all_input_nodes)
+    return False

@@ -205,8 +205,34 @@ def tiny_config_changes(defaults: dict) -> dict:
             new = _shrunk_list(name, value, layers)
             if new is not None and new != value:
                 changes[name] = new
+        elif value is None and name == "vocab_size":      # a class whose checkpoints name its vocabulary
+            changes[name] = VOCAB                           # (and its special tokens: below)
+            changes.update({key: {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}.get(key, 3)
+                            for key, token in defaults.items() if key.endswith("_token_id") and token is None})
     _token_ids(changes, defaults)
+    _expanded_heads(changes, defaults)
+    # kv heads unset: as many as the heads, what the classes that fill it in take it to mean (one
+    # that does not would not build)
+    heads = changes.get("num_attention_heads", defaults.get("num_attention_heads"))
+    changes.update({name: heads for name, value in defaults.items()
+                    if value is None and isinstance(heads, int) and _match(_COUNTS[1:2], name)[1] is not None})
+    # experts routed per token unset where the class has routed experts: the tiny top-k
+    if any(isinstance(defaults.get(name), int) and _match(_COUNTS[3:4], name)[1] is not None for name in defaults):
+        changes.update({name: PER_TOKEN for name, value in defaults.items()
+                        if value is None and _match(_COUNTS[4:5], name)[1] is not None})
     return changes
+
+
+def _expanded_heads(changes: dict, defaults: dict) -> None:
+    """Heads that tile the expanded inner width (``hidden_size × expand = num_heads × head_dim``, a
+    state-space mixer's) tile the tiny one: the config class checks the product."""
+    hidden, expand, heads, head_dim = (defaults.get(k) for k in ("hidden_size", "expand", "num_heads", "head_dim"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (hidden, expand, heads, head_dim)) \
+            or hidden * expand != heads * head_dim:
+        return
+    inner, tiny_dim = changes.get("hidden_size", hidden) * expand, changes.get("head_dim", head_dim)
+    if inner % tiny_dim == 0:
+        changes["num_heads"] = inner // tiny_dim
 
 
 def tiny_config(family: RegistryFamily):

@@ -111,7 +111,7 @@ class SizeOffset:
 @dataclass(frozen=True)
 class NodeLiterals:
     token: int
-    vertices: Mapping[int, Any]  # argument index -> vertex (or tuple of vertices, or SizeOffset) whose size it holds
+    vertices: Mapping[int | str, Any]  # argument index (or keyword name) -> vertex (or tuple of vertices, or SizeOffset) whose size it holds
 
 
 @dataclass(frozen=True)

@@ -70,3 +70,37 @@ def test_family_passes_the_sweep_checks(name):
 
 def test_the_subset_is_drawn_from_the_committed_sweep():
     assert len(SUBSET) == SAMPLE, "benchmarks/results/family_sweep.json is missing or has too few built families"
+
+
+def test_a_config_without_a_vocabulary_gets_a_tiny_one_and_its_special_tokens():
+    # a config class whose checkpoints name the vocabulary (vocab_size None by default) builds
+    # tiny with one, and its unset special tokens inside it
+    defaults = {"vocab_size": None, "pad_token_id": None, "mask_token_id": None, "eos_token_id": 5,
+                "hidden_size": 768}
+    changes = registry_families.tiny_config_changes(defaults)
+    assert changes == {"vocab_size": registry_families.VOCAB, "pad_token_id": 0, "mask_token_id": 3,
+                       "hidden_size": registry_families.HIDDEN}
+    # a vocabulary given keeps unset special tokens unset
+    assert "pad_token_id" not in registry_families.tiny_config_changes({"vocab_size": 50000, "pad_token_id": None})
+
+
+def test_heads_that_tile_the_expanded_width_keep_tiling_it():
+    # hidden × expand = heads × head_dim in the defaults (a state-space mixer's heads): the tiny
+    # config keeps the product, which its class checks
+    defaults = {"hidden_size": 4096, "expand": 2, "num_heads": 128, "head_dim": 64}
+    changes = registry_families.tiny_config_changes(defaults)
+    assert changes["hidden_size"] * 2 == changes["num_heads"] * changes["head_dim"]
+    # heads that do not tile it are shrunk by the ordinary rule
+    assert registry_families.tiny_config_changes({"hidden_size": 4096, "expand": 2, "num_heads": 32,
+                                                  "head_dim": 64})["num_heads"] == registry_families.HEADS
+
+
+def test_unset_kv_heads_are_as_many_as_the_heads():
+    changes = registry_families.tiny_config_changes({"num_key_value_heads": None, "num_attention_heads": 32})
+    assert changes == {"num_attention_heads": registry_families.HEADS, "num_key_value_heads": registry_families.HEADS}
+
+
+def test_unset_experts_per_token_get_the_tiny_top_k_where_experts_are_routed():
+    changes = registry_families.tiny_config_changes({"n_routed_experts": 64, "num_experts_per_tok": None})
+    assert changes == {"n_routed_experts": registry_families.EXPERTS, "num_experts_per_tok": registry_families.PER_TOKEN}
+    assert registry_families.tiny_config_changes({"num_experts_per_tok": None}) == {}      # no experts: left unset

@@ -16,9 +16,10 @@ With calibration inputs, the traced graph runs in an ``fx.Interpreter`` that wat
    is ``(experts, inner)``. An expert no calibration row reached scores its rows pooled over all
    experts.
 
-Without calibration data, a group scores the mean |weight| of every weight slicing it
-(each weight's profile normalised to mean 1; per expert for a width with one order per expert),
-and ``state.SCORE_SOURCE`` says so.
+Without calibration data, a group scores the mean |weight| of every floating-point weight slicing
+it (each weight's profile normalised to mean 1; per expert for a width with one order per expert;
+a boolean mask or an integer index buffer has no magnitude and is passed over), and
+``state.SCORE_SOURCE`` says so.
 
 Every token counts once, across batches and ranks: the statistics are sums with their counts
 (``activation_statistics``), added over the ranks by the ``reduce`` the caller hands in, and
@@ -173,7 +174,10 @@ def weight_profiles(gm: fx.GraphModule, graph: ChannelGraph, tensor_of=None) -> 
                   if graph.groups[g].static and graph.groups[g].size > 1]
         if not groups:
             continue
-        x = tensor_of(node).detach().abs().to(torch.float64)
+        tensor = tensor_of(node)
+        if not tensor.is_floating_point():
+            continue        # a mask or an index buffer has no magnitude to score by
+        x = tensor.detach().abs().to(torch.float64)
         channels = _groups(node, graph)
         for d, g in groups:
             experts = expert_dim(graph, g, channels)

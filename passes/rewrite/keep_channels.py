@@ -135,15 +135,16 @@ def _rewrite_literals(gm: fx.GraphModule, graph, sizes) -> int:
     changed = 0
     for node in gm.graph.nodes:
         literals = state.LITERALS.of(node, graph)
-        args = list(node.args)
+        args, kwargs = list(node.args), dict(node.kwargs)
         for index, vertices in (literals.vertices.items() if literals is not None else ()):
-            if index >= len(args):
+            where = kwargs if isinstance(index, str) else args        # a keyword-only size: by name
+            if (index not in where) if isinstance(index, str) else index >= len(args):
                 continue
-            old = args[index]
+            old = where[index]
             if isinstance(vertices, tuple) and isinstance(old, (list, tuple)):
-                args[index] = type(old)(_new_literal(v, w, graph, sizes) for v, w in zip(old, vertices))
+                where[index] = type(old)(_new_literal(v, w, graph, sizes) for v, w in zip(old, vertices))
             elif not isinstance(vertices, tuple):
-                args[index] = _new_literal(old, vertices, graph, sizes)
+                where[index] = _new_literal(old, vertices, graph, sizes)
         parts = state.SLICE_PARTS.of(node, graph)
         if parts is not None:
             before, inside = sizes[graph.find(parts.before)], sizes[graph.find(parts.inside)]
@@ -151,8 +152,8 @@ def _rewrite_literals(gm: fx.GraphModule, graph, sizes) -> int:
                 args = _as_slice(node)
             args += [0, 0, 0, 0][len(args):]
             args[2], args[3] = before, before + inside
-        if tuple(args) != node.args:
-            node.args = tuple(args)
+        if tuple(args) != node.args or kwargs != node.kwargs:
+            node.args, node.kwargs = tuple(args), kwargs
             changed += 1
     return changed
 
@@ -187,10 +188,11 @@ class KeepChannelsPass(SubclonePass):
                 _check_literal(node, index, vertices, graph, sizes)
 
 
-def _check_literal(node: fx.Node, index: int, vertices, graph, sizes) -> None:
-    if index >= len(node.args):
+def _check_literal(node: fx.Node, index: int | str, vertices, graph, sizes) -> None:
+    if (index not in node.kwargs) if isinstance(index, str) else index >= len(node.args):
         return
-    values, vertices = (node.args[index], vertices) if isinstance(vertices, tuple) else ([node.args[index]], [vertices])
+    held = node.kwargs[index] if isinstance(index, str) else node.args[index]
+    values, vertices = (held, vertices) if isinstance(vertices, tuple) else ([held], [vertices])
     if not isinstance(values, (list, tuple)):
         return
     for value, vertex in zip(values, vertices):

@@ -79,7 +79,7 @@ class RuleContext:
         self.origin = f"{_op_name(node.target)} ({node.name} in {module_path(node)})"
         # what the rule states about its node, written to node.meta once it is done (never
         # appended to a value an earlier analysis left there)
-        self.literals: dict[int, object] = {}
+        self.literals: dict[int | str, object] = {}
         self.reduced: list[int] = []
         self.slice_parts: tuple[int, int, int] | None = None
         self.attention: tuple[int, int, int] | None = None
@@ -150,8 +150,9 @@ class RuleContext:
     def reduce(self, x: fx.Node, dims: list[int]) -> None:
         self.reduced.extend(self.v(x, d) for d in dims)
 
-    def literal(self, arg_index: int, vertices) -> None:
-        """Argument ``arg_index`` holds the size of ``vertices`` (a list, or one vertex)."""
+    def literal(self, arg_index: int | str, vertices) -> None:
+        """Argument ``arg_index`` (a position, or a keyword-only argument's name) holds the size of
+        ``vertices`` (a list, or one vertex)."""
         self.literals[arg_index] = tuple(vertices) if isinstance(vertices, list) else vertices
 
     def slice_of(self, before: int, inside: int, after: int) -> None:

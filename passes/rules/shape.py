@@ -9,7 +9,7 @@ Identities each rule states:
 - permute/transpose/t and their aliases (numpy_T, mT, mH, adjoint), unsqueeze/squeeze:
   a permutation of equalities.
 - expand/broadcast_to: an expanded size-1 dim is a new group (the repeat of GQA); others are equal.
-- repeat / repeat_interleave: out = (copies × in) or (in × copies).
+- repeat / repeat_interleave: out = (copies × in) or (in × copies) (an ``output_size`` stated follows out).
 - strided slice ``x[..., j::s]`` of a dim of s·k: the dim is factor(out, s), j fixed (interleaved parts);
 - cat: out = concat(inputs); split/chunk: in = concat(outputs); slice: in = concat(before, out, after);
   the pieces of an even split (chunk, tensor_split into sections, split by a size) are tied to
@@ -217,6 +217,8 @@ def _repeat_interleave(ctx):
         if d == dim % rank:
             copies = ctx.fresh(plain_size(ctx.arg(1, "repeats")), "interleave")
             ctx.literal(1, copies)
+            if ctx.node.kwargs.get("output_size") is not None:      # the output's size, stated
+                ctx.literal("output_size", ctx.out(d))
             ctx.factor(ctx.out(d), [ctx.v(x, d), copies])
         else:
             ctx.eq(ctx.v(x, d), ctx.out(d))

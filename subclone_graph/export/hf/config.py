@@ -274,11 +274,14 @@ def _measure(candidates: _Candidates, state: dict, child: fx.GraphModule, distan
         inputs = example_inputs(child)
         if not expected:
             expected.update(outputs(child, inputs))
-        with quiet_transformers():
-            model = candidates.cls(config).eval()
-            load_fitted(model, state)
-            fold_embedding_scale(child, model, inputs)     # as _write will: measure what is saved
-        return max_output_difference(expected, outputs(model, inputs))
+        try:
+            with quiet_transformers():
+                model = candidates.cls(config).eval()
+                load_fitted(model, state)
+                fold_embedding_scale(child, model, inputs)     # as _write will: measure what is saved
+            return max_output_difference(expected, outputs(model, inputs))
+        except Exception:          # a config the class cannot run with these weights (as the writer's)
+            return float("inf")
 
     measure = distance or in_memory_distance
     return lambda trial: measure(candidates.config(trial))

@@ -8,7 +8,8 @@ replayed from its edit program) both call it, so one child gives one folder, byt
    contiguous layers uses (``weights.hf_names``), in the child's state-dict order, streamed into
    safetensors shards of bounded size (``checkpoint.files.write_shards``) one tensor at a time.
    A tensor the class ties under several names (an output head tied to the embedding) is
-   stored once, under its first name; the class ties the others when it loads. Experts are
+   stored once, under the name the class ties the others from when it loads (its tie source,
+   whichever name comes first in the child). Experts are
    stored fused, as the module holds them (transformers 5 loads that layout directly). A
    tensor the child holds but its graph never reads (a decoder-only run's cross-attention, an
    unused pooler) is no part of what it computes and is not written: the class initialises it
@@ -119,7 +120,11 @@ def _stored(child: fx.GraphModule, names: dict) -> dict[str, str]:
         if kept != hf and hf in tied.get(kept, ()):      # the class ties it to the one stored
             continue
         stored[hf] = name
-    return stored
+    # tie_weights overwrites each tied name from its source: a tensor stored under a tied name
+    # (the head's, when the class registers its head before its body) goes under the source
+    sources = getattr(model, "all_tied_weights_keys", None) or {}
+    return {(sources[hf] if sources.get(hf) in tied.get(hf, ()) and sources[hf] not in stored else hf): name
+            for hf, name in stored.items()}
 
 
 class _WrittenWeights:
