@@ -4,19 +4,20 @@ The graph's values carry symbolic batch and sequence sizes, and propagating fake
 symbolic sizes is slow (every size and stride is a sympy expression that each meta kernel
 reasons about): it was most of a subclone's time. A rewrite that slices channels changes only
 the *static* sizes, so the refresh first propagates **static** fake tensors at the placeholders'
-size hints (several times faster), then gives each new value its symbolic sizes back from the
-old value of the same node:
+size hints (about half the CPU time), then gives each new value its symbolic sizes back from
+the old value of the same node (``_symbolic``), for sizes and strides alike:
 
-- a dimension that was static takes the new static size;
-- a dimension that was symbolic keeps its expression where the expression's hint equals the new
-  size (a size such as ``batch·heads`` whose heads were cut no longer does);
-- strides: a dense layout or a view of one is ``c · (the symbolic sizes of the dims inside it)``,
-  with ``c`` read from the static stride.
+- what was static takes the new static value;
+- what was symbolic keeps its expression where the expression's value at the hints is the new
+  value; else an expression ``c · m`` (m a product of symbols, as ``batch · heads`` whose heads
+  were cut) becomes ``c' · m``, with ``c'`` read from the new value;
+- a stride of a size-1 dim (any stride is valid there) is the static kernel's.
 
-Every value so rebuilt is checked against the static one at the hints (sizes and strides); a
-node whose old value is missing, a value that cannot be rebuilt or does not check, or a graph the
-static propagation cannot run (a data-dependent size) falls back to propagating symbolic fake
-tensors through the whole graph — the slow path, always right.
+A value that cannot be given its symbols so (another kind of expression, a node without an old
+value that is not size arithmetic, another structure), or a graph the static propagation cannot
+run (a data-dependent size), falls back to propagating symbolic fake tensors through the whole
+graph — the slow path, as before. The sizes are the symbolic path's (``tests/test_refresh_meta.py``);
+a stride may be the layout the static kernel picks at the hints.
 """
 from __future__ import annotations
 
@@ -99,18 +100,18 @@ def _refresh_static(gm: fx.GraphModule, inputs: list, mode: FakeTensorMode) -> b
                 else:
                     rebuilt[node] = _rebuild(old[node], new[node], mode)
     except Exception:           # a data-dependent size, an op without a static kernel, a value it cannot rebuild
-        for node, value in old.items():
-            if value is None:
-                node.meta.pop("val", None)
-            else:
-                node.meta["val"] = value
+        _set_values(old)
         return False
-    for node, value in rebuilt.items():
+    _set_values(rebuilt)
+    return True
+
+
+def _set_values(values: dict) -> None:
+    for node, value in values.items():
         if value is None:
             node.meta.pop("val", None)
         else:
             node.meta["val"] = value
-    return True
 
 
 def _hint(size) -> int:
@@ -121,9 +122,8 @@ def _static_twin(value, static_mode: FakeTensorMode):
     if isinstance(value, torch.Tensor):
         if value.is_sparse or any(isinstance(s, torch.SymInt) and s.node.hint is None for s in value.shape):
             raise _Unrebuildable("placeholder")
-        shape, stride = [_hint(s) for s in value.shape], [_hint(s) for s in value.stride()]
         with static_mode:
-            return torch.empty_strided(shape, stride, dtype=value.dtype, device=value.device,
+            return torch.empty_strided(_hints(value.shape), _hints(value.stride()), dtype=value.dtype, device=value.device,
                                        requires_grad=value.requires_grad)
     if isinstance(value, torch.SymInt):
         return _hint(value)
@@ -131,7 +131,7 @@ def _static_twin(value, static_mode: FakeTensorMode):
 
 
 def _rebuild(old, new, mode: FakeTensorMode):
-    old_leaves, old_spec = pytree.tree_flatten(old)
+    old_leaves = pytree.tree_leaves(old)
     new_leaves, new_spec = pytree.tree_flatten(new)
     if len(old_leaves) != len(new_leaves):          # (a list where the trace had an immutable_list)
         raise _Unrebuildable("structure")
