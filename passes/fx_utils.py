@@ -10,7 +10,8 @@
   ``tensor_shape(node)``;
 - op sets: ``CASTS`` (ops that return their input's values with the same dims: casts, copies,
   dropout in eval), ``VIEWS`` (reshapes), ``WEIGHT_PASS_THROUGH`` (what a weight may be read through
-  and still be that weight: casts, views, transposes);
+  and still be that weight: casts, views, transposes); ``weight_attribute(node)`` (the ``get_attr``
+  a value is read from through those);
 - attribute tensors: ``get_attribute``, ``set_attribute``, ``same_kind``, ``replace_tensors``;
 - ``eval_mode(module)``: a context in eval mode, the previous mode restored after;
 - ``as_input_tuple(inputs)``: a tensor or a sequence of tensors as a tuple.
@@ -26,7 +27,7 @@ import torch.fx as fx
 
 __all__ = ["module_paths", "module_path", "container_item", "layer_key", "in_module", "attribute_path",
            "plain_size", "same_size", "divides", "quotient", "tensor_shape", "CASTS", "VIEWS",
-           "WEIGHT_PASS_THROUGH", "get_attribute", "set_attribute", "same_kind", "replace_tensors",
+           "WEIGHT_PASS_THROUGH", "weight_attribute", "get_attribute", "set_attribute", "same_kind", "replace_tensors",
            "eval_mode", "as_input_tuple", "written_arguments", "tensor_arguments"]
 
 aten = torch.ops.aten
@@ -42,6 +43,13 @@ WEIGHT_PASS_THROUGH = CASTS | VIEWS | frozenset({
     aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default, aten.mT.default,
     aten.mH.default, aten.adjoint.default, aten.matrix_H.default,
 })
+
+
+def weight_attribute(node) -> fx.Node | None:
+    """The ``get_attr`` node that ``node`` reads through casts, views and transposes, or None."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in WEIGHT_PASS_THROUGH:
+        node = node.args[0]
+    return node if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
 # ----- module paths -----------------------------------------------------------------------------

@@ -31,12 +31,12 @@ import operator
 import torch
 import torch.fx as fx
 
-from subclone_graph.passes.fx_utils import WEIGHT_PASS_THROUGH
+from subclone_graph.passes.fx_utils import WEIGHT_PASS_THROUGH, weight_attribute
 
-__all__ = ["inner_norm_folds", "linear_sources"]
+__all__ = ["NORM_EPS", "inner_norm_folds", "linear_sources"]
 
 aten = torch.ops.aten
-_EPS_INDEX = {aten.layer_norm.default: 4, aten.native_layer_norm.default: 4, aten.rms_norm.default: 3,
+NORM_EPS = {aten.layer_norm.default: 4, aten.native_layer_norm.default: 4, aten.rms_norm.default: 3,
               aten._fused_rms_norm.default: 3}
 _PASS = WEIGHT_PASS_THROUGH | {aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.squeeze.dim,
                                aten.expand.default, aten.neg.default, aten.flatten.using_ints,
@@ -50,12 +50,6 @@ _ATTENTION_VALUE = {aten.scaled_dot_product_attention.default: 2,
                     aten._scaled_dot_product_flash_attention.default: 2}
 
 
-def _weight(node) -> fx.Node | None:
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in WEIGHT_PASS_THROUGH:
-        node = node.args[0]
-    return node if isinstance(node, fx.Node) and node.op == "get_attr" else None
-
-
 def linear_sources(node, depth: int = 0) -> set[fx.Node] | None:
     """The get_attr nodes whose scaling by s scales ``node``'s value by s (module docstring);
     None where there are none."""
@@ -63,10 +57,10 @@ def linear_sources(node, depth: int = 0) -> set[fx.Node] | None:
         return None
     target, args = node.target, node.args
     if target is aten.linear.default:
-        weight, bias = _weight(args[1]), args[2] if len(args) > 2 else None
-        if weight is None or (bias is not None and _weight(bias) is None):
+        weight, bias = weight_attribute(args[1]), args[2] if len(args) > 2 else None
+        if weight is None or (bias is not None and weight_attribute(bias) is None):
             return None
-        return {weight} | ({_weight(bias)} if bias is not None else set())
+        return {weight} | ({weight_attribute(bias)} if bias is not None else set())
     if target in _PASS:
         return linear_sources(args[0], depth + 1)
     if target is operator.getitem and isinstance(args[0], fx.Node) and args[0].target in _ATTENTION_VALUE and args[1] == 0:
@@ -76,7 +70,7 @@ def linear_sources(node, depth: int = 0) -> set[fx.Node] | None:
     if target in _PRODUCTS:
         # the second factor first (attention's value, a gated MLP's ``up``); only a dividend scales a quotient
         for factor in [args[0]] if target is aten.div.Tensor else [args[1], args[0]]:
-            weight = _weight(factor)
+            weight = weight_attribute(factor)
             found = {weight} if weight is not None else linear_sources(factor, depth + 1)
             if found:
                 return found
@@ -97,7 +91,7 @@ def inner_norm_folds(gm: fx.GraphModule, eps: tuple, stream: set[str]) -> list[t
         node, values = nodes.get(holder), nodes.get(normalised)
         if node is None or values is None or holder in stream or k == 1:
             continue
-        index = _EPS_INDEX.get(node.target)
+        index = NORM_EPS.get(node.target)
         if index is None:
             index = next((i for i, a in enumerate(node.args) if type(a) is float), None)
         sources = linear_sources(values)

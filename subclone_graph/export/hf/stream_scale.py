@@ -42,18 +42,16 @@ import torch
 import torch.fx as fx
 
 from subclone_graph.passes import state as pass_state
-from subclone_graph.passes.fx_utils import WEIGHT_PASS_THROUGH, get_attribute, replace_tensors
+from subclone_graph.passes.fx_utils import WEIGHT_PASS_THROUGH, get_attribute, replace_tensors, weight_attribute
 from subclone_graph.passes.tensor_edits import Scale, edit_tensor
 
 from subclone_graph.export.hf.common import example_inputs, tensor_outputs
-from subclone_graph.export.hf.norm_inputs import inner_norm_folds
+from subclone_graph.export.hf.norm_inputs import NORM_EPS, inner_norm_folds
 from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
 
 __all__ = ["fold_stream_scale", "stream_fold_limit"]
 
 aten = torch.ops.aten
-_NORM_EPS = {aten.layer_norm.default: 4, aten.native_layer_norm.default: 4, aten.rms_norm.default: 3,
-             aten._fused_rms_norm.default: 3}
 _NORM_WEIGHTS = {aten.layer_norm.default: (2, 3), aten.native_layer_norm.default: (2, 3),
                  aten.rms_norm.default: (2,), aten._fused_rms_norm.default: (2,)}
 _MEANS = {aten.mean.dim, aten.mean.default}
@@ -89,8 +87,8 @@ def _norm_eps(gm, graph, residual) -> list[tuple[fx.Node, int]]:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target in _NORM_EPS and _carries(node.args[0], graph, residual, last=True):
-            index = _NORM_EPS[node.target]
+        if node.target in NORM_EPS and _carries(node.args[0], graph, residual, last=True):
+            index = NORM_EPS[node.target]
             if len(node.args) > index and isinstance(node.args[index], float):
                 found.append((node, index))
         elif node.target in _ADDS and any(type(a) is float for a in node.args):
@@ -295,10 +293,8 @@ def _stream_reads(gm, graph, residual) -> dict[fx.Node, tuple[fx.Node, fx.Node]]
         if node.op != "call_function" or node.target not in _LINEARS or _carries(node, graph, residual, last=True):
             continue
         i, w = _LINEARS[node.target]
-        weight = node.args[w]
-        while isinstance(weight, fx.Node) and weight.op == "call_function" and weight.target in WEIGHT_PASS_THROUGH:
-            weight = weight.args[0]
-        if isinstance(weight, fx.Node) and weight.op == "get_attr" and _carries(node.args[i], graph, residual, last=True):
+        weight = weight_attribute(node.args[w])
+        if weight is not None and _carries(node.args[i], graph, residual, last=True):
             found[node] = (node.args[i], weight)
     return found
 
