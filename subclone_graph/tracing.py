@@ -16,6 +16,9 @@ whatever ``use_cache`` says) cannot leave an exported graph: the traced forward 
 its place (``tensor_outputs``), with a warning naming its type and place; the tensors a user reads
 (logits, hidden states) are the model's own.
 
+Complex arithmetic (a rotary embedding through ``view_as_complex``) is rewritten as pairs of real
+tensors (``passes/rewrite/lower_complex.py``), so the analysis and the ONNX exporter see real ops.
+
 Non-tensor keyword inputs of the example (``use_cache=False``) are baked into the graph as
 constants, so the traced module — and every child made from it — is called with tensors only.
 
@@ -47,6 +50,7 @@ from subclone_graph.passes import state
 from subclone_graph.input_sizes import dynamic_axes, resized
 from subclone_graph.passes.analysis.input_guards import allowed_sizes, input_guards
 from subclone_graph.passes.fx_utils import as_input_tuple, eval_mode
+from subclone_graph.passes.rewrite.lower_complex import lower_complex
 
 __all__ = ["trace", "dynamic_shapes_for", "TraceError", "fast_export_settings", "refuse_confined_sizes",
            "inline_grad_mode_regions", "tensor_outputs"]
@@ -263,6 +267,7 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule
         raise TraceError(f"could not trace {type(model).__name__}: {type(error).__name__}: {first}") from error
     gm = program.module()
     inline_grad_mode_regions(gm)
+    lower_complex(gm)       # where an op on a complex value has no real form, the analysis names it
     _warn_static_axes(model, args, kwargs, gm)
     return gm
 
