@@ -83,6 +83,39 @@ def _quiet_export():
         logger.setLevel(level)
 
 
+_TORCHLIB_OPS: dict = {}
+
+
+@contextlib.contextmanager
+def _torchlib_ops_read_once():
+    """torch.onnx builds its op registry anew on each export, and onnxscript parses the source of
+    every torchlib function to list them (about a second, more than translating a tiny child).
+    Within our exports the list is read once per process and count of onnxscript's registered
+    functions: a function registered with onnxscript since is seen. Where torch's internals moved, nothing is patched."""
+    try:
+        from onnxscript.function_libs.torch_lib import registration
+        from torch.onnx._internal.exporter import _registration
+        apis = _registration.onnxscript_apis
+        read = apis.get_torchlib_ops
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def read_once():
+        key = (id(registration.default_registry), sum(len(f.overloads) + len(f.complex)
+                                                      for _, f in registration.default_registry.items()))
+        if key not in _TORCHLIB_OPS:
+            _TORCHLIB_OPS.clear()
+            _TORCHLIB_OPS[key] = read()
+        return _TORCHLIB_OPS[key]
+
+    apis.get_torchlib_ops = read_once
+    try:
+        yield
+    finally:
+        apis.get_torchlib_ops = read
+
+
 def _tensors(output) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
 
@@ -155,7 +188,7 @@ def _export_and_run(module, args: tuple, kwargs: dict, staged: Path, opset: int 
         module = portable_grouped_mm(module)      # a new graph when it has expert matmuls (onnx_moe)
         module = _real_arithmetic(module)
     # export's fake-tensor cache and per-node stack traces cost ~30% here and change no graph (tracing.py)
-    with torch.no_grad(), eval_mode(module), _quiet_export(), fast_export_settings():
+    with torch.no_grad(), eval_mode(module), _quiet_export(), fast_export_settings(), _torchlib_ops_read_once():
         try:
             torch.onnx.export(module, args, str(staged), kwargs=kwargs, dynamo=True, opset_version=opset, optimize=optimize,
                               dynamic_shapes=None if fixed_sizes else dynamic_shapes_for(module, args, kwargs),
