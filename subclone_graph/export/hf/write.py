@@ -197,9 +197,16 @@ def _distance(child, written: CheckpointReader, reference: dict, scales: dict):
 
 
 def _refold(child, config, staging: Path, entries: list, shard_size: int, scales: dict) -> None:
-    written = CheckpointReader(staging)
-    model = _load(required(child, pass_state.PARENT_CLASS), config, written)
-    changed = _folded(model, example_inputs(child), scales)
+    written, cls = CheckpointReader(staging), required(child, pass_state.PARENT_CLASS)
+    try:
+        model = _load(cls, config, written)
+        changed = _folded(model, example_inputs(child), scales)
+    except HFExportError:
+        raise
+    except Exception as error:      # the class's own code, on the child's config: its limit, named
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise HFExportError(f"{cls.__name__} built from the child's config does not run ({type(error).__name__}: "
+                            f"{first}): a limit of the class with the child's layers and sizes") from error
     if not changed:
         return
     tensors = model.state_dict(keep_vars=True)
