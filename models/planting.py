@@ -99,7 +99,8 @@ def plant_dead_heads(gm, per_site: int = 1) -> tuple[int, int]:
         else:
             rep = n_heads // n_kv
             dead[site.kv_heads] = list(range(n_kv - per_site, n_kv))
-            dead[site.heads] = list(range((n_kv - per_site) * rep, n_heads))
+            dead[site.heads] = ([i * n_kv + g for i in range(rep) for g in dead[site.kv_heads]]
+                                if site.rep_outer else list(range((n_kv - per_site) * rep, n_heads)))
             sizes[site.rep] = rep
             heads, kv_heads = (n_kv - per_site) * rep, n_kv - per_site
     plant_dead(gm, dead, sizes)

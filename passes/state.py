@@ -64,7 +64,9 @@ class Layer:
 @dataclass(frozen=True)
 class AttentionSite:
     """One attention op: its group ids in ``CHANNEL_GRAPH`` (``rep``: query heads per kv head,
-    None without GQA), the node, and the layer it is in."""
+    None without GQA), the node, and the layer it is in. ``rep_outer``: the query heads are
+    ``rep × kv_heads`` (head ``i·n_kv + g`` reads kv head ``g``, keys repeated whole) rather than
+    ``kv_heads × rep`` (head ``g·rep + i``)."""
 
     node: str
     heads: int
@@ -72,6 +74,7 @@ class AttentionSite:
     rep: int | None
     head_dim: int
     layer: int | None
+    rep_outer: bool = False
 
 
 @dataclass(frozen=True)
