@@ -13,7 +13,8 @@
    refuses (``Target.heads cannot shrink this model: <op and module>``) makes the check
    ``refused``, and the rest of the target is tried again so that the later checks get a child;
 4. ``dead``: every other FFN neuron and the last kv group (or head) of every attention op
-   planted dead, then removed: outputs unchanged at both sizes (the checked inputs are in the
+   planted dead — the last half of each op's where the ops differ in width, asked as a share —,
+   then removed: outputs unchanged at both sizes (the checked inputs are in the
    calibration: a live ReLU neuron silent on other batches would tie with the dead ones); heads
    whose keys and values are one copy broadcast over them (multi-query) are not planted: their
    outputs mix the shared values, so no weight makes them dead to an activation score;
@@ -61,7 +62,8 @@ from subclone_graph.passes import state
 from subclone_graph.passes.errors import PassError, PostconditionError
 from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
 
-from .planting import groups_of, heads_share_values, plant_dead, plant_dead_heads, relative_error, run
+from .planting import (groups_of, heads_share_values, plant_dead, plant_dead_head_share, plant_dead_heads,
+                       relative_error, run)
 
 __all__ = ["Outcome", "run_checks", "classify", "CHECKS", "shrink_target"]
 
@@ -237,8 +239,13 @@ def _dead(f: _Family) -> str:
     shared = any(heads_share_values(gm, s) for s in sites)      # no weight kills such a head's activation
     if sites and not shared and len(sites) == len(gm.meta["subclone.attention"]) and all(
             graph.groups[s.kv_heads].size >= 2 or graph.groups[s.heads].size >= 2 for s in sites):
-        fields["heads"], fields["kv_heads"] = plant_dead_heads(gm)
-        planted.append("heads")
+        widths = {(graph.groups[s.heads].size, graph.groups[s.kv_heads].size) for s in sites}
+        if len(widths) == 1:
+            fields["heads"], fields["kv_heads"] = plant_dead_heads(gm)
+            planted.append("heads")
+        elif (share := plant_dead_head_share(gm)) is not None:     # no one count fits every op
+            fields["heads"] = fields["kv_heads"] = share
+            planted.append("heads (half of each attention op's)")
     if not fields:
         return "skip"
     child = f.subclone(gm, sg.Target(**fields), calibration=f.calibration)

@@ -15,7 +15,7 @@ from subclone_graph.passes.fx_utils import get_attribute, tensor_shape
 from subclone_graph.passes.state import channel_groups
 
 __all__ = ["output_tensor", "run", "relative_error", "groups_of", "plant_dead", "plant_dead_per_expert",
-           "plant_dead_heads", "heads_share_values"]
+           "plant_dead_heads", "plant_dead_head_share", "heads_share_values"]
 
 
 def output_tensor(out) -> torch.Tensor:
@@ -88,16 +88,36 @@ def plant_dead_heads(gm, per_site: int = 1) -> tuple[int, int]:
     """Kill the last ``per_site`` kv groups (GQA) or query heads (MHA) in every attention op.
 
     Returns (heads, kv_heads) to ask for so that exactly the dead ones go."""
+    return _plant_heads(gm, lambda width: per_site)
+
+
+def plant_dead_head_share(gm) -> float | None:
+    """Kill the last half of the kv groups (GQA) or query heads (MHA) of every attention op — for a
+    model whose attention ops differ in width, where no absolute count fits them all. Returns 0.5,
+    to ask as ``heads`` and ``kv_heads`` (each op keeps half of its own), or None (nothing planted)
+    where a width is odd: half of it is no whole number of heads."""
+    graph = gm.meta["subclone.channel_graph"]
+    sites = gm.meta["subclone.attention"]
+    if any(graph.groups[s.heads if s.rep is None else s.kv_heads].size % 2 for s in sites):
+        return None
+    _plant_heads(gm, lambda width: width // 2)
+    return 0.5
+
+
+def _plant_heads(gm, dead_of) -> tuple[int, int]:
+    """Kill the last ``dead_of(width)`` kv groups (GQA) or query heads (MHA) of each attention op,
+    its width being its count of them; (heads, kv_heads) left in the last op."""
     graph = gm.meta["subclone.channel_graph"]
     dead, sizes = {}, {}
     heads = kv_heads = None
     for site in gm.meta["subclone.attention"]:
         n_heads, n_kv = graph.groups[site.heads].size, graph.groups[site.kv_heads].size
         if site.rep is None:
+            per_site = dead_of(n_heads)
             dead[site.heads] = list(range(n_heads - per_site, n_heads))
             heads = kv_heads = n_heads - per_site
         else:
-            rep = n_heads // n_kv
+            rep, per_site = n_heads // n_kv, dead_of(n_kv)
             dead[site.kv_heads] = list(range(n_kv - per_site, n_kv))
             dead[site.heads] = ([i * n_kv + g for i in range(rep) for g in dead[site.kv_heads]]
                                 if site.rep_outer else list(range((n_kv - per_site) * rep, n_heads)))

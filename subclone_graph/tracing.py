@@ -11,6 +11,14 @@ masks) and of 3-D float inputs (embeddings): the sequence. Images keep their siz
 A ``torch.no_grad()`` block inside ``forward`` is inlined between two grad-mode switches
 (``inline_grad_mode_regions``): the analysis sees its ops, the graph still runs it without gradients.
 
+An output that is neither a tensor nor a pytree of them (a ``DynamicCache`` that a class returns
+whatever ``use_cache`` says) cannot leave an exported graph: the traced forward returns ``None`` in
+its place (``tensor_outputs``), with a warning naming its type and place; the tensors a user reads
+(logits, hidden states) are the model's own.
+
+Complex arithmetic (a rotary embedding through ``view_as_complex``) is rewritten as pairs of real
+tensors (``passes/rewrite/lower_complex.py``), so the analysis and the ONNX exporter see real ops.
+
 Non-tensor keyword inputs of the example (``use_cache=False``) are baked into the graph as
 constants, so the traced module — and every child made from it — is called with tensors only.
 
@@ -27,6 +35,7 @@ are off while we export (``fast_export_settings``); the graph is the same.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 
@@ -41,9 +50,10 @@ from subclone_graph.passes import state
 from subclone_graph.input_sizes import dynamic_axes, resized
 from subclone_graph.passes.analysis.input_guards import allowed_sizes, input_guards
 from subclone_graph.passes.fx_utils import as_input_tuple, eval_mode
+from subclone_graph.passes.rewrite.lower_complex import lower_complex
 
 __all__ = ["trace", "dynamic_shapes_for", "TraceError", "fast_export_settings", "refuse_confined_sizes",
-           "inline_grad_mode_regions"]
+           "inline_grad_mode_regions", "tensor_outputs"]
 
 
 class TraceError(ValueError):
@@ -218,9 +228,38 @@ def fast_export_settings():
         fx_config.do_not_emit_stack_traces = traces
 
 
+_OUTPUT_CONSTANTS = (torch.Tensor, int, float, bool, str, type(None))
+
+
+@contextlib.contextmanager
+def tensor_outputs(model: torch.nn.Module):
+    """``model.forward`` returning ``None`` for each leaf of its output that is not a tensor nor a
+    constant (a cache object: module docstring), warned once by type and place; restored on exit."""
+    forward, own, warned = model.forward, model.__dict__.get("forward"), set()
+
+    @functools.wraps(forward)
+    def without_objects(*args, **kwargs):
+        leaves, spec = pytree.tree_flatten_with_path(forward(*args, **kwargs))
+        for path, leaf in leaves:
+            if not isinstance(leaf, _OUTPUT_CONSTANTS) and type(leaf) not in warned:
+                warned.add(type(leaf))
+                warnings.warn(f"trace: {type(model).__name__} returns a {type(leaf).__name__} at output"
+                              f"{pytree.keystr(path)}, not a tensor: the traced model returns None there", stacklevel=2)
+        return pytree.tree_unflatten([v if isinstance(v, _OUTPUT_CONSTANTS) else None for _, v in leaves], spec)
+
+    model.forward = without_objects     # an instance attribute over the class's method, undone on exit
+    try:
+        yield model
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
+
+
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     try:
-        with eval_mode(model), fast_export_settings():
+        with eval_mode(model), fast_export_settings(), tensor_outputs(model):
             program = torch.export.export(model, args, kwargs, strict=False,
                                           dynamic_shapes=dynamic_shapes_for(model, args, kwargs))
     except Exception as error:       # export's own errors name the construct
@@ -228,6 +267,7 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule
         raise TraceError(f"could not trace {type(model).__name__}: {type(error).__name__}: {first}") from error
     gm = program.module()
     inline_grad_mode_regions(gm)
+    lower_complex(gm)       # where an op on a complex value has no real form, the analysis names it
     _warn_static_axes(model, args, kwargs, gm)
     return gm
 

@@ -20,6 +20,7 @@ import random
 import warnings
 
 import pytest
+import torch
 
 from subclone_graph.models import family_checks, registry_families
 
@@ -104,3 +105,59 @@ def test_unset_experts_per_token_get_the_tiny_top_k_where_experts_are_routed():
     changes = registry_families.tiny_config_changes({"n_routed_experts": 64, "num_experts_per_tok": None})
     assert changes == {"n_routed_experts": registry_families.EXPERTS, "num_experts_per_tok": registry_families.PER_TOKEN}
     assert registry_families.tiny_config_changes({"num_experts_per_tok": None}) == {}      # no experts: left unset
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int, head: int = 8):
+        super().__init__()
+        self.heads, self.kv_heads, self.head = heads, kv_heads, head
+        self.q, self.k = torch.nn.Linear(dim, heads * head), torch.nn.Linear(dim, kv_heads * head)
+        self.v, self.o = torch.nn.Linear(dim, kv_heads * head), torch.nn.Linear(heads * head, dim)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.heads, self.head).transpose(1, 2)
+        k = self.k(x).view(b, s, self.kv_heads, self.head).transpose(1, 2)
+        v = self.v(x).view(b, s, self.kv_heads, self.head).transpose(1, 2)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o(a.transpose(1, 2).reshape(b, s, -1))
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int):
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.attention = _Attention(dim, heads, kv_heads)
+        self.up, self.down = torch.nn.Linear(dim, 48), torch.nn.Linear(48, dim)
+
+    def forward(self, x):
+        x = x + self.attention(self.norm1(x))
+        return x + self.down(torch.nn.functional.relu(self.up(self.norm2(x))))
+
+
+class _UnevenKvDecoder(torch.nn.Module):
+    """Two decoder layers whose attention ops have 2 and 4 kv groups (4 and 8 query heads)."""
+
+    def __init__(self, vocab: int = 40, dim: int = 32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = torch.nn.Embedding(vocab, dim), torch.nn.Linear(dim, vocab)
+        self.layers = torch.nn.ModuleList([_Layer(dim, 4, 2), _Layer(dim, 8, 4)])
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_the_dead_check_plants_half_of_each_attention_op_where_their_widths_differ():
+    # an absolute kv_heads count fits no model whose attention ops differ in width (the library
+    # refuses it, rightly): the check plants the last half of each op's kv groups and asks 0.5
+    model = _UnevenKvDecoder().eval()
+    ids = lambda b, s, seed: (torch.randint(0, 40, (b, s), generator=torch.Generator().manual_seed(seed)),)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcomes = {o.check: o for o in family_checks.run_checks(model, ids, checks=("trace", "dead"))}
+    assert outcomes["dead"].status == "ok", outcomes["dead"].detail
+    assert outcomes["dead"].detail == "ffn neurons and heads (half of each attention op's)"

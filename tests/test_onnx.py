@@ -112,3 +112,19 @@ def test_an_existing_file_is_kept_without_overwrite(tmp_path):
         sg.export_onnx(child, inputs, path, overwrite=False)
     assert path.read_bytes() == b"mine"
     assert [p.name for p in tmp_path.iterdir()] == ["child.onnx"]
+
+
+def test_the_torchlib_op_list_is_read_once_per_process_and_restored():
+    """torch.onnx's registry reads onnxscript's torchlib list on each export (parsing every
+    function's source); within ours it is read once and is the same list, and the exporter's own
+    reader is back afterwards."""
+    from torch.onnx._internal.exporter import _registration
+
+    apis = _registration.onnxscript_apis
+    plain = apis.get_torchlib_ops
+    expected = [(m.qualified_name, m.function) for m in plain()]
+    with onnx_export._torchlib_ops_read_once():
+        first, second = apis.get_torchlib_ops(), apis.get_torchlib_ops()
+        assert first is second
+        assert [(m.qualified_name, m.function) for m in first] == expected
+    assert apis.get_torchlib_ops is plain

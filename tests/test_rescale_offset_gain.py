@@ -7,7 +7,8 @@ the parent's class computes the child with. Checked: dead residual channels plan
 generated ``(1 + w)`` model are removed with outputs unchanged (no ``mul`` inserted); every
 Hugging Face family with that gain saves a shrunk-hidden child that reloads as the parent's class and equals the child, in float32 and
 bfloat16. A gain cast before it multiplies (``weight.to(float32) * x``, a decomposed LayerNorm
-computing in float32) takes the factor too.
+computing in float32), or a normalised value cast back before its gain (``n(x.float()).type_as(x) *
+weight``) takes the factor too.
 """
 from __future__ import annotations
 
@@ -86,14 +87,26 @@ class _CastGainNorm(torch.nn.Module):
         return self.weight.to(torch.float32) * h
 
 
+class _TypeAsNorm(torch.nn.Module):
+    """An RMSNorm computing in float32 and cast back before its gain: ``n(x.float()).type_as(x) * weight``."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(width))
+
+    def forward(self, x):
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).type_as(x) * self.weight
+
+
 class _CastGainModel(torch.nn.Module):
-    def __init__(self, d=32, vocab=40):
+    def __init__(self, d=32, vocab=40, norm=_CastGainNorm):
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, d)
-        self.norms = torch.nn.ModuleList(_CastGainNorm(d) for _ in range(2))
+        self.norms = torch.nn.ModuleList(norm(d) for _ in range(2))
         self.mlps = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(d, 48), torch.nn.GELU(),
                                                             torch.nn.Linear(48, d)) for _ in range(2))
-        self.final, self.head = _CastGainNorm(d), torch.nn.Linear(d, vocab)
+        self.final, self.head = norm(d), torch.nn.Linear(d, vocab)
 
     def forward(self, ids):
         x = self.embed(ids)
@@ -102,10 +115,11 @@ class _CastGainModel(torch.nn.Module):
         return self.head(self.final(x))
 
 
-def test_a_gain_cast_before_it_multiplies_takes_the_factor():
+@pytest.mark.parametrize("norm", [_CastGainNorm, _TypeAsNorm])
+def test_a_gain_cast_before_it_multiplies_takes_the_factor(norm):
     torch.manual_seed(0)
     example = (torch.randint(0, 40, (2, 8)),)
-    gm = sg.trace(_CastGainModel().eval(), example)
+    gm = sg.trace(_CastGainModel(norm=norm).eval(), example)
     sg.analyze_channels(gm)
     stream = next(g for g in state.CHANNEL_GRAPH.need(gm).groups.values() if g.kind == "residual")
     plant_dead(gm, {stream.id: list(range(24, stream.size))})

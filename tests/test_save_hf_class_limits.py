@@ -226,3 +226,38 @@ def test_a_field_the_config_derives_from_the_layer_count_is_derived_anew(tmp_pat
     assert loaded.config.num_hidden_layers == 2 and loaded.config.out_features == ["stage2"]
     other = (torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)),)
     assert relative_error(run(loaded, other), run(child, other)) < 1e-5
+
+
+class KindsConfig(PretrainedConfig):
+    model_type = "subclone_tiny_needs_a_kind"
+
+    def __init__(self, hidden_size=32, intermediate_size=48, num_hidden_layers=3, layer_kinds=None, **kwargs):
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.layer_kinds = layer_kinds if layer_kinds is not None else ["a", "b", "a"][:num_hidden_layers]
+        super().__init__(**kwargs)
+
+
+class NeedsKindModel(TinyModel):
+    """A class whose forward needs a layer of kind "b" (as a hybrid class's mask code needs an
+    attention layer); the graph child runs without one."""
+
+    config_class = KindsConfig
+
+    def forward(self, input_ids):
+        if "b" not in self.config.layer_kinds:
+            raise ValueError("the masks need a layer of kind b, and the config has none")
+        return super().forward(input_ids)
+
+
+def test_a_class_that_cannot_run_the_childs_config_is_refused_naming_it(tmp_path):
+    torch.manual_seed(0)
+    model = NeedsKindModel(KindsConfig()).eval()
+    inputs = _ids(2, 8, 0)
+    child = sg.subclone(model, inputs, drop_layers=[1])        # the only layer of kind "b"
+    assert run(child, _ids(3, 11, 5)).shape == (3, 11, VOCAB)           # the graph child runs
+    with pytest.raises(sg.HFExportError, match=r"^NeedsKindModel built from the child's config does not run \(ValueError: "
+                                               r"the masks need a layer of kind b, and the config has none\): a limit "
+                                               r"of the class with the child's layers and sizes"):
+        sg.save_hf(child, tmp_path / "child")
+    assert not (tmp_path / "child").exists()

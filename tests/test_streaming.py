@@ -265,15 +265,15 @@ def test_bfloat16_parent_gives_a_bfloat16_child(tmp_path):
 
 
 def test_spilling_the_calibration_state_changes_nothing(tmp_path, monkeypatch):
-    import subclone_graph.export.hf.write as writer
+    import subclone_graph.export.hf.check as checker
 
     model = hf_zoo.llama(0)
     parent = _saved(model, tmp_path / "parent")
     calibration, target = _batches(model), sg.Target(**GQA)
     kept = sg.subclone_checkpoint(parent, tmp_path / "kept", target, calibration)
     spill, by_segments = tmp_path / "spill", []
-    real = writer._run_by_segments
-    monkeypatch.setattr(writer, "_run_by_segments", lambda *args: by_segments.append(1) or real(*args))
+    real = checker._run_by_segments
+    monkeypatch.setattr(checker, "_run_by_segments", lambda *args: by_segments.append(1) or real(*args))
     spilled = sg.subclone_checkpoint(parent, tmp_path / "spilled", target, calibration, memory_budget=0,
                                      spill_dir=spill)
     assert by_segments == [1]                          # a child over the budget: checked segment by segment

@@ -18,7 +18,8 @@ Where the factor goes, for every reduction (``state.REDUCES``) over a shrunk gro
 1. ``layer_norm``/``rms_norm`` ops: into their weight (and bias) — the op's whole output scales;
 2. a decomposed norm (``mean`` … ``rsqrt`` … ``x * r``): the first ``mul``/``div`` that joins the
    reduced statistic back to a stream-wide tensor is the normalised value; a per-channel
-   weight that multiplies it next (through casts of either: ``weight.to(float32) * x``) takes
+   weight that multiplies it next (through casts of either: ``weight.to(float32) * x``,
+   ``normalised.type_as(x) * weight``) takes
    the factor; so does a gain written
    ``c + w`` (an ``add`` of a constant to the weight, the ``(1 + w)`` RMSNorm): ``w`` becomes
    ``factor·w + c·(factor − 1)``, so that ``c + w'`` is ``factor·(c + w)`` and the child keeps
@@ -105,7 +106,8 @@ def _gain(node: fx.Node, groups: set[int]) -> tuple[fx.Node, float] | None:
         if len(users) != 1:
             return None
         user = users[0]
-        if user.target in CASTS:
+        # ``norm(x.float()).type_as(x) * weight``: type_as casts its first argument
+        if user.target in CASTS or (user.target is aten.type_as.default and user.args[0] is node):
             node = user
             continue
         if user.target is aten.mul.Tensor:

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from .. import state
 from ..analysis.channel_graph import ChannelGraph
-from ..fx_utils import WEIGHT_PASS_THROUGH, module_path, tensor_arguments, tensor_shape
+from ..fx_utils import module_path, tensor_arguments, tensor_shape, weight_attribute
 
 __all__ = ["RULES", "RULES_BY_NAME", "register", "qualified_name", "RuleContext", "apply_rule", "is_weight"]
 
@@ -60,15 +60,7 @@ def qualified_name(target) -> str | None:
 
 def is_weight(node) -> bool:
     """True when ``node`` is a module attribute, or a view or cast of one."""
-    seen = 0
-    while isinstance(node, fx.Node) and seen < 8:
-        if node.op == "get_attr":
-            return True
-        if node.op != "call_function" or node.target not in WEIGHT_PASS_THROUGH:
-            return False
-        node = node.args[0]
-        seen += 1
-    return False
+    return weight_attribute(node) is not None
 
 
 class RuleContext:

@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import torch.fx as fx
 
 from subclone_graph.passes import state
@@ -49,7 +48,8 @@ from subclone_graph.checkpoint.weightless_parent import CheckpointWeights, weigh
 from subclone_graph.progress import Phases
 from subclone_graph.tracing import refuse_confined_sizes
 from subclone_graph.export.destination import check_destination, staging_folder, write_manifest
-from subclone_graph.export.hf.write import DEFAULT_SHARD_SIZE, check_folder, write_folder
+from subclone_graph.export.hf.check import check_folder
+from subclone_graph.export.hf.write import DEFAULT_SHARD_SIZE, write_folder
 from subclone_graph.runtime import distributed
 
 __all__ = ["subclone_checkpoint", "StreamReport", "CheckpointError", "DEFAULT_SHARD_SIZE", "DEFAULT_MEMORY_BUDGET"]

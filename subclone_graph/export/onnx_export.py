@@ -50,6 +50,7 @@ import torch.utils._pytree as pytree
 from subclone_graph.export.onnx_grouped_mm import portable_grouped_mm, translation_table
 from subclone_graph.export.destination import check_destination, staging_folder
 from subclone_graph.passes.fx_utils import as_input_tuple, eval_mode
+from subclone_graph.passes.rewrite.lower_complex import complex_blocker, lower_complex
 from subclone_graph.progress import Phases
 from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
 from subclone_graph.tracing import dynamic_shapes_for, fast_export_settings
@@ -80,6 +81,39 @@ def _quiet_export():
             yield
     finally:
         logger.setLevel(level)
+
+
+_TORCHLIB_OPS: dict = {}
+
+
+@contextlib.contextmanager
+def _torchlib_ops_read_once():
+    """torch.onnx builds its op registry anew on each export, and onnxscript parses the source of
+    every torchlib function to list them (about a second, more than translating a tiny child).
+    Within our exports the list is read once per process and count of onnxscript's registered
+    functions: a function registered with onnxscript since is seen. Where torch's internals moved, nothing is patched."""
+    try:
+        from onnxscript.function_libs.torch_lib import registration
+        from torch.onnx._internal.exporter import _registration
+        apis = _registration.onnxscript_apis
+        read = apis.get_torchlib_ops
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def read_once():
+        key = (id(registration.default_registry), sum(len(f.overloads) + len(f.complex)
+                                                      for _, f in registration.default_registry.items()))
+        if key not in _TORCHLIB_OPS:
+            _TORCHLIB_OPS.clear()
+            _TORCHLIB_OPS[key] = read()
+        return _TORCHLIB_OPS[key]
+
+    apis.get_torchlib_ops = read_once
+    try:
+        yield
+    finally:
+        apis.get_torchlib_ops = read
 
 
 def _tensors(output) -> list[torch.Tensor]:
@@ -152,8 +186,9 @@ def _export_and_run(module, args: tuple, kwargs: dict, staged: Path, opset: int 
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     if isinstance(module, fx.GraphModule):
         module = portable_grouped_mm(module)      # a new graph when it has expert matmuls (onnx_moe)
+        module = _real_arithmetic(module)
     # export's fake-tensor cache and per-node stack traces cost ~30% here and change no graph (tracing.py)
-    with torch.no_grad(), eval_mode(module), _quiet_export(), fast_export_settings():
+    with torch.no_grad(), eval_mode(module), _quiet_export(), fast_export_settings(), _torchlib_ops_read_once():
         try:
             torch.onnx.export(module, args, str(staged), kwargs=kwargs, dynamo=True, opset_version=opset, optimize=optimize,
                               dynamic_shapes=None if fixed_sizes else dynamic_shapes_for(module, args, kwargs),
@@ -165,6 +200,22 @@ def _export_and_run(module, args: tuple, kwargs: dict, staged: Path, opset: int 
     onnx.checker.check_model(str(staged))
     phases.begin("check")
     return run_onnx(staged, [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)])
+
+
+def _real_arithmetic(module: fx.GraphModule) -> fx.GraphModule:
+    """``module``, or a copy whose complex arithmetic is pairs of real tensors (``lower_complex``;
+    a traced model's already is): ONNX has no complex values. One op without a real form is
+    refused by name."""
+    blocker = complex_blocker(module)
+    if blocker:
+        raise OnnxExportError(f"ONNX has no complex values, and {blocker} has no real form")
+    if not any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_complex() for n in module.graph.nodes):
+        return module
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = copy.deepcopy(module)
+    lower_complex(module)
+    return module
 
 
 def _reference(module, args: tuple, kwargs: dict) -> list[torch.Tensor]:

@@ -5,7 +5,8 @@ config (``embedding_scale.py``), and what they share (``common.py``)."""
 from subclone_graph.export.hf.common import HFExportError, max_output_difference, quiet_transformers, tensor_outputs
 from subclone_graph.export.hf.config import child_config
 from subclone_graph.export.hf.save import SavedFolder, save_hf
-from subclone_graph.export.hf.write import ConfigChange, Written, check_folder, write_folder
+from subclone_graph.export.hf.check import check_folder
+from subclone_graph.export.hf.write import ConfigChange, Written, write_folder
 from subclone_graph.export.hf.weights import child_state_dict, hf_names
 
 __all__ = ["save_hf", "SavedFolder", "write_folder", "check_folder", "Written", "ConfigChange", "child_config", "child_state_dict", "hf_names", "HFExportError", "quiet_transformers",

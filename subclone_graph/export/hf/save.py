@@ -1,7 +1,7 @@
 """Save a child as a Hugging Face model directory that its parent's class loads back.
 
 ``save_hf(child, out_dir)`` writes the folder with the one writer (``write.py``: the shards,
-``config.json``, the generation config and the tokenizer) and checks it (``write.check_folder``)
+``config.json``, the generation config and the tokenizer) and checks it (``check.check_folder``)
 before anything reaches ``out_dir``: ``type(parent).from_pretrained(out_dir)`` is a model of the
 parent's class whose outputs equal the child's. A streamed child (``subclone_checkpoint``) is
 written by the same writer, so one child gives one folder, byte for byte.
@@ -45,7 +45,8 @@ import torch.fx as fx
 from subclone_graph.export.destination import check_destination, staging_folder, write_manifest
 from subclone_graph.export.hf.common import HFExportError
 from subclone_graph.export.hf.stream_scale import fold_stream_scale
-from subclone_graph.export.hf.write import DEFAULT_SHARD_SIZE, check_folder, write_folder
+from subclone_graph.export.hf.check import check_folder
+from subclone_graph.export.hf.write import DEFAULT_SHARD_SIZE, write_folder
 from subclone_graph.export.tolerance import model_dtype, tolerance_for
 
 __all__ = ["save_hf", "SavedFolder"]
