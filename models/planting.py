@@ -119,7 +119,8 @@ def _plant_heads(gm, dead_of) -> tuple[int, int]:
         else:
             rep, per_site = n_heads // n_kv, dead_of(n_kv)
             dead[site.kv_heads] = list(range(n_kv - per_site, n_kv))
-            dead[site.heads] = list(range((n_kv - per_site) * rep, n_heads))
+            dead[site.heads] = ([i * n_kv + g for i in range(rep) for g in dead[site.kv_heads]]
+                                if site.rep_outer else list(range((n_kv - per_site) * rep, n_heads)))
             sizes[site.rep] = rep
             heads, kv_heads = (n_kv - per_site) * rep, n_kv - per_site
     plant_dead(gm, dead, sizes)

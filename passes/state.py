@@ -33,7 +33,8 @@ __all__ = [
     "CHANNEL_GRAPH",
     "ATTENTION", "UNKNOWN_OPS", "SCORES", "SCORE_SOURCE", "LAYER_RATIOS", "TARGET", "KEEP", "SIZES",
     "SIZE_CHANGES", "FOLDED", "DROP", "DUPLICATE", "RESCALE", "CLONED_READS", "TENSOR_ORIGINS",
-    "CHANNELS", "LITERALS", "REDUCES", "SLICE_PARTS", "ATTENTION_OP", "EXPERT_ROWS", "CONTRACTS",
+    "CHANNELS", "LITERALS", "REDUCES", "SLICE_PARTS", "ATTENTION_OP", "EXPERT_ROWS", "CONTRACTS", "PICKS",
+    "NodePick",
 ]
 
 T = TypeVar("T")
@@ -63,7 +64,9 @@ class Layer:
 @dataclass(frozen=True)
 class AttentionSite:
     """One attention op: its group ids in ``CHANNEL_GRAPH`` (``rep``: query heads per kv head,
-    None without GQA), the node, and the layer it is in."""
+    None without GQA), the node, and the layer it is in. ``rep_outer``: the query heads are
+    ``rep × kv_heads`` (head ``i·n_kv + g`` reads kv head ``g``, keys repeated whole) rather than
+    ``kv_heads × rep`` (head ``g·rep + i``)."""
 
     node: str
     heads: int
@@ -71,6 +74,7 @@ class AttentionSite:
     rep: int | None
     head_dim: int
     layer: int | None
+    rep_outer: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,17 @@ class NodeSliceParts:
     before: int
     inside: int
     after: int
+
+
+@dataclass(frozen=True)
+class NodePick:
+    """A node whose values depend on its length (a static ``arange``): it keeps the parent's
+    length, and the child reads the kept indices of ``vertex``'s group along ``dim``, picked
+    right after it."""
+
+    token: int
+    vertex: int
+    dim: int
 
 
 @dataclass(frozen=True)
@@ -290,13 +305,15 @@ EXPERT_ROWS = _node("expert_rows", "channels", "NodeExpertRows", "AnalyzeChannel
                     ["AnalyzeChannelsPass", "ScoreChannelsPass"], "a grouped matmul's expert-sorted rows and offsets")
 CONTRACTS = _node("contracts", "channels", "NodeContracts", "AnalyzeChannelsPass (op rules)",
                    ["ChooseKeepPass", "ScaleClonedReadsPass"], "a contraction's contracted dims and weight operand")
+PICKS = _node("picks", "channels", "NodePick", "AnalyzeChannelsPass (op rules)", ["KeepChannelsPass"],
+               "a node kept at the parent's length whose kept indices are picked after it")
 
 KEYS: tuple[StateKey, ...] = (
     EXAMPLE_INPUTS, INPUT_GUARDS, INPUT_SIZES, PARENT_CLASS, PARENT_CONFIG, PARENT_LAYER_COUNT, LAYERS, CHANNEL_GRAPH,
     ATTENTION,
     UNKNOWN_OPS, SCORES, SCORE_SOURCE, LAYER_RATIOS, TARGET, KEEP, SIZES, SIZE_CHANGES, FOLDED, DROP, DUPLICATE,
     RESCALE, CLONED_READS, TENSOR_ORIGINS, CHANNELS, LITERALS, REDUCES, SLICE_PARTS, ATTENTION_OP, EXPERT_ROWS,
-    CONTRACTS,
+    CONTRACTS, PICKS,
 )
 
 

@@ -61,13 +61,19 @@ def has_attention(name):
     return "no attention" not in hf_families.FAMILIES[name].note
 
 
-def test_bloom_heads_are_refused_with_a_reason():
-    # heads merged with the batch are an attention site now (tests/test_constructs.py), but the
-    # ALiBi slopes are computed from an arange over the heads: the refusal names that op
+def test_bloom_heads_shrink_exactly_with_their_alibi_slopes():
+    # the ALiBi slopes are computed from an arange over the heads: the arange keeps its length and
+    # the child picks the kept heads' slopes after it (rules.shape._arange); a planted dead first
+    # head (the kept heads' slopes are not the first ones) is removed exactly
     model, example, gm = parent("bloom")
-    assert gm.meta["subclone.attention"]
-    with pytest.raises(ValueError, match="aten.arange"):
-        subclone("bloom", gm, example, sg.Target(heads=2))
+    assert gm.meta["subclone.attention"] and not groups_of(gm, "frozen")
+    heads = groups_of(gm, "heads")
+    plant_dead(gm, {g.id: [0] for g in heads})
+    checked = [example, inputs(model, "bloom", 3, 5, 7)]
+    child = subclone("bloom", gm, example, sg.Target(heads=heads[0].size - 1), calibration=checked)
+    assert sg.count_parameters(child) < sg.count_parameters(gm)
+    for x in checked:
+        assert relative_error(run(child, x), run(gm, x)) < 1e-5
 
 
 @pytest.mark.parametrize("name", PARAMS)

@@ -93,9 +93,10 @@ def _classify(gm: fx.GraphModule, graph: ChannelGraph, layers) -> list[dict]:
         heads, kv = _static_heads(graph, op.heads), _static_heads(graph, op.kv_heads)
         if heads is None or kv is None or any(seen.heads == heads for seen in attention):
             continue        # no static heads; or eager attention: q·kᵀ and p·v are one site
-        kv, rep = _kv_and_rep(gm, graph, heads, kv)
+        kv, rep, rep_outer = _kv_and_rep(gm, graph, heads, kv, op.kv_heads)
         head_dim = graph.group_of(op.head_dim).id
-        attention.append(AttentionSite(node.name, heads, kv, rep, head_dim, layer_of_node(node, layer_of_key)))
+        attention.append(AttentionSite(node.name, heads, kv, rep, head_dim, layer_of_node(node, layer_of_key),
+                                       rep_outer))
         head_structure |= {heads, kv, head_dim} | ({rep} if rep is not None else set())
     derived = set()
     for g in head_structure:
@@ -133,21 +134,50 @@ def _static_heads(graph: ChannelGraph, vertex: int) -> int | None:
     return static_parts.pop() if len(static_parts) == 1 else None
 
 
-def _kv_and_rep(gm: fx.GraphModule, graph: ChannelGraph, heads: int, kv: int):
-    """(kv group, repeat group): query heads = kv heads × repeat, where repeat owns no tensor.
+def _kv_and_rep(gm: fx.GraphModule, graph: ChannelGraph, heads: int, kv: int, key_vertex: int):
+    """(kv group, repeat group, whether the repeat is the outer factor): query heads = kv heads ×
+    repeat (``repeat_interleave`` / ``expand``: head ``g·r + i`` reads kv head ``g``) or repeat × kv
+    heads (``k.repeat(1, r, 1, 1)``: head ``i·n_kv + g`` reads kv head ``g``), where repeat owns
+    no tensor.
 
     With ``enable_gqa`` the op itself states the factor; with repeated k/v (``expand`` then
-    ``reshape``) the kv heads seen by the op *are* the query heads, and the factor is one
-    step back. Plain multi-head attention has no repeat."""
+    ``reshape``, or ``repeat``) the kv heads seen by the op *are* the query heads, and the factor is
+    one step back: which of its two parts the kv heads are is read off the key before its repeat.
+    Plain multi-head attention has no repeat."""
     attributes = {n.name for n in gm.graph.nodes if n.op == "get_attr"}
     for rel in graph.relations_of(heads, "factor"):
         parts = graph.part_groups(rel)
+        if len(parts) != 2:
+            continue
+        if heads == kv and _key_heads(gm, graph, key_vertex, heads, parts) == parts[1]:
+            return parts[1], parts[0], True
         owns_tensor = any(graph.labels[v][0] in attributes for v in graph.groups[parts[-1]].vertices)
-        if len(parts) == 2 and (parts[0] == kv or (heads == kv and not owns_tensor)):
-            return parts[0], parts[1]
+        if parts[0] == kv or (heads == kv and not owns_tensor):
+            return parts[0], parts[1], False
     if heads != kv:
         graph.groups[heads].reason = graph.groups[heads].reason or "query heads are not kv heads × a repeat"
-    return kv, None
+    return kv, None, False
+
+
+def _key_heads(gm: fx.GraphModule, graph: ChannelGraph, key_vertex: int, heads: int, parts: list[int]) -> int | None:
+    """The part of ``heads = parts[0] × parts[1]`` that the key holds before it is repeated: the
+    first node back from the attention op's key (through nodes holding the heads or a part) that
+    holds exactly one of the two parts and not their product."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    todo, seen = [nodes.get(graph.labels[key_vertex][0])], set()
+    while todo and len(seen) < 64:
+        node = todo.pop(0)
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        groups = {graph.find(graph.vertex_of[(node.name, 0, d)]) for d in range(len(tensor_shape(node) or ()))
+                  if (node.name, 0, d) in graph.vertex_of}
+        held = [p for p in parts if p in groups]
+        if len(held) == 1 and heads not in groups:
+            return held[0]
+        if held or heads in groups:
+            todo.extend(node.all_input_nodes)
+    return None
 
 
 # reductions that compute a normalisation's statistic (a sum or a max over a width is no norm)

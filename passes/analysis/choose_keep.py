@@ -180,6 +180,9 @@ def _choose_heads(graph, site, target, scores, keep, sizes, selection, gm=None, 
         keep[hq] = _pick_or_fold(gm, graph, hq, head_scores, heads, selection, folded)
         return
     _not_frozen(graph, kv, "kv_heads")
+    if site.rep_outer:
+        _choose_repeated_heads(graph, site, heads, kv_heads, head_scores, keep, sizes, selection)
+        return
     by_group = head_scores.view(n_kv, per_group)
     if heads // kv_heads == per_group:      # whole kv groups: a group of clones folds
         groups = _pick_or_fold(gm, graph, kv, by_group.sum(1), kv_heads, selection, folded)
@@ -188,6 +191,22 @@ def _choose_heads(graph, site, target, scores, keep, sizes, selection, gm=None, 
     kept = [g * per_group + r for g in groups.tolist()
             for r in pick(by_group[g], heads // kv_heads, selection).tolist()]
     keep[kv], keep[hq], sizes[rep] = groups, torch.tensor(kept), heads // kv_heads
+
+
+def _choose_repeated_heads(graph, site, heads, kv_heads, head_scores, keep, sizes, selection) -> None:
+    """Query heads ``rep × kv_heads`` (``AttentionSite.rep_outer``: head ``i·n_kv + g`` reads kv head
+    ``g``): the best kv groups, and the same best repeats in all of them (the repeat is one
+    literal, ``k.repeat(1, r, 1, 1)``); the query heads follow as their product."""
+    hq, kv, rep = site.heads, site.kv_heads, site.rep
+    n_kv, per_group = graph.groups[kv].size, graph.groups[hq].size // graph.groups[kv].size
+    by_repeat = head_scores.view(per_group, n_kv)
+    groups = pick(by_repeat.sum(0), kv_heads, selection)
+    if heads // kv_heads == per_group:
+        repeats = torch.arange(per_group)
+    else:
+        _not_frozen(graph, rep, "heads")
+        repeats = pick(by_repeat[:, groups].sum(1), heads // kv_heads, selection)
+    keep[kv], keep[rep], sizes[rep] = groups, repeats, heads // kv_heads
 
 
 def _choose_tile(graph: ChannelGraph, gid: int, what: str, size: int, scores, keep: dict, selection: str) -> None:

@@ -18,7 +18,8 @@ same-shape ops and views still inside the layer, to the last node with the input
 post-norm layer ends in its norm, a layer that flattens the stream to (b·s, h) ends where it
 views it back; when the stream still goes on inside the layer after that — a decomposed
 post-norm reads the add twice — the one later node of the input's shape read outside the layer). A skip operand that is a cast of the stream made beside the branch (a residual
-kept in fp32) is followed back through the cast when looking for the branch. Removing the layer
+kept in fp32), or the stream times a learned per-channel gain or a number (``w * x + f(x)``), is
+followed back through the cast and the gain when looking for the branch. Removing the layer
 is replacing uses of its output by its input.
 
 Writes ``gm.meta["subclone.layers"]``: a list of ``Layer``; modifies nothing.
@@ -31,7 +32,8 @@ import torch
 import torch.fx as fx
 
 from .. import state
-from ..fx_utils import CASTS, VIEWS, attribute_path, container_item, in_module, layer_key, module_paths, tensor_shape
+from ..fx_utils import (CASTS, VIEWS, attribute_path, container_item, in_module, layer_key, module_paths, tensor_shape,
+                        weight_attribute)
 from ..errors import PostconditionError
 from ..infra import SubclonePass
 from ..state import Layer, ResidualBlock
@@ -90,12 +92,30 @@ def _residual_block(node: fx.Node, order: dict) -> tuple[ResidualBlock, str | No
     if shape is None or tensor_shape(a) != shape or tensor_shape(b) != shape:
         return None
     for skip, branch in ((a, b), (b, a)):
-        # the skip may be a cast of the stream made beside the branch (a residual kept in fp32)
-        source = _uncast(skip)
+        # the skip may be a cast of the stream made beside the branch (a residual kept in fp32), or
+        # the stream scaled by a learned gain or a constant (``w * x + f(x)``)
+        source = _uncast(_unscaled(skip))
         region = _ancestor_region(branch, source, order)
         if region is not None and _reads_weight(region):
             return ResidualBlock(node.name, skip.name, branch.name), _block_key(node, region)
     return None
+
+
+def _unscaled(node: fx.Node) -> fx.Node:
+    """``x`` for ``w * x`` (or ``x * w``) where ``w`` is a number or a module attribute (read through
+    casts and views) no bigger than ``x`` — a per-channel gain on the skip; else ``node``."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.mul.Tensor or len(node.args) != 2:
+        return node
+    shape = tensor_shape(node)
+    for x, w in (node.args, reversed(node.args)):
+        if not isinstance(x, fx.Node) or tensor_shape(x) != shape:
+            continue
+        if isinstance(w, (int, float)) and not isinstance(w, bool):
+            return x
+        gain = tensor_shape(w) if weight_attribute(w) is not None else None
+        if gain is not None and len(gain) <= len(shape) and isinstance(shape[-1], int) and math.prod(gain) <= shape[-1]:
+            return x
+    return node
 
 
 def _uncast(node: fx.Node) -> fx.Node:

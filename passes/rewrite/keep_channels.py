@@ -17,13 +17,17 @@ Cases:
    along the tensor's expert dim (a ``tensor_edits.Take`` with ``rows``), before any cut of the
    expert dim itself: still one fused tensor. Every tensor changes through
    ``tensor_edits.edit_tensor`` (a streamed parent's writer replays the same takes);
-4. literals: an entry that is ``-1`` or computed from the input (a symbolic size) is left
+4. a node kept at the parent's length (``state.PICKS``: a static ``arange``, whose values depend
+   on its length) is followed by ``index_select`` of its group's kept indices (a non-persistent
+   buffer of the graph module): every user reads the kept values, the node itself is untouched;
+5. literals: an entry that is ``-1`` or computed from the input (a symbolic size) is left
    alone; slices get ``start``/``end`` from the new sizes of the parts before and inside them;
    a constant consecutive index (a slice in disguise) becomes that slice.
 
 Reads ``state.KEEP`` / ``state.SIZES`` (ChooseKeepPass), the channel graph and the node keys
-``CHANNELS`` / ``LITERALS`` / ``SLICE_PARTS``. ``ensures()`` checks the invariant on the result:
-every attribute's dims and every integer literal that names a group have that group's child size.
+``CHANNELS`` / ``LITERALS`` / ``SLICE_PARTS`` / ``PICKS``. ``ensures()`` checks the invariant on the
+result: every attribute's dims and every integer literal that names a group have that group's
+child size, and every picked node is read only through its pick.
 """
 from __future__ import annotations
 
@@ -80,6 +84,40 @@ def _slice_attributes(gm: fx.GraphModule, graph, keep) -> int:
             replaced[id(old)] = edit_tensor(gm, old, takes)
     replace_tensors(gm, replaced)
     return len(replaced)
+
+
+_PICK_PREFIX = "_subclone_kept_"
+
+
+def _picked_by(node: fx.Node) -> fx.Node | None:
+    """The ``index_select`` of ``node``'s kept indices an earlier run inserted, if any."""
+    for user in node.users:
+        if (user.target is aten.index_select.default and user.args[0] is node and len(user.args) > 2
+                and getattr(user.args[2], "op", None) == "get_attr" and user.args[2].target.startswith(_PICK_PREFIX)):
+            return user
+    return None
+
+
+def _pick_kept(gm: fx.GraphModule, graph, keep) -> int:
+    """After each node kept at the parent's length (case 4), pick its group's kept indices."""
+    picked = 0
+    for node in list(gm.graph.nodes):
+        pick = state.PICKS.of(node, graph)
+        group = None if pick is None else graph.find(pick.vertex)
+        if group not in keep or _keeps_all(keep[group], graph.groups[group].size) or _picked_by(node):
+            continue
+        if keep[group].dim() != 1:
+            raise PassError(f"KeepChannelsPass: {node.name} is picked by one order per expert")
+        name = next(f"{_PICK_PREFIX}{node.name}{i or ''}" for i in range(len(gm.graph.nodes) + 1)
+                    if not hasattr(gm, f"{_PICK_PREFIX}{node.name}{i or ''}"))
+        gm.register_buffer(name, keep[group].clone(), persistent=False)
+        with gm.graph.inserting_before(node):
+            index = gm.graph.get_attr(name)
+        with gm.graph.inserting_after(node):
+            select = gm.graph.call_function(aten.index_select.default, (node, pick.dim, index))
+        node.replace_all_uses_with(select, delete_user_cb=lambda user: user is not select)
+        picked += 1
+    return picked
 
 
 def _offset_size(literal: state.SizeOffset, graph, sizes) -> int | None:
@@ -167,7 +205,7 @@ class KeepChannelsPass(SubclonePass):
         graph = state.CHANNEL_GRAPH.need(gm)
         keep, sizes = state.KEEP.need(gm), state.SIZES.need(gm)
         sliced = _slice_attributes(gm, graph, keep)
-        rewritten = _rewrite_literals(gm, graph, sizes)
+        rewritten = _rewrite_literals(gm, graph, sizes) + _pick_kept(gm, graph, keep)
         if sliced or rewritten:
             gm.recompile()
             refresh_meta(gm)
@@ -186,6 +224,11 @@ class KeepChannelsPass(SubclonePass):
             literals = state.LITERALS.of(node, graph)
             for index, vertices in (literals.vertices.items() if literals is not None else ()):
                 _check_literal(node, index, vertices, graph, sizes)
+            pick = state.PICKS.of(node, graph)
+            if pick is not None and sizes.get(graph.find(pick.vertex)) != graph.sizes[pick.vertex] and (
+                    _picked_by(node) is None or set(node.users) != {_picked_by(node)}):
+                raise PostconditionError(f"KeepChannelsPass: {node.name} keeps the parent's length, "
+                                         "but not every user reads its kept indices")
 
 
 def _check_literal(node: fx.Node, index: int | str, vertices, graph, sizes) -> None:

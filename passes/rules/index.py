@@ -32,11 +32,17 @@ def _select(ctx):
 
 @register(aten.index_select.default)
 def _index_select(ctx):
-    x = ctx.arg(0, "self")
+    # out[..., i, ...] = x[..., index[i], ...]: the values point into x's dim (frozen), and the
+    # out dim is the index's own dim — the kept indices of one are those of the other (a constant
+    # index, such as the kept heads a child picks from an arange, is sliced with it)
+    x, index = ctx.arg(0, "self"), ctx.arg(2, "index")
     rank = len(ctx.shape(x))
     dim = ctx.arg(1, "dim") % rank
     ctx.freeze(ctx.v(x, dim), "index_select picks indices of this dim")
-    ctx.freeze(ctx.out(dim), "index_select picks indices of this dim")
+    if len(ctx.shape(index) or ()) == 1:
+        ctx.eq(ctx.v(index, 0), ctx.out(dim))
+    else:
+        ctx.freeze(ctx.out(dim), "index_select picks indices of this dim")
     for d in range(rank):
         if d != dim:
             ctx.eq(ctx.v(x, d), ctx.out(d))

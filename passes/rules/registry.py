@@ -5,7 +5,8 @@ A rule is a function ``rule(ctx)`` registered for one or more op objects
 ``eq`` (same channel), ``factor`` (merged / split into factors), ``concat`` (laid end to end),
 ``freeze`` (may not be sliced, with a reason), ``contract``/``produce`` (the in- and
 out-features of a weight contraction), ``contract_values`` (a contraction of two activations),
-``reduce`` (a reduction over a dimension). A rule whose
+``reduce`` (a reduction over a dimension), ``pick_kept`` (values that depend on the length: the
+length stays, the kept indices are picked after the node). A rule whose
 op holds literal sizes (view's shape, split's sizes, repeat's counts) names, per literal, the
 vertex whose size it is (``literal``), so the rewrite can set every literal from its group.
 
@@ -78,6 +79,7 @@ class RuleContext:
         self.expert_rows: tuple | None = None
         self.contracted: list[tuple[int, int]] = []     # (activation vertex, other operand's vertex)
         self.pointers_read: set[str] = set()
+        self.picked: tuple[int, int] | None = None      # (vertex, dim): see ``pick_kept``
 
     # arguments
     def arg(self, index: int, name: str, default=None):
@@ -155,6 +157,12 @@ class RuleContext:
         """The node is an attention op over these vertices (query heads, kv heads, head dim)."""
         self.attention = (heads, kv_heads, head_dim)
 
+    def pick_kept(self, dim: int) -> None:
+        """The output's values along ``dim`` depend on its length (an ``arange``): the node keeps
+        the parent's length and the child reads the kept indices of that dim's group, picked right
+        after it — the values a constant tensor of the parent's would give, sliced."""
+        self.picked = (self.out(dim), dim)
+
     def point(self, out_index: int, vertex: int) -> None:
         """Output ``out_index`` holds indices into the dim ``vertex``."""
         self.graph.pointers[(self.node.name, out_index)] = vertex
@@ -187,6 +195,8 @@ class RuleContext:
             state.EXPERT_ROWS.set(self.node, state.NodeExpertRows(token, *self.expert_rows))
         if self.contracted:
             state.CONTRACTS.set(self.node, self._contracts(token))
+        if self.picked is not None:
+            state.PICKS.set(self.node, state.NodePick(token, *self.picked))
 
     def _contracts(self, token: int) -> "state.NodeContracts":
         """The contraction's record: the weight operand is the other side's node when that node

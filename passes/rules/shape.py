@@ -16,8 +16,10 @@ Identities each rule states:
   each other, or frozen when the last is shorter, since the child's split is even too;
   tensor_split at indices: in = concat(outputs), each index the sum of the pieces before it.
 - select/index/gather/pad: in ``rules_index``.
-- creation ops (zeros, ones, full, arange, ...): a literal size; arange's values depend on it,
-  so its dim is frozen.
+- creation ops (zeros, ones, full, ...): a literal size. arange/linspace of a static length: its
+  values depend on the length, so the length stays the parent's and the child reads the kept
+  indices (``pick_kept``): ``arange(n)[keep]`` is what a constant tensor of the parent's, sliced,
+  would give — ALiBi slopes over the heads, sinusoidal frequencies over the stream.
 """
 from __future__ import annotations
 
@@ -388,7 +390,7 @@ def _create_new(ctx):
 def _arange(ctx):
     shape = ctx.out_shape()
     if shape and isinstance(plain_size(shape[0]), int):
-        ctx.freeze(ctx.out(0), "arange's values depend on its length")
+        ctx.pick_kept(0)
 
 
 @register(aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
