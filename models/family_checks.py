@@ -265,6 +265,10 @@ def _grandchild(f: _Family) -> str:
         sg.analyze_channels(analysed)
     found = {k for k, v in dataclasses.asdict(shrink_target(analysed)).items() if v is not None}
     gone = {k: None for k in ("hidden", "ffn", "heads", "kv_heads") if k not in found}
+    # an absolute layer count the child already has asks for nothing (a family whose widths all
+    # froze and only its layers shrank would otherwise get its own child back)
+    if isinstance(f.target.layers, int) and f.target.layers >= len(analysed.meta["subclone.layers"]):
+        gone["layers"] = None
     target = dataclasses.replace(f.target, experts=None, **gone)
     if target == sg.Target():
         return "skip"

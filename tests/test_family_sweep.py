@@ -161,3 +161,32 @@ def test_the_dead_check_plants_half_of_each_attention_op_where_their_widths_diff
         outcomes = {o.check: o for o in family_checks.run_checks(model, ids, checks=("trace", "dead"))}
     assert outcomes["dead"].status == "ok", outcomes["dead"].detail
     assert outcomes["dead"].detail == "ffn neurons and heads (half of each attention op's)"
+
+
+class _FrozenWidths(torch.nn.Module):
+    """Residual layers whose branch is a grouped convolution: the stream freezes, only layers go."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(40, 16)
+        self.layers = torch.nn.ModuleList(torch.nn.Conv1d(16, 16, 1, groups=4) for _ in range(4))
+        self.head = torch.nn.Linear(16, 40)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for conv in self.layers:
+            x = x + conv(x.transpose(1, 2)).transpose(1, 2)
+        return self.head(x)
+
+
+def test_a_grandchild_is_not_asked_for_the_layers_its_child_already_has():
+    # only the layers shrank (the widths refused): the child's own layer count asks for nothing,
+    # so the grandchild check has nothing to do, rather than calling its unchanged child wrong
+    torch.manual_seed(0)
+    ids = lambda b, s, seed: (torch.randint(0, 40, (b, s), generator=torch.Generator().manual_seed(seed)),)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcomes = {o.check: o for o in family_checks.run_checks(_FrozenWidths().eval(), ids,
+                                                                  checks=("trace", "shrink", "grandchild"))}
+    assert outcomes["shrink"].status == "refused" and "layers=3" in outcomes["shrink"].detail, outcomes["shrink"].detail
+    assert outcomes["grandchild"].status == "skip", outcomes["grandchild"].detail
