@@ -17,7 +17,9 @@ its place (``tensor_outputs``), with a warning naming its type and place; the te
 (logits, hidden states) are the model's own.
 
 Complex arithmetic (a rotary embedding through ``view_as_complex``) is rewritten as pairs of real
-tensors (``passes/rewrite/lower_complex.py``), so the analysis and the ONNX exporter see real ops.
+tensors (``passes/rewrite/lower_complex.py``), so the analysis and the ONNX exporter see real ops;
+whatever the input (a module, an ``ExportedProgram``, a graph), and on a copy where the graph is
+the caller's own.
 
 Non-tensor keyword inputs of the example (``use_cache=False``) are baked into the graph as
 constants, so the traced module — and every child made from it — is called with tensors only.
@@ -35,6 +37,7 @@ are off while we export (``fast_export_settings``); the graph is the same.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import warnings
@@ -107,6 +110,7 @@ def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.Gr
         gm = _export(model, example_inputs, _default_kwargs(model, example_kwargs or {}))
     else:
         raise TypeError(f"trace: expected a torch.nn.Module, GraphModule or ExportedProgram, got {type(model).__name__}")
+    gm = _lowered(gm, own=gm is model)
     bind_constant_inputs(gm)
     _allow_train_eval(gm)
     if not state.EXAMPLE_INPUTS.has(gm):
@@ -119,6 +123,20 @@ def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.Gr
         state.PARENT_CLASS.set(gm, type(model))
         if hasattr(model, "config"):
             state.PARENT_CONFIG.set(gm, model.config)
+    return gm
+
+
+def _lowered(gm: fx.GraphModule, own: bool) -> fx.GraphModule:
+    """``gm`` with its complex arithmetic as pairs of real tensors (module doc); where ``gm`` is the
+    caller's own graph and has complex values, a copy sharing its weights is lowered instead. An op
+    on a complex value with no real form leaves the graph as it was (the analysis names it)."""
+    if not any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_complex() for n in gm.graph.nodes):
+        return gm
+    if own:
+        copied = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        copied.meta.update(gm.meta)
+        gm = copied
+    lower_complex(gm)
     return gm
 
 
@@ -267,7 +285,6 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule
         raise TraceError(f"could not trace {type(model).__name__}: {type(error).__name__}: {first}") from error
     gm = program.module()
     inline_grad_mode_regions(gm)
-    lower_complex(gm)       # where an op on a complex value has no real form, the analysis names it
     _warn_static_axes(model, args, kwargs, gm)
     return gm
 

@@ -6,7 +6,8 @@ Before, the complex ops had no channel rule (the heads froze: ``Target.heads`` w
 naming ``view_as_complex``) and no ONNX translation (``torch.onnx.export`` failed). Now:
 
 1. the trace holds no complex value, and its logits are the model's at two sizes, in float32,
-   bfloat16 and float16;
+   bfloat16 and float16; so does the trace of an ``ExportedProgram`` or of a graph torch.export
+   made, and the caller's graph keeps its complex ops (the trace lowers a copy);
 2. the pass alone: modified exactly when it lowered, a second run changes nothing, and an op
    with no real form (a complex division) leaves the graph as it was, named;
 3. a planted-dead kv group and dead MLP neurons are removed with the logits unchanged;
@@ -98,6 +99,21 @@ def test_the_trace_has_no_complex_value_and_its_logits_are_the_models(dtype):
     for batch, seq in ((2, 8), (3, 13)):
         got, want = run(gm, _ids(batch, seq, 3)), run(model, _ids(batch, seq, 3))
         assert got.dtype == dtype and relative_error(got.float(), want.float()) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_an_exported_program_and_an_exported_graph_are_lowered_and_the_callers_graph_is_not():
+    model = ComplexRotaryDecoder().eval()
+    program = torch.export.export(model, _ids(2, 8, 0), strict=False,
+                                  dynamic_shapes=({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},))
+    theirs = _exported(model)
+    before = [(n.name, n.target) for n in theirs.graph.nodes]
+    for given in (program, theirs):
+        gm = sg.trace(given, _ids(2, 8, 0))
+        assert not _complex_nodes(gm) and gm is not theirs
+        assert relative_error(run(gm, _ids(3, 13, 3)), run(model, _ids(3, 13, 3))) < 1e-6
+    assert [(n.name, n.target) for n in theirs.graph.nodes] == before and _complex_nodes(theirs)
+    sg.analyze_channels(gm := sg.trace(theirs, _ids(2, 8, 0)))
+    assert len(groups_of(gm, "heads")) == LAYERS
 
 
 def test_the_pass_lowers_once_and_names_an_op_without_a_real_form():
