@@ -40,10 +40,18 @@ def _environment(tmp_path: Path, **extra) -> dict:
 
 
 def _torchrun(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """Two ranks of the CLI. Once in a full suite on a loaded 2-core machine a rank died in C++
+    (``terminate called without an active exception``, SIGABRT, no Python traceback: gloo's
+    threads, not our code); such a launch is tried once more, any other failure is returned."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "subclone_graph", "run", *args]
-    return subprocess.run(command, cwd=tmp_path, env=_environment(tmp_path, SUBCLONE_DIST_TIMEOUT="120"),
-                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    for _ in range(2):
+        done = subprocess.run(command, cwd=tmp_path, env=_environment(tmp_path, SUBCLONE_DIST_TIMEOUT="120"),
+                              capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+        if not (done.returncode and "terminate called without an active exception" in done.stderr
+                and "Traceback (most recent call last)" not in done.stderr.split("terminate called")[0]):
+            return done
+    return done
 
 
 def _token_file(path: Path, vocab: int) -> Path:
