@@ -22,11 +22,15 @@ calibration state (module ``segments``):
    steps applied by the functions the in-memory passes apply (so the same bits in every dtype)
    — and streamed into sharded safetensors in a staging folder beside ``out_dir``, with
    ``config.json`` from ``hf_export.child_config``;
-   — by the one Hugging Face writer, ``export.hf.write_folder``, the one ``save_hf`` uses: the
+   — by the one Hugging Face writer, ``export.hf.write_checked``, the one ``save_hf`` uses: the
    same child gives the same folder, byte for byte;
-6. check (``export.hf.check_folder``): the written folder, traced as its class with fake
-   weights and run segment by segment from its own shards, is compared with the child graph
-   run on the written weights; only then is the staging folder renamed to ``out_dir``.
+6. check (``export.hf.check_folder``): the written folder, loaded as its class (or, for a child
+   larger than the memory budget, traced with fake weights and run segment by segment from its
+   own shards), is compared with the child graph run on the written weights; only then is the
+   staging folder renamed to ``out_dir``. Where the class differs from the child by more than a
+   tenth of the tolerance, the writer tries the child with the rescale's ε folded into the
+   stream's scale as ``save_hf`` does — on a resident copy of the child (``resident_copy``),
+   never for a child larger than the memory budget.
 """
 from __future__ import annotations
 
@@ -44,12 +48,12 @@ from subclone_graph.passes.target import Target
 from subclone_graph.api import (aligned_target, calibration_batches, check_checkpoint_arguments, phases_steps,
                                 run_passes, subclone_passes)
 from subclone_graph.checkpoint.files import CheckpointError
-from subclone_graph.checkpoint.weightless_parent import CheckpointWeights, weightless_parent
+from subclone_graph.checkpoint.weightless_parent import CheckpointWeights, resident_copy, weightless_parent
 from subclone_graph.progress import Phases
 from subclone_graph.tracing import refuse_confined_sizes
 from subclone_graph.export.destination import check_destination, staging_folder, write_manifest
-from subclone_graph.export.hf.check import check_folder
-from subclone_graph.export.hf.write import DEFAULT_SHARD_SIZE, write_folder
+from subclone_graph.export.hf.save import write_checked
+from subclone_graph.export.hf.write import DEFAULT_SHARD_SIZE
 from subclone_graph.runtime import distributed
 
 __all__ = ["subclone_checkpoint", "StreamReport", "CheckpointError", "DEFAULT_SHARD_SIZE", "DEFAULT_MEMORY_BUDGET"]
@@ -159,18 +163,23 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
     # an overwrite replaces only a folder this package wrote
     with staging_folder(out_dir.parent) as staging:
         staged = staging / out_dir.name
-        staged.mkdir()
         phases.begin("write")
-        written = write_folder(gm, staged, weights, shard_size=shard_size, parent_folder=folder)
-        report.config_changes = written.changes
-        report.bytes_read = reader.bytes_read
-        report.seconds["write"], clock = time.perf_counter() - clock, time.perf_counter()
-        phases.begin("check")
-        # a child larger than the memory budget is checked segment by segment: peak memory of one segment
-        report.max_difference = check_folder(gm, staged, written, out_dir,
-                                             by_segments=_child_bytes(gm) > memory_budget)
+        # save_hf's writer: a child larger than the memory budget is checked segment by segment
+        # (peak memory of one segment) and is never made resident for the stream-scale fold
+        small, checking = _child_bytes(gm) <= memory_budget, []
+
+        def on_check():
+            checking.append(time.perf_counter())
+            report.bytes_read = reader.bytes_read
+            phases.begin("check")
+
+        written, report.max_difference = write_checked(
+            gm, staged, out_dir, shard_size, weights=weights, parent_folder=folder, by_segments=not small,
+            resident=(lambda: resident_copy(gm, weights)) if small else None, on_check=on_check)
         phases.end()
-        report.seconds["check"] = time.perf_counter() - clock
+        report.config_changes = written.changes
+        report.seconds["write"] = (checking or [time.perf_counter()])[0] - clock
+        report.seconds["check"] = time.perf_counter() - (checking or [time.perf_counter()])[0]
         write_manifest(staged)
         if out_dir.is_dir() and any(out_dir.iterdir()):
             os.replace(out_dir, staging / "old")

@@ -22,7 +22,9 @@ for calibration, the child's for writing — by replaying its program.
 """
 from __future__ import annotations
 
+import copy
 import itertools
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,14 +34,14 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from subclone_graph.passes import state
 from subclone_graph.passes.errors import PassError
-from subclone_graph.passes.fx_utils import get_attribute
+from subclone_graph.passes.fx_utils import get_attribute, set_attribute
 from subclone_graph.passes.tensor_edits import EditProgram
 
 from subclone_graph.checkpoint.files import CheckpointError, CheckpointReader
 from subclone_graph.checkpoint.converted import ConvertingReader
 from subclone_graph.tracing import fast_export_settings, trace
 
-__all__ = ["weightless_parent", "CheckpointWeights", "is_fake", "parent_class"]
+__all__ = ["weightless_parent", "CheckpointWeights", "is_fake", "parent_class", "resident_copy"]
 
 
 def is_fake(value) -> bool:
@@ -184,3 +186,21 @@ class CheckpointWeights:
 
     def fetch(self, gm: fx.GraphModule, targets) -> dict:
         return {target: self.tensor(gm, get_attribute(gm, target), target) for target in targets}
+
+
+def resident_copy(gm: fx.GraphModule, weights: CheckpointWeights) -> fx.GraphModule:
+    """A copy of the weightless graph ``gm`` holding its real tensors, each read once through
+    ``weights`` (its program replayed: the bits the writer writes); tied tensors stay tied."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = copy.deepcopy(gm)
+    values = {}
+    for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if is_fake(tensor):
+            if id(tensor) not in values:
+                read = weights.tensor(gm, tensor, name).detach()
+                values[id(tensor)] = torch.nn.Parameter(read, tensor.requires_grad) \
+                    if isinstance(tensor, torch.nn.Parameter) else read
+            set_attribute(real, name, values[id(tensor)])
+    state.TENSOR_ORIGINS.clear(real)
+    return real

@@ -49,7 +49,7 @@ from subclone_graph.export.hf.check import check_folder
 from subclone_graph.export.hf.write import DEFAULT_SHARD_SIZE, write_folder
 from subclone_graph.export.tolerance import model_dtype, tolerance_for
 
-__all__ = ["save_hf", "SavedFolder"]
+__all__ = ["save_hf", "SavedFolder", "write_checked"]
 
 
 class SavedFolder(type(Path())):
@@ -76,7 +76,7 @@ def save_hf(child: fx.GraphModule, out_dir, *, tokenizer=None, overwrite: bool =
     out_dir = check_destination(out_dir, overwrite=overwrite, folder=True)
     with staging_folder(out_dir.parent) as staging:
         staged = staging / out_dir.name
-        written, difference = _write_checked(child, staged, out_dir, shard_size, tokenizer)
+        written, difference = write_checked(child, staged, out_dir, shard_size, tokenizer)
         write_manifest(staged)
         if out_dir.is_dir() and any(out_dir.iterdir()):
             os.replace(out_dir, staging / "old")
@@ -88,21 +88,32 @@ def save_hf(child: fx.GraphModule, out_dir, *, tokenizer=None, overwrite: bool =
     return saved
 
 
-def _write_checked(child, staged: Path, out_dir: Path, shard_size: int, tokenizer):
-    """The written folder and its max difference. Where the class differs from the child by
-    more than a tenth of the tolerance — more than any correct re-implementation's rounding:
-    a real difference, such as a class that cannot take the rescale's ε·D/d, that another
-    batch or length could push over the tolerance — and the stream's norms carry that ε, the
-    same child with the ε folded into the stream's scale (``stream_scale``) is written too, and
-    the closer of the two is kept; the first error is raised if both differ."""
+def write_checked(child, staged: Path, out_dir: Path, shard_size: int, tokenizer=None, *, weights=None,
+                  parent_folder=None, by_segments: bool = False, resident=None, on_check=None):
+    """The written folder and its max difference: the one writer of both paths (``save_hf`` and
+    the streamed ``subclone_checkpoint``, whose ``weights`` read the checkpoint). Where the class
+    differs from the child by more than a tenth of the tolerance — more than any correct
+    re-implementation's rounding: a real difference, such as a class that cannot take the
+    rescale's ε·D/d, that another batch or length could push over the tolerance — and the
+    stream's norms carry that ε, the same child with the ε folded into the stream's scale
+    (``stream_scale``) is written too, and the closer of the two is kept; the first error is
+    raised if both differ. The fold runs the child, so it needs its weights in memory: a child
+    whose weights are read on demand gives ``resident()`` (a copy holding them), or None where
+    it may not be loaded whole (then no fold is tried). ``on_check()`` is called as the check of
+    the first folder begins (a progress phase)."""
     staged.mkdir()
     try:
-        written = write_folder(child, staged, shard_size=shard_size, tokenizer=tokenizer)
-        difference, first = check_folder(child, staged, written, out_dir), None
+        written = write_folder(child, staged, weights, shard_size=shard_size, parent_folder=parent_folder,
+                               tokenizer=tokenizer)
+        if on_check is not None:
+            on_check()
+        difference, first = check_folder(child, staged, written, out_dir, by_segments=by_segments), None
     except HFExportError as error:
         written, difference, first = None, float("inf"), error
     scale = max([1.0] + [float(v.abs().max()) for v in written.reference.values() if v.numel()]) if written else 1.0
-    folded = fold_stream_scale(child) if difference > tolerance_for(model_dtype(child)) * scale / 10 else None
+    source = child if weights is None else (resident() if resident is not None else None)
+    needed = difference > tolerance_for(model_dtype(child)) * scale / 10
+    folded = fold_stream_scale(source) if needed and source is not None else None
     if folded is None:
         if first is not None:
             raise first
@@ -110,7 +121,8 @@ def _write_checked(child, staged: Path, out_dir: Path, shard_size: int, tokenize
     other = staged.with_name(staged.name + ".folded")
     other.mkdir()
     try:
-        folded_written = write_folder(folded, other, shard_size=shard_size, tokenizer=tokenizer)
+        folded_written = write_folder(folded, other, shard_size=shard_size, parent_folder=parent_folder,
+                                      tokenizer=tokenizer)
         folded_difference = check_folder(folded, other, folded_written, out_dir)
     except HFExportError as error:
         shutil.rmtree(other)
