@@ -128,3 +128,26 @@ def test_the_torchlib_op_list_is_read_once_per_process_and_restored():
         assert first is second
         assert [(m.qualified_name, m.function) for m in first] == expected
     assert apis.get_torchlib_ops is plain
+
+
+def test_onnxruntime_runs_with_as_many_threads_as_torch(monkeypatch, tmp_path):
+    """The parity check's session takes torch's thread count, not onnxruntime's default (every core)."""
+    import onnxruntime
+
+    seen, real = [], onnxruntime.InferenceSession
+
+    def session(path, options=None, **kwargs):
+        seen.append(options.intra_op_num_threads)
+        return real(path, options, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "linear.onnx"
+    torch.onnx.export(model, (torch.ones(1, 3),), str(path), dynamo=True, verbose=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run_onnx(path, [torch.ones(1, 3)])
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1]

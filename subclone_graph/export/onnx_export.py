@@ -129,7 +129,11 @@ def _ort_errors() -> tuple:
 def run_onnx(path: str | os.PathLike, inputs: list[torch.Tensor]) -> list[np.ndarray]:
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # as many threads as torch computes with (onnxruntime's own default is every core, whatever
+    # torch.set_num_threads says: on a tiny graph, setting up that pool costs more than the run)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     return session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)})
 
