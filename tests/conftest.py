@@ -1,6 +1,8 @@
 """Test session settings.
 
-- One intra-op thread (tiny models run faster without thread overhead).
+- One intra-op thread (tiny models run faster without thread overhead), in the test processes
+  and in every process a test starts (``OMP_NUM_THREADS``: a CLI subprocess, two torchrun ranks),
+  so that one worker's process does not take the other worker's core.
 - Under pytest-xdist's default ``--dist load`` (``-n auto``), the tests of one model — those whose
   parametrization names a model of ``models`` — go to one worker together, so that a worker
   traces each model once for all of them (traced parents are cached per process:
@@ -9,9 +11,12 @@
   ``xdist_group`` marks would say the same, but xdist 3.8 renames node ids through an attribute
   pytest 9 no longer reads, so its groups are silently ignored.)
 """
+import os
 import re
 
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
