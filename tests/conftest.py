@@ -15,6 +15,7 @@ import os
 import re
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")     # the Rust tokenizers' own thread pool
 
 import torch  # noqa: E402
 
