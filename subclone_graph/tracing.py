@@ -257,7 +257,14 @@ def tensor_outputs(model: torch.nn.Module):
 
     @functools.wraps(forward)
     def without_objects(*args, **kwargs):
-        leaves, spec = pytree.tree_flatten_with_path(forward(*args, **kwargs))
+        output = forward(*args, **kwargs)
+        leaves, spec = pytree.tree_flatten_with_path(output)
+        if not any(isinstance(leaf, torch.Tensor) for _, leaf in leaves):
+            # e.g. a transformers ModelOutput class first defined while torch.export ran: transformers
+            # skips its pytree registration while compiling, and the whole output would become None
+            raise TraceError(f"{type(model).__name__} returns a {type(output).__name__} in which torch's pytree finds "
+                             "no tensor (is its class registered with torch.utils._pytree? transformers does not "
+                             "register an output class defined during a torch.export: import it before tracing)")
         for path, leaf in leaves:
             if not isinstance(leaf, _OUTPUT_CONSTANTS) and type(leaf) not in warned:
                 warned.add(type(leaf))

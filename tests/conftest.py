@@ -18,6 +18,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")     # the Rust tokenizers' own thread pool
 
 import torch  # noqa: E402
+# transformers registers its output classes with torch's pytree when they are defined, but not
+# while torch.export runs: a test whose traced forward imports transformers lazily would
+# otherwise leave them unregistered for every later test in the process (tracing.tensor_outputs)
+import transformers.modeling_outputs  # noqa: E402,F401
 
 torch.set_num_threads(1)
 

@@ -7,10 +7,16 @@ with a warning naming its type and place, and:
 
 1. the traced model's logits are the model's, at the traced size and at another batch and length;
 2. the model given is unchanged (its ``forward`` is the class's again, or the one it had);
-3. planted-dead MLP neurons and a planted-dead kv group are removed with the logits unchanged.
+3. planted-dead MLP neurons and a planted-dead kv group are removed with the logits unchanged;
+4. an output in which torch's pytree finds no tensor at all (a transformers output class first
+   defined while torch.export ran, which transformers then never registers) is a one-line
+   ``TraceError`` naming it, not a graph returning ``None`` (in a fresh interpreter: the suite's
+   conftest imports those classes first).
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -117,3 +123,27 @@ def test_dead_neurons_and_a_dead_kv_group_go_with_the_logits_unchanged():
     assert sg.count_parameters(child) < sg.count_parameters(gm)
     for batch, seq in ((2, 8), (3, 13)):
         assert relative_error(run(child, _ids(batch, seq, 7)), run(gm, _ids(batch, seq, 7))) < 1e-4
+
+
+LAZY_OUTPUT = """
+import sys, torch, subclone_graph as sg
+assert "transformers.modeling_outputs" not in sys.modules
+
+class Lazy(torch.nn.Module):
+    def forward(self, x):
+        from transformers.modeling_outputs import BaseModelOutput     # first defined while exporting
+        return BaseModelOutput(last_hidden_state=2 * x)
+
+try:
+    sg.trace(Lazy(), (torch.ones(2, 3),))
+except sg.TraceError as error:
+    print(error)
+"""
+
+
+def test_an_output_class_defined_during_the_export_is_a_one_line_error():
+    done = subprocess.run([sys.executable, "-c", LAZY_OUTPUT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = done.stdout.strip()
+    assert "\n" not in line and line.startswith("could not trace Lazy: TraceError: Lazy returns a BaseModelOutput "
+                                                 "in which torch's pytree finds no tensor"), line
