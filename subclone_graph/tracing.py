@@ -40,6 +40,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import sys
 import warnings
 
 import torch
@@ -283,6 +284,10 @@ def tensor_outputs(model: torch.nn.Module):
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    if "transformers" in sys.modules:
+        # its output classes register with torch's pytree when defined, but not during an export
+        # (``tensor_outputs``): defined now, before one, if a forward would import them lazily
+        import transformers.modeling_outputs  # noqa: F401
     try:
         with eval_mode(model), fast_export_settings(), tensor_outputs(model):
             program = torch.export.export(model, args, kwargs, strict=False,
