@@ -17,7 +17,8 @@ its place (``tensor_outputs``), with a warning naming its type and place; the te
 (logits, hidden states) are the model's own.
 
 Complex arithmetic (a rotary embedding through ``view_as_complex``) is rewritten as pairs of real
-tensors (``passes/rewrite/lower_complex.py``), so the analysis and the ONNX exporter see real ops.
+tensors (``passes/rewrite/lower_complex.py``), so the analysis and the ONNX exporter see real ops. A call of an ATen alias (``torch.multiply``) is
+rewritten as its canonical op (``torch.mul``: ``passes/rewrite/canonical_aliases.py``).
 
 Non-tensor keyword inputs of the example (``use_cache=False``) are baked into the graph as
 constants, so the traced module — and every child made from it — is called with tensors only.
@@ -50,6 +51,7 @@ from subclone_graph.passes import state
 from subclone_graph.input_sizes import dynamic_axes, resized
 from subclone_graph.passes.analysis.input_guards import allowed_sizes, input_guards
 from subclone_graph.passes.fx_utils import as_input_tuple, eval_mode
+from subclone_graph.passes.rewrite.canonical_aliases import canonical_aliases
 from subclone_graph.passes.rewrite.lower_complex import lower_complex
 
 __all__ = ["trace", "dynamic_shapes_for", "TraceError", "fast_export_settings", "refuse_confined_sizes",
@@ -108,6 +110,7 @@ def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.Gr
     else:
         raise TypeError(f"trace: expected a torch.nn.Module, GraphModule or ExportedProgram, got {type(model).__name__}")
     bind_constant_inputs(gm)
+    canonical_aliases(gm)   # torch.multiply as torch.mul: one name per op for the rules and passes
     _allow_train_eval(gm)
     if not state.EXAMPLE_INPUTS.has(gm):
         state.EXAMPLE_INPUTS.set(gm, example_inputs)
