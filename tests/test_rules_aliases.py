@@ -4,10 +4,12 @@
    by the trace as its canonical op (``mul``, ``div``, ``sub``, ``clamp``), so the rules and the
    passes that recognise an op see it: a hand-written RMSNorm through ``torch.multiply`` /
    ``torch.divide`` is a norm the rescale corrects, and planted dead residual channels go exactly;
-2. an in-place twin of an elementwise op (``scores.masked_fill_(mask, value)`` with a number or a
+2. an elementwise op the sweep found without a rule (``acos``: an angular similarity of queries and
+   keys) keeps the heads prunable;
+3. an in-place twin of an elementwise op (``scores.masked_fill_(mask, value)`` with a number or a
    0-dim tensor, ``clamp_``, ``sigmoid_``) flows dims as the op: the heads and the MLP stay
    prunable, and planted dead heads and neurons are removed exactly;
-3. the alias table itself: each pair's schemas agree argument by argument, and the rewrite is a
+4. the alias table itself: each pair's schemas agree argument by argument, and the rewrite is a
    pass whose second run changes nothing.
 """
 from __future__ import annotations
@@ -56,6 +58,7 @@ class MaskedAttention(nn.Module):
         b, s, _ = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
         scores = torch.multiply(q @ k.transpose(-1, -2), HEAD_DIM ** -0.5)
+        scores = 4.0 - torch.arccos(torch.tanh(scores))          # an angular similarity (acos)
         mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
         scores.masked_fill_(mask, -1e4 if self.fill is None else self.fill)
         y = torch.multiply(scores.softmax(-1) @ v, self.gate)
@@ -112,7 +115,7 @@ def test_aliases_are_their_canonical_ops_and_in_place_twins_have_rules(parent):
     ops = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     assert not ops & set(ALIASES), ops & set(ALIASES)
     assert {aten.mul.Tensor, aten.div.Tensor, aten.sub.Tensor, aten.clamp.default, aten.masked_fill_.Scalar,
-            aten.masked_fill_.Tensor, aten.clamp_.default, aten.sigmoid_.default} <= ops
+            aten.masked_fill_.Tensor, aten.clamp_.default, aten.sigmoid_.default, aten.acos.default} <= ops
     assert not gm.meta["subclone.unknown_ops"]
     assert not groups_of(gm, "frozen")
     assert len(groups_of(gm, "ffn")) == 2 and len(groups_of(gm, "residual")) == 1

@@ -45,4 +45,11 @@ ALIASES = {
     **_pairs("negative", "neg", ("default",)),
     **_pairs("arctan2", "atan2", ("default",)),
     **_pairs("special_expit", "sigmoid", ("default",)),
+    **_pairs("arccos", "acos", ("default",)),
+    **_pairs("arcsin", "asin", ("default",)),
+    **_pairs("arctan", "atan", ("default",)),
+    **_pairs("arccosh", "acosh", ("default",)),
+    **_pairs("arcsinh", "asinh", ("default",)),
+    **_pairs("arctanh", "atanh", ("default",)),
+    **_pairs("fix", "trunc", ("default",)),
 }

@@ -48,7 +48,12 @@ _UNARY = [
     aten.div.Scalar, aten.rsub.Scalar, aten.clamp.default, aten.clamp_min.default,
     aten.clamp_max.default, aten.softmax.int, aten._softmax.default, aten.log_softmax.int,
     aten._log_softmax.default, aten.tril.default, aten.triu.default, aten.nan_to_num.default, aten.isinf.default,
-    aten.isnan.default, aten.fill.Scalar, aten.pow.Scalar,
+    aten.isnan.default, aten.fill.Scalar, aten.pow.Scalar, aten.acos.default, aten.asin.default,
+    aten.atan.default, aten.tan.default, aten.sinh.default, aten.cosh.default, aten.asinh.default,
+    aten.acosh.default, aten.atanh.default, aten.exp2.default, aten.log2.default, aten.log10.default,
+    aten.trunc.default, aten.frac.default, aten.erfc.default, aten.erfinv.default, aten.relu6.default,
+    aten.selu.default, aten.celu.default, aten.threshold.default, aten.logit.default, aten.sgn.default,
+    aten.sinc.default, aten.signbit.default, aten.log_sigmoid.default, aten.positive.default,
 ]
 _BINARY = [
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.div.Tensor_mode,
