@@ -24,11 +24,14 @@ _MAX_ROUNDS = 8
 def _rejections() -> tuple:
     """What a config class raises when it rejects a combination of sizes while the model is built
     from it (a width not divisible by the heads, a per-layer list shorter than the layer count, a
-    width derived as a negative difference, a size left None that the class computes with). The
+    width derived as a negative difference, a size left None that the class computes with, a field
+    left None that the search set to a width and the class reads as an object: ``dtype=2`` →
+    ``AttributeError: 'int' object has no attribute 'is_floating_point'``). The
     candidate is then dropped; whatever is kept is checked against the child's outputs at the end.
     A class that raises one of these on the parent's own config has a bug, and that propagates
     (``_Candidates.problems``)."""
-    plain = (ValueError, AssertionError, ZeroDivisionError, TypeError, IndexError, KeyError, RuntimeError)
+    plain = (ValueError, AssertionError, ZeroDivisionError, TypeError, IndexError, KeyError, RuntimeError,
+             AttributeError)
     try:
         from huggingface_hub.errors import StrictDataclassError   # transformers 5's config validation
     except ImportError:
