@@ -9,7 +9,9 @@
    split still cuts where its pieces end; planted dead residual channels are removed exactly; a
    split with a shorter last piece is frozen with the reason;
 4. a convolution with a string padding (``padding="valid"``, ``aten.conv2d.padding``) relates its
-   channels as any convolution: a patch embedding's output is the stream, which shrinks exactly.
+   channels as any convolution: a patch embedding's output is the stream, which shrinks exactly;
+5. an empty tensor in a ``cat`` (a stack of layer states begun as ``x.new_zeros(b, s, 0, D)``) has
+   the others' sizes off the cat dim: its literal width follows the stream, which shrinks exactly.
 """
 from __future__ import annotations
 
@@ -192,5 +194,47 @@ def test_a_convolution_with_a_string_padding_keeps_the_stream_prunable():
     checked = [(images,), (torch.randn(3, 3, 16, 16),)]
     child = sg.subclone(gm, (images,), sg.Target(hidden=D - 3), calibration=checked)
     assert child.get_parameter("patch.weight").shape == (D - 3, 3, 4, 4)
+    for x in checked:
+        assert relative_error(run(child, x), run(gm, x)) < 1e-5
+
+
+class BlockStatesModel(nn.Module):
+    """Each layer's output is stacked onto the states of the layers before it, a stack begun empty
+    as ``x.new_zeros(b, s, 0, D)``; the head reads a learned mix of the stack (an attention over
+    block residuals)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.layers = nn.ModuleList(nn.Sequential(nn.RMSNorm(D), nn.Linear(D, FFN), nn.ReLU(), nn.Linear(FFN, D))
+                                    for _ in range(2))
+        self.mix = nn.Parameter(torch.tensor([0.3, 0.7]))
+        self.norm, self.head = nn.RMSNorm(D), nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, s, _ = x.shape
+        states = x.new_zeros(b, s, 0, D)
+        for layer in self.layers:
+            x = x + layer(x)
+            states = torch.cat([states, x.unsqueeze(-2)], dim=-2)
+        return self.head(self.norm((states * self.mix[:, None]).sum(-2)))
+
+
+def test_an_empty_tensor_in_a_cat_follows_the_others_off_the_cat_dim():
+    # the empty start of the stack has the stream's width: joined to the stream, its literal D
+    # is rewritten with it (not joined, the child's cat met a 32-wide and a 29-wide state)
+    torch.manual_seed(0)
+    inputs = _ids(2, 8, 0)
+    gm = sg.trace(BlockStatesModel().eval(), inputs)
+    sg.analyze_channels(gm)
+    assert not gm.meta["subclone.unknown_ops"] and not groups_of(gm, "frozen")
+    (stream,) = groups_of(gm, "residual")
+    (empty,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.new_zeros.default]
+    assert channel_groups(empty)[-1] == stream.id
+    plant_dead(gm, {stream.id: [0, 5, D - 1]})
+    checked = [inputs, _ids(3, 5, 7)]
+    child = sg.subclone(gm, inputs, sg.Target(hidden=D - 3), calibration=checked)
+    assert child.get_parameter("head.weight").shape == (VOCAB, D - 3)
     for x in checked:
         assert relative_error(run(child, x), run(gm, x)) < 1e-5
