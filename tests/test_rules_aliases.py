@@ -164,16 +164,19 @@ def test_each_alias_has_its_canonical_schema_and_a_rule():
 def test_the_rewrite_is_a_pass_whose_second_run_changes_nothing():
     class Tiny(nn.Module):
         def forward(self, x):
-            return torch.multiply(torch.true_divide(x, 2.0), torch.negative(x)), torch.greater(x, 0)
+            return torch.multiply(torch.true_divide(x, 2.0), torch.negative(x)), torch.greater(x, 0), \
+                torch.concatenate([x, x], dim=-1)
 
     x = torch.randn(2, 3)
     program = torch.export.export(Tiny(), (x,))
     gm = program.module()
-    aliases = {aten.multiply.Tensor, aten.true_divide.Tensor, aten.negative.default, aten.greater.Scalar}
+    aliases = {aten.multiply.Tensor, aten.true_divide.Tensor, aten.negative.default, aten.greater.Scalar,
+               aten.concatenate.default}
     assert aliases <= {n.target for n in gm.graph.nodes}
     expected = gm(x)
     assert CanonicalAliasesPass()(gm).modified
-    assert {aten.mul.Tensor, aten.div.Tensor, aten.neg.default, aten.gt.Scalar} <= {n.target for n in gm.graph.nodes}
+    assert {aten.mul.Tensor, aten.div.Tensor, aten.neg.default, aten.gt.Scalar, aten.cat.default} <= \
+        {n.target for n in gm.graph.nodes}
     assert not aliases & {n.target for n in gm.graph.nodes}
     assert not CanonicalAliasesPass()(gm).modified
     assert all(torch.equal(a, b) for a, b in zip(gm(x), expected))

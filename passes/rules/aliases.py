@@ -52,4 +52,6 @@ ALIASES = {
     **_pairs("arcsinh", "asinh", ("default",)),
     **_pairs("arctanh", "atanh", ("default",)),
     **_pairs("fix", "trunc", ("default",)),
+    **_pairs("concatenate", "cat", ("default",)),
+    **_pairs("concat", "cat", ("default",)),
 }
