@@ -11,7 +11,9 @@
 4. a convolution with a string padding (``padding="valid"``, ``aten.conv2d.padding``) relates its
    channels as any convolution: a patch embedding's output is the stream, which shrinks exactly;
 5. an empty tensor in a ``cat`` (a stack of layer states begun as ``x.new_zeros(b, s, 0, D)``) has
-   the others' sizes off the cat dim: its literal width follows the stream, which shrinks exactly.
+   the others' sizes off the cat dim: its literal width follows the stream, which shrinks exactly;
+6. a ``gather`` by computed indices (a relative-position bias table per head, gathered along its
+   buckets): its other dims flow through, so the heads stay prunable and dead heads go exactly.
 """
 from __future__ import annotations
 
@@ -236,5 +238,60 @@ def test_an_empty_tensor_in_a_cat_follows_the_others_off_the_cat_dim():
     checked = [inputs, _ids(3, 5, 7)]
     child = sg.subclone(gm, inputs, sg.Target(hidden=D - 3), calibration=checked)
     assert child.get_parameter("head.weight").shape == (VOCAB, D - 3)
+    for x in checked:
+        assert relative_error(run(child, x), run(gm, x)) < 1e-5
+
+
+class RelativeBiasAttention(nn.Module):
+    """Eager attention plus a per-head bias looked up by relative distance: a (heads, buckets) table
+    gathered along its buckets by one bucket map expanded over the heads."""
+
+    def __init__(self, buckets=6):
+        super().__init__()
+        self.buckets = buckets
+        self.qkv, self.out = nn.Linear(D, 3 * HEADS * HEAD_DIM), nn.Linear(HEADS * HEAD_DIM, D)
+        self.table = nn.Parameter(torch.randn(HEADS, buckets))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        positions = torch.arange(s, device=x.device)
+        bucket = (positions[None, :] - positions[:, None]).abs().clamp(0, self.buckets - 1)
+        logits = self.table[None, :, None, :].expand(b, HEADS, s, self.buckets)
+        bias = logits.gather(-1, bucket.expand(b, HEADS, s, s))
+        scores = q @ k.transpose(-1, -2) * HEAD_DIM ** -0.5 + bias
+        y = scores.softmax(-1) @ v
+        return self.out(y.transpose(1, 2).reshape(b, s, HEADS * HEAD_DIM))
+
+
+class RelativeBiasModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.norms = nn.ModuleList(nn.RMSNorm(D) for _ in range(2))
+        self.layers = nn.ModuleList(RelativeBiasAttention() for _ in range(2))
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for norm, layer in zip(self.norms, self.layers):
+            x = x + layer(norm(x))
+        return self.head(x)
+
+
+def test_a_gather_by_computed_indices_keeps_its_other_dims_prunable():
+    # the bias table's heads are the attention's heads: gathered along the buckets only, so planted
+    # dead heads (their table rows too) go exactly; the buckets dim, read by computed indices, freezes
+    torch.manual_seed(0)
+    inputs = _ids(2, 8, 0)
+    gm = sg.trace(RelativeBiasModel().eval(), inputs)
+    sg.analyze_channels(gm)
+    assert len(gm.meta["subclone.attention"]) == 2 and not gm.meta["subclone.unknown_ops"]
+    reasons = [g.reason for g in gm.meta["subclone.channel_graph"].groups.values() if g.reason]
+    assert any("gather reads computed indices" in r for r in reasons), reasons
+    heads, kv_heads = plant_dead_heads(gm)
+    checked = [inputs, _ids(3, 5, 7)]
+    child = sg.subclone(gm, inputs, sg.Target(heads=heads, kv_heads=kv_heads), calibration=checked)
+    assert child.get_parameter("layers.0.table").shape == (HEADS - 1, 6)
     for x in checked:
         assert relative_error(run(child, x), run(gm, x)) < 1e-5

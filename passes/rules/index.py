@@ -53,7 +53,7 @@ def _index_select(ctx):
 def _pick_values(ctx):
     # Which index lands where depends on the index values: nothing may be sliced, unless the
     # indices are those of the dim gathered along (a top-k's picks): then index i is still i.
-    if ctx.node.target is aten.gather.default and _gather_own_indices(ctx):
+    if ctx.node.target is aten.gather.default and (_gather_own_indices(ctx) or _gather_computed(ctx)):
         return
     ctx.freeze_all("picks elements by computed indices")
 
@@ -70,6 +70,31 @@ def _gather_own_indices(ctx) -> bool:
         ctx.eq(ctx.v(index, d), ctx.out(d))
         if d != dim and size == ctx.shape(x)[d]:
             ctx.eq(ctx.v(x, d), ctx.v(index, d))
+    return True
+
+
+def _gather_computed(ctx) -> bool:
+    """``out[..., j, ..., k] = x[..., j, ..., index[..., j, ..., k]]`` (gather along ``dim``) with
+    computed indices (a relative-position bucket per query and key): the values point into x's
+    ``dim``, frozen; along every other dim position j reads position j whatever the values, so x's,
+    the index's and out's dims of one size are equal (a per-head bias table gathered by one bucket
+    map expanded over the heads keeps its heads prunable). Indices that point into a dim of their
+    own (``ctx.pointer``) are left to ``_gather_own_indices`` or frozen."""
+    x, dim, index = ctx.arg(0, "self"), ctx.arg(1, "dim"), ctx.arg(2, "index")
+    shape, picks = ctx.shape(x), ctx.shape(index)
+    if ctx.pointer(index) is not None or not shape or picks is None or len(shape) != len(picks):
+        return False
+    dim %= len(shape)
+    ctx.freeze(ctx.v(x, dim), "gather reads computed indices of this dim")
+    for d, size in enumerate(picks):
+        ctx.eq(ctx.v(index, d), ctx.out(d))
+        if d == dim:
+            continue
+        if same_size(size, shape[d]):
+            ctx.eq(ctx.v(x, d), ctx.v(index, d))
+        else:                       # the index covers a prefix of x's dim: the two do not shrink alike
+            ctx.freeze(ctx.v(x, d), "gather reads a prefix of this dim")
+            ctx.freeze(ctx.v(index, d), "gather reads a prefix of this dim")
     return True
 
 
