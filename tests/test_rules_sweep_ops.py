@@ -13,7 +13,9 @@
 5. an empty tensor in a ``cat`` (a stack of layer states begun as ``x.new_zeros(b, s, 0, D)``) has
    the others' sizes off the cat dim: its literal width follows the stream, which shrinks exactly;
 6. a ``gather`` by computed indices (a relative-position bias table per head, gathered along its
-   buckets): its other dims flow through, so the heads stay prunable and dead heads go exactly.
+   buckets): its other dims flow through, so the heads stay prunable and dead heads go exactly;
+7. sliding windows (``unfold``: a short convolution over the positions per channel): the channels
+   flow through, so an MLP's dead inner neurons go exactly.
 """
 from __future__ import annotations
 
@@ -293,5 +295,49 @@ def test_a_gather_by_computed_indices_keeps_its_other_dims_prunable():
     checked = [inputs, _ids(3, 5, 7)]
     child = sg.subclone(gm, inputs, sg.Target(heads=heads, kv_heads=kv_heads), calibration=checked)
     assert child.get_parameter("layers.0.table").shape == (HEADS - 1, 6)
+    for x in checked:
+        assert relative_error(run(child, x), run(gm, x)) < 1e-5
+
+
+class WindowMlp(nn.Module):
+    """An MLP whose inner channels each run a causal short convolution over the positions, written
+    as sliding windows (``unfold``) times a per-channel kernel."""
+
+    def __init__(self, kernel=3):
+        super().__init__()
+        self.kernel = kernel
+        self.norm, self.up, self.down = nn.RMSNorm(D), nn.Linear(D, FFN), nn.Linear(FFN, D)
+        self.taps = nn.Parameter(torch.randn(FFN, kernel))
+
+    def forward(self, x):
+        h = F.relu(self.up(self.norm(x))).transpose(1, 2)                     # (b, ffn, s)
+        windows = F.pad(h, (self.kernel - 1, 0)).unfold(-1, self.kernel, 1)    # (b, ffn, s, kernel)
+        return x + self.down((windows * self.taps[:, None, :]).sum(-1).transpose(1, 2))
+
+
+class WindowModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(VOCAB, D), nn.Linear(D, VOCAB)
+        self.layers = nn.ModuleList(WindowMlp() for _ in range(2))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_sliding_windows_keep_their_channels_prunable():
+    torch.manual_seed(0)
+    inputs = _ids(2, 8, 0)
+    gm = sg.trace(WindowModel().eval(), inputs)
+    sg.analyze_channels(gm)
+    assert not gm.meta["subclone.unknown_ops"] and len(groups_of(gm, "ffn")) == 2
+    plant_dead(gm, {g.id: list(range(1, FFN, 2)) for g in groups_of(gm, "ffn")})
+    checked = [inputs, _ids(3, 5, 7)]
+    # (unfold needs as many positions as its window: the trace keeps that guard, hence fixed_sizes)
+    child = sg.subclone(gm, inputs, sg.Target(ffn=0.5), calibration=checked + [_ids(4, 16, 100)], fixed_sizes=True)
+    assert child.get_parameter("layers.0.taps").shape == (FFN // 2, 3)
     for x in checked:
         assert relative_error(run(child, x), run(gm, x)) < 1e-5

@@ -1,6 +1,7 @@
 """Rules for picking values by index: select, index_select, gather/scatter, advanced indexing
-(``x[idx]``, ``index_put``, ``index_add``) and padding. What an index picks along a dim is data,
-so an indexed dim is frozen; every other dim flows through (see ``op_rules``). One exception:
+(``x[idx]``, ``index_put``, ``index_add``), padding and sliding windows (``unfold``). What an
+index picks along a dim is data, so an indexed dim is frozen; every other dim flows through
+(see ``op_rules``). One exception:
 a constant index that is consecutive (``qkv[..., [-2]]``, ``x[:, [3, 4, 5]]``) is a slice in
 disguise and is related like ``slice`` (``concat(before, picked, after)``); the rewrite turns it
 into that slice with the child's bounds. Another: an index whose values are the indices of the
@@ -293,4 +294,21 @@ def _pad(ctx):
             ctx.freeze(ctx.v(x, d), "padded dim")
             ctx.freeze(ctx.out(d), "padded dim")
         else:
+            ctx.eq(ctx.v(x, d), ctx.out(d))
+
+
+@register(aten.unfold.default)
+def _unfold(ctx):
+    # out[..., i, ..., k] = x[..., i·step + k, ...]: the windows along ``dimension`` (a short
+    # convolution's sliding windows over the positions) become that dim (their count) and a new
+    # last dim (the window); which element lands where depends on both sizes, so they freeze, and
+    # every other dim (the channels) flows through.
+    x = ctx.arg(0, "self")
+    rank = len(ctx.shape(x))
+    dim = ctx.arg(1, "dimension") % max(rank, 1)
+    ctx.freeze(ctx.v(x, dim), "unfold slides windows along this dim")
+    ctx.freeze(ctx.out(dim), "unfold's windows")
+    ctx.freeze(ctx.out(rank), "unfold's window")
+    for d in range(rank):
+        if d != dim:
             ctx.eq(ctx.v(x, d), ctx.out(d))
