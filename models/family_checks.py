@@ -17,7 +17,9 @@
    then removed: outputs unchanged at both sizes (the checked inputs are in the
    calibration: a live ReLU neuron silent on other batches would tie with the dead ones); heads
    whose keys and values are one copy broadcast over them (multi-query) are not planted: their
-   outputs mix the shared values, so no weight makes them dead to an activation score;
+   outputs mix the shared values, so no weight makes them dead to an activation score; nor are
+   channels a LayerNorm normalises over (a QK LayerNorm over the whole query projection): a zeroed
+   channel still counts in its mean, so removing it is exact for no model (``centring_norm_over``);
 5. ``grandchild``: the shrunk child, subcloned again with the shrink's target less the kinds the
    child's own analysis no longer finds (its experts kept: the router's top-k),
    runs at another size with the child's output shape, finite, with fewer parameters;
@@ -62,7 +64,7 @@ from subclone_graph.passes import state
 from subclone_graph.passes.errors import PassError, PostconditionError
 from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
 
-from .planting import (groups_of, heads_share_values, plant_dead, plant_dead_head_share, plant_dead_heads,
+from .planting import (centring_norm_over, groups_of, heads_share_values, plant_dead, plant_dead_head_share, plant_dead_heads,
                        relative_error, run)
 
 __all__ = ["Outcome", "run_checks", "classify", "CHECKS", "shrink_target"]
@@ -231,13 +233,14 @@ def _fields(target: sg.Target) -> str:
 def _dead(f: _Family) -> str:
     gm, fields, planted = f.copy(), {}, []
     graph = gm.meta["subclone.channel_graph"]
-    ffn = [g for g in groups_of(gm, "ffn") if g.size >= 2]
+    ffn = [g for g in groups_of(gm, "ffn") if g.size >= 2 and centring_norm_over(gm, g.id) is None]
     if ffn:
         plant_dead(gm, {g.id: list(range(1, g.size, 2)) for g in ffn})
         fields["ffn"], planted = 0.5, ["ffn neurons"]
     sites = [s for s in gm.meta.get("subclone.attention") or () if graph.groups[s.heads].kind == "heads"]
     shared = any(heads_share_values(gm, s) for s in sites)      # no weight kills such a head's activation
-    if sites and not shared and len(sites) == len(gm.meta["subclone.attention"]) and all(
+    centred = next(filter(None, (centring_norm_over(gm, s.heads) for s in sites)), None)
+    if sites and not shared and not centred and len(sites) == len(gm.meta["subclone.attention"]) and all(
             graph.groups[s.kv_heads].size >= 2 or graph.groups[s.heads].size >= 2 for s in sites):
         widths = {(graph.groups[s.heads].size, graph.groups[s.kv_heads].size) for s in sites}
         if len(widths) == 1:
@@ -253,7 +256,9 @@ def _dead(f: _Family) -> str:
         raise Wrong("planted-dead child has as many parameters as the parent")
     for x in (f.example, f.other):
         _close(run(child, x), run(gm, x), DEAD, f"dead {' and '.join(planted)} removed, at {tuple(x[0].shape)}")
-    return " and ".join(planted) + (" (heads not planted: one key/value head shared by all)" if shared else "")
+    return " and ".join(planted) + (" (heads not planted: one key/value head shared by all)" if shared else "") + (
+        f" (heads not planted: a LayerNorm centres over them, {centred}: a zeroed head still moves its mean)"
+        if centred else "")
 
 
 def _grandchild(f: _Family) -> str:

@@ -11,11 +11,11 @@ import torch
 import torch.utils._pytree as pytree
 
 from subclone_graph.passes.analysis.keep_sets import derive_keep
-from subclone_graph.passes.fx_utils import get_attribute, tensor_shape
+from subclone_graph.passes.fx_utils import get_attribute, module_path, tensor_shape
 from subclone_graph.passes.state import channel_groups
 
 __all__ = ["output_tensor", "run", "relative_error", "groups_of", "plant_dead", "plant_dead_per_expert",
-           "plant_dead_heads", "plant_dead_head_share", "heads_share_values"]
+           "plant_dead_heads", "plant_dead_head_share", "heads_share_values", "centring_norm_over"]
 
 
 def output_tensor(out) -> torch.Tensor:
@@ -149,3 +149,23 @@ def heads_share_values(gm, site) -> bool:
                 return True
         todo.extend(node.all_input_nodes)
     return False
+
+
+_CENTRING_NORMS = (torch.ops.aten.layer_norm.default, torch.ops.aten.native_layer_norm.default)
+
+
+def centring_norm_over(gm, group_id: int) -> str | None:
+    """The module of a LayerNorm whose normalised dims hold ``group_id`` or a width built from it (a
+    QK-norm over a whole ``heads·head_dim`` projection), if any. A LayerNorm subtracts the mean over
+    those dims: a zeroed channel still counts in that mean (and in the variance, as the mean's
+    square), so removing it changes what the norm gives every kept channel — unlike RMSNorm, no
+    rescale makes that exact. Planting such channels dead checks nothing exact."""
+    graph = gm.meta["subclone.channel_graph"]
+    wanted = {graph.find(group_id)} | graph.composites_containing(group_id)
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _CENTRING_NORMS:
+            continue
+        normalised = channel_groups(node.args[0])[-len(node.args[1]):]
+        if wanted & {graph.find(g) for g in normalised}:
+            return module_path(node)
+    return None

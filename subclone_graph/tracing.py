@@ -17,9 +17,10 @@ its place (``tensor_outputs``), with a warning naming its type and place; the te
 (logits, hidden states) are the model's own.
 
 Complex arithmetic (a rotary embedding through ``view_as_complex``) is rewritten as pairs of real
-tensors (``passes/rewrite/lower_complex.py``), so the analysis and the ONNX exporter see real ops;
-whatever the input (a module, an ``ExportedProgram``, a graph), and on a copy where the graph is
-the caller's own.
+tensors (``passes/rewrite/lower_complex.py``), so the analysis and the ONNX exporter see real ops.
+A call of an ATen alias (``torch.multiply``) is rewritten as its canonical op (``torch.mul``:
+``passes/rewrite/canonical_aliases.py``). Both whatever the input (a module, an
+``ExportedProgram``, a graph), and on a copy where the graph is the caller's own.
 
 Non-tensor keyword inputs of the example (``use_cache=False``) are baked into the graph as
 constants, so the traced module — and every child made from it — is called with tensors only.
@@ -54,6 +55,8 @@ from subclone_graph.passes import state
 from subclone_graph.input_sizes import dynamic_axes, resized
 from subclone_graph.passes.analysis.input_guards import allowed_sizes, input_guards
 from subclone_graph.passes.fx_utils import as_input_tuple, eval_mode
+from subclone_graph.passes.rewrite.canonical_aliases import canonical_aliases
+from subclone_graph.passes.rules.aliases import ALIASES
 from subclone_graph.passes.rewrite.lower_complex import lower_complex
 
 __all__ = ["trace", "dynamic_shapes_for", "TraceError", "fast_export_settings", "refuse_confined_sizes",
@@ -111,7 +114,7 @@ def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.Gr
         gm = _export(model, example_inputs, _default_kwargs(model, example_kwargs or {}))
     else:
         raise TypeError(f"trace: expected a torch.nn.Module, GraphModule or ExportedProgram, got {type(model).__name__}")
-    gm = _lowered(gm, own=gm is model)
+    gm = _normalised(gm, own=gm is model)
     bind_constant_inputs(gm)
     _allow_train_eval(gm)
     if not state.EXAMPLE_INPUTS.has(gm):
@@ -127,17 +130,22 @@ def trace(model, example_inputs=(), example_kwargs: dict | None = None) -> fx.Gr
     return gm
 
 
-def _lowered(gm: fx.GraphModule, own: bool) -> fx.GraphModule:
-    """``gm`` with its complex arithmetic as pairs of real tensors (module doc); where ``gm`` is the
-    caller's own graph and has complex values, a copy sharing its weights is lowered instead. An op
-    on a complex value with no real form leaves the graph as it was (the analysis names it)."""
-    if not any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_complex() for n in gm.graph.nodes):
+def _normalised(gm: fx.GraphModule, own: bool) -> fx.GraphModule:
+    """``gm`` with its complex arithmetic as pairs of real tensors and its ATen aliases as their
+    canonical ops (module doc); where ``gm`` is the caller's own graph and either would change it,
+    a copy sharing its weights is rewritten instead. An op on a complex value with no real form
+    leaves the graph as it was (the analysis names it)."""
+    complex_values = any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_complex()
+                         for n in gm.graph.nodes)
+    aliases = any(n.op == "call_function" and n.target in ALIASES for n in gm.graph.nodes)
+    if not (complex_values or aliases):
         return gm
     if own:
         copied = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         copied.meta.update(gm.meta)
         gm = copied
     lower_complex(gm)
+    canonical_aliases(gm)   # torch.multiply as torch.mul: one name per op for the rules and passes
     return gm
 
 

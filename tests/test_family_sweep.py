@@ -190,3 +190,54 @@ def test_a_grandchild_is_not_asked_for_the_layers_its_child_already_has():
                                                                   checks=("trace", "shrink", "grandchild"))}
     assert outcomes["shrink"].status == "refused" and "layers=3" in outcomes["shrink"].detail, outcomes["shrink"].detail
     assert outcomes["grandchild"].status == "skip", outcomes["grandchild"].detail
+
+
+class _QkNormLayer(torch.nn.Module):
+    """Attention whose queries and keys go through a norm over the whole heads·head_dim projection
+    (a QK-norm: LayerNorm, which centres, or RMSNorm), then an MLP."""
+
+    def __init__(self, centring: bool, dim: int = 32, heads: int = 4):
+        super().__init__()
+        norm = (lambda: torch.nn.LayerNorm(dim, bias=False)) if centring else (lambda: torch.nn.RMSNorm(dim))
+        self.heads, self.norm1, self.norm2 = heads, torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim) for _ in range(4))
+        self.q_norm, self.k_norm = norm(), norm()
+        self.up, self.down = torch.nn.Linear(dim, 48), torch.nn.Linear(48, dim)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        split = lambda t: t.view(b, s, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        h = self.norm1(x)
+        q, k, v = split(self.q_norm(self.q(h))), split(self.k_norm(self.k(h))), split(self.v(h))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(y.transpose(1, 2).reshape(b, s, d))
+        return x + self.down(torch.nn.functional.relu(self.up(self.norm2(x))))
+
+
+class _QkNormDecoder(torch.nn.Module):
+    def __init__(self, centring: bool):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(40, 32), torch.nn.Linear(32, 40)
+        self.layers = torch.nn.ModuleList(_QkNormLayer(centring) for _ in range(2))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("centring", [True, False])
+def test_the_dead_check_plants_no_heads_a_layer_norm_centres_over(centring):
+    # a zeroed query head still counts in a LayerNorm's mean over the whole projection: removing it
+    # is exact for no model, so the check plants only the MLP; an RMSNorm there is rescaled exactly,
+    # so its heads are planted
+    torch.manual_seed(0)
+    ids = lambda b, s, seed: (torch.randint(0, 40, (b, s), generator=torch.Generator().manual_seed(seed)),)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcomes = {o.check: o for o in family_checks.run_checks(_QkNormDecoder(centring).eval(), ids,
+                                                                  checks=("trace", "dead"))}
+    assert outcomes["dead"].status == "ok", outcomes["dead"].detail
+    assert outcomes["dead"].detail == ("ffn neurons (heads not planted: a LayerNorm centres over them, layers.0.q_norm: a zeroed "
+                                       "head still moves its mean)" if centring else "ffn neurons and heads")

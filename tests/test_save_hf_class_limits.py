@@ -14,7 +14,9 @@ met (decoder-only runs of encoder-decoder classes, LM heads beside a pooler, per
 5. a buffer the class computes from its width instead of loading it (a sinusoidal position table):
    the child's kept channels of the parent's differ from it, and ``save_hf`` refuses naming it;
 6. a field the config class derives from the layer count (a backbone's ``out_features``) is
-   derived anew for the child (a tiny DINOv2 built from a config).
+   derived anew for the child (a tiny DINOv2 built from a config);
+7. a field left None that the search sets to a width and the class reads as an object (a dtype:
+   ``AttributeError``) only rejects that candidate; the child saves and reloads equal.
 """
 from __future__ import annotations
 
@@ -261,3 +263,63 @@ def test_a_class_that_cannot_run_the_childs_config_is_refused_naming_it(tmp_path
                                                r"of the class with the child's layers and sizes"):
         sg.save_hf(child, tmp_path / "child")
     assert not (tmp_path / "child").exists()
+
+
+class UnsetFieldsConfig(PretrainedConfig):
+    """An inner width left None (it defaults to the hidden size) and a dtype left None (read as a
+    ``torch.dtype`` when set)."""
+
+    model_type = "subclone_tiny_unset_fields"
+
+    def __init__(self, hidden_size=32, inner_dtype=None, inner_size=None, num_hidden_layers=2, **kwargs):
+        self.hidden_size, self.inner_dtype, self.inner_size = hidden_size, inner_dtype, inner_size    # searched in this order
+        self.num_hidden_layers = num_hidden_layers
+        super().__init__(**kwargs)
+
+
+class UnsetFieldsLayer(nn.Module):
+    def __init__(self, hidden, inner):
+        super().__init__()
+        self.norm, self.up, self.down = nn.RMSNorm(hidden), nn.Linear(hidden, inner), nn.Linear(inner, hidden)
+
+    def forward(self, x):
+        return x + self.down(F.relu(self.up(self.norm(x))))
+
+
+class UnsetFieldsModel(PreTrainedModel):
+    config_class = UnsetFieldsConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.inner_dtype is not None and not config.inner_dtype.is_floating_point:
+            raise ValueError("inner_dtype must be a floating dtype")
+        inner = config.inner_size if config.inner_size is not None else config.hidden_size
+        self.embed = nn.Embedding(VOCAB, config.hidden_size)
+        self.layers = nn.ModuleList(UnsetFieldsLayer(config.hidden_size, inner) for _ in range(config.num_hidden_layers))
+        self.norm, self.head = nn.RMSNorm(config.hidden_size), nn.Linear(config.hidden_size, VOCAB)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+def test_a_candidate_the_class_reads_as_an_object_is_rejected(tmp_path):
+    # the stream and the inner width shrink apart: only setting the unset inner_size expresses
+    # that, and the search also tries a width for the unset inner_dtype, which the class reads as a
+    # dtype (AttributeError: 'int' object has no attribute 'is_floating_point'): a rejected candidate
+    torch.manual_seed(0)
+    model = UnsetFieldsModel(UnsetFieldsConfig()).eval()
+    inputs = _ids(2, 8, 0)
+    child = sg.subclone(model, inputs, sg.Target(hidden=0.5, ffn=0.25), calibration=[inputs])
+    assert child.get_parameter("layers.0.up.weight").shape == (8, 16)
+    path = sg.save_hf(child, tmp_path / "child")
+    loaded = UnsetFieldsModel.from_pretrained(path).eval()
+    assert (loaded.config.hidden_size, loaded.config.inner_size, loaded.config.inner_dtype) == (16, 8, None)
+    x = _ids(3, 11, 5)
+    assert relative_error(run(loaded, x), run(child, x)) < 1e-5

@@ -4,8 +4,10 @@ place, each checking its invariant on the result (``ensures()``).
 ``DropBlocksPass`` → ``DuplicateLayersPass`` → ``KeepChannelsPass`` → ``RescaleResidualPass`` →
 ``ScaleClonedReadsPass`` (a grown width's reads divided by its copies);
 ``MoveToDevicePass`` moves a child to another device; ``LowerComplexPass`` (run by the trace)
-rewrites complex arithmetic as pairs of real tensors.
+rewrites complex arithmetic as pairs of real tensors, ``CanonicalAliasesPass`` (run by the trace)
+calls each ATen alias's canonical op (``multiply`` → ``mul``).
 """
+from .canonical_aliases import CanonicalAliasesPass, canonical_aliases
 from .drop_blocks import DropBlocksPass, drop_blocks
 from .duplicate_layers import DuplicateLayersPass, duplicate_layers
 from .keep_channels import KeepChannelsPass, keep_channels
@@ -14,6 +16,6 @@ from .move_to_device import MoveToDevicePass, move_to_device
 from .rescale_residual import RescaleResidualPass, rescale_residual
 from .scale_cloned_reads import ScaleClonedReadsPass, scale_cloned_reads
 
-__all__ = ["DropBlocksPass", "DuplicateLayersPass", "KeepChannelsPass", "RescaleResidualPass", "ScaleClonedReadsPass",
+__all__ = ["CanonicalAliasesPass", "canonical_aliases", "DropBlocksPass", "DuplicateLayersPass", "KeepChannelsPass", "RescaleResidualPass", "ScaleClonedReadsPass",
            "MoveToDevicePass", "LowerComplexPass", "drop_blocks", "duplicate_layers", "keep_channels", "lower_complex", "move_to_device",
            "rescale_residual", "scale_cloned_reads"]

@@ -2,6 +2,8 @@
 
 Identities each rule states:
 - unary elementwise, casts, dropout, softmax: every out dim equals the same in dim.
+- the in-place twin of an elementwise op (``masked_fill_``, ``relu_``): as the op; its result is
+  ``self``. An alias (``multiply``) is rewritten as its op by the trace (``rules/aliases.py``).
 - binary elementwise (add, mul, where, comparisons, masks, min/max of two tensors): right-aligned broadcasting;
   dims of equal size are equal, a size-1 dim broadcasts and joins nothing.
 - reductions (mean, sum, var, amax): kept dims are equal; reduced dims are recorded, since
@@ -45,9 +47,13 @@ _UNARY = [
     aten.bitwise_not.default, aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar,
     aten.div.Scalar, aten.rsub.Scalar, aten.clamp.default, aten.clamp_min.default,
     aten.clamp_max.default, aten.softmax.int, aten._softmax.default, aten.log_softmax.int,
-    aten._log_softmax.default, aten.tril.default, aten.triu.default, aten.gelu_.default,
-    aten.relu_.default, aten.silu_.default, aten.nan_to_num.default, aten.isinf.default,
-    aten.isnan.default, aten.fill.Scalar, aten.pow.Scalar,
+    aten._log_softmax.default, aten.tril.default, aten.triu.default, aten.nan_to_num.default, aten.isinf.default,
+    aten.isnan.default, aten.fill.Scalar, aten.pow.Scalar, aten.acos.default, aten.asin.default,
+    aten.atan.default, aten.tan.default, aten.sinh.default, aten.cosh.default, aten.asinh.default,
+    aten.acosh.default, aten.atanh.default, aten.exp2.default, aten.log2.default, aten.log10.default,
+    aten.trunc.default, aten.frac.default, aten.erfc.default, aten.erfinv.default, aten.relu6.default,
+    aten.selu.default, aten.celu.default, aten.threshold.default, aten.logit.default, aten.sgn.default,
+    aten.sinc.default, aten.signbit.default, aten.log_sigmoid.default, aten.positive.default,
 ]
 _BINARY = [
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.div.Tensor_mode,
@@ -61,15 +67,25 @@ _BINARY = [
     aten.floor_divide.default, aten.atan2.default, aten.addcmul.default, aten.lerp.Scalar,
     aten.clamp.Tensor, aten.clamp_min.Tensor, aten.clamp_max.Tensor, aten.min.other, aten.max.other,
     aten.fmin.default, aten.fmax.default,
-    # in place: the result is ``self``, dims flow as for the out-of-place op
-    aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Tensor,
     # self.copy_(src): the result is ``self``; src broadcasts to self's shape (right-aligned),
     # so its dims are self's (latent attention fills a new key tensor's slices this way)
     aten.copy_.default, aten.copy.default,
 ]
 
 
-@register(*_UNARY, *_BINARY)
+def _in_place_twins(ops) -> list:
+    """``aten.X_.overload`` for each ``aten.X.overload`` that has one (``masked_fill_.Scalar``,
+    ``relu_``): the result is ``self``, written in place with what ``X`` returns, whose shape is
+    ``self``'s, so the dims flow as for ``X``."""
+    twins = []
+    for op in ops:
+        packet = getattr(aten, op._schema.name.split("::")[-1] + "_", None)
+        if packet is not None and op._overloadname in packet.overloads():
+            twins.append(getattr(packet, op._overloadname))
+    return twins
+
+
+@register(*_UNARY, *_BINARY, *_in_place_twins(_UNARY + _BINARY))
 def _elementwise(ctx):
     out_shape = ctx.out_shape()
     if out_shape is None:

@@ -1,6 +1,7 @@
 """Rules for picking values by index: select, index_select, gather/scatter, advanced indexing
-(``x[idx]``, ``index_put``, ``index_add``) and padding. What an index picks along a dim is data,
-so an indexed dim is frozen; every other dim flows through (see ``op_rules``). One exception:
+(``x[idx]``, ``index_put``, ``index_add``), padding and sliding windows (``unfold``). What an
+index picks along a dim is data, so an indexed dim is frozen; every other dim flows through
+(see ``op_rules``). One exception:
 a constant index that is consecutive (``qkv[..., [-2]]``, ``x[:, [3, 4, 5]]``) is a slice in
 disguise and is related like ``slice`` (``concat(before, picked, after)``); the rewrite turns it
 into that slice with the child's bounds. Another: an index whose values are the indices of the
@@ -53,7 +54,7 @@ def _index_select(ctx):
 def _pick_values(ctx):
     # Which index lands where depends on the index values: nothing may be sliced, unless the
     # indices are those of the dim gathered along (a top-k's picks): then index i is still i.
-    if ctx.node.target is aten.gather.default and _gather_own_indices(ctx):
+    if ctx.node.target is aten.gather.default and (_gather_own_indices(ctx) or _gather_computed(ctx)):
         return
     ctx.freeze_all("picks elements by computed indices")
 
@@ -70,6 +71,31 @@ def _gather_own_indices(ctx) -> bool:
         ctx.eq(ctx.v(index, d), ctx.out(d))
         if d != dim and size == ctx.shape(x)[d]:
             ctx.eq(ctx.v(x, d), ctx.v(index, d))
+    return True
+
+
+def _gather_computed(ctx) -> bool:
+    """``out[..., j, ..., k] = x[..., j, ..., index[..., j, ..., k]]`` (gather along ``dim``) with
+    computed indices (a relative-position bucket per query and key): the values point into x's
+    ``dim``, frozen; along every other dim position j reads position j whatever the values, so x's,
+    the index's and out's dims of one size are equal (a per-head bias table gathered by one bucket
+    map expanded over the heads keeps its heads prunable). Indices that point into a dim of their
+    own (``ctx.pointer``) are left to ``_gather_own_indices`` or frozen."""
+    x, dim, index = ctx.arg(0, "self"), ctx.arg(1, "dim"), ctx.arg(2, "index")
+    shape, picks = ctx.shape(x), ctx.shape(index)
+    if ctx.pointer(index) is not None or not shape or picks is None or len(shape) != len(picks):
+        return False
+    dim %= len(shape)
+    ctx.freeze(ctx.v(x, dim), "gather reads computed indices of this dim")
+    for d, size in enumerate(picks):
+        ctx.eq(ctx.v(index, d), ctx.out(d))
+        if d == dim:
+            continue
+        if same_size(size, shape[d]):
+            ctx.eq(ctx.v(x, d), ctx.v(index, d))
+        else:                       # the index covers a prefix of x's dim: the two do not shrink alike
+            ctx.freeze(ctx.v(x, d), "gather reads a prefix of this dim")
+            ctx.freeze(ctx.v(index, d), "gather reads a prefix of this dim")
     return True
 
 
@@ -268,4 +294,21 @@ def _pad(ctx):
             ctx.freeze(ctx.v(x, d), "padded dim")
             ctx.freeze(ctx.out(d), "padded dim")
         else:
+            ctx.eq(ctx.v(x, d), ctx.out(d))
+
+
+@register(aten.unfold.default)
+def _unfold(ctx):
+    # out[..., i, ..., k] = x[..., i·step + k, ...]: the windows along ``dimension`` (a short
+    # convolution's sliding windows over the positions) become that dim (their count) and a new
+    # last dim (the window); which element lands where depends on both sizes, so they freeze, and
+    # every other dim (the channels) flows through.
+    x = ctx.arg(0, "self")
+    rank = len(ctx.shape(x))
+    dim = ctx.arg(1, "dimension") % max(rank, 1)
+    ctx.freeze(ctx.v(x, dim), "unfold slides windows along this dim")
+    ctx.freeze(ctx.out(dim), "unfold's windows")
+    ctx.freeze(ctx.out(rank), "unfold's window")
+    for d in range(rank):
+        if d != dim:
             ctx.eq(ctx.v(x, d), ctx.out(d))

@@ -228,10 +228,13 @@ def _repeat_interleave(ctx):
 
 @register(aten.cat.default)
 def _cat(ctx):
-    tensors = [t for t in ctx.arg(0, "tensors") if ctx.shape(t) and 0 not in ctx.shape(t)]
+    # torch skips a 1-D empty tensor (the legacy ``cat([tensor([]), x])``); any other tensor must
+    # match the others off the cat dim, an empty one too (a stack of states begun as
+    # ``x.new_zeros(b, s, 0, hidden)``, whose literal hidden follows the stream): it adds no part
+    tensors = [t for t in ctx.arg(0, "tensors") if ctx.shape(t) and tuple(ctx.shape(t)) != (0,)]
     rank = len(ctx.out_shape())
     dim = ctx.arg(1, "dim", 0) % rank
-    ctx.concat(ctx.out(dim), [ctx.v(t, dim) for t in tensors])
+    ctx.concat(ctx.out(dim), [ctx.v(t, dim) for t in tensors if ctx.shape(t)[dim] != 0])
     for t in tensors:
         for d in range(rank):
             if d != dim:

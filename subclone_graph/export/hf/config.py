@@ -3,13 +3,14 @@ step 2), found by building the parent class on the meta device and comparing sha
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from subclone_graph.passes import state as pass_state
-from subclone_graph.passes.fx_utils import attribute_path, container_item
+from subclone_graph.passes.fx_utils import attribute_path, container_item, container_of
 
 from subclone_graph.export.hf.common import (HFExportError, example_inputs, max_output_difference, outputs,
                                              quiet_transformers, required)
@@ -24,11 +25,14 @@ _MAX_ROUNDS = 8
 def _rejections() -> tuple:
     """What a config class raises when it rejects a combination of sizes while the model is built
     from it (a width not divisible by the heads, a per-layer list shorter than the layer count, a
-    width derived as a negative difference, a size left None that the class computes with). The
+    width derived as a negative difference, a size left None that the class computes with, a field
+    left None that the search set to a width and the class reads as an object: ``dtype=2`` →
+    ``AttributeError: 'int' object has no attribute 'is_floating_point'``). The
     candidate is then dropped; whatever is kept is checked against the child's outputs at the end.
     A class that raises one of these on the parent's own config has a bug, and that propagates
     (``_Candidates.problems``)."""
-    plain = (ValueError, AssertionError, ZeroDivisionError, TypeError, IndexError, KeyError, RuntimeError)
+    plain = (ValueError, AssertionError, ZeroDivisionError, TypeError, IndexError, KeyError, RuntimeError,
+             AttributeError)
     try:
         from huggingface_hub.errors import StrictDataclassError   # transformers 5's config validation
     except ImportError:
@@ -54,11 +58,42 @@ def _layer_key(key) -> int | None:
     return int(key) if isinstance(key, str) and key.isdigit() else None
 
 
+def _stage_depths(layers) -> dict[int, int] | None:
+    """The child's layer count per stage, where its layers sit in containers that are items of a
+    container themselves (``stages.0.layers``, ``stages.2.layers``: a multi-stage image model, a
+    stage of which may have lost all its layers), keyed by the stage's index; None where they sit
+    in one plain container (``model.layers``) or in containers of different names."""
+    containers = [container_of(attribute_path(layer.key)) for layer in layers if layer.key]
+    patterns = {re.sub(r"\.\d+(?=\.|$)", ".*", c) for c in containers}
+    if len(patterns) != 1 or next(iter(patterns)).count("*") != 1:
+        return None
+    stages = [int(re.search(r"\.(\d+)(?=\.|$)", c).group(1)) for c in containers]
+    return {s: stages.count(s) for s in sorted(set(stages))}
+
+
+def _stage_lists(config_dict: dict, count: int, depths: dict[int, int]) -> dict:
+    """Top-level integer lists that are the parent's layer count per stage (entries adding up to
+    the layer count, one per stage, each at least the child's count there): the child's counts,
+    0 for a stage whose layers all went (its downsampling stays, as in the child)."""
+    changes = {}
+    for name, value in config_dict.items():
+        if _sizes_list(value) and sum(value) == count and len(value) > max(depths) and all(
+                depths.get(s, 0) <= v for s, v in enumerate(value)):
+            changes[name] = [depths.get(s, 0) for s in range(len(value))]
+    return changes
+
+
 def _per_layer_lists(config_dict: dict, child: fx.GraphModule) -> dict:
     """Top-level lists with one entry per parent layer, cut to the child's layers; dicts keyed
-    by layer index (a sparse ``per_layer_config`` of overrides) re-keyed by the child's."""
+    by layer index (a sparse ``per_layer_config`` of overrides) re-keyed by the child's. Where the
+    layers sit in stages (``_stage_depths``), the lists of a layer count per stage are set to the
+    child's instead, and no list is read as per layer: a per-stage list of a tiny model may have as
+    many entries as the model has layers, and cutting it would drop a stage."""
     count = required(child, pass_state.PARENT_LAYER_COUNT)
     layers = required(child, pass_state.LAYERS)
+    depths = _stage_depths(layers)
+    if depths is not None:
+        return _stage_lists(config_dict, count, depths)
 
     def parent_indices(name: str) -> list[int]:
         indices = [container_item(attribute_path(layer.key)) if layer.key else -1 for layer in layers]
