@@ -10,7 +10,9 @@
    0-dim tensor, ``clamp_``, ``sigmoid_``) flows dims as the op: the heads and the MLP stay
    prunable, and planted dead heads and neurons are removed exactly;
 4. the alias table itself: each pair's schemas agree argument by argument, and the rewrite is a
-   pass whose second run changes nothing.
+   pass whose second run changes nothing;
+5. a graph torch.export made, given to the trace, is rewritten on a copy: the caller's graph keeps
+   its aliases.
 """
 from __future__ import annotations
 
@@ -180,3 +182,16 @@ def test_the_rewrite_is_a_pass_whose_second_run_changes_nothing():
     assert not aliases & {n.target for n in gm.graph.nodes}
     assert not CanonicalAliasesPass()(gm).modified
     assert all(torch.equal(a, b) for a, b in zip(gm(x), expected))
+
+
+def test_the_callers_exported_graph_keeps_its_aliases():
+    torch.manual_seed(0)
+    model = Model().eval()
+    theirs = torch.export.export(model, _ids(2, 8, 0), strict=False,
+                                 dynamic_shapes=({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},)).module()
+    before = [(n.name, n.target) for n in theirs.graph.nodes]
+    assert any(n.target in ALIASES for n in theirs.graph.nodes)
+    gm = sg.trace(theirs, _ids(2, 8, 0))
+    assert gm is not theirs and not any(n.target in ALIASES for n in gm.graph.nodes)
+    assert [(n.name, n.target) for n in theirs.graph.nodes] == before
+    assert relative_error(run(gm, _ids(3, 13, 5)), run(model, _ids(3, 13, 5))) < 1e-6
