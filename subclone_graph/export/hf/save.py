@@ -111,9 +111,10 @@ def write_checked(child, staged: Path, out_dir: Path, shard_size: int, tokenizer
     except HFExportError as error:
         written, difference, first = None, float("inf"), error
     scale = max([1.0] + [float(v.abs().max()) for v in written.reference.values() if v.numel()]) if written else 1.0
-    source = child if weights is None else (resident() if resident is not None else None)
-    needed = difference > tolerance_for(model_dtype(child)) * scale / 10
-    folded = fold_stream_scale(source) if needed and source is not None else None
+    folded = None
+    if difference > tolerance_for(model_dtype(child)) * scale / 10:     # only then is the child read whole
+        source = child if weights is None else (resident() if resident is not None else None)
+        folded = fold_stream_scale(source) if source is not None else None
     if folded is None:
         if first is not None:
             raise first
