@@ -170,16 +170,16 @@ def subclone_checkpoint(folder, out_dir, target: Target | None = None, calibrati
 
         def on_check():
             checking.append(time.perf_counter())
-            report.bytes_read = reader.bytes_read
             phases.begin("check")
 
         written, report.max_difference = write_checked(
             gm, staged, out_dir, shard_size, weights=weights, parent_folder=folder, by_segments=not small,
             resident=(lambda: resident_copy(gm, weights)) if small else None, on_check=on_check)
         phases.end()
-        report.config_changes = written.changes
-        report.seconds["write"] = (checking or [time.perf_counter()])[0] - clock
-        report.seconds["check"] = time.perf_counter() - (checking or [time.perf_counter()])[0]
+        done = time.perf_counter()
+        report.config_changes, report.bytes_read = written.changes, reader.bytes_read
+        report.seconds["write"] = (checking[0] if checking else done) - clock
+        report.seconds["check"] = done - (checking[0] if checking else done)
         write_manifest(staged)
         if out_dir.is_dir() and any(out_dir.iterdir()):
             os.replace(out_dir, staging / "old")
