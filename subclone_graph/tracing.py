@@ -57,7 +57,7 @@ from subclone_graph.passes.analysis.input_guards import allowed_sizes, input_gua
 from subclone_graph.passes.fx_utils import as_input_tuple, eval_mode
 from subclone_graph.passes.rewrite.canonical_aliases import canonical_aliases
 from subclone_graph.passes.rules.aliases import ALIASES
-from subclone_graph.passes.rewrite.lower_complex import lower_complex
+from subclone_graph.passes.rewrite.lower_complex import has_complex_values, lower_complex
 
 __all__ = ["trace", "dynamic_shapes_for", "TraceError", "fast_export_settings", "refuse_confined_sizes",
            "inline_grad_mode_regions", "tensor_outputs"]
@@ -135,10 +135,8 @@ def _normalised(gm: fx.GraphModule, own: bool) -> fx.GraphModule:
     canonical ops (module doc); where ``gm`` is the caller's own graph and either would change it,
     a copy sharing its weights is rewritten instead. An op on a complex value with no real form
     leaves the graph as it was (the analysis names it)."""
-    complex_values = any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_complex()
-                         for n in gm.graph.nodes)
     aliases = any(n.op == "call_function" and n.target in ALIASES for n in gm.graph.nodes)
-    if not (complex_values or aliases):
+    if not (has_complex_values(gm) or aliases):
         return gm
     if own:
         copied = fx.GraphModule(gm, copy.deepcopy(gm.graph))

@@ -36,7 +36,7 @@ from torch._guards import detect_fake_mode
 
 from ..infra import SubclonePass
 
-__all__ = ["LowerComplexPass", "lower_complex", "complex_blocker"]
+__all__ = ["LowerComplexPass", "lower_complex", "complex_blocker", "has_complex_values"]
 
 aten = torch.ops.aten
 
@@ -53,6 +53,11 @@ _DROPPED = {aten._assert_tensor_metadata.default}
 def _is_complex(value) -> bool:
     return isinstance(value, fx.Node) and isinstance(value.meta.get("val"), torch.Tensor) and \
         value.meta["val"].is_complex()
+
+
+def has_complex_values(gm: fx.GraphModule) -> bool:
+    """Whether any value of ``gm`` is complex (what ``lower_complex`` would rewrite)."""
+    return any(_is_complex(n) for n in gm.graph.nodes)
 
 
 def _where(node: fx.Node) -> str:

@@ -50,7 +50,7 @@ import torch.utils._pytree as pytree
 from subclone_graph.export.onnx_grouped_mm import portable_grouped_mm, translation_table
 from subclone_graph.export.destination import check_destination, staging_folder
 from subclone_graph.passes.fx_utils import as_input_tuple, eval_mode
-from subclone_graph.passes.rewrite.lower_complex import complex_blocker, lower_complex
+from subclone_graph.passes.rewrite.lower_complex import complex_blocker, has_complex_values, lower_complex
 from subclone_graph.progress import Phases
 from subclone_graph.export.tolerance import max_difference, model_dtype, tolerance_for
 from subclone_graph.tracing import dynamic_shapes_for, fast_export_settings
@@ -213,7 +213,7 @@ def _real_arithmetic(module: fx.GraphModule) -> fx.GraphModule:
     blocker = complex_blocker(module)
     if blocker:
         raise OnnxExportError(f"ONNX has no complex values, and {blocker} has no real form")
-    if not any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_complex() for n in module.graph.nodes):
+    if not has_complex_values(module):
         return module
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
